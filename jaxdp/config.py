@@ -1,0 +1,94 @@
+"""Loading presets and checking a config against the devices it will run on."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import ml_collections
+
+from jaxdp.errors import JaxdpError
+
+STRATEGIES = ("dp",)
+ATTENTION = ("xla", "cudnn", "reference")
+POSITIONS = ("rope", "learned")
+
+
+def preset_path(name_or_path: str) -> str:
+  """Resolves a preset name ("tiny_cpu") or a file path to a config file path."""
+  if os.path.exists(name_or_path):
+    return name_or_path
+  spec = importlib.util.find_spec(f"jaxdp.configs.{name_or_path}") if name_or_path.isidentifier() else None
+  if spec is None or spec.origin is None:
+    raise JaxdpError(
+        f"--config {name_or_path!r}: no such file or preset; presets are {', '.join(list_presets())}")
+  return spec.origin
+
+
+def list_presets() -> list[str]:
+  folder = os.path.dirname(importlib.import_module("jaxdp.configs").__file__)
+  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def load_preset(name: str = "default") -> ml_collections.ConfigDict:
+  """Returns the ConfigDict of a preset by name, for notebooks: `load_preset("tiny_cpu")`."""
+  path = preset_path(name)
+  spec = importlib.util.spec_from_file_location(f"_jaxdp_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted names of every leaf field, e.g. ["seed", ..., "model.n_layer"]."""
+  names = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      names += field_names(value, f"{prefix}{key}.")
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
+  return config.num_steps if config.lr_decay_steps is None else config.lr_decay_steps
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises JaxdpError naming the first field that cannot work on `num_devices` devices."""
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise JaxdpError(message)
+
+  need(config.strategy in STRATEGIES,
+       f"config.strategy={config.strategy!r} is not one of {', '.join(STRATEGIES)}")
+  need(config.attention in ATTENTION,
+       f"config.attention={config.attention!r} is not one of {', '.join(ATTENTION)}")
+  need(config.model.positions in POSITIONS,
+       f"config.model.positions={config.model.positions!r} is not one of {', '.join(POSITIONS)}")
+  for name in ("num_steps", "global_batch_size", "seq_len", "grad_accum_steps", "eval_steps",
+               "log_every", "keep_checkpoints"):
+    need(config[name] > 0, f"config.{name}={config[name]} must be positive")
+  for name in ("n_layer", "n_head", "d_model", "mlp_ratio"):
+    need(config.model[name] > 0, f"config.model.{name}={config.model[name]} must be positive")
+  for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience"):
+    need(config[name] >= 0, f"config.{name}={config[name]} must be >= 0")
+  need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
+  need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")
+  need(0 < config.data.val_fraction < 1,
+       f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+  need(config.model.d_model % config.model.n_head == 0,
+       f"config.model.d_model={config.model.d_model} is not divisible by config.model.n_head="
+       f"{config.model.n_head}; pick d_model a multiple of n_head")
+  if config.model.positions == "rope":
+    need((config.model.d_model // config.model.n_head) % 2 == 0,
+         "config.model.positions='rope' needs an even head size (d_model / n_head)")
+  need(lr_decay_steps(config) > config.warmup_steps,
+       f"config.lr_decay_steps={lr_decay_steps(config)} must exceed config.warmup_steps="
+       f"{config.warmup_steps}")
+  per_step = num_devices * config.grad_accum_steps
+  need(config.global_batch_size % per_step == 0,
+       f"config.global_batch_size={config.global_batch_size} is not divisible by devices x "
+       f"grad_accum_steps = {num_devices} x {config.grad_accum_steps} = {per_step}; use a multiple "
+       f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")

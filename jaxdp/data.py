@@ -1,0 +1,178 @@
+"""Deterministic input: corpus -> token windows -> grain chain -> global batches.
+
+The global batch of step `s` is a pure function of (seed, s): example `j` of the training
+stream is `examples[j]` of a grain chain (source -> shuffle -> repeat -> map) whose shuffle is a
+fresh permutation every epoch, and step `s` takes examples `[s*B, (s+1)*B)`. Every window is
+seen exactly once per epoch, whatever the number of devices or hosts; a device's rows are a
+slice of the global batch, never a separate sampler, so changing the device count changes only
+who computes a row, not which rows are in a step. Resuming at step `s` needs nothing but `s`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import queue
+import threading
+from typing import Callable, Iterator
+
+import grain
+import numpy as np
+
+from jaxdp.errors import JaxdpError
+
+BUILTIN_CORPUS = "tinyshakespeare"
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: no training, no unknown tokens, 256 ids."""
+
+  vocab_size = 256
+  name = "byte"
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def builtin_corpus_path() -> str:
+  return str(importlib.resources.files("jaxdp") / "assets" / "tinyshakespeare.txt")
+
+
+def load_tokens(path: str) -> np.ndarray:
+  """Reads a UTF-8 text file ("" = the built-in corpus) into byte tokens."""
+  path = path or builtin_corpus_path()
+  if not os.path.exists(path):
+    raise JaxdpError(f"config.data.path={path!r} does not exist; give a text file, or '' for the "
+                     "built-in corpus")
+  if os.path.isdir(path):
+    raise JaxdpError(f"config.data.path={path!r} is a directory; give a UTF-8 text file")
+  with open(path, "rb") as f:
+    raw = f.read()
+  if not raw.strip():
+    raise JaxdpError(f"config.data.path={path!r} is empty; the corpus needs text to train on")
+  return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Head for training, tail for validation; both must hold at least one window."""
+  n_val = int(len(tokens) * val_fraction)
+  train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+  for name, part in (("training", train), ("validation", val)):
+    if len(part) < seq_len + 1:
+      raise JaxdpError(
+          f"the {name} split has {len(part)} tokens, fewer than config.seq_len+1={seq_len + 1}; "
+          "use a larger corpus (config.data.path), a smaller config.seq_len, or adjust "
+          "config.data.val_fraction")
+  return train, val
+
+
+class WindowSource:
+  """Random-access grain source: window i is tokens[i*T : i*T + T + 1] (inputs plus next token)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self._tokens = tokens
+    self._seq_len = seq_len
+
+  def __len__(self) -> int:
+    return (len(self._tokens) - 1) // self._seq_len
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    start = index * self._seq_len
+    return self._tokens[start:start + self._seq_len + 1]
+
+
+def _to_example(window: np.ndarray) -> dict[str, np.ndarray]:
+  return {"inputs": window[:-1], "targets": window[1:],
+          "weights": np.ones(len(window) - 1, np.float32)}
+
+
+def training_examples(source, seed: int) -> grain.MapDataset:
+  """The infinite training stream: a new permutation of the source every epoch."""
+  return grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(_to_example)
+
+
+class Batches:
+  """Global batches laid out [grad_accum_steps, global_batch / grad_accum_steps, ...].
+
+  `rows` selects which rows of the global batch this process materialises (all of them on one
+  host); micro-batch `a` always holds the same examples, so accumulation and device count change
+  only the arithmetic's grouping, never the data.
+  """
+
+  def __init__(self, examples: grain.MapDataset, global_batch_size: int, grad_accum_steps: int,
+               *, wrap: int | None = None):
+    self._examples = examples
+    self._batch = global_batch_size
+    self._accum = grad_accum_steps
+    self._wrap = wrap  # Finite streams (validation) wrap around instead of reshuffling.
+
+  def example_ids(self, step: int) -> np.ndarray:
+    ids = step * self._batch + np.arange(self._batch)
+    if self._wrap is not None:
+      ids = ids % self._wrap
+    return ids.reshape(self._accum, self._batch // self._accum)
+
+  def __call__(self, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    ids = self.example_ids(step)[:, rows]
+    examples = [self._examples[int(j)] for j in ids.ravel()]
+    batch = {k: np.stack([e[k] for e in examples]).reshape(ids.shape + (-1,))
+             for k in examples[0]}
+    batch["ids"] = ids.astype(np.int32)
+    return batch
+
+
+class Dataset:
+  """The training and validation streams of one config."""
+
+  def __init__(self, config, tokenizer=None):
+    self.tokenizer = tokenizer or ByteTokenizer()
+    tokens = load_tokens(config.data.path)
+    train, val = split_tokens(tokens, config.data.val_fraction, config.seq_len)
+    self.train_source = WindowSource(train, config.seq_len)
+    self.val_source = WindowSource(val, config.seq_len)
+    self.train = Batches(training_examples(self.train_source, config.seed),
+                         config.global_batch_size, config.grad_accum_steps)
+    self.val = Batches(grain.MapDataset.source(self.val_source).map(_to_example),
+                       config.global_batch_size, 1, wrap=len(self.val_source))
+
+  @property
+  def examples_per_epoch(self) -> int:
+    return len(self.train_source)
+
+
+def prefetch(make: Callable[[int], object], start: int, stop: int, depth: int = 2) -> Iterator:
+  """Yields make(start), ..., make(stop-1), computing up to `depth` ahead on a thread.
+
+  `make` typically builds the batch and puts it on the devices, so the next step's input is
+  already transferred while the current step runs. Exceptions surface in the consumer.
+  """
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  stop_event = threading.Event()
+
+  def worker():
+    try:
+      for i in range(start, stop):
+        if stop_event.is_set():
+          return
+        q.put((i, make(i), None))
+    except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread.
+      q.put((None, None, e))
+
+  thread = threading.Thread(target=worker, daemon=True)
+  thread.start()
+  try:
+    for _ in range(start, stop):
+      _, item, error = q.get()
+      if error is not None:
+        raise error
+      yield item
+  finally:
+    stop_event.set()
+    while thread.is_alive():
+      try:
+        q.get_nowait()
+      except queue.Empty:
+        thread.join(timeout=0.05)

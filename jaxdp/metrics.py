@@ -1,0 +1,65 @@
+"""Metrics at the edge: JSON lines in WORKDIR/metrics.jsonl and a progress bar.
+
+Only process 0 writes; every line is flushed, so a killed run loses no logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
+    value = np.asarray(value).item()
+  return value
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._active = jax.process_index() == 0
+    if self._active:
+      os.makedirs(workdir, exist_ok=True)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self._active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All records of a run's metrics.jsonl, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A tqdm bar over optimizer steps showing loss and throughput; silent when disabled."""
+
+  def __init__(self, start: int, total: int, enabled: bool):
+    self._bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+  def update(self, steps: int, **postfix) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+      if postfix:
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def write(self, line: str) -> None:
+    if self._bar is not None:
+      self._bar.write(line)
+    elif jax.process_index() == 0:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,126 @@
+"""A decoder-only Transformer (GPT) in Flax Linen: pre-norm, causal, rotary or learned positions,
+weight-tied output head.
+
+Shapes: B batch, T sequence, D d_model, H heads, K head size (D / H), F MLP hidden, V vocab.
+Attention and MLP kernels keep the head and hidden axes explicit ([D, 3, H, K], [H, K, D],
+[D, F], [F, D]) so a mesh can shard them (Megatron-style) without reshaping parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+init = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  seq_len: int
+  n_layer: int
+  n_head: int
+  d_model: int
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  positions: str = "rope"
+  attention: str = "xla"
+  dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
+
+  @classmethod
+  def from_config(cls, config, vocab_size: int, dtype: Any = jnp.float32) -> "ModelConfig":
+    m = config.model
+    return cls(vocab_size=vocab_size, seq_len=config.seq_len, n_layer=m.n_layer, n_head=m.n_head,
+               d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+               positions=m.positions, attention=config.attention, dtype=dtype)
+
+
+def rotary(x: jax.Array) -> jax.Array:
+  """Rotary position embedding over the last axis of x [B, T, H, K]."""
+  _, t, _, k = x.shape
+  freq = 1.0 / (10000.0 ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
+  angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # [T, K/2]
+  sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def reference_attention(q, k, v):
+  """softmax(q k^T / sqrt(K) + causal mask) v, written out: the fallback and the test oracle."""
+  t = q.shape[1]
+  scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", probs, v)
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.cfg
+    head = cfg.d_model // cfg.n_head
+    qkv = nn.DenseGeneral((3, cfg.n_head, head), kernel_init=init, dtype=cfg.dtype,
+                          name="qkv")(x)  # [B, T, 3, H, K]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K] each
+    if cfg.positions == "rope":
+      q, k = rotary(q), rotary(k)
+    if cfg.attention == "reference":
+      y = reference_attention(q, k, v)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+    y = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), kernel_init=init, dtype=cfg.dtype,
+                        name="proj")(y)  # [B, T, D]
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.cfg
+    h = nn.Dense(cfg.mlp_ratio * cfg.d_model, kernel_init=init, dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
+    h = nn.gelu(h)
+    y = nn.Dense(cfg.d_model, kernel_init=init, dtype=cfg.dtype, name="proj")(h)  # [B, T, D]
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    x = x + CausalSelfAttention(self.cfg, name="attn")(
+        nn.LayerNorm(dtype=self.cfg.dtype, name="ln1")(x), deterministic)
+    x = x + MLP(self.cfg, name="mlp")(nn.LayerNorm(dtype=self.cfg.dtype, name="ln2")(x), deterministic)
+    return x
+
+
+class GPT(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    """tokens [B, T] int32 -> logits [B, T, V] float32."""
+    cfg = self.cfg
+    wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, name="wte")
+    x = wte(tokens).astype(cfg.dtype)  # [B, T, D]
+    if cfg.positions == "learned":
+      wpe = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
+      x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    for i in range(cfg.n_layer):
+      x = Block(cfg, name=f"block_{i}")(x, deterministic)
+    x = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x)
+    return wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

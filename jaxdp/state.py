@@ -1,0 +1,33 @@
+"""The training state: everything a step reads and writes, and everything a checkpoint holds.
+
+The data position is not stored separately: it is derived from `step` (step * global batch
+examples into the seeded stream), so restoring `step` restores the input exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdp.model import GPT
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: Any  # Model parameters (float32 master copy).
+  opt_state: Any  # Optimizer state (AdamW moments, schedule count).
+  rng: jax.Array  # uint32[2] base key; step and example keys are folded in from it.
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A fresh state; pure, so it can be jitted straight into any sharding."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  tokens = jnp.zeros((1, model.cfg.seq_len), jnp.int32)
+  params = model.init(init_key, tokens)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=train_key)
