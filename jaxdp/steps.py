@@ -49,11 +49,12 @@ def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT):
     (loss, count), grads = grad_fn(params, micro_batch, rng, model)
     return (jax.tree.map(jnp.add, grad_acc, grads), loss_acc + loss, count_acc + count), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  if batch["inputs"].shape[0] == 1:  # No loop for the common case: one less while op to compile.
-    carry, _ = micro_step(zeros, jax.tree.map(lambda x: x[0], batch))
-  else:
-    carry, _ = lax.scan(micro_step, zeros, batch)
+  # The first micro-batch seeds the carry (rather than zeros), so the carry already has the
+  # per-device type that shard_map requires of a scan over device-varying values.
+  (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rng, model)
+  carry = (grads, loss, count)
+  if batch["inputs"].shape[0] > 1:
+    carry, _ = lax.scan(micro_step, carry, jax.tree.map(lambda x: x[1:], batch))
   return carry
 
 
@@ -61,7 +62,13 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Returns the new state and scalar metrics (identical on every device)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_sum, loss_total, tokens = accumulate_gradients(state.params, batch, rng, model)
+  params = state.params
+  if axis_name is not None:
+    # Differentiate a per-device view of the replicated parameters: otherwise shard_map's
+    # transpose of the implicit replicated->varying cast inserts a psum into every micro-batch's
+    # backward pass, instead of the single all-reduce below.
+    params = lax.pcast(params, axis_name, to="varying")
+  grad_sum, loss_total, tokens = accumulate_gradients(params, batch, rng, model)
   if axis_name is not None:
     # One all-reduce for the whole step: gradient sums, loss sum and token count together.
     # The mean of sums divided by the mean of counts is the global token-weighted mean.
@@ -70,7 +77,7 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.global_norm(grads)}
+  metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.tree.norm(grads)}
   return new_state, metrics
 
 

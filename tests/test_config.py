@@ -1,0 +1,41 @@
+"""Config validation: every bad field is named with its fix."""
+
+import pytest
+
+from jaxdp.config import field_names, load_preset, validate
+from jaxdp.errors import JaxdpError
+
+
+def test_presets_validate():
+  for name in ("default", "tiny_cpu"):
+    validate(load_preset(name), 2)
+
+
+def test_every_default_field_has_a_comment():
+  import inspect
+  from jaxdp.configs import default
+  source = inspect.getsource(default)
+  for name in field_names(load_preset("default")):
+    line = next(l for l in source.splitlines() if f".{name.split('.')[-1]} =" in l)
+    assert "#" in line, name
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("strategy", "ddp", "config.strategy='ddp' is not one of"),
+    ("grad_accum_steps", 3, "not divisible by devices x grad_accum_steps = 2 x 3"),
+    ("num_steps", 0, "config.num_steps=0 must be positive"),
+    ("warmup_steps", 5000, "must exceed config.warmup_steps"),
+    ("attention", "flash", "config.attention='flash'"),
+])
+def test_bad_fields_name_themselves(field, value, message):
+  config = load_preset("tiny_cpu")
+  config[field] = value
+  with pytest.raises(JaxdpError, match=message.replace("(", r"\(")):
+    validate(config, 2)
+
+
+def test_heads_must_divide_width():
+  config = load_preset("tiny_cpu")
+  config.model.n_head = 3
+  with pytest.raises(JaxdpError, match="not divisible by config.model.n_head=3"):
+    validate(config, 2)

@@ -1,0 +1,94 @@
+"""Deterministic input: every example once per epoch, order independent of device count."""
+
+import collections
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdp.data import Batches, ByteTokenizer, Dataset, WindowSource, load_tokens, training_examples
+from jaxdp.errors import JaxdpError
+from jaxdp.train import build
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+  path = tmp_path / "corpus.txt"
+  rng = np.random.default_rng(0)
+  path.write_bytes(bytes(rng.integers(32, 127, size=4000).astype(np.uint8)))
+  return str(path)
+
+
+def test_global_batch_is_a_pure_function_of_seed_and_step(tiny_config):
+  a, b = Dataset(tiny_config), Dataset(tiny_config)
+  for step in (0, 7, 1000):
+    for key in ("inputs", "targets", "ids"):
+      np.testing.assert_array_equal(a.train(step)[key], b.train(step)[key])
+  tiny_config.seed = 1
+  assert not np.array_equal(Dataset(tiny_config).train(0)["inputs"], a.train(0)["inputs"])
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4])
+def test_every_example_once_per_epoch_across_devices(tiny_config, small_corpus, num_devices):
+  tiny_config.data.path = small_corpus
+  trainer = build(tiny_config, jax.devices()[:num_devices])
+  source = trainer.dataset.train_source
+  epoch = len(source)
+  batch_size = tiny_config.global_batch_size
+  seen = []
+  for step in range(-(-epoch // batch_size)):
+    batch = trainer.train_batch(step)
+    rows = []
+    for shard in sorted(batch["inputs"].addressable_shards, key=lambda s: s.index[1].start):
+      rows.extend(np.asarray(shard.data)[0])  # Each device's rows, in mesh order.
+    seen.extend(bytes(r.astype(np.uint8)) for r in rows)
+  first_epoch = seen[:epoch]
+  expected = [bytes(source[i][:-1].astype(np.uint8)) for i in range(epoch)]
+  assert collections.Counter(first_epoch) == collections.Counter(expected)
+
+
+def test_device_rows_are_slices_of_the_same_global_batch(tiny_config):
+  batches = {}
+  for n in (1, 2, 4, 8):
+    trainer = build(tiny_config, jax.devices()[:n])
+    batches[n] = np.asarray(trainer.train_batch(3)["inputs"])
+  for n in (2, 4, 8):
+    np.testing.assert_array_equal(batches[n], batches[1])
+
+
+def test_epochs_are_reshuffled(small_corpus):
+  source = WindowSource(load_tokens(small_corpus), 32)
+  examples = training_examples(source, seed=0)
+  n = len(source)
+  first = [bytes(examples[i]["inputs"].astype(np.uint8)) for i in range(n)]
+  second = [bytes(examples[n + i]["inputs"].astype(np.uint8)) for i in range(n)]
+  assert sorted(first) == sorted(second) and first != second
+
+
+def test_validation_wraps_around_deterministically(tiny_config):
+  dataset = Dataset(tiny_config)
+  ids = dataset.val.example_ids(10 ** 6)
+  assert ids.max() < len(dataset.val_source)
+
+
+def test_byte_tokenizer_round_trips_unicode():
+  tok = ByteTokenizer()
+  text = "Wherefore art thou — Romeo? ✓"
+  assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"   \n", "is empty"), (b"short", "fewer than config.seq_len+1")])
+def test_bad_corpus_is_a_clear_error(tiny_config, tmp_path, content, message):
+  path = tmp_path / "c.txt"
+  path.write_bytes(content)
+  tiny_config.data.path = str(path)
+  with pytest.raises(JaxdpError, match=re.escape(message)):
+    Dataset(tiny_config)
+
+
+def test_missing_corpus_is_a_clear_error(tiny_config):
+  tiny_config.data.path = "/no/such/file.txt"
+  with pytest.raises(JaxdpError, match="config.data.path='/no/such/file.txt' does not exist"):
+    Dataset(tiny_config)
