@@ -46,7 +46,9 @@ def losses(workdir):
 
 
 def assert_close(got: dict, want: dict, steps):
-  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=RTOL)
+  got, want = np.array([got[s] for s in steps]), np.array([want[s] for s in steps])
+  print(f"steps {list(steps)}: max relative difference {np.max(np.abs(got / want - 1)):.2e}")
+  np.testing.assert_allclose(got, want, rtol=RTOL)
 
 
 def tiny_config(strategy, num_steps):
