@@ -32,6 +32,7 @@ class StepWatchdog:
                exit: Callable[[int], Any] = os._exit, clock: Callable[[], float] = time.monotonic):
     self.timeout_s = timeout_s
     self._exit = exit
+    self._poll_s = min(1.0, timeout_s / 4)
     self._clock = clock
     self._pending: collections.deque = collections.deque()  # (step, any output array), in order.
     self._finished = start_step  # The last finished step.
@@ -79,9 +80,12 @@ class StepWatchdog:
           f"{self.timeout_s:g} s ({elapsed:.1f} s since step {step - 1} finished) on process "
           f"{jax.process_index()} of {jax.process_count()}; a peer process may be stuck or dead. "
           "Exiting.", file=sys.stderr, flush=True)
+    if jax.process_count() > 1 and jax.process_index() == 0:
+      # Process 0 serves the coordinator, and its exit aborts the others at once: let their own
+      # watchdogs (timing the same step, so firing within a poll of this one) report first.
+      time.sleep(2 * self._poll_s + 1)
     self._exit(EXIT_STATUS)
 
   def _watch(self) -> None:
-    poll = min(1.0, self.timeout_s / 4)
-    while not self._stop.wait(poll):
+    while not self._stop.wait(self._poll_s):
       self.check()

@@ -173,6 +173,7 @@ def test_watchdog_ends_every_process_when_one_hangs_inside_a_step(tmp_path):
         p.kill()
   print(f"both processes exited {time.monotonic() - started:.1f} s after start")
   for i, (p, (_, stderr)) in enumerate(zip(processes, outputs)):
+    print(next((l for l in stderr.splitlines() if "did not finish" in l), "(no watchdog line)"))
     assert p.returncode == 3, stderr[-3000:]
     assert (f"step 3 did not finish within config.step_timeout_s={timeout_s} s" in stderr
             and f"on process {i} of 2" in stderr), stderr[-3000:]
