@@ -72,7 +72,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     need(config[name] > 0, f"config.{name}={config[name]} must be positive")
   for name in ("n_layer", "n_head", "d_model", "mlp_ratio"):
     need(config.model[name] > 0, f"config.model.{name}={config.model[name]} must be positive")
-  for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience"):
+  for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "step_timeout_s"):
     need(config[name] >= 0, f"config.{name}={config[name]} must be >= 0")
   need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
   need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")

@@ -115,7 +115,7 @@ class Batches:
       ids = ids % self._wrap
     return ids.reshape(self._accum, self._batch // self._accum)
 
-  def __call__(self, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  def __call__(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
     ids = self.example_ids(step)[:, rows]
     examples = [self._examples[int(j)] for j in ids.ravel()]
     batch = {k: np.stack([e[k] for e in examples]).reshape(ids.shape + (-1,))

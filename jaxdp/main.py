@@ -1,6 +1,8 @@
 """The `jaxdp` command line: a thin layer over the library.
 
   jaxdp train    [--config PATH|PRESET] [--config.FIELD=VALUE ...] [--workdir DIR] [--cpu_devices N]
+                 [--coordinator HOST:PORT --num_processes P --process_id I] [--init_timeout_s S]
+  jaxdp launch   --nprocs P [--cpu_devices D] -- train [train flags ...]
   jaxdp generate --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
 
 Bad input ends with one line, `jaxdp: error: ...`, and exit status 2.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -17,13 +20,20 @@ from ml_collections import config_flags
 from jaxdp.errors import JaxdpError
 
 USAGE = __doc__.split("\n\n")[1]
-COMMANDS = ("train", "generate")
+COMMANDS = ("train", "generate", "launch")
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and metrics.jsonl.")
 flags.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices (default on a CPU-only "
                      "host: one per core, at least 2).")
+flags.DEFINE_string("coordinator", None, "train: HOST:PORT where process 0 serves the multi-process "
+                    "coordinator (default: from SLURM or Open MPI, else one process).")
+flags.DEFINE_integer("num_processes", None, "train: processes in the run (default: from SLURM or "
+                     "Open MPI, else 1).")
+flags.DEFINE_integer("process_id", None, "train: this process's index in [0, num_processes).")
+flags.DEFINE_float("init_timeout_s", 300, "train: seconds to wait for every process to join.")
+flags.DEFINE_integer("nprocs", None, "launch: local processes to start.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("allow_config_change", False, "Resume even if run-defining config fields changed.")
 flags.DEFINE_string("prompt", "\n", "generate: text to continue.")
@@ -107,15 +117,31 @@ def cmd_generate() -> None:
   sys.stdout.write(tokenizer.decode(tokens)[shown:] + "\n")
 
 
+def cmd_launch(command: list[str]) -> int:
+  from jaxdp.launch import launch
+  if FLAGS.nprocs is None:
+    raise JaxdpError("launch needs --nprocs P, the number of processes to start")
+  return launch(FLAGS.nprocs, command, FLAGS.cpu_devices)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(USAGE)
     return 0
   command = argv[1]
+  multiprocess = False
   try:
     if command not in COMMANDS:
       raise JaxdpError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    if command == "launch":  # `launch [flags] -- train ...`: what follows "--" is the children's.
+      own, launched = (argv[2:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+          else (argv[2:], [])
+      try:
+        FLAGS([argv[0]] + own)
+      except flags.Error as e:
+        raise JaxdpError(str(e).splitlines()[0]) from None
+      return cmd_launch(launched)
     rest = _resolve_config_arg(argv[2:])
     _check_overrides(rest, _config_path(rest))
     if "config" not in FLAGS:
@@ -129,14 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     except flags.Error as e:
       raise JaxdpError(str(e).splitlines()[0]) from None
     setup_devices(FLAGS.cpu_devices)
+    if command == "train":  # Before any device is touched.
+      from jaxdp import distributed
+      multiprocess = distributed.initialize(FLAGS.coordinator, FLAGS.num_processes,
+                                            FLAGS.process_id, FLAGS.init_timeout_s).num_processes > 1
     {"train": cmd_train, "generate": cmd_generate}[command]()
   except JaxdpError as e:
     print(f"jaxdp: error: {e}", file=sys.stderr)
-    return 2
+    return _exit_now(2) if multiprocess else 2
   except KeyboardInterrupt:
     print("jaxdp: interrupted", file=sys.stderr)
-    return 130
+    return _exit_now(130) if multiprocess else 130
+  except BaseException:
+    if not multiprocess:
+      raise
+    traceback.print_exc()
+    return _exit_now(1)
   return 0
+
+
+def _exit_now(status: int) -> int:
+  """A failed process of a multi-process run exits at once: JAX's exit handler would wait for
+  the other processes, which may be waiting for this one."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 def run() -> None:

@@ -42,6 +42,17 @@ def state_shardings(strategy: str, mesh: Mesh, abstract_state) -> Any:
   return jax.tree.map(lambda _: replicated(mesh), abstract_state)
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Rows of a global batch [A, global_rows, ...] held by this process's devices, ascending.
+
+  Read from the sharding rather than assumed from jax.process_index(), so any device order in
+  the mesh gets the rows its devices compute; on one process this is every row.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((1, global_rows))
+  rows = {r for index in index_map.values() for r in range(*index[1].indices(global_rows))}
+  return np.array(sorted(rows), dtype=np.int64)
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int | None = None):
   """Places this process's rows of a global batch [A, b, ...] on the devices of `sharding`.
 

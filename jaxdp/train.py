@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,7 @@ from jaxdp.metrics import MetricsWriter, Progress
 from jaxdp.model import GPT, ModelConfig, count_params
 from jaxdp.optim import learning_rate_schedule, make_optimizer
 from jaxdp.state import TrainState, init_state
+from jaxdp.watchdog import StepWatchdog
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.path", "data.val_fraction",
@@ -60,15 +62,16 @@ class Trainer:
     """Global batch `step` on the devices; this process reads only its own rows."""
     cfg = self.config
     rows_per_micro = cfg.global_batch_size // cfg.grad_accum_steps
-    local = rows_per_micro // jax.process_count()
-    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    rows = parallel.process_rows(self.mesh, rows_per_micro)
     return parallel.put_batch(self.dataset.train(step, rows), parallel.batch_sharding(self.mesh),
                               rows_per_micro)
 
   def evaluate(self, params) -> float:
     """Token-weighted mean loss over config.eval_steps validation batches."""
-    totals = [self.eval_step(params, parallel.put_batch(self.dataset.val(k),
-                                                        parallel.batch_sharding(self.mesh)))
+    rows = parallel.process_rows(self.mesh, self.config.global_batch_size)
+    totals = [self.eval_step(params, parallel.put_batch(self.dataset.val(k, rows),
+                                                        parallel.batch_sharding(self.mesh),
+                                                        self.config.global_batch_size))
               for k in range(self.config.eval_steps)]
     totals = jax.device_get(totals)
     return float(sum(t["loss_sum"] for t in totals) / sum(t["count"] for t in totals))
@@ -148,9 +151,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending: list[dict] = []
   last = {"step": step, "time": time.perf_counter()}
   result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
-  with contextlib.closing(prefetch(trainer.train_batch, step, config.num_steps)) as batches:
+  with contextlib.closing(prefetch(trainer.train_batch, step, config.num_steps)) as batches, \
+       StepWatchdog(config.step_timeout_s, step) as watchdog:
     for batch in batches:
+      _test_only_hang(step + 1)
       state, metrics = trainer.train_step(state, batch)
+      watchdog.dispatched(step + 1, metrics["train_loss"])
       pending.append(metrics)
       step += 1
       final = step == config.num_steps
@@ -171,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pending, last = [], {"step": step, "time": time.perf_counter()}
       stop = False
       paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
+      watchdog.pause()  # Nor against the step timeout.
       if (config.eval_every and step % config.eval_every == 0) or final:
         eval_loss = trainer.evaluate(state.params)
         writer.write({"step": step, "eval_loss": eval_loss})
@@ -190,6 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if (config.checkpoint_every and step % config.checkpoint_every == 0) or final or stop:
         save(state)
       last["time"] += time.perf_counter() - paused
+      watchdog.resume()
       if stop:
         break
   bar.close()
@@ -197,6 +205,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints.close()
   result.update(step=step, best_eval_loss=meta["best_eval_loss"])
   return result
+
+
+def _test_only_hang(step: int) -> None:
+  """Test-only hook (tests/test_multihost.py): JAXDP_TEST_HANG_AT_STEP="PROCESS:STEP" makes that
+  process stall before that step, as a stuck peer would, for the watchdog to catch."""
+  if os.environ.get("JAXDP_TEST_HANG_AT_STEP") == f"{jax.process_index()}:{step}":
+    time.sleep(3600)
 
 
 def load_for_inference(workdir: str, step: int | None = None):

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
   c.keep_checkpoints = 3  # Most recent checkpoints kept on disk.
   c.strategy = "dp"  # Parallelism: "dp" (shard_map data parallelism, replicated state).
+  c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
 
   c.data = ml_collections.ConfigDict()
