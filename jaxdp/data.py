@@ -41,6 +41,15 @@ def builtin_corpus_path() -> str:
   return str(importlib.resources.files("jaxdp") / "assets" / "tinyshakespeare.txt")
 
 
+def load_corpus(path: str):
+  """(tokens, tokenizer) of config.data.path: "" (built-in corpus), a text file (bytes) or a
+  directory written by `jaxdp prepare` (its shards, read on demand, and its tokenizer)."""
+  if path and os.path.isdir(path):
+    from jaxdp import prepare  # Imports this module: loaded only when needed.
+    return prepare.open_prepared(path)
+  return load_tokens(path), ByteTokenizer()
+
+
 def load_tokens(path: str) -> np.ndarray:
   """Reads a UTF-8 text file ("" = the built-in corpus) into byte tokens."""
   path = path or builtin_corpus_path()
@@ -48,7 +57,8 @@ def load_tokens(path: str) -> np.ndarray:
     raise JaxdpError(f"config.data.path={path!r} does not exist; give a text file, or '' for the "
                      "built-in corpus")
   if os.path.isdir(path):
-    raise JaxdpError(f"config.data.path={path!r} is a directory; give a UTF-8 text file")
+    raise JaxdpError(f"config.data.path={path!r} is a directory; give a UTF-8 text file or a "
+                     "directory written by `jaxdp prepare`")
   with open(path, "rb") as f:
     raw = f.read()
   if not raw.strip():
@@ -81,7 +91,7 @@ class WindowSource:
 
   def __getitem__(self, index: int) -> np.ndarray:
     start = index * self._seq_len
-    return self._tokens[start:start + self._seq_len + 1]
+    return np.asarray(self._tokens[start:start + self._seq_len + 1])  # Reads a prepared stream.
 
 
 def _to_example(window: np.ndarray) -> dict[str, np.ndarray]:
@@ -128,8 +138,8 @@ class Dataset:
   """The training and validation streams of one config."""
 
   def __init__(self, config, tokenizer=None):
-    self.tokenizer = tokenizer or ByteTokenizer()
-    tokens = load_tokens(config.data.path)
+    tokens, data_tokenizer = load_corpus(config.data.path)
+    self.tokenizer = tokenizer or data_tokenizer
     train, val = split_tokens(tokens, config.data.val_fraction, config.seq_len)
     self.train_source = WindowSource(train, config.seq_len)
     self.val_source = WindowSource(val, config.seq_len)

@@ -4,6 +4,8 @@
                  [--coordinator HOST:PORT --num_processes P --process_id I] [--init_timeout_s S]
   jaxdp launch   --nprocs P [--cpu_devices D] -- train [train flags ...]
   jaxdp generate --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
+  jaxdp prepare  INPUT... --out DIR [--tokenizer byte|bpe --vocab_size V]
+  jaxdp plot     WORKDIR [WORKDIR...] --out PNG
 
 Bad input ends with one line, `jaxdp: error: ...`, and exit status 2.
 """
@@ -20,7 +22,7 @@ from ml_collections import config_flags
 from jaxdp.errors import JaxdpError
 
 USAGE = __doc__.split("\n\n")[1]
-COMMANDS = ("train", "generate", "launch")
+COMMANDS = ("train", "generate", "launch", "prepare", "plot")
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
@@ -42,6 +44,10 @@ flags.DEFINE_float("temperature", 0.8, "generate: softmax temperature; 0 is gree
 flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass; 1 keeps all.")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed (same seed, same text).")
+flags.DEFINE_string("out", None, "prepare: output directory; plot: PNG file to write.")
+flags.DEFINE_enum("tokenizer", "byte", ["byte", "bpe"], "prepare: 'byte' (256 ids, no training) "
+                  "or 'bpe' (byte-level BPE trained on the inputs, saved with the data).")
+flags.DEFINE_integer("vocab_size", 4096, "prepare: BPE vocabulary size (with --tokenizer=bpe).")
 
 
 def _resolve_config_arg(argv: list[str]) -> list[str]:
@@ -124,6 +130,30 @@ def cmd_launch(command: list[str]) -> int:
   return launch(FLAGS.nprocs, command, FLAGS.cpu_devices)
 
 
+def _require_out(command: str, what: str) -> str:
+  if not FLAGS.out:
+    raise JaxdpError(f"{command}: --out is required ({what})")
+  return FLAGS.out
+
+
+def cmd_prepare(inputs: list[str]) -> None:
+  from jaxdp.prepare import prepare
+  out = _require_out("prepare", "the directory to write the prepared data to")
+  manifest = prepare(inputs, out, tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
+                     progress=FLAGS.progress)
+  state = "already up to date" if manifest["up_to_date"] else "prepared"
+  print(f"{out}: {state}: {manifest['num_documents']} documents from {len(manifest['inputs'])} "
+        f"files, {manifest['num_tokens']} tokens ({manifest['tokenizer']['kind']}, vocab "
+        f"{manifest['tokenizer']['vocab_size']}) in {len(manifest['shards'])} shards; train with "
+        f"--config.data.path={out}")
+
+
+def cmd_plot(workdirs: list[str]) -> None:
+  from jaxdp.viz import save_loss_plot
+  out = _require_out("plot", "the PNG file to write")
+  print(f"wrote {save_loss_plot(workdirs, out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -151,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
           "Config file or preset name (default, tiny_cpu); override fields with --config.FIELD=VALUE.",
           lock_config=True)
     try:
-      FLAGS([argv[0]] + rest)
+      positional = FLAGS([argv[0]] + rest)[1:]
     except flags.Error as e:
       raise JaxdpError(str(e).splitlines()[0]) from None
+    if command in ("prepare", "plot"):  # Host-only work: no devices.
+      {"prepare": cmd_prepare, "plot": cmd_plot}[command](positional)
+      return 0
+    if positional:
+      raise JaxdpError(f"{command}: unexpected arguments {' '.join(positional)!r}")
     setup_devices(FLAGS.cpu_devices)
     if command == "train":  # Before any device is touched.
       from jaxdp import distributed

@@ -1,6 +1,10 @@
-"""Metrics at the edge: JSON lines in WORKDIR/metrics.jsonl and a progress bar.
+"""Metrics at the edge: JSON lines in WORKDIR/metrics.jsonl, TensorBoard events beside them, and a
+progress bar.
 
-Only process 0 writes; every line is flushed, so a killed run loses no logged step.
+Only process 0 writes; every line is flushed, so a killed run loses no logged step. Each numeric
+field of a step's line (train_loss, lr, grad_norm, tokens_per_sec, eval_loss, and any a strategy
+adds, e.g. comm_bytes_per_step or mfu) becomes a TensorBoard scalar of the same name at that
+step; event lines (start, resume, early_stopping) become text under the tag "events".
 """
 
 from __future__ import annotations
@@ -19,18 +23,39 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class MetricsWriter:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._active = jax.process_index() == 0
+    self._events = None
     if self._active:
       os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._events = SummaryWriter(logdir=workdir)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self._active:
       return
+    record = {k: _plain(v) for k, v in record.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+      f.write(json.dumps(record) + "\n")
+    step = record.get("step")
+    if "event" in record:
+      self._events.add_text("events", json.dumps(record), global_step=step)
+    elif _is_number(step):
+      for name, value in record.items():
+        if name != "step" and _is_number(value):
+          self._events.add_scalar(name, value, global_step=step)
+    self._events.flush()
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

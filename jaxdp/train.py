@@ -130,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = checkpoints.restore(latest, trainer.abstract_state())
   step = int(state.step)
   if meta.get("stopped_early"):
+    writer.close()
     Progress(step, config.num_steps, progress).write(
         f"the run in {workdir!r} stopped early at step {step}; nothing to do")
     return {"step": step, "stop_reason": "early_stopping", "train_loss": None, "eval_loss": None,
@@ -203,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar.close()
   checkpoints.wait()
   checkpoints.close()
+  writer.close()
   result.update(step=step, best_eval_loss=meta["best_eval_loss"])
   return result
 

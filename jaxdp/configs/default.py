@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # Training text: "" for the built-in corpus (tinyshakespeare), or a path to a UTF-8 text file.
+  c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), or a directory written by `jaxdp prepare` (read with its own tokenizer).
   c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation.
 
   c.model = ml_collections.ConfigDict()

@@ -1,0 +1,71 @@
+"""Loss curves of one or several runs from their metrics.jsonl: `jaxdp plot`.
+
+Pure up to the figure: `loss_figure` returns a matplotlib Figure (no pyplot, no global state);
+`save_loss_plot` writes it as a PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from jaxdp.errors import JaxdpError
+from jaxdp.metrics import read_metrics
+
+CURVES = (("train_loss", "train loss"), ("eval_loss", "eval loss"))
+
+
+def run_label(workdir: str) -> str:
+  return os.path.basename(os.path.normpath(workdir)) or workdir
+
+
+def loss_curves(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """{"train_loss": (steps, values), "eval_loss": ...}; a step logged twice (a resumed run
+  repeating steps after its last checkpoint) keeps its latest value."""
+  if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+    raise JaxdpError(f"plot: {workdir!r} has no metrics.jsonl; give the --workdir of a run "
+                     "(`jaxdp train --workdir DIR` writes it)")
+  records = read_metrics(workdir)
+  curves = {}
+  for field, _ in CURVES:
+    by_step = {r["step"]: r[field] for r in records if field in r and "event" not in r}
+    steps = sorted(by_step)
+    curves[field] = (steps, [by_step[s] for s in steps])
+  if not any(steps for steps, _ in curves.values()):
+    raise JaxdpError(f"plot: {workdir!r}/metrics.jsonl holds no train_loss or eval_loss yet; "
+                     "wait for the run's first log line (config.log_every)")
+  return curves
+
+
+def loss_figure(workdirs: Sequence[str], labels: Sequence[str] | None = None):
+  """A figure with a train-loss and an eval-loss panel, one line per run, labelled by run."""
+  from matplotlib.figure import Figure
+  if not workdirs:
+    raise JaxdpError("plot: give at least one WORKDIR")
+  labels = list(labels) if labels is not None else [run_label(w) for w in workdirs]
+  if len(set(labels)) < len(labels):  # Same basename in different folders: use the paths.
+    labels = [os.path.normpath(w) for w in workdirs]
+  curves = [loss_curves(w) for w in workdirs]
+  figure = Figure(figsize=(11, 4), layout="constrained")
+  for axes, (field, title) in zip(figure.subplots(1, len(CURVES)), CURVES):
+    for label, run in zip(labels, curves):
+      steps, values = run[field]
+      if steps:
+        axes.plot(steps, values, marker="o" if len(steps) < 3 else None, label=label)
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.grid(alpha=0.3)
+    if axes.get_lines():
+      axes.legend()
+  return figure
+
+
+def save_loss_plot(workdirs: Sequence[str], out: str) -> str:
+  """Writes the loss figure of `workdirs` to the PNG `out`; returns its path."""
+  if not out.lower().endswith(".png"):
+    raise JaxdpError(f"plot: --out={out!r} must name a .png file")
+  figure = loss_figure(workdirs)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  figure.savefig(out, dpi=100)
+  return out
