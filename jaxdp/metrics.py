@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdp.errors import JaxdpError
+
 
 def _plain(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
@@ -29,8 +31,12 @@ class MetricsWriter:
   def write(self, record: dict[str, Any]) -> None:
     if not self._active:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+    except OSError as e:
+      raise JaxdpError(f"--workdir: cannot write {self.path!r} ({e.strerror}); free disk space or "
+                       "pick a writable --workdir") from e
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
