@@ -2,58 +2,211 @@
 
 A checkpoint holds the state (params, optimizer state, step, rng) as global arrays, so it can be
 restored into any sharding: another device count or strategy only changes the restore target.
-The JSON item holds the config, the data position and the early-stopping record.
+The JSON item holds the config, the data position, the early-stopping record and a fingerprint
+of every array.
+
+Saves are atomic and asynchronous: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it
+to `<step>` only when every item is complete, so a run killed mid-save leaves a temporary
+directory (removed when the next manager starts), never a half-written step. Orbax does not
+detect flipped bits in array files (tensorstore reads them back silently), hence the
+fingerprints, which `restore` checks.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdp.errors import JaxdpError
+
+INVALID_DIR = "checkpoints.invalid"  # Checkpoints that failed validation are moved here, not deleted.
+
+
+class CorruptCheckpoint(Exception):
+  """A checkpoint that cannot be read back exactly (truncated, unreadable or fingerprint mismatch)."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 words (narrow types widened, 64-bit types split)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree) -> Any:
+  """Per array: sum_i bits[i] * (2i + 1) mod 2**32.
+
+  Integer sums wrap exactly whatever the reduction order, so the value does not depend on the
+  sharding or device count; any single flipped bit changes it (the weight is odd).
+  """
+  def one(x):
+    bits = _as_uint32(x).ravel()
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+  return jax.tree.map(one, tree)
+
+
+def fingerprints(state) -> dict[str, int]:
+  """{array path: fingerprint} of a state, computed on its devices (only scalars are fetched)."""
+  prints = jax.device_get(_fingerprints(state))
+  return {jax.tree_util.keystr(path): int(value)
+          for path, value in jax.tree_util.tree_leaves_with_path(prints)}
+
+
+def _preservation_policy(keep_last: int, keep_every: int):
+  """Keep the last `keep_last`, every `keep_every`-th step, and the best by validation loss."""
+  kept = [policies.LatestN(n=keep_last),
+          policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+                         keep_checkpoints_without_metrics=False)]
+  if keep_every:
+    kept.append(policies.EveryNSteps(interval_steps=keep_every))
+  return policies.AnyPreservationPolicy(kept)
 
 
 class Checkpointer:
   """Saves and restores (state, meta) pairs under WORKDIR/checkpoints/<step>."""
 
-  def __init__(self, workdir: str, keep: int = 3, *, create: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  def __init__(self, workdir: str, keep_last: int = 3, keep_every: int = 0, *, create: bool = True,
+               directory: str | None = None):
+    self.directory = os.path.abspath(directory or os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+        create=create, cleanup_tmp_directories=create,
+        best_fn=lambda m: m["eval_loss"], best_mode="min",  # Makes orbax record eval_loss per step.
+        preservation_policy=_preservation_policy(keep_last, keep_every))
     try:
-      self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                            item_names=("state", "meta"))
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
     except OSError as e:
       raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
                        "pick a writable directory") from e
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, meta: dict[str, Any]) -> None:
-    """Starts an asynchronous save; training continues while it is written."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  def save(self, step: int, state, meta: dict[str, Any], eval_loss: float | None = None) -> None:
+    """Starts an asynchronous save; training continues while it is written.
+
+    `eval_loss` (when this step was evaluated) ranks the checkpoint for keeping the best one.
+    """
+    self.check()  # The previous save's error, if any, before starting another.
+    meta = dict(meta, fingerprints=fingerprints(state))
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics=None if eval_loss is None else {"eval_loss": eval_loss})
+    except OSError as e:
+      raise self._save_error(e) from e
+
+  def check(self) -> None:
+    """Raises JaxdpError now if a background save has failed (cheap: no waiting)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax re-raises the thread's error.
+      raise self._save_error(e) from e
+
+  def _save_error(self, e: Exception) -> JaxdpError:
+    reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    kept = self.all_steps()
+    return JaxdpError(
+        f"saving a checkpoint to {self.directory!r} failed ({reason}); free disk space or pick a "
+        f"writable --workdir, then resume (earlier checkpoints are intact: steps {kept or 'none'})")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
-    """Restores into the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    """Restores into the shardings carried by `abstract_state` (ShapeDtypeStructs).
+
+    Raises CorruptCheckpoint if the files cannot be read or an array's fingerprint differs
+    from the one saved with it.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  # Tensorstore raises plain Exception.
+      raise CorruptCheckpoint(f"step {step} is unreadable ({str(e).splitlines()[0][:200]})") from e
+    state, meta = restored["state"], restored["meta"]
+    saved = meta.get("fingerprints")
+    if saved is not None:
+      bad = [path for path, value in fingerprints(state).items() if saved.get(path) != value]
+      if bad:
+        raise CorruptCheckpoint(f"step {step} has corrupted arrays (fingerprint mismatch): "
+                                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return state, meta
+
+  def set_aside(self, step: int) -> str:
+    """Moves an invalid checkpoint out of the way (kept for inspection); returns its new path."""
+    target = os.path.join(os.path.dirname(self.directory), INVALID_DIR, str(step))
+    if jax.process_index() == 0:
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jaxdp_set_aside_{step}")
+    self._manager.reload()
+    return target
+
+  def eval_loss(self, step: int) -> float | None:
+    """The validation loss recorded with `step` (None if it was not evaluated)."""
+    return (self._manager.metrics(step) or {}).get("eval_loss")
+
+  def item_metadata(self, step: int):
+    """Orbax's metadata of the state (shapes, dtypes) without reading any array."""
+    return self._manager.item_metadata(step)["state"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+    self.check()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def describe(path: str) -> list[dict[str, Any]]:
+  """Each checkpoint under `path` (a workdir or its checkpoints/ folder), read from metadata only.
+
+  [{step, meta (config, examples_seen, ...), eval_loss, disk_bytes,
+    arrays: [(path, shape, dtype, bytes)]}], oldest first; no array is loaded.
+  """
+  directory = os.path.join(path, "checkpoints")
+  directory = directory if os.path.isdir(directory) else path
+  if not os.path.isdir(directory):
+    raise JaxdpError(f"{path!r} is not a directory; give a --workdir or its checkpoints/ folder")
+  checkpoints = Checkpointer("", create=False, directory=directory)
+  try:
+    steps = []
+    for step in checkpoints.all_steps():
+      tree = checkpoints.item_metadata(step).tree
+      leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+      arrays = [(jax.tree_util.keystr(p), tuple(a.shape), str(np.dtype(a.dtype)),
+                 int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize)
+                for p, a in leaves]
+      step_dir = os.path.join(directory, str(step))
+      disk = sum(os.path.getsize(os.path.join(root, f))
+                 for root, _, files in os.walk(step_dir) for f in files)
+      steps.append({"step": step, "meta": checkpoints.restore_meta(step), "arrays": arrays,
+                    "eval_loss": checkpoints.eval_loss(step), "disk_bytes": disk})
+    return steps
+  finally:
+    checkpoints.close()
 
 
 def abstract_with_shardings(abstract_state, shardings):

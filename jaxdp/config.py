@@ -13,6 +13,7 @@ from jaxdp.errors import JaxdpError
 STRATEGIES = ("dp",)
 ATTENTION = ("xla", "cudnn", "reference")
 POSITIONS = ("rope", "learned")
+NAN_POLICIES = ("halt", "skip")
 
 
 def preset_path(name_or_path: str) -> str:
@@ -63,16 +64,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
   need(config.strategy in STRATEGIES,
        f"config.strategy={config.strategy!r} is not one of {', '.join(STRATEGIES)}")
+  need(config.nan_policy in NAN_POLICIES,
+       f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
   need(config.attention in ATTENTION,
        f"config.attention={config.attention!r} is not one of {', '.join(ATTENTION)}")
   need(config.model.positions in POSITIONS,
        f"config.model.positions={config.model.positions!r} is not one of {', '.join(POSITIONS)}")
   for name in ("num_steps", "global_batch_size", "seq_len", "grad_accum_steps", "eval_steps",
-               "log_every", "keep_checkpoints"):
+               "log_every", "keep_last"):
     need(config[name] > 0, f"config.{name}={config[name]} must be positive")
   for name in ("n_layer", "n_head", "d_model", "mlp_ratio"):
     need(config.model[name] > 0, f"config.model.{name}={config.model[name]} must be positive")
-  for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "step_timeout_s"):
+  for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "step_timeout_s",
+               "keep_every", "max_consecutive_skips"):
     need(config[name] >= 0, f"config.{name}={config[name]} must be >= 0")
   need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
   need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")

@@ -3,6 +3,8 @@
   jaxdp train    [--config PATH|PRESET] [--config.FIELD=VALUE ...] [--workdir DIR] [--cpu_devices N]
                  [--coordinator HOST:PORT --num_processes P --process_id I] [--init_timeout_s S]
   jaxdp launch   --nprocs P [--cpu_devices D] -- train [train flags ...]
+                 [--restore_from WORKDIR/checkpoints/STEP] [--allow_config_change]
+  jaxdp inspect  CHECKPOINT_DIR   (a workdir or its checkpoints/ folder: steps, config, arrays)
   jaxdp generate --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
   jaxdp prepare  INPUT... --out DIR [--tokenizer byte|bpe --vocab_size V]
   jaxdp plot     WORKDIR [WORKDIR...] --out PNG
@@ -22,7 +24,7 @@ from ml_collections import config_flags
 from jaxdp.errors import JaxdpError
 
 USAGE = __doc__.split("\n\n")[1]
-COMMANDS = ("train", "generate", "launch", "prepare", "plot")
+COMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect")
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
@@ -38,6 +40,8 @@ flags.DEFINE_float("init_timeout_s", 300, "train: seconds to wait for every proc
 flags.DEFINE_integer("nprocs", None, "launch: local processes to start.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("allow_config_change", False, "Resume even if run-defining config fields changed.")
+flags.DEFINE_string("restore_from", None, "Resume from this checkpoint step directory "
+                    "(WORKDIR/checkpoints/STEP) instead of the latest one in --workdir.")
 flags.DEFINE_string("prompt", "\n", "generate: text to continue.")
 flags.DEFINE_integer("max_new_tokens", 200, "generate: tokens to sample.")
 flags.DEFINE_float("temperature", 0.8, "generate: softmax temperature; 0 is greedy.")
@@ -100,9 +104,39 @@ def setup_devices(cpu_devices: int | None) -> None:
 def cmd_train() -> None:
   from jaxdp.train import train_and_evaluate
   result = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
-                              allow_config_change=FLAGS.allow_config_change)
+                              allow_config_change=FLAGS.allow_config_change,
+                              restore_from=FLAGS.restore_from)
   print(f"done: step {result['step']}, eval_loss {result['eval_loss']}, "
         f"stop reason {result['stop_reason']}; metrics in {os.path.join(FLAGS.workdir, 'metrics.jsonl')}")
+
+
+def cmd_inspect(paths: list[str]) -> None:
+  from jaxdp.checkpoint import describe
+  if len(paths) != 1:
+    raise JaxdpError("inspect takes one CHECKPOINT_DIR (a workdir or its checkpoints/ folder)")
+  steps = describe(paths[0])
+  if not steps:
+    print(f"no checkpoints in {paths[0]!r}")
+  previous = None
+  for info in steps:
+    meta = info["meta"]
+    print(f"step {info['step']}: examples_seen {meta.get('examples_seen')}, eval_loss "
+          f"{info['eval_loss']}, {info['disk_bytes']} bytes on disk, saved with strategy "
+          f"{meta.get('strategy')!r} on {meta.get('num_devices')} devices")
+    if meta.get("config") == previous:
+      print("  config: as above")
+    else:
+      print("  config: " + ", ".join(f"{k}={v!r}" for k, v in _flat(meta.get("config", {}))))
+      previous = meta.get("config")
+    for path, shape, dtype, nbytes in info["arrays"]:
+      print(f"  {path} {dtype}{list(shape)} {nbytes} bytes")
+
+
+def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+  out = []
+  for key, value in tree.items():
+    out += _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+  return out
 
 
 def cmd_generate() -> None:
@@ -184,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
       positional = FLAGS([argv[0]] + rest)[1:]
     except flags.Error as e:
       raise JaxdpError(str(e).splitlines()[0]) from None
-    if command in ("prepare", "plot"):  # Host-only work: no devices.
-      {"prepare": cmd_prepare, "plot": cmd_plot}[command](positional)
+    if command in ("prepare", "plot", "inspect"):  # Host-only work: no devices.
+      {"prepare": cmd_prepare, "plot": cmd_plot, "inspect": cmd_inspect}[command](positional)
       return 0
     if positional:
       raise JaxdpError(f"{command}: unexpected arguments {' '.join(positional)!r}")

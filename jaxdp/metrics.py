@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdp.errors import JaxdpError
+
 
 def _plain(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
@@ -41,8 +43,12 @@ class MetricsWriter:
     if not self._active:
       return
     record = {k: _plain(v) for k, v in record.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise JaxdpError(f"--workdir: cannot write {self.path!r} ({e.strerror}); free disk space or "
+                       "pick a writable --workdir") from e
     step = record.get("step")
     if "event" in record:
       self._events.add_text("events", json.dumps(record), global_step=step)

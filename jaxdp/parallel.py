@@ -66,10 +66,11 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows
 
 
 def compile_train_step(strategy: str, mesh: Mesh, model: GPT, tx: optax.GradientTransformation,
-                       state_sharding) -> Callable:
+                       state_sharding, max_consecutive_skips: int = 0) -> Callable:
   """(state, batch) -> (state, metrics), jitted with the state donated."""
   del strategy, state_sharding
-  body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=DATA)
+  body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=DATA,
+                           max_consecutive_skips=max_consecutive_skips)
   mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), BATCH_SPEC), out_specs=(P(), P()))
   return jax.jit(mapped, donate_argnums=0)
 

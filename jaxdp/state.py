@@ -22,6 +22,10 @@ class TrainState:
   params: Any  # Model parameters (float32 master copy).
   opt_state: Any  # Optimizer state (AdamW moments, schedule count).
   rng: jax.Array  # uint32[2] base key; step and example keys are folded in from it.
+  # int32 scalars: updates dropped because the loss or gradients were not finite, in total and
+  # in a row (see steps.update_if_finite). Defaults keep existing constructors working.
+  skipped_steps: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  consecutive_skips: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def init_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -58,9 +58,33 @@ def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT):
   return carry
 
 
+def update_if_finite(state: TrainState, new_state: TrainState, finite: jax.Array,
+                     max_consecutive_skips: int = 0) -> TrainState:
+  """`new_state` if `finite`, else `state` with the update dropped and the skip counted.
+
+  A dropped update still advances `step`, so the next step reads the next batch, unless it is
+  more than `max_consecutive_skips` in a row: then nothing changes but `consecutive_skips`
+  (now above the limit), and every later step leaves the state alone, so the loop can notice
+  at its next sync, halt and save the last good state (no state is lost to buffer donation).
+  """
+  consecutive = jnp.where(finite, 0, state.consecutive_skips + 1)
+  over = consecutive > max_consecutive_skips
+  dropped = state.replace(step=jnp.where(over, state.step, state.step + 1),
+                          skipped_steps=jnp.where(over, state.skipped_steps, state.skipped_steps + 1),
+                          consecutive_skips=consecutive)
+  out = jax.tree.map(lambda a, b: jnp.where(finite, a, b),
+                     new_state.replace(consecutive_skips=consecutive), dropped)
+  halted = state.consecutive_skips > max_consecutive_skips
+  return jax.tree.map(lambda a, b: jnp.where(halted, a, b), state, out)
+
+
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step. Returns the new state and scalar metrics (identical on every device)."""
+               axis_name: str | None = None,
+               max_consecutive_skips: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step. Returns the new state and scalar metrics (identical on every device).
+
+  A non-finite loss or gradient drops the update (see `update_if_finite`).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   params = state.params
   if axis_name is not None:
@@ -77,7 +101,11 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
+  finite = jnp.isfinite(loss_total) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  new_state = update_if_finite(state, new_state, finite, max_consecutive_skips)
   metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.tree.norm(grads)}
+  metrics.update(skipped_steps=new_state.skipped_steps, consecutive_skips=new_state.consecutive_skips)
   return new_state, metrics
 
 

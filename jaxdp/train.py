@@ -12,6 +12,9 @@ import dataclasses
 import functools
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -22,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdp import parallel
-from jaxdp.checkpoint import Checkpointer, abstract_with_shardings
+from jaxdp.checkpoint import Checkpointer, CorruptCheckpoint, abstract_with_shardings
 from jaxdp.config import validate
 from jaxdp.data import Dataset, prefetch
 from jaxdp.errors import JaxdpError
@@ -88,8 +91,14 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   sharding = parallel.state_shardings(config.strategy, mesh, abstract)
   return Trainer(config=config, dataset=dataset, mesh=mesh, model=model, tx=tx,
                  state_sharding=sharding,
-                 train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding),
+                 train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding,
+                                                        max_consecutive_skips(config)),
                  eval_step=parallel.compile_eval_step(config.strategy, mesh, model))
+
+
+def max_consecutive_skips(config: ml_collections.ConfigDict) -> int:
+  """Dropped updates allowed in a row: none under nan_policy="halt"."""
+  return config.max_consecutive_skips if config.nan_policy == "skip" else 0
 
 
 def changed_fields(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -110,24 +119,118 @@ def state_bytes_per_device(state) -> int:
              for shard in leaf.addressable_shards if shard.device == device)
 
 
+def warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_config(saved: dict, config: ml_collections.ConfigDict, where: str,
+                  allow_config_change: bool) -> None:
+  changed = changed_fields(saved, config)
+  if changed and not allow_config_change:
+    raise JaxdpError(f"the checkpoint in {where!r} was trained with a different config: "
+                     f"{'; '.join(changed)}; use another --workdir, or --allow_config_change")
+
+
+def restore_checkpoint(checkpoints: Checkpointer, trainer: Trainer, *, restore_from: str | None = None,
+                       allow_config_change: bool = False) -> tuple[TrainState, dict] | None:
+  """The state to resume from: `restore_from` (a step directory), or the latest valid checkpoint.
+
+  A latest checkpoint that cannot be read back exactly is reported, moved aside and replaced by
+  the one before it. A mismatching config is refused, never skipped. None means start afresh.
+  """
+  abstract = trainer.abstract_state()
+  if restore_from:
+    path = os.path.abspath(restore_from.rstrip("/"))
+    name = os.path.basename(path)
+    if not name.isdigit() or not os.path.isdir(path):
+      raise JaxdpError(f"--restore_from={restore_from!r} is not a checkpoint step directory; "
+                       f"give e.g. WORKDIR/checkpoints/<step> (see `jaxdp inspect WORKDIR`)")
+    step = int(name)
+    same_dir = os.path.dirname(path) == checkpoints.directory
+    later = [s for s in checkpoints.all_steps() if s > step or not same_dir]
+    if later:
+      raise JaxdpError(f"--restore_from={restore_from!r}: --workdir already has checkpoints at "
+                       f"steps {later}; pick a fresh --workdir to continue from step {step}")
+    source = Checkpointer("", create=False, directory=os.path.dirname(path))
+    try:
+      _check_config(source.restore_meta(step)["config"], trainer.config, path, allow_config_change)
+      return source.restore(step, abstract)
+    except CorruptCheckpoint as e:
+      raise JaxdpError(f"--restore_from={restore_from!r}: {e}; pick another step") from None
+    finally:
+      source.close()
+  for step in reversed(checkpoints.all_steps()):
+    try:
+      try:
+        saved = checkpoints.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except  # Unreadable JSON or missing item.
+        raise CorruptCheckpoint(f"step {step} has an unreadable meta item ({type(e).__name__})") from e
+      _check_config(saved["config"], trainer.config, checkpoints.directory, allow_config_change)
+      return checkpoints.restore(step, abstract)
+    except CorruptCheckpoint as e:
+      moved = checkpoints.set_aside(step)
+      warn(f"checkpoint {e}; moved it to {moved!r} and falling back to the previous checkpoint")
+  return None
+
+
+class StopRequests:
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns.
+
+  With several processes, all must stop after the same step: SIGTERM is JAX's preemption
+  notice (its service picks the step, `reached_preemption_sync_point`), and a local signal is
+  shared through an all-gather at log steps, which every process reaches together.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "StopRequests":
+    if threading.current_thread() is threading.main_thread():
+      signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int, log_step: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
+      return True
+    if log_step:
+      flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+      if np.any(flags):
+        self.signal_name = self.signal_name or "SIGINT"
+        return True
+    return False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices: Sequence[jax.Device] | None = None, progress: bool = True,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+                       allow_config_change: bool = False,
+                       restore_from: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
   trainer = build(config, devices)
-  checkpoints = Checkpointer(workdir, config.keep_checkpoints)
+  checkpoints = Checkpointer(workdir, config.keep_last, config.keep_every)
   writer = MetricsWriter(workdir)
   meta = {"best_eval_loss": None, "evals_without_improvement": 0}
-  latest = checkpoints.latest_step()
-  if latest is None:
+  restored = restore_checkpoint(checkpoints, trainer, restore_from=restore_from,
+                                allow_config_change=allow_config_change)
+  if restored is None:
     state = trainer.init_state()
   else:
-    saved = checkpoints.restore_meta(latest)
-    changed = changed_fields(saved["config"], config)
-    if changed and not allow_config_change:
-      raise JaxdpError(f"the checkpoint in {workdir!r} was trained with a different config: "
-                       f"{'; '.join(changed)}; use another --workdir, or --allow_config_change")
-    state, meta = checkpoints.restore(latest, trainer.abstract_state())
+    state, meta = restored
   step = int(state.step)
   if meta.get("stopped_early"):
     writer.close()
@@ -137,49 +240,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "best_eval_loss": meta["best_eval_loss"]}
   schedule = learning_rate_schedule(config)
   tokens_per_step = config.global_batch_size * config.seq_len
-  if step == 0 or latest is not None:
-    writer.write({"event": "resume" if latest else "start", "step": step,
+  skip_limit = max_consecutive_skips(config)
+  if step == 0 or restored is not None:
+    writer.write({"event": "resume" if restored else "start", "step": step,
                   "strategy": config.strategy, "num_devices": trainer.mesh.size,
                   "params": count_params(state.params),
                   "state_bytes_per_device": state_bytes_per_device(state)})
+  saved_step = step if restored is not None else None
 
-  def save(state) -> None:
-    checkpoints.save(int(state.step), state, dict(
-        meta, step=int(state.step), examples_seen=int(state.step) * config.global_batch_size,
-        config=config.to_dict(), strategy=config.strategy, num_devices=trainer.mesh.size))
+  def save(state, eval_loss=None) -> None:
+    nonlocal saved_step
+    saved_step = int(state.step)
+    checkpoints.save(saved_step, state, dict(
+        meta, step=saved_step, examples_seen=saved_step * config.global_batch_size,
+        config=config.to_dict(), strategy=config.strategy, num_devices=trainer.mesh.size),
+        eval_loss=eval_loss)
+
+  def halt_if_not_finite(state) -> None:
+    """Ends the run if the step froze the state after too many non-finite updates in a row."""
+    if int(state.consecutive_skips) <= skip_limit:
+      return
+    # The frozen state is the last good one; only its "in a row" count is past the limit.
+    good = state.replace(consecutive_skips=jax.numpy.minimum(state.consecutive_skips, skip_limit))
+    bad_step = int(good.step) + 1
+    if saved_step != int(good.step):
+      save(good)
+    checkpoints.wait()
+    checkpoints.close()
+    writer.write({"step": bad_step, "event": "nonfinite_halt", "nan_policy": config.nan_policy,
+                  "skipped_steps": int(good.skipped_steps)})
+    in_a_row = f"{skip_limit + 1} steps in a row up to " if skip_limit else ""
+    raise JaxdpError(
+        f"non-finite loss or gradients at {in_a_row}step {bad_step} (config.nan_policy="
+        f"{config.nan_policy!r}); the last good state is saved as checkpoint {int(good.step)}; "
+        "lower config.learning_rate or set config.grad_clip and resume, or set config.nan_policy='skip'")
 
   bar = Progress(step, config.num_steps, progress)
   pending: list[dict] = []
   last = {"step": step, "time": time.perf_counter()}
   result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
-  with contextlib.closing(prefetch(trainer.train_batch, step, config.num_steps)) as batches, \
+  with StopRequests() as stops, \
+       contextlib.closing(prefetch(trainer.train_batch, step, config.num_steps)) as batches, \
        StepWatchdog(config.step_timeout_s, step) as watchdog:
     for batch in batches:
       _test_only_hang(step + 1)
       state, metrics = trainer.train_step(state, batch)
       watchdog.dispatched(step + 1, metrics["train_loss"])
+      checkpoints.check()  # A failed background save is reported now, not at the next save.
       pending.append(metrics)
       step += 1
       final = step == config.num_steps
-      if step % config.log_every == 0 or final:
+      log_step = step % config.log_every == 0 or final
+      if log_step:
         fetched = jax.device_get(pending)  # The loop's only host sync between logs.
+        halt_if_not_finite(state)
         elapsed = time.perf_counter() - last["time"]
+        finite_losses = [m["train_loss"] for m in fetched if math.isfinite(m["train_loss"])]
         line = {"step": step,
-                "train_loss": float(np.mean([m["train_loss"] for m in fetched])),
+                "train_loss": float(np.mean(finite_losses)) if finite_losses else math.nan,
                 "lr": float(schedule(step - 1)),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
                 "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed}
-        if not math.isfinite(line["train_loss"]):
-          raise JaxdpError(f"non-finite training loss at step {step}; lower config.learning_rate "
-                           "or set config.grad_clip")
+        if config.nan_policy == "skip":
+          line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
         writer.write(line)
         bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"])
         result["train_loss"] = line["train_loss"]
         pending, last = [], {"step": step, "time": time.perf_counter()}
       stop = False
+      eval_loss = None
       paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
       watchdog.pause()  # Nor against the step timeout.
       if (config.eval_every and step % config.eval_every == 0) or final:
+        halt_if_not_finite(state)
         eval_loss = trainer.evaluate(state.params)
         writer.write({"step": step, "eval_loss": eval_loss})
         bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
@@ -195,10 +328,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             writer.write({"step": step, "event": "early_stopping",
                           "best_eval_loss": meta["best_eval_loss"]})
             bar.write(f"early stopping at step {step}: no improvement in {config.patience} evaluations")
-      if (config.checkpoint_every and step % config.checkpoint_every == 0) or final or stop:
-        save(state)
+      preempted = not stop and not final and stops.should_stop(step, log_step)
+      if (config.checkpoint_every and step % config.checkpoint_every == 0) or final or stop or preempted:
+        halt_if_not_finite(state)
+        if saved_step != step:
+          save(state, eval_loss)
       last["time"] += time.perf_counter() - paused
       watchdog.resume()
+      if preempted:
+        result["stop_reason"] = "preempted"
+        writer.write({"step": step, "event": "preempted", "signal": stops.signal_name})
+        bar.write(f"{stops.signal_name}: stopped after step {step} and saved a checkpoint; "
+                  "run the same command to resume")
+        break
       if stop:
         break
   bar.close()
@@ -225,6 +367,9 @@ def load_for_inference(workdir: str, step: int | None = None):
                      f"`jaxdp train --workdir {workdir}`")
   config = ml_collections.ConfigDict(checkpoints.restore_meta(step)["config"])
   trainer = build(config, devices=jax.local_devices()[:1])
-  state, _ = checkpoints.restore(step, trainer.abstract_state())
+  try:
+    state, _ = checkpoints.restore(step, trainer.abstract_state())
+  except CorruptCheckpoint as e:
+    raise JaxdpError(f"--workdir={workdir!r}: checkpoint {e}") from None
   checkpoints.close()
   return state.params, trainer.model, trainer.dataset.tokenizer

@@ -29,7 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_steps = 8  # Global batches per evaluation (the validation split wraps around if shorter).
   c.patience = 0  # Early stopping: stop after this many evaluations without improvement; 0 disables.
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
-  c.keep_checkpoints = 3  # Most recent checkpoints kept on disk.
+  c.keep_last = 3  # Most recent checkpoints kept on disk (the best by validation loss is kept as well).
+  c.keep_every = 0  # Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra.
+  c.nan_policy = "halt"  # Non-finite loss or gradients: "halt" (stop, save the last good state) or "skip" (drop the update, go on).
+  c.max_consecutive_skips = 10  # nan_policy="skip": halt after this many dropped updates in a row.
   c.strategy = "dp"  # Parallelism: "dp" (shard_map data parallelism, replicated state).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).

@@ -1,0 +1,345 @@
+"""Fault tolerance: kills, signals, corrupt checkpoints, config changes, NaNs, full disks.
+
+Every run here uses the tiny_cpu model on 2 devices with the same schedule (lr_decay_steps=20),
+so any run can be compared, step by step and bit by bit, with one uninterrupted reference.
+"""
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdp import steps
+from jaxdp.checkpoint import Checkpointer, CorruptCheckpoint, fingerprints
+from jaxdp.config import load_preset
+from jaxdp.data import Dataset
+from jaxdp.errors import JaxdpError
+from jaxdp.metrics import read_metrics
+from jaxdp.state import TrainState
+from jaxdp.train import build, restore_checkpoint, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"num_steps": 20, "lr_decay_steps": 20, "log_every": 1, "eval_every": 5,
+             "checkpoint_every": 2}
+
+
+def config(**overrides):
+  c = load_preset("tiny_cpu")
+  for k, v in {**OVERRIDES, **overrides}.items():
+    c[k] = v
+  return c
+
+
+def devices():
+  return jax.devices()[:2]
+
+
+def train_losses(workdir):
+  """{step: loss} of every train line; a step logged twice (before a kill and after) must agree."""
+  out = {}
+  for r in read_metrics(workdir):
+    if "train_loss" in r:
+      assert out.setdefault(r["step"], r["train_loss"]) == r["train_loss"], r
+  return out
+
+
+def restored_state(workdir, step=None):
+  ckpt = Checkpointer(workdir, create=False)
+  step = ckpt.latest_step() if step is None else step
+  state, _ = ckpt.restore(step, build(config(), devices()).abstract_state())
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def assert_bitwise_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 20-step run: checkpoints at every even step (the last 3 and the best kept)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train_and_evaluate(config(), workdir, devices=devices(), progress=False)
+  return workdir
+
+
+def cli(workdir, *flags):
+  """Starts `jaxdp train` on the reference config in a subprocess."""
+  args = [sys.executable, "-m", "jaxdp.main", "train", "--config", "tiny_cpu", "--cpu_devices", "2",
+          "--workdir", workdir, "--progress=false"]
+  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(flags)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory):
+  """The reference run through the CLI on 2 CPU devices: bitwise comparisons need the same
+  backend setup (in this process JAX has 8 devices, and a loss then differed in the last bit)."""
+  workdir = str(tmp_path_factory.mktemp("cli_reference"))
+  proc = cli(workdir)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  return workdir
+
+
+def logged_step(workdir):
+  try:
+    return max([r["step"] for r in read_metrics(workdir) if "train_loss" in r], default=0)
+  except (FileNotFoundError, json.JSONDecodeError):  # Not there yet, or a line half written.
+    return 0
+
+
+def wait_for(predicate, proc, timeout=120.0):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, f"run ended before the kill point: {proc.communicate()}"
+    assert time.time() < deadline, "kill point not reached"
+    time.sleep(0.001)
+
+
+def save_in_progress(workdir):
+  return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
+
+
+def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
+  workdir = str(tmp_path)
+  rng = random.Random()
+  seed = rng.randrange(10**6)
+  rng.seed(seed)
+  kills = []
+  # 1: during a save (its temporary directory exists); 2, 3: after a random logged step.
+  proc = cli(workdir)
+  wait_for(lambda: save_in_progress(workdir), proc)
+  proc.kill()
+  proc.wait()
+  kills.append(("during save", logged_step(workdir)))
+  assert save_in_progress(workdir), "the kill did not land inside a save"
+  for _ in range(2):
+    start = logged_step(workdir)
+    target = rng.randint(start + 1, min(start + 6, 19))
+    proc = cli(workdir)
+    wait_for(lambda: logged_step(workdir) >= target, proc)
+    proc.kill()
+    proc.wait()
+    kills.append(("after step", logged_step(workdir)))
+  proc = cli(workdir)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert not save_in_progress(workdir), "a crashed save's temporary directory was not cleaned"
+  assert train_losses(workdir) == train_losses(cli_reference), (seed, kills)
+  assert_bitwise_equal(restored_state(workdir), restored_state(cli_reference))
+  events = [r.get("event") for r in read_metrics(workdir)]
+  assert events.count("start") + events.count("resume") == 4 and events.count("resume") >= 2, kills
+
+
+def test_sigterm_checkpoints_current_step_exits_0_and_resumes(cli_reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = cli(workdir, "--config.checkpoint_every=0")  # Only the SIGTERM checkpoint can exist.
+  wait_for(lambda: logged_step(workdir) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "SIGTERM: stopped after step" in out + err
+  event = [r for r in read_metrics(workdir) if r.get("event") == "preempted"]
+  assert len(event) == 1 and event[0]["signal"] == "SIGTERM"
+  stopped = event[0]["step"]
+  assert 3 <= stopped < 20
+  assert Checkpointer(workdir, create=False).all_steps() == [stopped]
+  proc = cli(workdir)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "done: step 20" in out, err
+  assert train_losses(workdir) == train_losses(cli_reference)
+  assert_bitwise_equal(restored_state(workdir), restored_state(cli_reference))
+
+
+def largest_array_file(workdir, step):
+  files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d", "*"))
+  return max(files, key=os.path.getsize)
+
+
+def test_truncated_latest_checkpoint_falls_back_with_warning(reference, tmp_path, capfd):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  latest = Checkpointer(workdir, create=False).latest_step()
+  path = largest_array_file(workdir, latest)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  trainer = build(config(), devices())
+  ckpt = Checkpointer(workdir)
+  state, meta = restore_checkpoint(ckpt, trainer)
+  assert int(state.step) == meta["step"] == latest - 2
+  assert f"checkpoint step {latest} is unreadable" in capfd.readouterr().err
+  assert latest not in ckpt.all_steps()
+  assert os.path.isdir(os.path.join(workdir, "checkpoints.invalid", str(latest)))
+  ckpt.close()
+  # Training again re-creates the moved step, bit for bit.
+  train_and_evaluate(config(), workdir, devices=devices(), progress=False)
+  assert_bitwise_equal(restored_state(workdir), restored_state(reference))
+
+
+def test_flipped_bit_in_array_file_is_detected_not_loaded(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  latest = Checkpointer(workdir, create=False).latest_step()
+  path = largest_array_file(workdir, latest)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10  # Orbax reads this back without complaint (checked by hand).
+  open(path, "wb").write(data)
+  ckpt = Checkpointer(workdir, create=False)
+  with pytest.raises(CorruptCheckpoint, match="fingerprint mismatch"):
+    ckpt.restore(latest, build(config(), devices()).abstract_state())
+  ckpt.close()
+
+
+def test_fingerprint_changes_with_any_flipped_bit_and_not_with_sharding():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5))
+  base = fingerprints({"x": x})
+  bits = np.asarray(x).view(np.uint32).copy()
+  for index, bit in [(0, 0), (17, 31), (39, 12)]:
+    flipped = bits.copy()
+    flipped.flat[index] ^= np.uint32(1 << bit)
+    assert fingerprints({"x": jnp.asarray(flipped.view(np.float32))}) != base
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  assert fingerprints({"x": sharded}) == base
+
+
+def test_config_mismatch_is_refused_naming_fields(reference):
+  ckpt = Checkpointer(reference, create=False)
+  changed = config(seed=1, global_batch_size=32)
+  with pytest.raises(JaxdpError, match=r"seed \(0 -> 1\); global_batch_size \(16 -> 32\)"):
+    restore_checkpoint(ckpt, build(changed, devices()))
+  state, _ = restore_checkpoint(ckpt, build(changed, devices()), allow_config_change=True)
+  assert int(state.step) == 20
+  # Length, evaluation and device count may change: 4 devices restore a 2-device checkpoint.
+  allowed = config(num_steps=40, lr_decay_steps=20, eval_every=3)
+  state, _ = restore_checkpoint(ckpt, build(allowed, jax.devices()[:4]))
+  assert int(state.step) == 20 and len(state.params["ln_f"]["scale"].sharding.device_set) == 4
+  ckpt.close()
+
+
+def test_restore_from_picks_a_step_and_refuses_a_workdir_with_later_ones(reference, tmp_path):
+  ckpt = Checkpointer(reference, create=False)
+  earlier = ckpt.all_steps()[-2]
+  source = os.path.join(reference, "checkpoints", str(earlier))
+  fresh = Checkpointer(str(tmp_path))
+  state, meta = restore_checkpoint(fresh, build(config(), devices()), restore_from=source)
+  assert int(state.step) == meta["step"] == earlier
+  fresh.close()
+  with pytest.raises(JaxdpError, match="already has checkpoints at steps"):
+    restore_checkpoint(ckpt, build(config(), devices()), restore_from=source)
+  ckpt.close()
+
+
+def poison(monkeypatch, bad_steps):
+  """Makes the token weights of the given data steps NaN, so their loss and gradients are NaN."""
+  original_init = Dataset.__init__
+
+  def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    clean = self.train
+
+    def train(step, rows=slice(None)):
+      batch = clean(step, rows)
+      if step in bad_steps:
+        batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+      return batch
+    self.train = train
+  monkeypatch.setattr(Dataset, "__init__", init)
+
+
+def test_nan_halt_reports_step_and_saves_last_good_state(reference, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  poison(monkeypatch, {3})  # The 4th step.
+  with pytest.raises(JaxdpError, match="non-finite loss or gradients at step 4 .*checkpoint 3"):
+    train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
+  halt = [r for r in read_metrics(workdir) if r.get("event") == "nonfinite_halt"]
+  assert halt == [{"step": 4, "event": "nonfinite_halt", "nan_policy": "halt", "skipped_steps": 0}]
+  assert Checkpointer(workdir, create=False).latest_step() == 3
+  monkeypatch.undo()
+  # Resuming from the saved state retraces the reference: it was exactly the state after step 3.
+  train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
+  expected = train_losses(reference)
+  assert train_losses(workdir) == {s: expected[s] for s in range(1, 7)}
+
+
+def test_nan_skip_keeps_training_and_counts_skips(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  poison(monkeypatch, {1, 2})
+  result = train_and_evaluate(config(num_steps=6, nan_policy="skip", max_consecutive_skips=2),
+                              workdir, devices=devices(), progress=False)
+  assert result["step"] == 6 and np.isfinite(result["train_loss"])
+  lines = [r for r in read_metrics(workdir) if "train_loss" in r]
+  assert [r["skipped_steps"] for r in lines] == [0, 1, 2, 2, 2, 2]
+  assert np.isnan(lines[1]["train_loss"]) and np.isnan(lines[2]["train_loss"])
+  state = restored_state(workdir)
+  assert int(state.skipped_steps) == 2 and int(state.consecutive_skips) == 0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def tiny_state(step=5):
+  return TrainState(step=jnp.int32(step), params={"w": jnp.ones(3)}, opt_state=(jnp.zeros(3),),
+                    rng=jnp.zeros(2, jnp.uint32))
+
+
+def test_update_if_finite_drops_bad_updates_then_freezes_past_the_limit():
+  old = tiny_state()
+  new = old.replace(step=old.step + 1, params={"w": jnp.full(3, 2.0)}, opt_state=(jnp.ones(3),))
+  state = old
+  for expected_step, expected_skips in [(6, 1), (7, 2)]:  # Two dropped updates are allowed.
+    state = steps.update_if_finite(state, new, jnp.bool_(False), max_consecutive_skips=2)
+    assert int(state.step) == expected_step and int(state.skipped_steps) == expected_skips
+    np.testing.assert_array_equal(state.params["w"], old.params["w"])
+  over = steps.update_if_finite(state, new, jnp.bool_(False), max_consecutive_skips=2)
+  assert int(over.step) == 7 and int(over.consecutive_skips) == 3  # The third: step not taken.
+  frozen = steps.update_if_finite(over, new, jnp.bool_(True), max_consecutive_skips=2)
+  assert_bitwise_equal(frozen, over)  # Even a finite update cannot move a halted state.
+  ok = steps.update_if_finite(state, new, jnp.bool_(True), max_consecutive_skips=2)
+  assert int(ok.consecutive_skips) == 0 and int(ok.step) == 6
+  np.testing.assert_array_equal(ok.params["w"], new.params["w"])
+
+
+def can_mount_tmpfs(path):
+  os.makedirs(path, exist_ok=True)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
+                        capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("failure", ["full", "read_only"])
+def test_full_or_read_only_workdir_gives_clear_error_and_earlier_checkpoint_restores(tmp_path, failure):
+  mount = str(tmp_path / "fs")
+  if not can_mount_tmpfs(mount):
+    pytest.skip("needs permission to mount a tmpfs (a real small or read-only filesystem)")
+  try:
+    workdir = os.path.join(mount, "run")
+    train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
+    assert Checkpointer(workdir, create=False).all_steps() == [2]
+    if failure == "full":
+      with open(os.path.join(mount, "filler"), "wb") as f:  # Leaves a few KiB free.
+        try:
+          while True:
+            f.write(b"\0" * 65536)
+        except OSError:
+          pass
+      match = "No space left on device"
+    else:
+      subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
+      match = "Read-only file system"
+    with pytest.raises(JaxdpError, match=f"(cannot write|failed) .*{match}"):
+      train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
+    state = restored_state(workdir, 2)
+    assert int(state.step) == 2
+  finally:
+    subprocess.run(["umount", "-l", mount], capture_output=True)
