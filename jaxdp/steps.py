@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxdp import precision
 from jaxdp.losses import cross_entropy_sum
 from jaxdp.model import GPT
 from jaxdp.state import TrainState
@@ -40,13 +41,26 @@ def loss_sum(params, micro_batch: Batch, rng: jax.Array, model: GPT) -> tuple[ja
   return cross_entropy_sum(logits, micro_batch["targets"], micro_batch["weights"])
 
 
-def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT):
-  """Sums gradients, losses and token counts over the A micro-batches of `batch`, locally."""
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT,
+                         loss_scale: jax.Array | None = None):
+  """Sums gradients, losses and token counts over the A micro-batches of `batch`, locally.
+
+  With `loss_scale` (fp16) the backward pass differentiates the micro-batch's mean loss times
+  the scale, so float16 sees the usual gradient magnitudes whatever the batch size; the float32
+  gradients are then turned back into the unscaled gradient of the sum.
+  """
+  def scaled_loss(params, micro_batch):
+    loss, count = loss_sum(params, micro_batch, rng, model)
+    if loss_scale is None:
+      return loss, (loss, count)
+    return loss * (loss_scale / jnp.maximum(count, 1.0)), (loss, count)
+  grad_fn = jax.grad(scaled_loss, has_aux=True)
 
   def micro_step(carry, micro_batch):
     grad_acc, loss_acc, count_acc = carry
-    (loss, count), grads = grad_fn(params, micro_batch, rng, model)
+    grads, (loss, count) = grad_fn(params, micro_batch)
+    if loss_scale is not None:
+      grads = jax.tree.map(lambda g: g * (jnp.maximum(count, 1.0) / loss_scale), grads)
     return (jax.tree.map(jnp.add, grad_acc, grads), loss_acc + loss, count_acc + count), None
 
   zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -61,7 +75,9 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Returns the new state and scalar metrics (identical on every device)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_sum, loss_total, tokens = accumulate_gradients(state.params, batch, rng, model)
+  scaling = state.loss_scale is not None and state.loss_scale.dynamic  # fp16 only.
+  scale = state.loss_scale.scale if scaling else None
+  grad_sum, loss_total, tokens = accumulate_gradients(state.params, batch, rng, model, scale)
   if axis_name is not None:
     # One all-reduce for the whole step: gradient sums, loss sum and token count together.
     # The mean of sums divided by the mean of counts is the global token-weighted mean.
@@ -71,6 +87,8 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
   metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.global_norm(grads)}
+  if scaling:
+    new_state, metrics = precision.skip_overflow(state, new_state, grads, metrics)
   return new_state, metrics
 
 
