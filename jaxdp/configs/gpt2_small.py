@@ -1,9 +1,9 @@
 """GPT-2 small sizing (12 layers, 12 heads, 768 wide, 1024 context) for accelerator runs.
 
-With the byte tokenizer (256 ids) this is 85.1M parameters, not GPT-2's 124M: GPT-2 spends 38.6M
-of its 124M on a 50257 x 768 BPE embedding, which a byte vocabulary does not need. The 85.1M
+With the byte tokenizer (256 ids) this is 86.0M parameters, not GPT-2's 124M: GPT-2 spends 38.6M
+of its 124M on a 50257 x 768 BPE embedding, which a byte vocabulary does not need. The 85.0M
 transformer blocks are GPT-2 small's exactly; the step FLOPs per token (6N + 12 L T D) are
-therefore ~0.9 GFLOP instead of GPT-2's ~1.3 GFLOP. bf16 compute, fp32 master weights.
+therefore ~0.63 GFLOP instead of GPT-2's ~0.86 GFLOP. bf16 compute, fp32 master weights.
 """
 
 import ml_collections
