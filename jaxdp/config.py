@@ -14,6 +14,8 @@ STRATEGIES = ("dp",)
 ATTENTION = ("xla", "cudnn", "reference")
 POSITIONS = ("rope", "learned")
 NAN_POLICIES = ("halt", "skip")
+PRECISIONS = ("fp32", "bf16", "fp16")
+REMATS = ("none", "block", "full")
 
 
 def preset_path(name_or_path: str) -> str:
@@ -56,8 +58,11 @@ def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
   return config.num_steps if config.lr_decay_steps is None else config.lr_decay_steps
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises JaxdpError naming the first field that cannot work on `num_devices` devices."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> None:
+  """Raises JaxdpError naming the first field that cannot work on `num_devices` devices.
+
+  `platform` ("cpu", "gpu", "tpu"), when given, also checks fields that need particular hardware.
+  """
   def need(ok: bool, message: str) -> None:
     if not ok:
       raise JaxdpError(message)
@@ -68,6 +73,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
        f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
   need(config.attention in ATTENTION,
        f"config.attention={config.attention!r} is not one of {', '.join(ATTENTION)}")
+  need(platform is None or config.attention != "cudnn" or platform == "gpu",
+       f"config.attention='cudnn' needs a GPU but the devices are {platform}; use "
+       "config.attention=xla (the same math, portable)")
+  need(config.precision in PRECISIONS,
+       f"config.precision={config.precision!r} is not one of {', '.join(PRECISIONS)}")
+  need(platform != "cpu" or config.precision != "fp16" or config.attention != "xla",
+       "config.precision='fp16' with config.attention='xla' fails on CPU (XLA:CPU has no "
+       "f16 x f16 -> f32 dot); use config.attention=reference, or config.precision=bf16")
+  need(config.remat in REMATS, f"config.remat={config.remat!r} is not one of {', '.join(REMATS)}")
+  need(config.loss_scale_period > 0,
+       f"config.loss_scale_period={config.loss_scale_period} must be positive")
+  need(config.loss_scale_init >= 1, f"config.loss_scale_init={config.loss_scale_init} must be >= 1")
   need(config.model.positions in POSITIONS,
        f"config.model.positions={config.model.positions!r} is not one of {', '.join(POSITIONS)}")
   for name in ("num_steps", "global_batch_size", "seq_len", "grad_accum_steps", "eval_steps",

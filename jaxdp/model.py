@@ -30,13 +30,15 @@ class ModelConfig:
   positions: str = "rope"
   attention: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
+  remat: str = "none"  # Activation rematerialisation of each block: "none", "block" or "full".
 
   @classmethod
   def from_config(cls, config, vocab_size: int, dtype: Any = jnp.float32) -> "ModelConfig":
     m = config.model
     return cls(vocab_size=vocab_size, seq_len=config.seq_len, n_layer=m.n_layer, n_head=m.n_head,
                d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-               positions=m.positions, attention=config.attention, dtype=dtype)
+               positions=m.positions, attention=config.attention, dtype=dtype,
+               remat=config.get("remat", "none"))
 
 
 def rotary(x: jax.Array) -> jax.Array:
@@ -103,6 +105,34 @@ class Block(nn.Module):
     return x
 
 
+# What the backward pass keeps of each block's forward. "block" keeps the outputs of the weight
+# matmuls (the expensive part) and recomputes the cheap elementwise work (norms, GELU, softmax,
+# attention scores); "full" keeps only each block's input and recomputes the whole block.
+REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def remat_blocks(cfg: ModelConfig, params: dict, x: jax.Array, deterministic: bool,
+                 dropout_key: jax.Array | None) -> jax.Array:
+  """The blocks as one `lax.scan` over their stacked parameters, each step under jax.checkpoint.
+
+  A scan, not a loop of checkpointed blocks: XLA (the CPU scheduler at least) hoists the
+  recomputation of unrolled checkpointed blocks back into the forward pass, saving nothing,
+  while a scan's backward loop must recompute block i when it reaches it. The parameter tree
+  keeps one entry per block; only this function stacks them.
+  """
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f"block_{i}"] for i in range(cfg.n_layer)])
+
+  def block(x, layer):
+    p, i = layer
+    rngs = {} if deterministic else {"dropout": jax.random.fold_in(dropout_key, i)}
+    return Block(cfg, parent=None).apply({"params": p}, x, deterministic, rngs=rngs), None
+
+  body = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
+  x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.n_layer)))
+  return x
+
+
 class GPT(nn.Module):
   cfg: ModelConfig
 
@@ -116,8 +146,12 @@ class GPT(nn.Module):
       wpe = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
       x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    for i in range(cfg.n_layer):
-      x = Block(cfg, name=f"block_{i}")(x, deterministic)
+    if cfg.remat == "none" or self.is_initializing():
+      for i in range(cfg.n_layer):
+        x = Block(cfg, name=f"block_{i}")(x, deterministic)
+    else:
+      x = remat_blocks(cfg, self.variables["params"], x, deterministic,
+                       None if deterministic else self.make_rng("dropout"))
     x = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x)
     return wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
 

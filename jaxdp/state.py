@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdp.model import GPT
+from jaxdp.precision import LossScale, initial_loss_scale
 
 
 @flax.struct.dataclass
@@ -26,12 +27,17 @@ class TrainState:
   # in a row (see steps.update_if_finite). Defaults keep existing constructors working.
   skipped_steps: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
   consecutive_skips: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  loss_scale: LossScale | None = None  # fp16's dynamic loss scale; a static 1 for fp32 and bf16.
 
 
-def init_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """A fresh state; pure, so it can be jitted straight into any sharding."""
+def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,
+               loss_scale: LossScale | None = None) -> TrainState:
+  """A fresh state; pure, so it can be jitted straight into any sharding.
+
+  `loss_scale` defaults to a static scale of 1, so every precision has the same state structure.
+  """
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   tokens = jnp.zeros((1, model.cfg.seq_len), jnp.int32)
   params = model.init(init_key, tokens)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=train_key)
+                    rng=train_key, loss_scale=initial_loss_scale() if loss_scale is None else loss_scale)

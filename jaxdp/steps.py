@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxdp import precision
 from jaxdp.losses import cross_entropy_sum
 from jaxdp.model import GPT
 from jaxdp.state import TrainState
@@ -40,19 +41,34 @@ def loss_sum(params, micro_batch: Batch, rng: jax.Array, model: GPT) -> tuple[ja
   return cross_entropy_sum(logits, micro_batch["targets"], micro_batch["weights"])
 
 
-def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT):
-  """Sums gradients, losses and token counts over the A micro-batches of `batch`, locally."""
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT,
+                         loss_scale: jax.Array | None = None):
+  """Sums gradients, losses and token counts over the A micro-batches of `batch`, locally.
+
+  With `loss_scale` (fp16) the backward pass differentiates the micro-batch's mean loss times
+  the scale, so float16 sees the usual gradient magnitudes whatever the batch size; the float32
+  gradients are then turned back into the unscaled gradient of the sum.
+  """
+  def scaled_loss(params, micro_batch):
+    loss, count = loss_sum(params, micro_batch, rng, model)
+    if loss_scale is None:
+      return loss, (loss, count)
+    return loss * (loss_scale / jnp.maximum(count, 1.0)), (loss, count)
+  grad_fn = jax.grad(scaled_loss, has_aux=True)
+
+  def micro_grads(micro_batch):
+    grads, (loss, count) = grad_fn(params, micro_batch)
+    if loss_scale is not None:
+      grads = jax.tree.map(lambda g: g * (jnp.maximum(count, 1.0) / loss_scale), grads)
+    return grads, loss, count
 
   def micro_step(carry, micro_batch):
-    grad_acc, loss_acc, count_acc = carry
-    (loss, count), grads = grad_fn(params, micro_batch, rng, model)
-    return (jax.tree.map(jnp.add, grad_acc, grads), loss_acc + loss, count_acc + count), None
+    grads, loss, count = micro_grads(micro_batch)
+    return (jax.tree.map(jnp.add, carry[0], grads), carry[1] + loss, carry[2] + count), None
 
   # The first micro-batch seeds the carry (rather than zeros), so the carry already has the
   # per-device type that shard_map requires of a scan over device-varying values.
-  (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rng, model)
-  carry = (grads, loss, count)
+  carry = micro_grads(jax.tree.map(lambda x: x[0], batch))
   if batch["inputs"].shape[0] > 1:
     carry, _ = lax.scan(micro_step, carry, jax.tree.map(lambda x: x[1:], batch))
   return carry
@@ -86,13 +102,15 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   A non-finite loss or gradient drops the update (see `update_if_finite`).
   """
   rng = jax.random.fold_in(state.rng, state.step)
+  scaling = state.loss_scale is not None and state.loss_scale.dynamic  # fp16 only.
+  scale = state.loss_scale.scale if scaling else None
   params = state.params
   if axis_name is not None:
     # Differentiate a per-device view of the replicated parameters: otherwise shard_map's
     # transpose of the implicit replicated->varying cast inserts a psum into every micro-batch's
     # backward pass, instead of the single all-reduce below.
     params = lax.pcast(params, axis_name, to="varying")
-  grad_sum, loss_total, tokens = accumulate_gradients(params, batch, rng, model)
+  grad_sum, loss_total, tokens = accumulate_gradients(params, batch, rng, model, scale)
   if axis_name is not None:
     # One all-reduce for the whole step: gradient sums, loss sum and token count together.
     # The mean of sums divided by the mean of counts is the global token-weighted mean.
@@ -101,10 +119,13 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  finite = jnp.isfinite(loss_total) & jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  new_state = update_if_finite(state, new_state, finite, max_consecutive_skips)
   metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.tree.norm(grads)}
+  if scaling:
+    # fp16 overflows are expected and handled by the loss scale, not by nan_policy.
+    new_state, metrics = precision.skip_overflow(state, new_state, grads, metrics)
+  else:
+    finite = jnp.isfinite(loss_total) & precision.all_finite(grads)
+    new_state = update_if_finite(state, new_state, finite, max_consecutive_skips)
   metrics.update(skipped_steps=new_state.skipped_steps, consecutive_skips=new_state.consecutive_skips)
   return new_state, metrics
 

@@ -32,6 +32,7 @@ from jaxdp.errors import JaxdpError
 from jaxdp.metrics import MetricsWriter, Progress
 from jaxdp.model import GPT, ModelConfig, count_params
 from jaxdp.optim import learning_rate_schedule, make_optimizer
+from jaxdp.precision import compute_dtype, initial_loss_scale
 from jaxdp.state import TrainState, init_state
 from jaxdp.watchdog import StepWatchdog
 
@@ -54,11 +55,13 @@ class Trainer:
   eval_step: Callable[[Any, dict], dict]
 
   def init_state(self) -> TrainState:
-    fn = functools.partial(init_state, self.model, self.tx, self.config.seed)
+    fn = functools.partial(init_state, self.model, self.tx, self.config.seed,
+                           initial_loss_scale_of(self.config))
     return jax.jit(fn, out_shardings=self.state_sharding)()
 
   def abstract_state(self):
-    abstract = jax.eval_shape(functools.partial(init_state, self.model, self.tx, self.config.seed))
+    abstract = jax.eval_shape(functools.partial(init_state, self.model, self.tx, self.config.seed,
+                                                initial_loss_scale_of(self.config)))
     return abstract_with_shardings(abstract, self.state_sharding)
 
   def train_batch(self, step: int) -> dict[str, jax.Array]:
@@ -80,14 +83,20 @@ class Trainer:
     return float(sum(t["loss_sum"] for t in totals) / sum(t["count"] for t in totals))
 
 
+def initial_loss_scale_of(config: ml_collections.ConfigDict):
+  return initial_loss_scale(config.precision, config.loss_scale_init, config.loss_scale_period)
+
+
 def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
   devices = list(jax.devices() if devices is None else devices)
-  validate(config, len(devices))
+  validate(config, len(devices), devices[0].platform)
   dataset = Dataset(config)
   mesh = parallel.make_mesh(devices)
-  model = GPT(ModelConfig.from_config(config, dataset.tokenizer.vocab_size))
+  model = GPT(ModelConfig.from_config(config, dataset.tokenizer.vocab_size,
+                                      compute_dtype(config.precision)))
   tx = make_optimizer(config)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config.seed))
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config.seed,
+                                              initial_loss_scale_of(config)))
   sharding = parallel.state_shardings(config.strategy, mesh, abstract)
   return Trainer(config=config, dataset=dataset, mesh=mesh, model=model, tx=tx,
                  state_sharding=sharding,
@@ -301,7 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 "lr": float(schedule(step - 1)),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
                 "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed}
-        if config.nan_policy == "skip":
+        if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
+          line["loss_scale"] = float(fetched[-1]["loss_scale"])
+        if config.nan_policy == "skip" or "loss_scale" in fetched[-1]:
           line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
         writer.write(line)
         bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"])

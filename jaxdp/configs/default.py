@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "dp"  # Parallelism: "dp" (shard_map data parallelism, replicated state).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
+  c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
+  c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped).
+  c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
+  c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), or a directory written by `jaxdp prepare` (read with its own tokenizer).

@@ -1,0 +1,75 @@
+"""Mixed precision: the compute dtype of each `config.precision`, and fp16's dynamic loss scale.
+
+Parameters and optimizer state are always float32 (the master copy); only the model's
+activations and matmuls run in the compute dtype. float16's narrow exponent makes small
+gradients underflow, so fp16 multiplies the loss by a scale before differentiating and divides
+the gradients by it after: the scale doubles after `period` overflow-free steps, and a step whose
+gradients are not finite is skipped (parameters and optimizer state unchanged) and halves it.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def compute_dtype(precision: str):
+  return COMPUTE_DTYPES[precision]
+
+
+@flax.struct.dataclass
+class LossScale:
+  """The loss scale and its bookkeeping; part of the train state, so checkpoints keep it."""
+  scale: jax.Array  # float32 scalar the loss is multiplied by before differentiation.
+  good_steps: jax.Array  # int32: finite steps since the scale last changed.
+  period: int = flax.struct.field(pytree_node=False, default=0)  # 0: static scale, never skips.
+
+  @property
+  def dynamic(self) -> bool:
+    return self.period > 0
+
+
+def initial_loss_scale(precision: str = "fp32", init: float = 2.0 ** 15, period: int = 0) -> LossScale:
+  """fp16: a dynamic scale starting at `init`; fp32 and bf16: a static scale of 1 (a no-op)."""
+  dynamic = precision == "fp16"
+  return LossScale(scale=jnp.asarray(init if dynamic else 1.0, jnp.float32),
+                   good_steps=jnp.zeros((), jnp.int32),
+                   period=period if dynamic else 0)
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite (one reduction per leaf)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def next_loss_scale(loss_scale: LossScale, finite: jax.Array) -> LossScale:
+  """Halves the scale on overflow; doubles it after `period` good steps."""
+  grow = finite & (loss_scale.good_steps + 1 >= loss_scale.period)
+  scale = jnp.where(finite, jnp.where(grow, loss_scale.scale * 2, loss_scale.scale),
+                    jnp.maximum(loss_scale.scale / 2, 1.0))
+  good = jnp.where(finite & ~grow, loss_scale.good_steps + 1, 0)
+  return loss_scale.replace(scale=scale.astype(jnp.float32), good_steps=good.astype(jnp.int32))
+
+
+def select_tree(keep_new: jax.Array, new, old):
+  """`new` where keep_new is True, else `old`, leaf by leaf (a skipped update)."""
+  return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def skip_overflow(state, new_state, grads, metrics: dict) -> tuple:
+  """Keeps `new_state`'s update only if `grads` are finite, and steps the loss scale.
+
+  The step counter advances either way (the data position follows it); parameters and optimizer
+  state (including Adam's count) stay as they were on an overflow.
+  """
+  finite = all_finite(grads)
+  loss_scale = next_loss_scale(state.loss_scale, finite)
+  new_state = new_state.replace(params=select_tree(finite, new_state.params, state.params),
+                                opt_state=select_tree(finite, new_state.opt_state, state.opt_state),
+                                loss_scale=loss_scale,
+                                skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  return new_state, dict(metrics, loss_scale=state.loss_scale.scale)

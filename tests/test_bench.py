@@ -1,0 +1,42 @@
+"""tools/bench.py in --quick mode on the tiny config: the report has every key, and the values
+are finite and positive (timings themselves are never asserted)."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "bench.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("bench", BENCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quick_bench_reports_every_key_finite_and_positive(bench, tmp_path):
+  args, overrides = bench.parse_args(["--config", "tiny_cpu", "--quick", "--steps", "1",
+                                      "--config.log_every=1"])
+  report = bench.run(args, overrides)
+  for key in ("tokens_per_sec", "measured_peak_flops", "mfu", "loader_headroom", "compile_time_s",
+              "flops_per_token_hlo", "flops_per_token_formula"):
+    assert math.isfinite(report[key]) and report[key] > 0, key
+  assert math.isfinite(report["overhead_vs_bare_loop"]) and report["overhead_vs_bare_loop"] > -1
+  scaling = report["scaling"]
+  assert scaling["devices"] == [1, 2]
+  for kind in ("weak", "strong"):
+    for n in ("1", "2"):
+      assert scaling[kind][n]["tokens_per_sec"] > 0 and scaling[kind][n]["efficiency"] > 0
+  assert report["memory"]["dp/fp32"]["temp_bytes"] > 0
+  print(bench.table(report))
+
+
+def test_bench_rejects_unknown_config_field(bench):
+  from jaxdp.config import load_preset
+  from jaxdp.errors import JaxdpError
+  with pytest.raises(JaxdpError, match="unknown config field 'model.widht'"):
+    bench.apply_overrides(load_preset("tiny_cpu"), {"model.widht": "3"})

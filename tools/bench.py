@@ -1,0 +1,324 @@
+"""Benchmarks the jaxdp train step against the hardware it runs on; JSON out, a table on the terminal.
+
+  python tools/bench.py [--config PRESET|PATH] [--config.FIELD=VALUE ...] [--quick] [--out FILE]
+                        [--steps N] [--skip scaling,memory] [--cpu_devices 8]
+
+Every figure is a measurement of this run (ratios compare numbers taken in the same process):
+  tokens_per_sec, step_time_s      the jaxdp step as train.py drives it (prefetched real batches,
+                                   donated state, metrics fetched every log_every) on one device;
+  overhead_vs_bare_loop            jaxdp step time / a bare jitted loop of the same model, loss,
+                                   optimizer and batch shape (batch already on device) - 1;
+  flops_per_token_hlo / _formula   compiled `cost_analysis()` FLOPs / tokens; 6N + 12 L T D beside it;
+  measured_peak_flops              best FLOP/s of a large matmul on the same device, this run;
+  mfu                              flops_per_token_hlo * tokens_per_sec / measured_peak_flops;
+  scaling                          tokens/s at 1, 2, 4, 8 devices, weak (fixed per-device batch) and
+                                   strong (fixed global batch), with efficiency = speed-up / devices;
+  loader_headroom                  host batches/s of the data loader / steps/s of the step;
+  compile_time_s, memory           lower+compile seconds; compiled.memory_analysis() per strategy x
+                                   precision.
+On a CPU host the "devices" are emulated: they share the host's cores, so scaling efficiency
+measures overhead, not a real speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="default", help="preset name or config file")
+  parser.add_argument("--out", default=None, help="write the JSON report here")
+  parser.add_argument("--quick", action="store_true", help="few steps, 1-2 devices, fp32 only")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+  parser.add_argument("--skip", default="", help="comma list of sections: scaling,memory,loader")
+  parser.add_argument("--cpu_devices", type=int, default=8, help="emulated CPU devices")
+  args, rest = parser.parse_known_args(argv)
+  overrides = {}
+  for arg in rest:
+    if not arg.startswith("--config.") or "=" not in arg:
+      parser.error(f"unknown argument {arg!r}; override fields as --config.FIELD=VALUE")
+    name, value = arg[len("--config."):].split("=", 1)
+    overrides[name] = value
+  return args, overrides
+
+
+def apply_overrides(config, overrides: dict[str, str]):
+  """--config.FIELD=VALUE, with VALUE parsed as a Python literal (else kept as a string)."""
+  from jaxdp.config import field_names
+  from jaxdp.errors import JaxdpError
+  valid = set(field_names(config))
+  for name, text in overrides.items():
+    if name not in valid:
+      raise JaxdpError(f"unknown config field {name!r}; valid fields: {', '.join(sorted(valid))}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node = config
+    *parents, leaf = name.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def timed(fn, steps: int) -> float:
+  """Seconds per call of fn() over `steps` calls after one warm-up call; fn returns arrays."""
+  import jax
+  jax.block_until_ready(fn())
+  start = time.perf_counter()
+  out = None
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
+
+
+def measured_peak_flops(device, dtype, size: int, reps: int) -> float:
+  """Best FLOP/s of a size x size matmul on `device` (2 size^3 FLOPs per product)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  best = math.inf
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def bare_step_fn(model, tx):
+  """The reference loop's step: mean token loss, grad, optimizer update; nothing else."""
+  import jax
+  import optax
+
+  def step(params, opt_state, inputs, targets):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, inputs)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def jaxdp_tokens_per_sec(trainer, train_step, steps: int) -> tuple[float, float]:
+  """(step seconds, tokens/s) of train.py's hot loop: prefetched batches, fetch every log_every."""
+  import jax
+  from jaxdp.data import prefetch
+  cfg = trainer.config
+  state = trainer.init_state()
+  state, metrics = train_step(state, trainer.train_batch(0))  # warm-up
+  jax.block_until_ready(metrics)
+  pending = []
+  start = time.perf_counter()
+  with contextlib.closing(prefetch(trainer.train_batch, 1, steps + 1)) as batches:
+    for i, batch in enumerate(batches, 1):
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      if i % cfg.log_every == 0:
+        jax.device_get(pending)
+        pending = []
+  jax.block_until_ready((state, pending))
+  seconds = (time.perf_counter() - start) / steps
+  return seconds, cfg.global_batch_size * cfg.seq_len / seconds
+
+
+def fixed_batch_tokens_per_sec(trainer, steps: int) -> float:
+  """tokens/s of the compiled step alone on one batch kept on the devices (no loader)."""
+  state = trainer.init_state()
+  batch = trainer.train_batch(0)
+  step = trainer.train_step.lower(state, batch).compile()
+  holder = {"state": state}
+
+  def one():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics
+  seconds = timed(one, steps)
+  return trainer.config.global_batch_size * trainer.config.seq_len / seconds
+
+
+def formula_flops_per_token(n_params: int, cfg) -> float:
+  """6N (matmuls, forward + backward) + 12 L T D (attention scores and values)."""
+  m = cfg.model
+  return 6 * n_params + 12 * m.n_layer * cfg.seq_len * m.d_model
+
+
+def run(args, overrides) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxdp.config import STRATEGIES, load_preset
+  from jaxdp.model import count_params
+  from jaxdp.precision import compute_dtype
+  from jaxdp.train import build
+
+  def config_with(**fields):
+    config = apply_overrides(load_preset(args.config), overrides)
+    for name, value in fields.items():
+      config[name] = value
+    return config
+
+  config = config_with()
+  skip = set(filter(None, args.skip.split(",")))
+  steps = args.steps or (3 if args.quick else 10)
+  devices = jax.devices()
+  device = devices[0]
+  report = {"config": args.config, "overrides": overrides, "quick": args.quick, "steps": steps,
+            "device": device.device_kind, "platform": device.platform,
+            "num_devices_available": len(devices), "host_cores": os.cpu_count(),
+            "precision": config.precision, "global_batch_size": config.global_batch_size,
+            "seq_len": config.seq_len, "tokens_per_step": config.global_batch_size * config.seq_len}
+
+  # The jaxdp step on one device, and its compile time.
+  trainer = build(config, devices[:1])
+  state = trainer.init_state()
+  batch = trainer.train_batch(0)
+  start = time.perf_counter()
+  compiled = trainer.train_step.lower(state, batch).compile()
+  report["compile_time_s"] = time.perf_counter() - start
+  n_params = count_params(state.params)
+  report["params"] = n_params
+  step_s, tokens_per_sec = jaxdp_tokens_per_sec(trainer, compiled, steps)
+  report["step_time_s"], report["tokens_per_sec"] = step_s, tokens_per_sec
+
+  # The bare loop: same model, optimizer and batch shape, batch already on the device.
+  bare = bare_step_fn(trainer.model, trainer.tx)
+  fresh = trainer.init_state()
+  rows = config.global_batch_size
+  inputs = jax.device_put(jnp.asarray(np.asarray(batch["inputs"]).reshape(rows, -1)), device)
+  targets = jax.device_put(jnp.asarray(np.asarray(batch["targets"]).reshape(rows, -1)), device)
+  holder = {"params": fresh.params, "opt_state": fresh.opt_state}
+  bare_compiled = bare.lower(holder["params"], holder["opt_state"], inputs, targets).compile()
+
+  def bare_once():
+    holder["params"], holder["opt_state"], loss = bare_compiled(holder["params"], holder["opt_state"],
+                                                                inputs, targets)
+    return loss
+  bare_s = timed(bare_once, steps)
+  report["bare_step_time_s"] = bare_s
+  report["bare_tokens_per_sec"] = report["tokens_per_step"] / bare_s
+  report["overhead_vs_bare_loop"] = step_s / bare_s - 1
+
+  # FLOPs: from the compiled step's HLO, and from the formula.
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  report["flops_per_step_hlo"] = float(cost["flops"])
+  report["flops_per_token_hlo"] = report["flops_per_step_hlo"] / report["tokens_per_step"]
+  report["flops_per_token_formula"] = formula_flops_per_token(n_params, config)
+  peak_dtype = compute_dtype(config.precision)
+  size = 1024 if args.quick else 2048
+  report["measured_peak_flops"] = measured_peak_flops(device, peak_dtype, size, 3 if args.quick else 10)
+  report["peak_matmul"] = f"{size}x{size} {jnp.dtype(peak_dtype).name}"
+  report["achieved_flops"] = report["flops_per_token_hlo"] * tokens_per_sec
+  report["mfu"] = report["achieved_flops"] / report["measured_peak_flops"]
+  report["mfu_formula"] = report["flops_per_token_formula"] * tokens_per_sec / report["measured_peak_flops"]
+  report["mfu_bare_loop"] = (report["flops_per_token_hlo"] * report["bare_tokens_per_sec"]
+                             / report["measured_peak_flops"])
+
+  # Loader: host batches per second vs the step's consumption rate.
+  if "loader" not in skip:
+    n = max(steps, 5)
+    start = time.perf_counter()
+    for i in range(n):
+      trainer.dataset.train(i)
+    loader_batches_per_sec = n / (time.perf_counter() - start)
+    report["loader_batches_per_sec"] = loader_batches_per_sec
+    report["loader_headroom"] = loader_batches_per_sec * step_s
+
+  # Scaling over emulated/real devices: weak (per-device batch fixed) and strong (global fixed).
+  if "scaling" not in skip:
+    counts = [n for n in ((1, 2) if args.quick else (1, 2, 4, 8)) if n <= len(devices)]
+    per_device = max(1, config.global_batch_size // max(counts))
+    scaling = {"devices": counts, "weak": {}, "strong": {},
+               "per_device_batch_weak": per_device, "global_batch_strong": config.global_batch_size}
+    for n in counts:
+      for kind, global_batch in (("weak", per_device * n), ("strong", config.global_batch_size)):
+        t = build(config_with(global_batch_size=global_batch), devices[:n])
+        scaling[kind][str(n)] = {"tokens_per_sec": fixed_batch_tokens_per_sec(t, steps)}
+    for kind in ("weak", "strong"):
+      base = scaling[kind][str(counts[0])]["tokens_per_sec"]
+      for n in counts:
+        entry = scaling[kind][str(n)]
+        entry["efficiency"] = entry["tokens_per_sec"] / (base * n / counts[0])
+    report["scaling"] = scaling
+
+  # Compiled memory per strategy and precision (one device's program).
+  if "memory" not in skip:
+    memory = {}
+    precisions = ("fp32",) if args.quick else ("fp32", "bf16", "fp16")
+    for strategy in STRATEGIES:
+      for precision in precisions:
+        fields = dict(strategy=strategy, precision=precision)
+        if precision == "fp16" and device.platform == "cpu":
+          fields["attention"] = "reference"  # XLA:CPU has no f16 x f16 -> f32 dot.
+        if (strategy, precision) == (config.strategy, config.precision):
+          stats = compiled.memory_analysis()  # The step measured above.
+        else:
+          t = build(config_with(**fields), devices[:1])
+          stats = t.train_step.lower(t.abstract_state(), t.train_batch(0)).compile().memory_analysis()
+        memory[f"{strategy}/{precision}"] = {
+            "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
+            "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
+            "peak_bytes_estimate": (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                    - stats.alias_size_in_bytes + stats.temp_size_in_bytes)}
+    report["memory"] = memory
+  return report
+
+
+def table(report: dict) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  keys = ("device", "params", "precision", "tokens_per_step", "compile_time_s", "step_time_s",
+          "tokens_per_sec", "bare_step_time_s", "overhead_vs_bare_loop", "flops_per_token_hlo",
+          "flops_per_token_formula", "measured_peak_flops", "peak_matmul", "achieved_flops", "mfu",
+          "mfu_formula", "mfu_bare_loop", "loader_batches_per_sec", "loader_headroom")
+  lines = [f"{k:<26} {fmt(report[k])}" for k in keys if k in report]
+  if "scaling" in report:
+    s = report["scaling"]
+    lines.append(f"{'devices':<26} " + " ".join(f"{n:>10}" for n in s["devices"]))
+    for kind in ("weak", "strong"):
+      lines.append(f"{kind + ' tokens/s':<26} " + " ".join(
+          f"{s[kind][str(n)]['tokens_per_sec']:>10.4g}" for n in s["devices"]))
+      lines.append(f"{kind + ' efficiency':<26} " + " ".join(
+          f"{s[kind][str(n)]['efficiency']:>10.3f}" for n in s["devices"]))
+  for name, m in report.get("memory", {}).items():
+    lines.append(f"{'memory ' + name:<26} temp {m['temp_bytes'] / 2**20:.1f} MiB, "
+                 f"peak~ {m['peak_bytes_estimate'] / 2**20:.1f} MiB")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  import jax
+  if jax.config.jax_platforms in (None, "", "cpu") and args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  from jaxdp.errors import JaxdpError
+  try:
+    report = run(args, overrides)
+  except JaxdpError as e:
+    print(f"bench: error: {e}", file=sys.stderr)
+    return 2
+  print(table(report))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
