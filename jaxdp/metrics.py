@@ -37,7 +37,11 @@ class MetricsWriter:
     if self._active:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
-      self._events = SummaryWriter(logdir=workdir)
+      try:
+        self._events = SummaryWriter(logdir=workdir)
+      except OSError as e:
+        raise JaxdpError(f"--workdir: cannot write metrics to {workdir!r} ({e.strerror}); free "
+                         "disk space or pick a writable --workdir") from e
 
   def write(self, record: dict[str, Any]) -> None:
     if not self._active:
@@ -46,22 +50,25 @@ class MetricsWriter:
     try:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
+      step = record.get("step")
+      if "event" in record:
+        self._events.add_text("events", json.dumps(record), global_step=step)
+      elif _is_number(step):
+        for name, value in record.items():
+          if name != "step" and _is_number(value):
+            self._events.add_scalar(name, value, global_step=step)
+      self._events.flush()
     except OSError as e:
-      raise JaxdpError(f"--workdir: cannot write {self.path!r} ({e.strerror}); free disk space or "
-                       "pick a writable --workdir") from e
-    step = record.get("step")
-    if "event" in record:
-      self._events.add_text("events", json.dumps(record), global_step=step)
-    elif _is_number(step):
-      for name, value in record.items():
-        if name != "step" and _is_number(value):
-          self._events.add_scalar(name, value, global_step=step)
-    self._events.flush()
+      raise JaxdpError(f"--workdir: cannot write metrics to {os.path.dirname(self.path)!r} "
+                       f"({e.strerror}); free disk space or pick a writable --workdir") from e
 
   def close(self) -> None:
     if self._events is not None:
-      self._events.close()
-      self._events = None
+      events, self._events = self._events, None
+      try:
+        events.close()
+      except Exception:  # noqa: BLE001 - a failed disk already raised in write(); don't mask it.
+        pass
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
