@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from jaxdp import parallel
 from jaxdp.checkpoint import Checkpointer, abstract_with_shardings
-from jaxdp.config import validate
+from jaxdp.config import mesh_shape, validate
 from jaxdp.data import Dataset, prefetch
 from jaxdp.errors import JaxdpError
 from jaxdp.metrics import MetricsWriter, Progress
@@ -78,11 +78,11 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   devices = list(jax.devices() if devices is None else devices)
   validate(config, len(devices))
   dataset = Dataset(config)
-  mesh = parallel.make_mesh(devices)
+  mesh = parallel.make_mesh(devices, *mesh_shape(config, len(devices)))
   model = GPT(ModelConfig.from_config(config, dataset.tokenizer.vocab_size))
   tx = make_optimizer(config)
   abstract = jax.eval_shape(functools.partial(init_state, model, tx, config.seed))
-  sharding = parallel.state_shardings(config.strategy, mesh, abstract)
+  sharding = parallel.state_shardings(config.strategy, mesh, abstract, config.offload_optimizer)
   return Trainer(config=config, dataset=dataset, mesh=mesh, model=model, tx=tx,
                  state_sharding=sharding,
                  train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding),

@@ -30,12 +30,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.patience = 0  # Early stopping: stop after this many evaluations without improvement; 0 disables.
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
   c.keep_checkpoints = 3  # Most recent checkpoints kept on disk.
-  c.strategy = "dp"  # Parallelism: "dp" (shard_map data parallelism, replicated state).
+  c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
+  c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # Training text: "" for the built-in corpus (tinyshakespeare), or a path to a UTF-8 text file.
   c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.
+  c.mesh.model = 1  # Devices on the "model" axis: attention heads and MLP hidden split Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()
   c.model.n_layer = 4  # Transformer blocks.
