@@ -2,6 +2,8 @@
 
   jaxdp train    [--config PATH|PRESET] [--config.FIELD=VALUE ...] [--workdir DIR] [--cpu_devices N]
   jaxdp generate --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
+  jaxdp plan     [--config PATH|PRESET] [--cpu_devices N] [--json]
+  jaxdp verify   [--config PATH|PRESET] [--cpu_devices N] [--steps K]
 
 Bad input ends with one line, `jaxdp: error: ...`, and exit status 2.
 """
@@ -17,7 +19,7 @@ from ml_collections import config_flags
 from jaxdp.errors import JaxdpError
 
 USAGE = __doc__.split("\n\n")[1]
-COMMANDS = ("train", "generate")
+COMMANDS = ("train", "generate", "plan", "verify")
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
@@ -32,6 +34,8 @@ flags.DEFINE_float("temperature", 0.8, "generate: softmax temperature; 0 is gree
 flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass; 1 keeps all.")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed (same seed, same text).")
+flags.DEFINE_bool("json", False, "plan: print JSON instead of a table.")
+flags.DEFINE_integer("steps", 3, "verify: training steps to compare against one device.")
 
 
 def _resolve_config_arg(argv: list[str]) -> list[str]:
@@ -107,6 +111,28 @@ def cmd_generate() -> None:
   sys.stdout.write(tokenizer.decode(tokens)[shown:] + "\n")
 
 
+def cmd_plan() -> None:
+  import json
+  from jaxdp.plan import format_table, plan
+  result = plan(FLAGS.config)
+  print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
+
+
+def cmd_verify() -> int:
+  """Exit status 1 when any strategy differs from one device beyond the tolerance."""
+  import jax
+  from jaxdp.verify import DEFAULT_TOLERANCE, verify
+  if FLAGS.steps < 1:
+    raise JaxdpError(f"--steps={FLAGS.steps} must be >= 1")
+  devices = jax.devices()
+  print(f"{FLAGS.steps} steps on 1 device vs {len(devices)} devices; tolerance "
+        f"loss {DEFAULT_TOLERANCE['loss']:g}, params {DEFAULT_TOLERANCE['params']:g} (relative)")
+  results = verify(FLAGS.config, devices, FLAGS.steps, report=lambda line: print(line, flush=True))
+  failed = [name for name, r in results.items() if not r["ok"]]
+  print(f"FAILED: {', '.join(failed)}" if failed else "all strategies match one device")
+  return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -129,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except flags.Error as e:
       raise JaxdpError(str(e).splitlines()[0]) from None
     setup_devices(FLAGS.cpu_devices)
-    {"train": cmd_train, "generate": cmd_generate}[command]()
+    status = {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
+              "verify": cmd_verify}[command]()
   except JaxdpError as e:
     print(f"jaxdp: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("jaxdp: interrupted", file=sys.stderr)
     return 130
-  return 0
+  return status or 0
 
 
 def run() -> None:
