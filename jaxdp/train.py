@@ -207,6 +207,9 @@ def load_for_inference(workdir: str, step: int | None = None):
     raise JaxdpError(f"--workdir={workdir!r} has no checkpoint; train first with "
                      f"`jaxdp train --workdir {workdir}`")
   config = ml_collections.ConfigDict(checkpoints.restore_meta(step)["config"])
+  # Whatever strategy and mesh trained it, inference runs on one device.
+  config.strategy, config.offload_optimizer = "dp", False
+  config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1})
   trainer = build(config, devices=jax.local_devices()[:1])
   state, _ = checkpoints.restore(step, trainer.abstract_state())
   checkpoints.close()

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdp import parallel, plan, steps, verify
 from jaxdp.config import load_preset, validate
 from jaxdp.errors import JaxdpError
-from jaxdp.train import build, train_and_evaluate
+from jaxdp.train import build, load_for_inference, train_and_evaluate
 
 NUM_STEPS = 10
 ZERO = ("zero1", "zero2", "zero3")
@@ -206,3 +206,12 @@ def test_bad_mesh_or_strategy_fields_are_named(tiny_config, fields, message):
     (tiny_config[section] if section else tiny_config)[field] = value
   with pytest.raises(JaxdpError, match=message):
     validate(tiny_config, 8)
+
+
+def test_run_trained_on_a_2d_mesh_loads_for_inference_on_one_device(tiny_config, tmp_path):
+  tiny_config.strategy, tiny_config.num_steps, tiny_config.mesh.model = "zero3", 2, 2
+  tiny_config.warmup_steps = 1
+  tiny_config.eval_every = tiny_config.checkpoint_every = 0
+  train_and_evaluate(tiny_config, str(tmp_path), devices=jax.devices()[:4], progress=False)
+  params, _, _ = load_for_inference(str(tmp_path))
+  assert params["block_0"]["attn"]["qkv"]["kernel"].sharding.device_set == {jax.local_devices()[0]}
