@@ -56,7 +56,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, BATCH_SPEC)
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -68,7 +68,7 @@ def array_spec(path, shape: tuple[int, ...], mesh: Mesh, split_data: bool) -> tu
   """
   spec: list[str | None] = [None] * len(shape)
   if mesh.shape[MODEL] > 1:
-    dim = MEGATRON_DIMS.get(_path_names(path)[-3:])
+    dim = MEGATRON_DIMS.get(path_names(path)[-3:])
     if dim is not None:
       spec[dim] = MODEL
   if not split_data or mesh.shape[DATA] == 1:

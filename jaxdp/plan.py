@@ -78,7 +78,7 @@ def params_per_device_after_model_split(abstract_params, model: int) -> int:
   """Parameters one device holds before any ZeRO split: Megatron kernels are divided by `model`."""
   total = 0
   for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
-    split = parallel.MEGATRON_DIMS.get(parallel._path_names(path)[-3:]) is not None
+    split = parallel.MEGATRON_DIMS.get(parallel.path_names(path)[-3:]) is not None
     total += int(np.prod(x.shape)) // (model if split else 1)
   return total
 
