@@ -10,7 +10,7 @@ import ml_collections
 
 from jaxdp.errors import JaxdpError
 
-STRATEGIES = ("dp",)
+STRATEGIES = ("dp", "zero1", "zero2", "zero3")
 ATTENTION = ("xla", "cudnn", "reference")
 POSITIONS = ("rope", "learned")
 NAN_POLICIES = ("halt", "skip")
@@ -56,6 +56,13 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 
 def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
   return config.num_steps if config.lr_decay_steps is None else config.lr_decay_steps
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all remaining devices."""
+  model = config.mesh.model
+  data = num_devices // model if config.mesh.data <= 0 else config.mesh.data
+  return data, model
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> None:
@@ -108,8 +115,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(lr_decay_steps(config) > config.warmup_steps,
        f"config.lr_decay_steps={lr_decay_steps(config)} must exceed config.warmup_steps="
        f"{config.warmup_steps}")
-  per_step = num_devices * config.grad_accum_steps
+  need(config.mesh.model > 0, f"config.mesh.model={config.mesh.model} must be positive")
+  need(num_devices % config.mesh.model == 0,
+       f"config.mesh.model={config.mesh.model} does not divide the {num_devices} devices; pick a "
+       "divisor of the device count")
+  data, model = mesh_shape(config, num_devices)
+  need(data * model == num_devices,
+       f"config.mesh.data={config.mesh.data} x config.mesh.model={model} != {num_devices} devices; "
+       "set config.mesh.data=0 to use all remaining devices")
+  if model > 1:
+    need(config.strategy != "dp",
+         f"config.mesh.model={model} needs a jit strategy (zero1, zero2, zero3); "
+         "config.strategy='dp' is data parallel only")
+    hidden = config.model.d_model * config.model.mlp_ratio
+    need(config.model.n_head % model == 0 and hidden % model == 0,
+         f"config.mesh.model={model} must divide config.model.n_head={config.model.n_head} and "
+         f"the MLP hidden size {hidden}")
+  need(not (config.offload_optimizer and config.strategy == "dp"),
+       "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
+  per_step = data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
-       f"config.global_batch_size={config.global_batch_size} is not divisible by devices x "
-       f"grad_accum_steps = {num_devices} x {config.grad_accum_steps} = {per_step}; use a multiple "
+       f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
+       f"grad_accum_steps = {data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")

@@ -8,6 +8,8 @@
   jaxdp generate --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
   jaxdp prepare  INPUT... --out DIR [--tokenizer byte|bpe --vocab_size V]
   jaxdp plot     WORKDIR [WORKDIR...] --out PNG
+  jaxdp plan     [--config PATH|PRESET] [--cpu_devices N] [--json]
+  jaxdp verify   [--config PATH|PRESET] [--cpu_devices N] [--steps K]
 
 Bad input ends with one line, `jaxdp: error: ...`, and exit status 2.
 """
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 from jaxdp.errors import JaxdpError
 
 USAGE = __doc__.split("\n\n")[1]
-COMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect")
+COMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify")
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
@@ -52,6 +54,8 @@ flags.DEFINE_string("out", None, "prepare: output directory; plot: PNG file to w
 flags.DEFINE_enum("tokenizer", "byte", ["byte", "bpe"], "prepare: 'byte' (256 ids, no training) "
                   "or 'bpe' (byte-level BPE trained on the inputs, saved with the data).")
 flags.DEFINE_integer("vocab_size", 4096, "prepare: BPE vocabulary size (with --tokenizer=bpe).")
+flags.DEFINE_bool("json", False, "plan: print JSON instead of a table.")
+flags.DEFINE_integer("steps", 3, "verify: training steps to compare against one device.")
 
 
 def _resolve_config_arg(argv: list[str]) -> list[str]:
@@ -188,6 +192,28 @@ def cmd_plot(workdirs: list[str]) -> None:
   print(f"wrote {save_loss_plot(workdirs, out)}")
 
 
+def cmd_plan() -> None:
+  import json
+  from jaxdp.plan import format_table, plan
+  result = plan(FLAGS.config)
+  print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
+
+
+def cmd_verify() -> int:
+  """Exit status 1 when any strategy differs from one device beyond the tolerance."""
+  import jax
+  from jaxdp.verify import DEFAULT_TOLERANCE, verify
+  if FLAGS.steps < 1:
+    raise JaxdpError(f"--steps={FLAGS.steps} must be >= 1")
+  devices = jax.devices()
+  print(f"{FLAGS.steps} steps on 1 device vs {len(devices)} devices; tolerance "
+        f"loss {DEFAULT_TOLERANCE['loss']:g}, params {DEFAULT_TOLERANCE['params']:g} (relative)")
+  results = verify(FLAGS.config, devices, FLAGS.steps, report=lambda line: print(line, flush=True))
+  failed = [name for name, r in results.items() if not r["ok"]]
+  print(f"FAILED: {', '.join(failed)}" if failed else "all strategies match one device")
+  return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -228,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
       from jaxdp import distributed
       multiprocess = distributed.initialize(FLAGS.coordinator, FLAGS.num_processes,
                                             FLAGS.process_id, FLAGS.init_timeout_s).num_processes > 1
-    {"train": cmd_train, "generate": cmd_generate}[command]()
+    status = {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
+              "verify": cmd_verify}[command]()
   except JaxdpError as e:
     print(f"jaxdp: error: {e}", file=sys.stderr)
     return _exit_now(2) if multiprocess else 2
@@ -240,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
       raise
     traceback.print_exc()
     return _exit_now(1)
-  return 0
+  return status or 0
 
 
 def _exit_now(status: int) -> int:

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxdp import parallel
 from jaxdp.checkpoint import Checkpointer, CorruptCheckpoint, abstract_with_shardings
-from jaxdp.config import validate
+from jaxdp.config import mesh_shape, validate
 from jaxdp.data import Dataset, prefetch
 from jaxdp.errors import JaxdpError
 from jaxdp.metrics import MetricsWriter, Progress
@@ -91,13 +91,13 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   devices = list(jax.devices() if devices is None else devices)
   validate(config, len(devices), devices[0].platform)
   dataset = Dataset(config)
-  mesh = parallel.make_mesh(devices)
+  mesh = parallel.make_mesh(devices, *mesh_shape(config, len(devices)))
   model = GPT(ModelConfig.from_config(config, dataset.tokenizer.vocab_size,
                                       compute_dtype(config.precision)))
   tx = make_optimizer(config)
   abstract = jax.eval_shape(functools.partial(init_state, model, tx, config.seed,
                                               initial_loss_scale_of(config)))
-  sharding = parallel.state_shardings(config.strategy, mesh, abstract)
+  sharding = parallel.state_shardings(config.strategy, mesh, abstract, config.offload_optimizer)
   return Trainer(config=config, dataset=dataset, mesh=mesh, model=model, tx=tx,
                  state_sharding=sharding,
                  train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding,
@@ -377,6 +377,9 @@ def load_for_inference(workdir: str, step: int | None = None):
     raise JaxdpError(f"--workdir={workdir!r} has no checkpoint; train first with "
                      f"`jaxdp train --workdir {workdir}`")
   config = ml_collections.ConfigDict(checkpoints.restore_meta(step)["config"])
+  # Whatever strategy and mesh trained it, inference runs on one device.
+  config.strategy, config.offload_optimizer = "dp", False
+  config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1})
   trainer = build(config, devices=jax.local_devices()[:1])
   try:
     state, _ = checkpoints.restore(step, trainer.abstract_state())

@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_every = 0  # Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra.
   c.nan_policy = "halt"  # Non-finite loss or gradients: "halt" (stop, save the last good state) or "skip" (drop the update, go on).
   c.max_consecutive_skips = 10  # nan_policy="skip": halt after this many dropped updates in a row.
-  c.strategy = "dp"  # Parallelism: "dp" (shard_map data parallelism, replicated state).
+  c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
+  c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
   c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
@@ -44,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), or a directory written by `jaxdp prepare` (read with its own tokenizer).
   c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.
+  c.mesh.model = 1  # Devices on the "model" axis: attention heads and MLP hidden split Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()
   c.model.n_layer = 4  # Transformer blocks.

@@ -1,0 +1,162 @@
+"""What each strategy costs per device, measured: `jaxdp plan`.
+
+Per strategy: bytes of parameters, gradients and optimizer state held by one device (summed over
+that device's `addressable_shards` of real arrays), the compiled step's memory
+(`compiled.memory_analysis()`), and the collective bytes per step read from the compiled HLO.
+Beside each, the ZeRO paper's formula (Rajbhandari et al. 2020, fp32 training with Adam: 4 bytes
+per parameter for weights and for gradients, 8 for the two moments; stage s divides its parts by
+the data-parallel degree N).
+
+Collective bytes use the paper's accounting, per device and step: an all-reduce counts twice its
+buffer (it is a reduce-scatter then an all-gather), a reduce-scatter its input, an all-gather its
+output, a collective-permute or all-to-all its buffer. HLO shapes after partitioning are
+per-device. Ops inside loops (grad_accum_steps > 1) are counted once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdp import parallel, steps
+from jaxdp.config import STRATEGIES
+from jaxdp.model import count_params
+from jaxdp.train import build, state_bytes_per_device
+
+COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
+# How many times its buffer each collective moves, in the paper's accounting.
+BUFFER_PASSES = {"all-reduce": 2, "reduce-scatter": 1, "all-gather": 1, "collective-permute": 1,
+                 "all-to-all": 1}
+_OP = re.compile(r"=\s+(?P<result>.*?)\s+(?P<op>" + "|".join(COLLECTIVES) +
+                 r")(?:-start)?\((?P<operands>.*?)\)(?:,|$)")
+_SHAPE = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+_BITS = {"pred": 8}
+
+
+def _shapes_bytes(text: str) -> int:
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype))
+    total += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+  return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{op: {"count", "bytes"}} of the collectives in compiled (per-device) HLO text.
+
+  "bytes" is the buffer each op moves: an all-gather's result, a reduce-scatter's operand, an
+  all-reduce's (equal) operand and result. Async pairs are counted at their -start.
+  """
+  found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+  for line in hlo_text.splitlines():
+    match = _OP.search(line)
+    if match is None or "-done" in line.split("=", 1)[-1].split("(", 1)[0]:
+      continue
+    op = match["op"]
+    result, operands = _shapes_bytes(match["result"]), _shapes_bytes(match["operands"])
+    if match["result"].lstrip().startswith("(") and op == "all-gather" and "-start" in line:
+      result -= operands  # An async all-gather's result tuple repeats its operand.
+    found[op]["count"] += 1
+    found[op]["bytes"] += {"all-gather": result, "reduce-scatter": operands}.get(op, max(result, operands))
+  return found
+
+
+def paper_bytes(strategy: str, params_per_device: int, data: int) -> dict[str, float]:
+  """The ZeRO paper's per-device figures for `params_per_device` fp32 parameters on N=data."""
+  parts = parallel.ZERO_PARTS[strategy]
+  return {"params_bytes_per_device": 4 * params_per_device / (data if "params" in parts else 1),
+          "grads_bytes_per_device": 4 * params_per_device / (data if "grads" in parts else 1),
+          "opt_state_bytes_per_device": 8 * params_per_device / (data if parts else 1),
+          "collective_bytes_per_step": (3 if "params" in parts else 2) * 4 * params_per_device}
+
+
+def params_per_device_after_model_split(abstract_params, model: int) -> int:
+  """Parameters one device holds before any ZeRO split: Megatron kernels are divided by `model`."""
+  total = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
+    split = parallel.MEGATRON_DIMS.get(parallel.path_names(path)[-3:]) is not None
+    total += int(np.prod(x.shape)) // (model if split else 1)
+  return total
+
+
+def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
+                     devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Measured per-device memory and communication of `strategy` on `devices` (all by default).
+
+  Also the entry point for benchmarks that want the same figures beside their tokens/s.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.strategy = strategy
+  trainer = build(config, devices)
+  state = trainer.init_state()
+  batch = trainer.train_batch(0)
+  grad_fn = jax.jit(
+      lambda params, batch, rng: steps.accumulate_gradients(params, batch, rng, trainer.model)[0],
+      out_shardings=parallel.gradient_shardings(strategy, trainer.mesh, state.params))
+  grads = grad_fn(state.params, batch, state.rng)
+  compiled = trainer.train_step.lower(state, batch).compile()
+  memory = compiled.memory_analysis()
+  collectives = collective_bytes(compiled.as_text())
+  data, model = trainer.mesh.shape[parallel.DATA], trainer.mesh.shape[parallel.MODEL]
+  abstract = trainer.abstract_state()
+  return {
+      "params_bytes_per_device": state_bytes_per_device(state.params),
+      "grads_bytes_per_device": state_bytes_per_device(grads),
+      "opt_state_bytes_per_device": state_bytes_per_device(state.opt_state),
+      "compiled_temp_bytes": int(memory.temp_size_in_bytes),
+      "collective_bytes_per_step": sum(BUFFER_PASSES[op] * c["bytes"] for op, c in collectives.items()),
+      "compiled_argument_bytes": int(memory.argument_size_in_bytes),
+      "compiled_output_bytes": int(memory.output_size_in_bytes),
+      "collectives": {op: c for op, c in collectives.items() if c["count"]},
+      "paper": paper_bytes(strategy, params_per_device_after_model_split(abstract.params, model), data),
+      "replicated": parallel.replicated_report(strategy, trainer.mesh, abstract),
+      "mesh": {"data": data, "model": model},
+  }
+
+
+def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+         strategies: Sequence[str] = STRATEGIES) -> dict[str, Any]:
+  """{"num_devices", "params", "strategies": {name: measure_strategy(...)}}; dp is left out on a
+  mesh with a model axis (it is data parallel only)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if config.mesh.model > 1:
+    strategies = [s for s in strategies if s != "dp"]
+  results = {s: measure_strategy(config, s, devices) for s in strategies}
+  params = count_params(build(config, devices).abstract_state().params)
+  return {"num_devices": len(devices), "params": params, "strategies": results}
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return ""
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The plan as a terminal table: measured (paper formula) per column."""
+  columns = [("params/dev", "params_bytes_per_device"), ("grads/dev", "grads_bytes_per_device"),
+             ("opt state/dev", "opt_state_bytes_per_device"),
+             ("collectives/step", "collective_bytes_per_step")]
+  header = (f"{'strategy':<9}" + "".join(f"{name:>24}" for name, _ in columns) +
+            f"{'step args':>12}{'step out':>12}{'step temp':>12}")
+  lines = [f"{result['params']:,} parameters on {result['num_devices']} devices; "
+           "measured (ZeRO paper formula)", header]
+  for name, r in result["strategies"].items():
+    cells = "".join(f"{_human(r[key]) + ' (' + _human(r['paper'][key]) + ')':>24}"
+                    for _, key in columns)
+    lines.append(f"{name:<9}{cells}{_human(r['compiled_argument_bytes']):>12}"
+                 f"{_human(r['compiled_output_bytes']):>12}{_human(r['compiled_temp_bytes']):>12}")
+  for name, r in result["strategies"].items():
+    ops = ", ".join(f"{op} x{c['count']} {_human(c['bytes'])}" for op, c in r["collectives"].items())
+    lines.append(f"{name}: mesh data={r['mesh']['data']} model={r['mesh']['model']}; "
+                 f"collectives: {ops or 'none'}")
+    if r["replicated"]:
+      kept = ", ".join(f"{x['array']} ({x['why']})" for x in r["replicated"])
+      lines.append(f"  kept whole over data ({_human(sum(x['bytes'] for x in r['replicated']))}): {kept}")
+  return "\n".join(lines)
