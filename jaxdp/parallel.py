@@ -119,13 +119,13 @@ def state_shardings(strategy: str, mesh: Mesh, abstract_state, offload_optimizer
   dp replicates everything. The ZeRO stages split their parts over "data" (see ZERO_PARTS);
   with `offload_optimizer` the optimizer state lives in pinned host memory (ZeRO-Offload).
   """
+  everywhere = jax.tree.map(lambda _: replicated(mesh), abstract_state)
   if strategy == "dp":
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    return everywhere
   if offload_optimizer:
     check_offload(mesh)
   parts = ZERO_PARTS[strategy]
-  return abstract_state.replace(
-      step=replicated(mesh), rng=replicated(mesh),
+  return everywhere.replace(  # Counters, rng and loss scale are scalars: replicated.
       params=tree_shardings(abstract_state.params, mesh, "params" in parts),
       opt_state=tree_shardings(abstract_state.opt_state, mesh, True,
                                "pinned_host" if offload_optimizer else None))
