@@ -16,8 +16,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdp import steps
+from jaxdp import local_sgd, steps
 from jaxdp.model import GPT
+from jaxdp.sync import CommConfig
 
 DATA = "data"
 BATCH_SPEC = P(None, DATA)  # Batches are [A, b, ...]: split rows, keep micro-batches whole.
@@ -38,8 +39,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def state_shardings(strategy: str, mesh: Mesh, abstract_state) -> Any:
   """The sharding of every array of the train state under `strategy`."""
-  del strategy  # dp replicates everything.
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  del strategy  # dp replicates everything but the per-device comm rows.
+  shardings = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  return shardings.replace(comm=jax.tree.map(lambda _: NamedSharding(mesh, P(DATA)),
+                                             abstract_state.comm))
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int | None = None):
@@ -55,11 +58,24 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows
 
 
 def compile_train_step(strategy: str, mesh: Mesh, model: GPT, tx: optax.GradientTransformation,
-                       state_sharding) -> Callable:
+                       state_sharding, comm_cfg: CommConfig | None = None) -> Callable:
   """(state, batch) -> (state, metrics), jitted with the state donated."""
-  del strategy, state_sharding
-  body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=DATA)
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), BATCH_SPEC), out_specs=(P(), P()))
+  del strategy
+  comm_cfg = comm_cfg or CommConfig()
+  state_spec = jax.tree.map(lambda s: s.spec, state_sharding)
+  if comm_cfg.sync == "local_sgd":
+    body = functools.partial(local_sgd.local_sgd_step, model=model, tx=tx, axis_name=DATA,
+                             cfg=comm_cfg)
+  else:
+    body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=DATA,
+                             comm_cfg=comm_cfg)
+  # check_vma=False: with it on, JAX makes the gradient of replicated params over per-device data
+  # a psum inside the backward pass (one all-reduce per weight), which the step's own reduction
+  # would then repeat (gradients N times too large). Off, the gradients stay local and the step
+  # reduces them exactly once. Every reduction used (pmean, ring, ps, all-gather) leaves the same
+  # values on every device, which tests check.
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=(state_spec, BATCH_SPEC),
+                         out_specs=(state_spec, P()), check_vma=False)
   return jax.jit(mapped, donate_argnums=0)
 
 

@@ -22,6 +22,9 @@ class TrainState:
   params: Any  # Model parameters (float32 master copy).
   opt_state: Any  # Optimizer state (AdamW moments, schedule count).
   rng: jax.Array  # uint32[2] base key; step and example keys are folded in from it.
+  # Per-device communication state (jaxdp/sync.py): leaves [num_devices, ...] sharded over
+  # "data"; empty for the dense default.
+  comm: Any = flax.struct.field(default_factory=dict)
 
 
 def init_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -21,6 +21,7 @@ from jax import lax
 from jaxdp.losses import cross_entropy_sum
 from jaxdp.model import GPT
 from jaxdp.state import TrainState
+from jaxdp.sync import CommConfig, reduce_gradients
 
 Batch = dict[str, jax.Array]
 
@@ -58,18 +59,28 @@ def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT):
 
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step. Returns the new state and scalar metrics (identical on every device)."""
+               axis_name: str | None = None,
+               comm_cfg: CommConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step. Returns the new state and scalar metrics (identical on every device).
+
+  `comm_cfg` (with `axis_name`) swaps the all-reduce for jaxdp.sync's methods (ring, compression,
+  staleness); None or the dense default keeps the single pmean.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   grad_sum, loss_total, tokens = accumulate_gradients(state.params, batch, rng, model)
-  if axis_name is not None:
-    # One all-reduce for the whole step: gradient sums, loss sum and token count together.
-    # The mean of sums divided by the mean of counts is the global token-weighted mean.
-    grad_sum, loss_total, tokens = lax.pmean((grad_sum, loss_total, tokens), axis_name)
-  grads = jax.tree.map(lambda g: g / tokens, grad_sum)
+  state_comm = state.comm
+  if axis_name is not None and comm_cfg is not None and not comm_cfg.dense:
+    grads, loss_total, tokens, state_comm = reduce_gradients(grad_sum, loss_total, tokens,
+                                                             state.comm, rng, comm_cfg, axis_name)
+  else:
+    if axis_name is not None:
+      # One all-reduce for the whole step: gradient sums, loss sum and token count together.
+      # The mean of sums divided by the mean of counts is the global token-weighted mean.
+      grad_sum, loss_total, tokens = lax.pmean((grad_sum, loss_total, tokens), axis_name)
+    grads = jax.tree.map(lambda g: g / tokens, grad_sum)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+                            opt_state=opt_state, comm=state_comm)
   metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.global_norm(grads)}
   return new_state, metrics
 

@@ -29,11 +29,13 @@ from jaxdp.metrics import MetricsWriter, Progress
 from jaxdp.model import GPT, ModelConfig, count_params
 from jaxdp.optim import learning_rate_schedule, make_optimizer
 from jaxdp.state import TrainState, init_state
+from jaxdp.sync import CommConfig, bytes_per_step, with_comm_state
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.path", "data.val_fraction",
                        "model.n_layer", "model.n_head", "model.d_model", "model.mlp_ratio",
-                       "model.positions")
+                       "model.positions", "compression", "error_feedback", "momentum_correction",
+                       "sync", "staleness", "diloco")
 
 
 @dataclasses.dataclass
@@ -48,13 +50,20 @@ class Trainer:
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   eval_step: Callable[[Any, dict], dict]
 
+  def _init(self) -> TrainState:
+    return initial_state(self.model, self.tx, self.config, self.mesh.size)
+
   def init_state(self) -> TrainState:
-    fn = functools.partial(init_state, self.model, self.tx, self.config.seed)
-    return jax.jit(fn, out_shardings=self.state_sharding)()
+    return jax.jit(self._init, out_shardings=self.state_sharding)()
 
   def abstract_state(self):
-    abstract = jax.eval_shape(functools.partial(init_state, self.model, self.tx, self.config.seed))
-    return abstract_with_shardings(abstract, self.state_sharding)
+    return abstract_with_shardings(jax.eval_shape(self._init), self.state_sharding)
+
+  def comm_bytes_per_step(self, state: TrainState) -> float:
+    """Mean bytes each device sends per step, from the collectives of the compiled train step."""
+    batch = self.train_batch(int(state.step))
+    hlo = self.train_step.lower(state, batch).compile().as_text()
+    return bytes_per_step(CommConfig.from_config(self.config), hlo)
 
   def train_batch(self, step: int) -> dict[str, jax.Array]:
     """Global batch `step` on the devices; this process reads only its own rows."""
@@ -74,6 +83,13 @@ class Trainer:
     return float(sum(t["loss_sum"] for t in totals) / sum(t["count"] for t in totals))
 
 
+def initial_state(model: GPT, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                  num_devices: int) -> TrainState:
+  """A fresh state laid out for the config's communication method (jaxdp/sync.py)."""
+  return with_comm_state(init_state(model, tx, config.seed), CommConfig.from_config(config), tx,
+                         num_devices)
+
+
 def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
   devices = list(jax.devices() if devices is None else devices)
   validate(config, len(devices))
@@ -81,11 +97,13 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   mesh = parallel.make_mesh(devices)
   model = GPT(ModelConfig.from_config(config, dataset.tokenizer.vocab_size))
   tx = make_optimizer(config)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config.seed))
+  comm_cfg = CommConfig.from_config(config)
+  abstract = jax.eval_shape(functools.partial(initial_state, model, tx, config, mesh.size))
   sharding = parallel.state_shardings(config.strategy, mesh, abstract)
   return Trainer(config=config, dataset=dataset, mesh=mesh, model=model, tx=tx,
                  state_sharding=sharding,
-                 train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding),
+                 train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding,
+                                                        comm_cfg),
                  eval_step=parallel.compile_eval_step(config.strategy, mesh, model))
 
 
@@ -132,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return {"step": step, "stop_reason": "early_stopping", "train_loss": None, "eval_loss": None,
             "best_eval_loss": meta["best_eval_loss"]}
   schedule = learning_rate_schedule(config)
+  comm_bytes = trainer.comm_bytes_per_step(state)
   tokens_per_step = config.global_batch_size * config.seq_len
   if step == 0 or latest is not None:
     writer.write({"event": "resume" if latest else "start", "step": step,
@@ -161,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 "train_loss": float(np.mean([m["train_loss"] for m in fetched])),
                 "lr": float(schedule(step - 1)),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed}
+                "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed,
+                "comm_bytes_per_step": comm_bytes}
         if not math.isfinite(line["train_loss"]):
           raise JaxdpError(f"non-finite training loss at step {step}; lower config.learning_rate "
                            "or set config.grad_clip")

@@ -31,6 +31,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
   c.keep_checkpoints = 3  # Most recent checkpoints kept on disk.
   c.strategy = "dp"  # Parallelism: "dp" (shard_map data parallelism, replicated state).
+  c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
+  c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale) or "bf16".
+  c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.
+  c.error_feedback = True  # Keep what compression dropped (per device, checkpointed) and add it to the next step's gradient.
+  c.momentum_correction = 0.0  # Top-k/random-k: local momentum accumulated before sparsifying (DGC); 0 disables.
+  c.sync = "every_step"  # "every_step", "local_sgd" (average parameters every sync_every steps) or "stale" (apply gradients `staleness` steps old).
+  c.sync_every = 4  # local_sgd: local optimizer steps between parameter averages (H).
+  c.staleness = 1  # stale: age in steps of the averaged gradient applied (tau; 0 equals every_step).
+  c.diloco = False  # local_sgd: move the average with an outer Nesterov SGD step on (anchor - average) (DiLoCo).
+  c.outer_lr = 0.7  # DiLoCo outer learning rate.
+  c.outer_momentum = 0.9  # DiLoCo outer Nesterov momentum; 0 is plain outer SGD.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
 
   c.data = ml_collections.ConfigDict()
