@@ -67,7 +67,13 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   staleness); None or the dense default keeps the single pmean.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_sum, loss_total, tokens = accumulate_gradients(state.params, batch, rng, model)
+  params = state.params
+  if axis_name is not None:
+    # Differentiate a per-device view of the replicated parameters: otherwise shard_map's
+    # transpose of the implicit replicated->varying cast inserts a psum into every micro-batch's
+    # backward pass, instead of the single all-reduce below (as on main, commit 14b3056).
+    params = lax.pcast(params, axis_name, to="varying")
+  grad_sum, loss_total, tokens = accumulate_gradients(params, batch, rng, model)
   state_comm = state.comm
   if axis_name is not None and comm_cfg is not None and not comm_cfg.dense:
     grads, loss_total, tokens, state_comm = reduce_gradients(grad_sum, loss_total, tokens,
