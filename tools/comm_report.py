@@ -36,6 +36,24 @@ METHODS = [  # (name, config overrides)
 ]
 
 
+NOTES = """## Reading the table
+
+- Top-k and random-k feed AdamW a sparse averaged gradient; Adam's per-coordinate scaling then
+  moves rarely-sent coordinates little, and error feedback changes little with it. Error
+  feedback's guarantee is for SGD: `tests/test_comm.py::test_topk_one_percent_with_error_feedback_tracks_dense`
+  trains with plain SGD and prints the three validation losses (top-k 1% + EF within 5% of dense,
+  without EF measurably worse).
+- Random-k's indices come from a seed shared by all devices, so only values travel (half of
+  top-k's values + indices, and a plain all-reduce instead of an all-gather).
+- Random-k draws k of d indices without replacement each step (a permutation of d on CPU), which
+  is why its tokens/s is low here.
+- int8 and bf16 are all-to-all reduce-scatters of encoded chunks summed in f32, then all-gathers
+  of the re-encoded sums (bf16 travels as uint16 bits so XLA:CPU cannot widen it to f32).
+- ps moves the same mean bytes per device as ring, but its server sends N-1 times as much as
+  anyone: see the busiest-device column below.
+"""
+
+
 def alpha_beta_seconds(n: int, size: float, alpha: float, bandwidth: float) -> dict[str, float]:
   """All-reduce time of `size` bytes over n devices, each with one link of `bandwidth` B/s.
 
@@ -132,6 +150,7 @@ def write_report(args, rows, dense, params, algorithms) -> None:
   for r in rows:
     lines.append(f"| {r['name']} | {r['eval_loss']:.4f} | {r['bytes']:,.0f} | "
                  f"{r['bytes'] / dense:.4f} | {r['tokens_per_sec']:,.0f} |")
+  lines += ["", NOTES.rstrip()]
   lines += [
       "", "## All-reduce algorithms: alpha-beta model beside measured bytes", "",
       f"Message: the dense gradient, {size:,} bytes (f32). Measured: the HLO of each algorithm "
