@@ -43,8 +43,8 @@ NOTES = """## Reading the table
   feedback's guarantee is for SGD: `tests/test_comm.py::test_topk_one_percent_with_error_feedback_tracks_dense`
   trains with plain SGD and prints the three validation losses (top-k 1% + EF within 5% of dense,
   without EF measurably worse).
-- Random-k's indices come from a seed shared by all devices, so only values travel (half of
-  top-k's values + indices, and a plain all-reduce instead of an all-gather).
+- Random-k's indices come from a seed shared by all devices, so only values travel: half of
+  top-k's payload, averaged by an all-reduce (2(N-1)/N) instead of an all-gather (N-1).
 - Random-k draws k of d indices without replacement each step (a permutation of d on CPU), which
   is why its tokens/s is low here.
 - int8 and bf16 are all-to-all reduce-scatters of encoded chunks summed in f32, then all-gathers
