@@ -16,6 +16,9 @@ POSITIONS = ("rope", "learned")
 NAN_POLICIES = ("halt", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 REMATS = ("none", "block", "full")
+ALLREDUCE = ("pmean", "ring", "ps")
+COMPRESSION = ("none", "topk", "randomk", "int8", "bf16")
+SYNC = ("every_step", "local_sgd", "stale")
 
 
 def preset_path(name_or_path: str) -> str:
@@ -133,8 +136,42 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
          f"the MLP hidden size {hidden}")
   need(not (config.offload_optimizer and config.strategy == "dp"),
        "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
+  validate_comm(config)
   per_step = data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
        f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
        f"grad_accum_steps = {data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
+
+
+def validate_comm(config: ml_collections.ConfigDict) -> None:
+  """The communication fields (jaxdp/sync.py): choices, ranges and combinations that work."""
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise JaxdpError(message)
+
+  for name, choices in (("allreduce", ALLREDUCE), ("compression", COMPRESSION), ("sync", SYNC)):
+    need(config[name] in choices, f"config.{name}={config[name]!r} is not one of {', '.join(choices)}")
+  need(0 < config.compression_ratio <= 1,
+       f"config.compression_ratio={config.compression_ratio} must be in (0, 1]")
+  need(0 <= config.momentum_correction < 1,
+       f"config.momentum_correction={config.momentum_correction} must be in [0, 1)")
+  need(config.momentum_correction == 0 or config.compression in ("topk", "randomk"),
+       f"config.momentum_correction={config.momentum_correction} needs config.compression="
+       f"'topk' or 'randomk' (got {config.compression!r}); set it to 0")
+  need(config.sync_every >= 1, f"config.sync_every={config.sync_every} must be >= 1")
+  need(config.staleness >= 0, f"config.staleness={config.staleness} must be >= 0")
+  need(config.sync != "local_sgd" or config.compression == "none",
+       f"config.sync='local_sgd' averages parameters uncompressed; set config.compression='none' "
+       f"(got {config.compression!r})")
+  need(config.sync != "local_sgd" or config.precision != "fp16",
+       "config.sync='local_sgd' has no loss scaling; use config.precision='fp32' or 'bf16'")
+  need(not config.diloco or config.sync == "local_sgd",
+       f"config.diloco=True needs config.sync='local_sgd' (got {config.sync!r})")
+  need(config.outer_lr > 0, f"config.outer_lr={config.outer_lr} must be positive")
+  need(0 <= config.outer_momentum < 1,
+       f"config.outer_momentum={config.outer_momentum} must be in [0, 1)")
+  dense = config.allreduce == "pmean" and config.compression == "none" and config.sync == "every_step"
+  need(dense or config.strategy == "dp",
+       f"config.strategy={config.strategy!r} supports only the dense all-reduce; set "
+       "config.allreduce='pmean', config.compression='none', config.sync='every_step'")

@@ -20,9 +20,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdp import steps
+from jaxdp import local_sgd, steps
 from jaxdp.errors import JaxdpError
 from jaxdp.model import GPT
+from jaxdp.sync import CommConfig
 
 DATA = "data"
 MODEL = "model"
@@ -119,13 +120,16 @@ def state_shardings(strategy: str, mesh: Mesh, abstract_state, offload_optimizer
   dp replicates everything. The ZeRO stages split their parts over "data" (see ZERO_PARTS);
   with `offload_optimizer` the optimizer state lives in pinned host memory (ZeRO-Offload).
   """
-  everywhere = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  # Scalars (step, rng, counters, loss scale) are replicated; per-device comm rows (sync.py) are
+  # split over "data", one row per device.
+  everywhere = jax.tree.map(lambda _: replicated(mesh), abstract_state).replace(
+      comm=jax.tree.map(lambda _: NamedSharding(mesh, P(DATA)), abstract_state.comm))
   if strategy == "dp":
     return everywhere
   if offload_optimizer:
     check_offload(mesh)
   parts = ZERO_PARTS[strategy]
-  return everywhere.replace(  # Counters, rng and loss scale are scalars: replicated.
+  return everywhere.replace(
       params=tree_shardings(abstract_state.params, mesh, "params" in parts),
       opt_state=tree_shardings(abstract_state.opt_state, mesh, True,
                                "pinned_host" if offload_optimizer else None))
@@ -177,14 +181,25 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows
 
 
 def compile_train_step(strategy: str, mesh: Mesh, model: GPT, tx: optax.GradientTransformation,
-                       state_sharding, max_consecutive_skips: int = 0) -> Callable:
+                       state_sharding, comm_cfg: CommConfig | None = None,
+                       max_consecutive_skips: int = 0) -> Callable:
   """(state, batch) -> (state, metrics), jitted with the state donated."""
+  comm_cfg = comm_cfg or CommConfig()
   if strategy == "dp":
-    body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=DATA,
-                             max_consecutive_skips=max_consecutive_skips)
+    state_spec = jax.tree.map(lambda s: s.spec, state_sharding)
+    if comm_cfg.sync == "local_sgd":
+      body = functools.partial(local_sgd.local_sgd_step, model=model, tx=tx, axis_name=DATA,
+                               cfg=comm_cfg)
+    else:
+      body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=DATA,
+                               comm_cfg=comm_cfg, max_consecutive_skips=max_consecutive_skips)
     # steps.train_step casts the replicated params to per-device values before differentiating,
-    # so the compiled step holds one all-reduce (gradients, loss and token count together).
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), BATCH_SPEC), out_specs=(P(), P()))
+    # so the dense step holds one all-reduce (gradients, loss and token count together). Ring,
+    # ps and all-gather results are the same on every device by construction (each sum is
+    # computed once and copied), which shard_map's replication check cannot see: it runs only for
+    # the dense default, and tests compare the devices' results for the other methods.
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(state_spec, BATCH_SPEC),
+                           out_specs=(state_spec, P()), check_vma=comm_cfg.dense)
     return jax.jit(mapped, donate_argnums=0)
   offload = any(s.memory_kind == "pinned_host" for s in jax.tree.leaves(state_sharding.opt_state))
   body = functools.partial(steps.train_step, model=model,

@@ -28,6 +28,9 @@ class TrainState:
   skipped_steps: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
   consecutive_skips: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
   loss_scale: LossScale | None = None  # fp16's dynamic loss scale; a static 1 for fp32 and bf16.
+  # Per-device communication state (jaxdp/sync.py): leaves [num_devices, ...] sharded over
+  # "data"; empty for the dense default.
+  comm: Any = flax.struct.field(default_factory=dict)
 
 
 def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,

@@ -22,6 +22,7 @@ from jaxdp import precision
 from jaxdp.losses import cross_entropy_sum
 from jaxdp.model import GPT
 from jaxdp.state import TrainState
+from jaxdp.sync import CommConfig, reduce_gradients
 
 Batch = dict[str, jax.Array]
 
@@ -96,10 +97,13 @@ def update_if_finite(state: TrainState, new_state: TrainState, finite: jax.Array
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
                axis_name: str | None = None,
+               comm_cfg: CommConfig | None = None,
                max_consecutive_skips: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Returns the new state and scalar metrics (identical on every device).
 
-  A non-finite loss or gradient drops the update (see `update_if_finite`).
+  `comm_cfg` (with `axis_name`) swaps the all-reduce for jaxdp.sync's methods (ring, compression,
+  staleness); None or the dense default keeps the single pmean. A non-finite loss or gradient
+  drops the update (see `update_if_finite`); under fp16 the loss scale handles overflows.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   scaling = state.loss_scale is not None and state.loss_scale.dynamic  # fp16 only.
@@ -111,14 +115,19 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
     # backward pass, instead of the single all-reduce below.
     params = lax.pcast(params, axis_name, to="varying")
   grad_sum, loss_total, tokens = accumulate_gradients(params, batch, rng, model, scale)
-  if axis_name is not None:
-    # One all-reduce for the whole step: gradient sums, loss sum and token count together.
-    # The mean of sums divided by the mean of counts is the global token-weighted mean.
-    grad_sum, loss_total, tokens = lax.pmean((grad_sum, loss_total, tokens), axis_name)
-  grads = jax.tree.map(lambda g: g / tokens, grad_sum)
+  state_comm = state.comm
+  if axis_name is not None and comm_cfg is not None and not comm_cfg.dense:
+    grads, loss_total, tokens, state_comm = reduce_gradients(grad_sum, loss_total, tokens,
+                                                             state.comm, rng, comm_cfg, axis_name)
+  else:
+    if axis_name is not None:
+      # One all-reduce for the whole step: gradient sums, loss sum and token count together.
+      # The mean of sums divided by the mean of counts is the global token-weighted mean.
+      grad_sum, loss_total, tokens = lax.pmean((grad_sum, loss_total, tokens), axis_name)
+    grads = jax.tree.map(lambda g: g / tokens, grad_sum)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+                            opt_state=opt_state, comm=state_comm)
   metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.tree.norm(grads)}
   if scaling:
     # fp16 overflows are expected and handled by the loss scale, not by nan_policy.

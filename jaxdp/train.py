@@ -35,11 +35,13 @@ from jaxdp.optim import learning_rate_schedule, make_optimizer
 from jaxdp.precision import compute_dtype, initial_loss_scale
 from jaxdp.state import TrainState, init_state
 from jaxdp.watchdog import StepWatchdog
+from jaxdp.sync import CommConfig, bytes_per_step, with_comm_state
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.path", "data.val_fraction",
                        "model.n_layer", "model.n_head", "model.d_model", "model.mlp_ratio",
-                       "model.positions")
+                       "model.positions", "compression", "error_feedback", "momentum_correction",
+                       "sync", "staleness", "diloco")
 
 
 @dataclasses.dataclass
@@ -54,15 +56,20 @@ class Trainer:
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   eval_step: Callable[[Any, dict], dict]
 
+  def _init(self) -> TrainState:
+    return initial_state(self.model, self.tx, self.config, self.mesh.size)
+
   def init_state(self) -> TrainState:
-    fn = functools.partial(init_state, self.model, self.tx, self.config.seed,
-                           initial_loss_scale_of(self.config))
-    return jax.jit(fn, out_shardings=self.state_sharding)()
+    return jax.jit(self._init, out_shardings=self.state_sharding)()
 
   def abstract_state(self):
-    abstract = jax.eval_shape(functools.partial(init_state, self.model, self.tx, self.config.seed,
-                                                initial_loss_scale_of(self.config)))
-    return abstract_with_shardings(abstract, self.state_sharding)
+    return abstract_with_shardings(jax.eval_shape(self._init), self.state_sharding)
+
+  def comm_bytes_per_step(self, state: TrainState) -> float:
+    """Mean bytes each device sends per step, from the collectives of the compiled train step."""
+    batch = self.train_batch(int(state.step))
+    hlo = self.train_step.lower(state, batch).compile().as_text()
+    return bytes_per_step(CommConfig.from_config(self.config), hlo)
 
   def train_batch(self, step: int) -> dict[str, jax.Array]:
     """Global batch `step` on the devices; this process reads only its own rows."""
@@ -83,8 +90,12 @@ class Trainer:
     return float(sum(t["loss_sum"] for t in totals) / sum(t["count"] for t in totals))
 
 
-def initial_loss_scale_of(config: ml_collections.ConfigDict):
-  return initial_loss_scale(config.precision, config.loss_scale_init, config.loss_scale_period)
+def initial_state(model: GPT, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                  num_devices: int) -> TrainState:
+  """A fresh state: the precision's loss scale, laid out for the communication method (sync.py)."""
+  loss_scale = initial_loss_scale(config.precision, config.loss_scale_init, config.loss_scale_period)
+  return with_comm_state(init_state(model, tx, config.seed, loss_scale),
+                         CommConfig.from_config(config), tx, num_devices)
 
 
 def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
@@ -95,12 +106,12 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   model = GPT(ModelConfig.from_config(config, dataset.tokenizer.vocab_size,
                                       compute_dtype(config.precision)))
   tx = make_optimizer(config)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config.seed,
-                                              initial_loss_scale_of(config)))
+  abstract = jax.eval_shape(functools.partial(initial_state, model, tx, config, mesh.size))
   sharding = parallel.state_shardings(config.strategy, mesh, abstract, config.offload_optimizer)
   return Trainer(config=config, dataset=dataset, mesh=mesh, model=model, tx=tx,
                  state_sharding=sharding,
                  train_step=parallel.compile_train_step(config.strategy, mesh, model, tx, sharding,
+                                                        CommConfig.from_config(config),
                                                         max_consecutive_skips(config)),
                  eval_step=parallel.compile_eval_step(config.strategy, mesh, model))
 
@@ -248,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return {"step": step, "stop_reason": "early_stopping", "train_loss": None, "eval_loss": None,
             "best_eval_loss": meta["best_eval_loss"]}
   schedule = learning_rate_schedule(config)
+  comm_bytes = trainer.comm_bytes_per_step(state)
   tokens_per_step = config.global_batch_size * config.seq_len
   skip_limit = max_consecutive_skips(config)
   if step == 0 or restored is not None:
@@ -309,7 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 "train_loss": float(np.mean(finite_losses)) if finite_losses else math.nan,
                 "lr": float(schedule(step - 1)),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed}
+                "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed,
+                "comm_bytes_per_step": comm_bytes}
         if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
           line["loss_scale"] = float(fetched[-1]["loss_scale"])
         if config.nan_policy == "skip" or "loss_scale" in fetched[-1]:

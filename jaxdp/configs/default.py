@@ -36,6 +36,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
+  c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
+  c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale) or "bf16".
+  c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.
+  c.error_feedback = True  # Keep what compression dropped (per device, checkpointed) and add it to the next step's gradient.
+  c.momentum_correction = 0.0  # Top-k/random-k: local momentum accumulated before sparsifying (DGC); 0 disables.
+  c.sync = "every_step"  # "every_step", "local_sgd" (average parameters every sync_every steps) or "stale" (apply gradients `staleness` steps old).
+  c.sync_every = 4  # local_sgd: local optimizer steps between parameter averages (H).
+  c.staleness = 1  # stale: age in steps of the averaged gradient applied (tau; 0 equals every_step).
+  c.diloco = False  # local_sgd: move the average with an outer Nesterov SGD step on (anchor - average) (DiLoCo).
+  c.outer_lr = 0.7  # DiLoCo outer learning rate.
+  c.outer_momentum = 0.9  # DiLoCo outer Nesterov momentum; 0 is plain outer SGD.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
   c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
   c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped).
