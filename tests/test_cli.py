@@ -35,7 +35,7 @@ def test_train_then_generate_from_the_command_line(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.nonsense=1"], "unknown config field 'nonsense'"),
     (["--config.global_batch_size=10", "--cpu_devices", "4"],
-     "config.global_batch_size=10 is not divisible by devices x grad_accum_steps = 4 x 1"),
+     "config.global_batch_size=10 is not divisible by data devices x grad_accum_steps = 4 x 1"),
     (["--config.data.path=/no/such.txt"], "config.data.path='/no/such.txt' does not exist"),
     (["--config", "no_such_preset"], "no such file or preset"),
     (["--config.seq_len=abc"], "--config.seq_len=abc"),

@@ -13,7 +13,7 @@ def test_presets_validate():
 
 @pytest.mark.parametrize("field, value, message", [
     ("strategy", "ddp", "config.strategy='ddp' is not one of"),
-    ("grad_accum_steps", 3, "not divisible by devices x grad_accum_steps = 2 x 3"),
+    ("grad_accum_steps", 3, "not divisible by data devices x grad_accum_steps = 2 x 3"),
     ("num_steps", 0, "config.num_steps=0 must be positive"),
     ("warmup_steps", 5000, "must exceed config.warmup_steps"),
     ("attention", "flash", "config.attention='flash'"),
