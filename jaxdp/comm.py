@@ -186,8 +186,9 @@ def _group_size(rest: str, num_partitions: int) -> int:
   return int(iota.group(2)) if iota else num_partitions
 
 
-def _sent_bytes(op: str, async_start: bool, shape: str, rest: str, n_all: int) -> list[float]:
-  """Bytes each device (0..n_all-1) sends in one collective, from its result shape.
+def _sent_bytes(op: str, async_start: bool, shape: str, rest: str,
+                n_all: int) -> tuple[list[float], float]:
+  """(bytes each device 0..n_all-1 sends, the op's full buffer) of one collective.
 
   Bandwidth-optimal algorithms: all-reduce 2(N-1)/N x size (ring), all-gather and all-to-all
   (N-1)/N x the full result, reduce-scatter (N-1) x the result shard; a collective-permute
@@ -204,11 +205,11 @@ def _sent_bytes(op: str, async_start: bool, shape: str, rest: str, n_all: int) -
     for source, target in re.findall(r"\{(\d+),(\d+)\}", listed.group(1) if listed else ""):
       if source != target and int(source) < n_all:
         sent[int(source)] += size
-    return sent
+    return sent, size
   n = _group_size(rest, n_all)
   factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
             "reduce-scatter": n - 1}[op]
-  return [size * factor] * n_all
+  return [size * factor] * n_all, size * n if op == "reduce-scatter" else size
 
 
 def collective_bytes(hlo_text: str) -> dict[str, Any]:
@@ -217,8 +218,10 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
   Returns {"bytes": mean over devices, summing every collective once, "max_device_bytes": the
   busiest device (a parameter server), "conditional_bytes": the part inside conditional
   branches (e.g. a periodic sync; the caller weights it by how often the branch runs),
-  "by_kind": {op: bytes}, "count": number of collectives}. Collectives inside loops are counted
-  once per appearance, not per iteration.
+  "by_kind": {op: bytes}, "count": number of collectives, "buffers": {op: {"count", "bytes"}}
+  with each op's full buffer (an all-gather's result, a reduce-scatter's input), for accountings
+  such as the ZeRO paper's}. Collectives inside loops are counted once per appearance, not per
+  iteration.
   """
   header = re.search(r"num_partitions=(\d+)", hlo_text)
   n_all = int(header.group(1)) if header else 1
@@ -242,9 +245,9 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
         branches |= found
     instr = _INSTR.match(line)
     if instr:
-      sent = _sent_bytes(instr.group("op"), bool(instr.group("start")), instr.group("shape"),
-                         instr.group("rest"), n_all)
-      computations[current].append((sent, instr.group("op")))
+      sent, buffer = _sent_bytes(instr.group("op"), bool(instr.group("start")),
+                                 instr.group("shape"), instr.group("rest"), n_all)
+      computations[current].append((sent, buffer, instr.group("op")))
   conditional: set[str] = set()
   frontier = list(branches)
   while frontier:  # Everything called from a conditional branch runs only when it does.
@@ -254,9 +257,12 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     conditional.add(name)
     frontier += list(callees[name])
   per_device = [0.0] * n_all
-  result = {"conditional_bytes": 0.0, "by_kind": {}, "count": 0}
+  result = {"conditional_bytes": 0.0, "by_kind": {}, "count": 0, "buffers": {}}
   for name, ops in computations.items():
-    for sent, op in ops:
+    for sent, buffer, op in ops:
+      entry = result["buffers"].setdefault(op, {"count": 0, "bytes": 0.0})
+      entry["count"] += 1
+      entry["bytes"] += buffer
       mean = sum(sent) / n_all
       per_device = [a + b for a, b in zip(per_device, sent)]
       result["by_kind"][op] = result["by_kind"].get(op, 0.0) + mean

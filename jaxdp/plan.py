@@ -15,54 +15,20 @@ per-device. Ops inside loops (grad_accum_steps > 1) are counted once.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxdp import parallel, steps
+from jaxdp import comm, parallel, steps
 from jaxdp.config import STRATEGIES
 from jaxdp.model import count_params
 from jaxdp.train import build, state_bytes_per_device
 
-COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
 # How many times its buffer each collective moves, in the paper's accounting.
 BUFFER_PASSES = {"all-reduce": 2, "reduce-scatter": 1, "all-gather": 1, "collective-permute": 1,
                  "all-to-all": 1}
-_OP = re.compile(r"=\s+(?P<result>.*?)\s+(?P<op>" + "|".join(COLLECTIVES) +
-                 r")(?:-start)?\((?P<operands>.*?)\)(?:,|$)")
-_SHAPE = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
-_BITS = {"pred": 8}
-
-
-def _shapes_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype))
-    total += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
-  return total
-
-
-def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{op: {"count", "bytes"}} of the collectives in compiled (per-device) HLO text.
-
-  "bytes" is the buffer each op moves: an all-gather's result, a reduce-scatter's operand, an
-  all-reduce's (equal) operand and result. Async pairs are counted at their -start.
-  """
-  found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    match = _OP.search(line)
-    if match is None or "-done" in line.split("=", 1)[-1].split("(", 1)[0]:
-      continue
-    op = match["op"]
-    result, operands = _shapes_bytes(match["result"]), _shapes_bytes(match["operands"])
-    if match["result"].lstrip().startswith("(") and op == "all-gather" and "-start" in line:
-      result -= operands  # An async all-gather's result tuple repeats its operand.
-    found[op]["count"] += 1
-    found[op]["bytes"] += {"all-gather": result, "reduce-scatter": operands}.get(op, max(result, operands))
-  return found
 
 
 def paper_bytes(strategy: str, params_per_device: int, data: int) -> dict[str, float]:
@@ -100,7 +66,7 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
   grads = grad_fn(state.params, batch, state.rng)
   compiled = trainer.train_step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
-  collectives = collective_bytes(compiled.as_text())
+  collectives = comm.collective_bytes(compiled.as_text())["buffers"]
   data, model = trainer.mesh.shape[parallel.DATA], trainer.mesh.shape[parallel.MODEL]
   abstract = trainer.abstract_state()
   return {
