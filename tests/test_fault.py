@@ -109,6 +109,13 @@ def wait_for(predicate, proc, timeout=120.0):
     time.sleep(0.001)
 
 
+def latest_complete_checkpoint(workdir):
+  """The newest step whose save finished (orbax renames the temporary directory when done)."""
+  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+           if os.path.basename(p).isdigit()]
+  return max(steps, default=0)
+
+
 def save_in_progress(workdir):
   return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
 
@@ -127,10 +134,13 @@ def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
   kills.append(("during save", logged_step(workdir)))
   assert save_in_progress(workdir), "the kill did not land inside a save"
   for _ in range(2):
-    start = logged_step(workdir)
+    start, saved = logged_step(workdir), latest_complete_checkpoint(workdir)
     target = rng.randint(start + 1, min(start + 6, 19))
     proc = cli(workdir)
-    wait_for(lambda: logged_step(workdir) >= target, proc)
+    # Killed at a random step, but only once a new checkpoint is complete, so the next run
+    # resumes (a kill before any finished save would only exercise starting afresh).
+    wait_for(lambda: logged_step(workdir) >= target
+             and latest_complete_checkpoint(workdir) > saved, proc)
     proc.kill()
     proc.wait()
     kills.append(("after step", logged_step(workdir)))
