@@ -68,15 +68,17 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return data, model
 
 
+def need(ok: bool, message: str) -> None:
+  """Raises JaxdpError(message) unless `ok`: every check below names its field and the fix."""
+  if not ok:
+    raise JaxdpError(message)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> None:
   """Raises JaxdpError naming the first field that cannot work on `num_devices` devices.
 
   `platform` ("cpu", "gpu", "tpu"), when given, also checks fields that need particular hardware.
   """
-  def need(ok: bool, message: str) -> None:
-    if not ok:
-      raise JaxdpError(message)
-
   need(config.strategy in STRATEGIES,
        f"config.strategy={config.strategy!r} is not one of {', '.join(STRATEGIES)}")
   need(config.nan_policy in NAN_POLICIES,
@@ -146,10 +148,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
 
 def validate_comm(config: ml_collections.ConfigDict) -> None:
   """The communication fields (jaxdp/sync.py): choices, ranges and combinations that work."""
-  def need(ok: bool, message: str) -> None:
-    if not ok:
-      raise JaxdpError(message)
-
   for name, choices in (("allreduce", ALLREDUCE), ("compression", COMPRESSION), ("sync", SYNC)):
     need(config[name] in choices, f"config.{name}={config[name]!r} is not one of {', '.join(choices)}")
   need(0 < config.compression_ratio <= 1,

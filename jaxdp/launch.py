@@ -24,6 +24,7 @@ from jaxdp.errors import JaxdpError
 SET_BY_LAUNCH = ("--coordinator", "--num_processes", "--process_id", "--cpu_devices")
 STOP_GRACE_S = 5.0  # After SIGTERM, seconds a process gets to exit before SIGKILL.
 POLL_S = 0.1
+ROOT_CAUSE_WAIT_S = 1.0  # How long a first failure waits for a signal-killed peer to show.
 
 
 def free_port() -> int:
@@ -122,6 +123,14 @@ def launch(nprocs: int, command: Sequence[str], cpu_devices: int | None = None, 
     while True:
       failed = next((p for p in processes if p.popen.poll() not in (None, 0)), None)
       if failed is not None:
+        # A peer's death makes the survivors fail too (a collective loses its partner), sometimes
+        # before the dead process's status is visible: wait briefly, then blame a process that was
+        # killed by a signal, if any, rather than the first to notice.
+        deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
+        while time.monotonic() < deadline and not any(
+            (p.popen.poll() or 0) < 0 for p in processes):
+          time.sleep(POLL_S)
+        failed = next((p for p in processes if (p.popen.poll() or 0) < 0), failed)
         message = f"{failed.describe_exit()}: {failed.error_line()}"
         others = [p for p in processes if p.popen.poll() is None]
         _stop(others)
