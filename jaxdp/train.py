@@ -236,6 +236,35 @@ class StopRequests:
     return False
 
 
+def train_line(fetched: list[dict], step: int, lr: float, tokens_per_sec: float,
+               comm_bytes: float, count_skips: bool) -> dict[str, Any]:
+  """The metrics line of the steps in `fetched` (host values): means of loss (finite steps only)
+  and gradient norm; fp16's loss scale and the skip count when they matter."""
+  finite_losses = [m["train_loss"] for m in fetched if math.isfinite(m["train_loss"])]
+  line = {"step": step,
+          "train_loss": float(np.mean(finite_losses)) if finite_losses else math.nan,
+          "lr": lr,
+          "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+          "tokens_per_sec": tokens_per_sec,
+          "comm_bytes_per_step": comm_bytes}
+  if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
+    line["loss_scale"] = float(fetched[-1]["loss_scale"])
+  if count_skips or "loss_scale" in fetched[-1]:
+    line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
+  return line
+
+
+def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
+  """The early-stopping record after an evaluation; sets "stopped_early" once `patience`
+  evaluations in a row have not improved on the best (patience 0 never stops)."""
+  if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
+    return dict(meta, best_eval_loss=eval_loss, evals_without_improvement=0)
+  meta = dict(meta, evals_without_improvement=meta["evals_without_improvement"] + 1)
+  if patience and meta["evals_without_improvement"] >= patience:
+    meta["stopped_early"] = True
+  return meta
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices: Sequence[jax.Device] | None = None, progress: bool = True,
                        allow_config_change: bool = False,
@@ -316,17 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         fetched = jax.device_get(pending)  # The loop's only host sync between logs.
         halt_if_not_finite(state)
         elapsed = time.perf_counter() - last["time"]
-        finite_losses = [m["train_loss"] for m in fetched if math.isfinite(m["train_loss"])]
-        line = {"step": step,
-                "train_loss": float(np.mean(finite_losses)) if finite_losses else math.nan,
-                "lr": float(schedule(step - 1)),
-                "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                "tokens_per_sec": (step - last["step"]) * tokens_per_step / elapsed,
-                "comm_bytes_per_step": comm_bytes}
-        if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
-          line["loss_scale"] = float(fetched[-1]["loss_scale"])
-        if config.nan_policy == "skip" or "loss_scale" in fetched[-1]:
-          line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
+        line = train_line(fetched, step, float(schedule(step - 1)),
+                          (step - last["step"]) * tokens_per_step / elapsed, comm_bytes,
+                          config.nan_policy == "skip")
         writer.write(line)
         bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"])
         result["train_loss"] = line["train_loss"]
@@ -341,17 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write({"step": step, "eval_loss": eval_loss})
         bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
         result["eval_loss"] = eval_loss
-        if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
-          meta = dict(meta, best_eval_loss=eval_loss, evals_without_improvement=0)
-        else:
-          meta = dict(meta, evals_without_improvement=meta["evals_without_improvement"] + 1)
-          if config.patience and meta["evals_without_improvement"] >= config.patience:
-            stop = True
-            meta["stopped_early"] = True
-            result["stop_reason"] = "early_stopping"
-            writer.write({"step": step, "event": "early_stopping",
-                          "best_eval_loss": meta["best_eval_loss"]})
-            bar.write(f"early stopping at step {step}: no improvement in {config.patience} evaluations")
+        meta = record_evaluation(meta, eval_loss, config.patience)
+        if meta.get("stopped_early"):
+          stop = True
+          result["stop_reason"] = "early_stopping"
+          writer.write({"step": step, "event": "early_stopping",
+                        "best_eval_loss": meta["best_eval_loss"]})
+          bar.write(f"early stopping at step {step}: no improvement in {config.patience} evaluations")
       preempted = not stop and not final and stops.should_stop(step, log_step)
       if (config.checkpoint_every and step % config.checkpoint_every == 0) or final or stop or preempted:
         halt_if_not_finite(state)

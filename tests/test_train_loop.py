@@ -94,3 +94,14 @@ def test_resume_refuses_a_changed_model(uninterrupted, tmp_path):
   cfg.model.d_model = 64
   with pytest.raises(JaxdpError, match=r"model.d_model \(32 -> 64\)"):
     train_and_evaluate(cfg, workdir, devices=jax.devices()[:2], progress=False)
+
+
+def test_record_evaluation_stops_after_patience_without_improvement():
+  from jaxdp.train import record_evaluation
+  meta = {"best_eval_loss": None, "evals_without_improvement": 0}
+  for loss, stops in [(3.0, False), (2.5, False), (2.6, False), (2.5, True)]:
+    meta = record_evaluation(meta, loss, patience=2)
+    assert bool(meta.get("stopped_early")) == stops
+  assert meta["best_eval_loss"] == 2.5
+  assert not record_evaluation({"best_eval_loss": 1.0, "evals_without_improvement": 9}, 2.0,
+                               patience=0).get("stopped_early")
