@@ -11,7 +11,6 @@ hosts) gives the same mean.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -19,7 +19,6 @@ Per-device state lives in `TrainState.comm`, a dict whose every leaf has a leadi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -34,8 +34,8 @@ from jaxdp.model import GPT, ModelConfig, count_params
 from jaxdp.optim import learning_rate_schedule, make_optimizer
 from jaxdp.precision import compute_dtype, initial_loss_scale
 from jaxdp.state import TrainState, init_state
-from jaxdp.watchdog import StepWatchdog
 from jaxdp.sync import CommConfig, bytes_per_step, with_comm_state
+from jaxdp.watchdog import StepWatchdog
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.path", "data.val_fraction",

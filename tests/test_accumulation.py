@@ -3,11 +3,10 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp import parallel, steps
+from jaxdp import steps
 from jaxdp.config import load_preset
 from jaxdp.train import build
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.data import Batches, ByteTokenizer, Dataset, WindowSource, load_tokens, training_examples
+from jaxdp.data import ByteTokenizer, Dataset, WindowSource, load_tokens, training_examples
 from jaxdp.errors import JaxdpError
 from jaxdp.train import build
 

@@ -1,6 +1,5 @@
 """N devices train exactly like one: shard_map and pmap against a plain reference loop."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
