@@ -2,8 +2,8 @@
 
   jaxdp train    [--config PATH|PRESET] [--config.FIELD=VALUE ...] [--workdir DIR] [--cpu_devices N]
                  [--coordinator HOST:PORT --num_processes P --process_id I] [--init_timeout_s S]
-  jaxdp launch   --nprocs P [--cpu_devices D] -- train [train flags ...]
                  [--restore_from WORKDIR/checkpoints/STEP] [--allow_config_change]
+  jaxdp launch   --nprocs P [--cpu_devices D] -- train [train flags ...]
   jaxdp inspect  CHECKPOINT_DIR   (a workdir or its checkpoints/ folder: steps, config, arrays)
   jaxdp generate --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
   jaxdp prepare  INPUT... --out DIR [--tokenizer byte|bpe --vocab_size V]
