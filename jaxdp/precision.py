@@ -41,11 +41,6 @@ def initial_loss_scale(precision: str = "fp32", init: float = 2.0 ** 15, period:
                    period=period if dynamic else 0)
 
 
-def all_finite(tree) -> jax.Array:
-  """True when every element of every leaf is finite (one reduction per leaf)."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def next_loss_scale(loss_scale: LossScale, finite: jax.Array) -> LossScale:
   """Halves the scale on overflow; doubles it after `period` good steps."""
   grow = finite & (loss_scale.good_steps + 1 >= loss_scale.period)
@@ -53,23 +48,3 @@ def next_loss_scale(loss_scale: LossScale, finite: jax.Array) -> LossScale:
                     jnp.maximum(loss_scale.scale / 2, 1.0))
   good = jnp.where(finite & ~grow, loss_scale.good_steps + 1, 0)
   return loss_scale.replace(scale=scale.astype(jnp.float32), good_steps=good.astype(jnp.int32))
-
-
-def select_tree(keep_new: jax.Array, new, old):
-  """`new` where keep_new is True, else `old`, leaf by leaf (a skipped update)."""
-  return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
-
-
-def skip_overflow(state, new_state, grads, metrics: dict) -> tuple:
-  """Keeps `new_state`'s update only if `grads` are finite, and steps the loss scale.
-
-  The step counter advances either way (the data position follows it); parameters and optimizer
-  state (including Adam's count) stay as they were on an overflow.
-  """
-  finite = all_finite(grads)
-  loss_scale = next_loss_scale(state.loss_scale, finite)
-  new_state = new_state.replace(params=select_tree(finite, new_state.params, state.params),
-                                opt_state=select_tree(finite, new_state.opt_state, state.opt_state),
-                                loss_scale=loss_scale,
-                                skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  return new_state, dict(metrics, loss_scale=state.loss_scale.scale)

@@ -74,24 +74,38 @@ def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT,
   return carry
 
 
-def update_if_finite(state: TrainState, new_state: TrainState, finite: jax.Array,
-                     max_consecutive_skips: int = 0) -> TrainState:
-  """`new_state` if `finite`, else `state` with the update dropped and the skip counted.
+def update_if_finite(state: TrainState, finite: jax.Array, update, max_consecutive_skips: int = 0,
+                     loss_scale=None) -> TrainState:
+  """`state` advanced by `update()` if `finite`; else the update is dropped and the skip counted.
 
+  `update()` returns (params, opt_state, comm) and runs under `lax.cond`, so a kept update is
+  written once and a dropped one costs nothing, instead of a select over every array of the state.
   A dropped update still advances `step`, so the next step reads the next batch, unless it is
   more than `max_consecutive_skips` in a row: then nothing changes but `consecutive_skips`
   (now above the limit), and every later step leaves the state alone, so the loop can notice
   at its next sync, halt and save the last good state (no state is lost to buffer donation).
+  With fp16's dynamic `loss_scale`, overflows are expected: the scale halves, the step always
+  advances, and `consecutive_skips` is not counted.
   """
-  consecutive = jnp.where(finite, 0, state.consecutive_skips + 1)
-  over = consecutive > max_consecutive_skips
-  dropped = state.replace(step=jnp.where(over, state.step, state.step + 1),
-                          skipped_steps=jnp.where(over, state.skipped_steps, state.skipped_steps + 1),
-                          consecutive_skips=consecutive)
-  out = jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                     new_state.replace(consecutive_skips=consecutive), dropped)
-  halted = state.consecutive_skips > max_consecutive_skips
-  return jax.tree.map(lambda a, b: jnp.where(halted, a, b), state, out)
+  if loss_scale is not None:
+    apply = finite
+    step = state.step + 1
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    consecutive = state.consecutive_skips
+  else:
+    halted = state.consecutive_skips > max_consecutive_skips
+    consecutive = jnp.where(finite, 0, state.consecutive_skips + 1)
+    over = consecutive > max_consecutive_skips
+    apply = finite & ~halted
+    step = jnp.where(halted | (~finite & over), state.step, state.step + 1)
+    skipped = jnp.where(halted | finite | over, state.skipped_steps, state.skipped_steps + 1)
+    consecutive = jnp.where(halted, state.consecutive_skips, consecutive)
+  params, opt_state, comm = lax.cond(apply, update, lambda: (state.params, state.opt_state, state.comm))
+  new_state = state.replace(step=step, params=params, opt_state=opt_state, comm=comm,
+                            skipped_steps=skipped, consecutive_skips=consecutive)
+  if loss_scale is not None:
+    new_state = new_state.replace(loss_scale=precision.next_loss_scale(loss_scale, finite))
+  return new_state
 
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
@@ -124,17 +138,22 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
       # The mean of sums divided by the mean of counts is the global token-weighted mean.
       grad_sum, loss_total, tokens = lax.pmean((grad_sum, loss_total, tokens), axis_name)
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, comm=state_comm)
-  metrics = {"train_loss": loss_total / tokens, "grad_norm": optax.tree.norm(grads)}
+  grad_norm = optax.tree.norm(grads)
+  # The norm is finite exactly when every gradient is (or it overflows float32, which clipping
+  # could not use either): one reduction instead of a pass over every leaf. fp16 overflows are
+  # expected and handled by the loss scale, so its loss is not checked.
+  finite = jnp.isfinite(grad_norm) if scaling else jnp.isfinite(loss_total) & jnp.isfinite(grad_norm)
+
+  def optimizer_update():
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state, state_comm
+
+  new_state = update_if_finite(state, finite, optimizer_update, max_consecutive_skips,
+                               state.loss_scale if scaling else None)
+  metrics = {"train_loss": loss_total / tokens, "grad_norm": grad_norm,
+             "skipped_steps": new_state.skipped_steps, "consecutive_skips": new_state.consecutive_skips}
   if scaling:
-    # fp16 overflows are expected and handled by the loss scale, not by nan_policy.
-    new_state, metrics = precision.skip_overflow(state, new_state, grads, metrics)
-  else:
-    finite = jnp.isfinite(loss_total) & precision.all_finite(grads)
-    new_state = update_if_finite(state, new_state, finite, max_consecutive_skips)
-  metrics.update(skipped_steps=new_state.skipped_steps, consecutive_skips=new_state.consecutive_skips)
+    metrics["loss_scale"] = state.loss_scale.scale
   return new_state, metrics
 
 

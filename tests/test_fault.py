@@ -306,19 +306,21 @@ def tiny_state(step=5):
 
 def test_update_if_finite_drops_bad_updates_then_freezes_past_the_limit():
   old = tiny_state()
-  new = old.replace(step=old.step + 1, params={"w": jnp.full(3, 2.0)}, opt_state=(jnp.ones(3),))
+  update = lambda: ({"w": jnp.full(3, 2.0)}, (jnp.ones(3),), old.comm)
   state = old
   for expected_step, expected_skips in [(6, 1), (7, 2)]:  # Two dropped updates are allowed.
-    state = steps.update_if_finite(state, new, jnp.bool_(False), max_consecutive_skips=2)
+    state = steps.update_if_finite(state, jnp.bool_(False), update, max_consecutive_skips=2)
     assert int(state.step) == expected_step and int(state.skipped_steps) == expected_skips
     np.testing.assert_array_equal(state.params["w"], old.params["w"])
-  over = steps.update_if_finite(state, new, jnp.bool_(False), max_consecutive_skips=2)
+    np.testing.assert_array_equal(state.opt_state[0], old.opt_state[0])
+  over = steps.update_if_finite(state, jnp.bool_(False), update, max_consecutive_skips=2)
   assert int(over.step) == 7 and int(over.consecutive_skips) == 3  # The third: step not taken.
-  frozen = steps.update_if_finite(over, new, jnp.bool_(True), max_consecutive_skips=2)
+  frozen = steps.update_if_finite(over, jnp.bool_(True), update, max_consecutive_skips=2)
   assert_bitwise_equal(frozen, over)  # Even a finite update cannot move a halted state.
-  ok = steps.update_if_finite(state, new, jnp.bool_(True), max_consecutive_skips=2)
-  assert int(ok.consecutive_skips) == 0 and int(ok.step) == 6
-  np.testing.assert_array_equal(ok.params["w"], new.params["w"])
+  ok = steps.update_if_finite(state, jnp.bool_(True), update, max_consecutive_skips=2)
+  assert int(ok.consecutive_skips) == 0 and int(ok.step) == 8 and int(ok.skipped_steps) == 2
+  np.testing.assert_array_equal(ok.params["w"], update()[0]["w"])
+  np.testing.assert_array_equal(ok.opt_state[0], update()[1][0])
 
 
 def can_mount_tmpfs(path):
