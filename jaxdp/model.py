@@ -82,15 +82,33 @@ class CausalSelfAttention(nn.Module):
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
+class Linear(nn.Module):
+  """y = x W^T + b with the kernel stored [out, in] (PyTorch's layout, not Flax Dense's [in, out]).
+
+  Why: the weight gradient is then dy^T x, which XLA:CPU emits as a plain row-major matmul for
+  its fast (YNNPACK) dot path; with [in, out] kernels it came out as x^T dy with a transposed
+  left operand, left to a slower dot plus a copy. Measured on the 10.7M model (2 cores): 1 device
+  ~2500 -> ~2800 tokens/s, and shard_map on 2 devices no longer trails jit by ~7%.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", init, (self.features, x.shape[-1]))  # [out, in]
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return jnp.einsum("...i,oi->...o", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     cfg = self.cfg
-    h = nn.Dense(cfg.mlp_ratio * cfg.d_model, kernel_init=init, dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
+    h = Linear(cfg.mlp_ratio * cfg.d_model, dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
     h = nn.gelu(h)
-    y = nn.Dense(cfg.d_model, kernel_init=init, dtype=cfg.dtype, name="proj")(h)  # [B, T, D]
+    y = Linear(cfg.d_model, dtype=cfg.dtype, name="proj")(h)  # [B, T, D]
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 

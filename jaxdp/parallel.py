@@ -38,8 +38,8 @@ ZERO_PARTS = {"dp": (), "zero1": ("opt_state",), "zero2": ("opt_state", "grads")
 # Splitting the qkv output and proj input over heads (fc output and proj input over hidden) keeps
 # each block's math local to a device until the one reduction after proj.
 MEGATRON_DIMS = {("attn", "qkv", "kernel"): 2, ("attn", "qkv", "bias"): 1,
-                 ("attn", "proj", "kernel"): 0, ("mlp", "fc", "kernel"): 1,
-                 ("mlp", "fc", "bias"): 0, ("mlp", "proj", "kernel"): 0}
+                 ("attn", "proj", "kernel"): 0, ("mlp", "fc", "kernel"): 0,
+                 ("mlp", "fc", "bias"): 0, ("mlp", "proj", "kernel"): 1}
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, data: int = 0, model: int = 1) -> Mesh:
