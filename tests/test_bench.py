@@ -26,6 +26,9 @@ def test_quick_bench_reports_every_key_finite_and_positive(bench, tmp_path):
               "flops_per_token_hlo", "flops_per_token_formula"):
     assert math.isfinite(report[key]) and report[key] > 0, key
   assert math.isfinite(report["overhead_vs_bare_loop"]) and report["overhead_vs_bare_loop"] > -1
+  # The peak is the best of every matmul timed in the run (sizes, device groups, rounds).
+  assert report["measured_peak_flops"] == max(max(v) for v in report["measured_peak_flops_rounds"].values())
+  assert report["step_devices"] == min(os.cpu_count(), 8)
   scaling = report["scaling"]
   assert scaling["devices"] == [1, 2]
   for kind in ("weak", "strong"):
@@ -46,3 +49,10 @@ def test_bench_rejects_unknown_config_field(bench):
   from jaxdp.errors import JaxdpError
   with pytest.raises(JaxdpError, match="unknown config field 'model.widht'"):
     bench.apply_overrides(load_preset("tiny_cpu"), {"model.widht": "3"})
+
+
+def test_bench_rejects_devices_that_do_not_divide_the_batch(bench):
+  from jaxdp.errors import JaxdpError
+  args, overrides = bench.parse_args(["--config", "tiny_cpu", "--quick", "--devices", "3"])
+  with pytest.raises(JaxdpError, match="--devices 3: .*dividing global_batch_size"):
+    bench.run(args, overrides)

@@ -2,14 +2,20 @@
 
   python tools/bench.py [--config PRESET|PATH] [--config.FIELD=VALUE ...] [--quick] [--out FILE]
                         [--steps N] [--skip scaling,memory,strategies,comm] [--cpu_devices 8]
+                        [--devices N]
 
 Every figure is a measurement of this run (ratios compare numbers taken in the same process):
   tokens_per_sec, step_time_s      the jaxdp step as train.py drives it (prefetched real batches,
-                                   donated state, metrics fetched every log_every) on one device;
+                                   donated state, metrics fetched every log_every) on `--devices`
+                                   devices (default: every accelerator; on a CPU host one emulated
+                                   device per core, the data-parallel layout for a CPU);
   overhead_vs_bare_loop            jaxdp step time / a bare jitted loop of the same model, loss,
-                                   optimizer and batch shape (batch already on device) - 1;
-  flops_per_token_hlo / _formula   compiled `cost_analysis()` FLOPs / tokens; 6N + 12 L T D beside it;
-  measured_peak_flops              best FLOP/s of a large matmul on the same device, this run;
+                                   optimizer and batch shape on the same devices (params
+                                   replicated, batch split by jit, already on device) - 1;
+  flops_per_token_hlo / _formula   compiled `cost_analysis()` FLOPs (per-device program x devices)
+                                   / tokens; 6N + 12 L T D beside it;
+  measured_peak_flops              best FLOP/s of 1024^2 and 2048^2 matmuls this run, on one device
+                                   and on all the step's devices at once (the largest counts);
   mfu                              flops_per_token_hlo * tokens_per_sec / measured_peak_flops;
   scaling                          tokens/s at 1, 2, 4, 8 devices, weak (fixed per-device batch) and
                                    strong (fixed global batch), with efficiency = speed-up / devices;
@@ -42,6 +48,9 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
   parser.add_argument("--skip", default="", help="comma list of sections: scaling,memory,loader,strategies,comm")
   parser.add_argument("--cpu_devices", type=int, default=8, help="emulated CPU devices")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved jaxdp/bare rounds")
+  parser.add_argument("--devices", type=int, default=0,
+                      help="devices of the headline step (0: all accelerators, or one per core on CPU)")
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -84,25 +93,34 @@ def timed(fn, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
-def measured_peak_flops(device, dtype, size: int, reps: int) -> float:
-  """Best FLOP/s of a size x size matmul on `device` (2 size^3 FLOPs per product)."""
+def measured_peak_flops(devices, dtype, size: int, reps: int) -> float:
+  """Best FLOP/s of `devices` each multiplying two size x size matrices at once (2 size^3 each)."""
   import jax
   import jax.numpy as jnp
-  a = jax.device_put(jnp.ones((size, size), dtype), device)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(devices), ("d",))
+  a = jax.device_put(jnp.ones((len(devices) * size, size), dtype), NamedSharding(mesh, P("d")))
+  b = jax.device_put(jnp.ones((size, size), dtype), NamedSharding(mesh, P()))
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, b))
   best = math.inf
   for _ in range(reps):
     start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
+    jax.block_until_ready(matmul(a, b))
     best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return len(devices) * 2 * size ** 3 / best
 
 
-def bare_step_fn(model, tx):
-  """The reference loop's step: mean token loss, grad, optimizer update; nothing else."""
+def bare_step_fn(model, tx, mesh):
+  """The reference loop's step: mean token loss, grad, optimizer update; nothing else.
+
+  Plain `jax.jit` over `mesh`: parameters and optimizer state replicated, the batch split over
+  its rows, and XLA inserts the gradient all-reduce, as a user without jaxdp would write it.
+  """
   import jax
   import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
 
   def step(params, opt_state, inputs, targets):
     def loss_fn(p):
@@ -111,7 +129,9 @@ def bare_step_fn(model, tx):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names))
+  return jax.jit(step, in_shardings=(replicated, replicated, rows, rows),
+                 out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
 
 
 def jaxdp_tokens_per_sec(trainer, train_step, steps: int) -> tuple[float, float]:
@@ -163,6 +183,7 @@ def run(args, overrides) -> dict:
   from jaxdp.config import STRATEGIES, load_preset
   from jaxdp.model import count_params
   from jaxdp.precision import compute_dtype
+  from jaxdp.errors import JaxdpError
   from jaxdp.train import build
 
   def config_with(**fields):
@@ -182,8 +203,16 @@ def run(args, overrides) -> dict:
             "precision": config.precision, "global_batch_size": config.global_batch_size,
             "seq_len": config.seq_len, "tokens_per_step": config.global_batch_size * config.seq_len}
 
-  # The jaxdp step on one device, and its compile time.
-  trainer = build(config, devices[:1])
+  # The headline step: on a CPU host one emulated device per core (a single XLA:CPU device
+  # leaves cores idle outside the matmuls), on accelerators every device.
+  n_step = args.devices or (min(os.cpu_count() or 1, len(devices)) if device.platform == "cpu"
+                            else len(devices))
+  if n_step > len(devices) or config.global_batch_size % n_step:
+    raise JaxdpError(f"--devices {n_step}: need at most {len(devices)} devices, dividing "
+                     f"global_batch_size {config.global_batch_size}; pick another --devices")
+  step_devices = devices[:n_step]
+  report["step_devices"] = n_step
+  trainer = build(config, step_devices)
   state = trainer.init_state()
   batch = trainer.train_batch(0)
   start = time.perf_counter()
@@ -192,32 +221,44 @@ def run(args, overrides) -> dict:
   n_params = count_params(state.params)
   report["params"] = n_params
 
-  # The bare loop: same model, optimizer and batch shape, batch already on the device.
-  bare = bare_step_fn(trainer.model, trainer.tx)
+  # The bare loop: same model, optimizer, batch shape and devices, batch already on the devices.
+  bare = bare_step_fn(trainer.model, trainer.tx, trainer.mesh)
   fresh = trainer.init_state()
   rows = config.global_batch_size
-  inputs = jax.device_put(jnp.asarray(np.asarray(batch["inputs"]).reshape(rows, -1)), device)
-  targets = jax.device_put(jnp.asarray(np.asarray(batch["targets"]).reshape(rows, -1)), device)
+  inputs = jnp.asarray(np.asarray(batch["inputs"]).reshape(rows, -1))
+  targets = jnp.asarray(np.asarray(batch["targets"]).reshape(rows, -1))
   holder = {"params": fresh.params, "opt_state": fresh.opt_state}
   bare_compiled = bare.lower(holder["params"], holder["opt_state"], inputs, targets).compile()
+  inputs, targets = (jax.device_put(x, bare_compiled.input_shardings[0][2]) for x in (inputs, targets))
 
   def bare_once():
     holder["params"], holder["opt_state"], loss = bare_compiled(holder["params"], holder["opt_state"],
                                                                 inputs, targets)
     return loss
 
-  # Interleaved rounds (jaxdp loop, then bare loop) so load from other processes hits both alike;
-  # the overhead is the median of the per-round ratios.
-  # The matmul peak is timed in every round too, and the best of all rounds is the peak: the
-  # machine's speed drifts between runs, and MFU must divide by a peak measured alongside the step.
-  rounds = 1 if args.quick else 3
+  # Interleaved rounds, alternating which loop goes first, so load from other processes and
+  # order effects hit both alike; the overhead is the median of the per-round ratios.
+  # The matmul peak is timed in every round too (one device alone, and all step devices at
+  # once), and the best of all is the peak: the machine's speed drifts between runs, and MFU
+  # must divide by a peak measured alongside the step.
+  rounds = 1 if args.quick else args.rounds
   peak_dtype = compute_dtype(config.precision)
-  size = 1024 if args.quick else 2048
-  pairs, peaks = [], []
-  for _ in range(rounds):
-    step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
-    pairs.append((step_s, timed(bare_once, steps)))
-    peaks.append(measured_peak_flops(device, peak_dtype, size, 3 if args.quick else 10))
+  sizes = (1024,) if args.quick else (1024, 2048)  # On CPU the smaller, cache-resident one wins.
+  reps = 3 if args.quick else 10
+  groups = {"one_device": devices[:1], "all_step_devices": step_devices} if n_step > 1 else {
+      "one_device": devices[:1]}
+  pairs, peaks = [], {f"{name}/{size}": [] for name in groups for size in sizes}
+  for r in range(rounds):
+    if r % 2:
+      bare_s = timed(bare_once, steps)
+      step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
+    else:
+      step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
+      bare_s = timed(bare_once, steps)
+    pairs.append((step_s, bare_s))
+    for name, group in groups.items():
+      for size in sizes:
+        peaks[f"{name}/{size}"].append(measured_peak_flops(group, peak_dtype, size, reps))
   step_s = float(np.median([p[0] for p in pairs]))
   bare_s = float(np.median([p[1] for p in pairs]))
   tokens_per_sec = report["tokens_per_step"] / step_s
@@ -227,15 +268,18 @@ def run(args, overrides) -> dict:
   report["overhead_rounds"] = [{"jaxdp_step_s": a, "bare_step_s": b} for a, b in pairs]
   report["overhead_vs_bare_loop"] = float(np.median([a / b for a, b in pairs])) - 1
 
-  # FLOPs: from the compiled step's HLO, and from the formula.
+  # FLOPs: from the compiled step's HLO (one device's program, times the devices: each runs the
+  # model on its rows), and from the formula.
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  report["flops_per_step_hlo"] = float(cost["flops"])
+  report["flops_per_step_hlo"] = float(cost["flops"]) * n_step
   report["flops_per_token_hlo"] = report["flops_per_step_hlo"] / report["tokens_per_step"]
   report["flops_per_token_formula"] = formula_flops_per_token(n_params, config)
-  report["measured_peak_flops"] = max(peaks)
+  best = max(peaks, key=lambda k: max(peaks[k]))
+  report["measured_peak_flops"] = max(peaks[best])
   report["measured_peak_flops_rounds"] = peaks
-  report["peak_matmul"] = f"{size}x{size} {jnp.dtype(peak_dtype).name}"
+  size = best.split("/")[1]
+  report["peak_matmul"] = f"{best.split('/')[0]}, {size}x{size} {jnp.dtype(peak_dtype).name} per device"
   report["achieved_flops"] = report["flops_per_token_hlo"] * tokens_per_sec
   report["mfu"] = report["achieved_flops"] / report["measured_peak_flops"]
   report["mfu_formula"] = report["flops_per_token_formula"] * tokens_per_sec / report["measured_peak_flops"]
@@ -312,11 +356,8 @@ def run(args, overrides) -> dict:
         fields = dict(strategy=strategy, precision=precision)
         if precision == "fp16" and device.platform == "cpu":
           fields["attention"] = "reference"  # XLA:CPU has no f16 x f16 -> f32 dot.
-        if (strategy, precision) == (config.strategy, config.precision):
-          stats = compiled.memory_analysis()  # The step measured above.
-        else:
-          t = build(config_with(**fields), devices[:1])
-          stats = t.train_step.lower(t.abstract_state(), t.train_batch(0)).compile().memory_analysis()
+        t = build(config_with(**fields), devices[:1])
+        stats = t.train_step.lower(t.abstract_state(), t.train_batch(0)).compile().memory_analysis()
         memory[f"{strategy}/{precision}"] = {
             "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
             "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
@@ -331,7 +372,7 @@ def table(report: dict) -> str:
     if isinstance(v, float):
       return f"{v:.4g}"
     return str(v)
-  keys = ("device", "params", "precision", "tokens_per_step", "compile_time_s", "step_time_s",
+  keys = ("device", "step_devices", "params", "precision", "tokens_per_step", "compile_time_s", "step_time_s",
           "tokens_per_sec", "bare_step_time_s", "overhead_vs_bare_loop", "flops_per_token_hlo",
           "flops_per_token_formula", "measured_peak_flops", "peak_matmul", "achieved_flops", "mfu",
           "mfu_formula", "mfu_bare_loop", "loader_batches_per_sec", "loader_headroom")
