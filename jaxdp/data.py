@@ -10,6 +10,7 @@ who computes a row, not which rows are in a step. Resuming at step `s` needs not
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 import queue
@@ -134,11 +135,27 @@ class Batches:
     return batch
 
 
+def corpus_digest(path: str) -> str:
+  """sha256 of what config.data.path names: a text file's bytes, or a prepared directory's
+  manifest (it lists every shard's checksum). Checkpoints keep it, so a resume notices data
+  that changed under the same path, which would silently change the examples of every step."""
+  path = path or builtin_corpus_path()
+  if os.path.isdir(path):
+    from jaxdp import prepare  # Imports this module: loaded only when needed.
+    path = os.path.join(path, prepare.MANIFEST)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
 class Dataset:
   """The training and validation streams of one config."""
 
   def __init__(self, config, tokenizer=None):
     tokens, data_tokenizer = load_corpus(config.data.path)
+    self.digest = corpus_digest(config.data.path)
     self.tokenizer = tokenizer or data_tokenizer
     train, val = split_tokens(tokens, config.data.val_fraction, config.seq_len)
     self.train_source = WindowSource(train, config.seq_len)

@@ -144,9 +144,13 @@ def warn(message: str) -> None:
     print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _check_config(saved: dict, config: ml_collections.ConfigDict, where: str,
-                  allow_config_change: bool) -> None:
-  changed = changed_fields(saved, config)
+def _check_config(saved: dict, trainer: Trainer, where: str, allow_config_change: bool) -> None:
+  """Refuses a checkpoint whose config or data differ from this run's (unless allowed)."""
+  changed = changed_fields(saved["config"], trainer.config)
+  digest = saved.get("data_digest")
+  if digest is not None and digest != trainer.dataset.digest:
+    changed.append(f"the data at config.data.path={trainer.config.data.path!r} changed (sha256 "
+                   f"{digest[:12]}... -> {trainer.dataset.digest[:12]}...); restore the data it was trained on")
   if changed and not allow_config_change:
     raise JaxdpError(f"the checkpoint in {where!r} was trained with a different config: "
                      f"{'; '.join(changed)}; use another --workdir, or --allow_config_change")
@@ -174,7 +178,7 @@ def restore_checkpoint(checkpoints: Checkpointer, trainer: Trainer, *, restore_f
                        f"steps {later}; pick a fresh --workdir to continue from step {step}")
     source = Checkpointer("", create=False, directory=os.path.dirname(path))
     try:
-      _check_config(source.restore_meta(step)["config"], trainer.config, path, allow_config_change)
+      _check_config(source.restore_meta(step), trainer, path, allow_config_change)
       return source.restore(step, abstract)
     except CorruptCheckpoint as e:
       raise JaxdpError(f"--restore_from={restore_from!r}: {e}; pick another step") from None
@@ -186,7 +190,7 @@ def restore_checkpoint(checkpoints: Checkpointer, trainer: Trainer, *, restore_f
         saved = checkpoints.restore_meta(step)
       except Exception as e:  # pylint: disable=broad-except  # Unreadable JSON or missing item.
         raise CorruptCheckpoint(f"step {step} has an unreadable meta item ({type(e).__name__})") from e
-      _check_config(saved["config"], trainer.config, checkpoints.directory, allow_config_change)
+      _check_config(saved, trainer, checkpoints.directory, allow_config_change)
       return checkpoints.restore(step, abstract)
     except CorruptCheckpoint as e:
       moved = checkpoints.set_aside(step)
@@ -303,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     saved_step = int(state.step)
     checkpoints.save(saved_step, state, dict(
         meta, step=saved_step, examples_seen=saved_step * config.global_batch_size,
-        config=config.to_dict(), strategy=config.strategy, num_devices=trainer.mesh.size),
+        config=config.to_dict(), data_digest=trainer.dataset.digest, strategy=config.strategy,
+        num_devices=trainer.mesh.size),
         eval_loss=eval_loss)
 
   def halt_if_not_finite(state) -> None:

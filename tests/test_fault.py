@@ -213,6 +213,27 @@ def test_flipped_bit_in_array_file_is_detected_not_loaded(reference, tmp_path):
   ckpt.close()
 
 
+def test_data_changed_under_the_same_path_is_refused_on_resume(tmp_path):
+  from jaxdp.data import builtin_corpus_path
+  corpus = tmp_path / "corpus.txt"
+  shutil.copy(builtin_corpus_path(), corpus)
+  run = config(num_steps=2, checkpoint_every=2, eval_every=0)
+  run.data.path = str(corpus)
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(run, workdir, devices=devices(), progress=False)
+  ckpt = Checkpointer(workdir, create=False)
+  state, _ = restore_checkpoint(ckpt, build(run, devices()))  # Same bytes: resumes.
+  assert int(state.step) == 2
+  text = corpus.read_bytes()
+  corpus.write_bytes(text.replace(b"ROMEO", b"ROMEX", 1))  # Same length, one byte differs.
+  with pytest.raises(JaxdpError, match=r"the data at config.data.path=.*corpus.txt' changed "
+                                       r"\(sha256 [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\.\).*--allow_config_change"):
+    restore_checkpoint(ckpt, build(run, devices()))
+  state, _ = restore_checkpoint(ckpt, build(run, devices()), allow_config_change=True)
+  assert int(state.step) == 2
+  ckpt.close()
+
+
 def test_fingerprint_changes_with_any_flipped_bit_and_not_with_sharding():
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 5))
   base = fingerprints({"x": x})

@@ -347,7 +347,8 @@ def run(args, overrides) -> dict:
       entry["bytes_vs_dense"] = entry["comm_bytes_per_step"] / dense
     report["comm"] = {"num_devices": len(group), "results": comm}
 
-  # Compiled memory per strategy and precision (one device's program).
+  # Compiled memory per strategy and precision: one device's share of the step on all devices
+  # (on one device every ZeRO stage would hold everything).
   if "memory" not in skip:
     memory = {}
     precisions = ("fp32",) if args.quick else ("fp32", "bf16", "fp16")
@@ -356,14 +357,14 @@ def run(args, overrides) -> dict:
         fields = dict(strategy=strategy, precision=precision)
         if precision == "fp16" and device.platform == "cpu":
           fields["attention"] = "reference"  # XLA:CPU has no f16 x f16 -> f32 dot.
-        t = build(config_with(**fields), devices[:1])
+        t = build(config_with(**fields), group)
         stats = t.train_step.lower(t.abstract_state(), t.train_batch(0)).compile().memory_analysis()
         memory[f"{strategy}/{precision}"] = {
             "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
             "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
             "peak_bytes_estimate": (stats.argument_size_in_bytes + stats.output_size_in_bytes
                                     - stats.alias_size_in_bytes + stats.temp_size_in_bytes)}
-    report["memory"] = memory
+    report["memory"], report["memory_num_devices"] = memory, len(group)
   return report
 
 
