@@ -56,3 +56,23 @@ def test_bench_rejects_devices_that_do_not_divide_the_batch(bench):
   args, overrides = bench.parse_args(["--config", "tiny_cpu", "--quick", "--devices", "3"])
   with pytest.raises(JaxdpError, match="--devices 3: .*dividing global_batch_size"):
     bench.run(args, overrides)
+
+
+def test_batch_sweep_times_the_first_evaluation_at_or_below_each_threshold():
+  spec = importlib.util.spec_from_file_location(
+      "batch_sweep", os.path.join(os.path.dirname(BENCH), "batch_sweep.py"))
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  records = [{"step": 10, "train_loss": 3.0, "tokens_per_sec": 5.0},  # Holds compile: ignored.
+             {"step": 20, "train_loss": 2.6, "tokens_per_sec": 100.0},
+             {"step": 20, "eval_loss": 2.6},
+             {"step": 30, "train_loss": 2.4, "tokens_per_sec": 300.0},
+             {"step": 40, "train_loss": 2.2, "tokens_per_sec": 200.0},
+             {"step": 40, "eval_loss": 2.25}]
+  result = sweep.summarize(records, tokens_per_step=50, thresholds=[2.6, 2.3, 2.0])
+  assert result["tokens_per_sec"] == 200.0  # Median of 100, 300, 200.
+  assert result["reached"]["2.6"] == {"step": 20, "seconds": 5.0}  # 20 steps x 50 tokens / 200.
+  assert result["reached"]["2.3"] == {"step": 40, "seconds": 10.0}
+  assert result["reached"]["2.0"] is None and result["final_eval_loss"] == 2.25
+  table = sweep.markdown({16: result}, [2.6, 2.3, 2.0])
+  assert "| 16 | 200 | step 20, 5.0 s | step 40, 10.0 s | not reached | 2.250 |" in table
