@@ -55,6 +55,18 @@ def _fingerprints(tree) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path as names: shape} of the arrays of a state, of its abstract twin or of orbax metadata."""
+  def name(key):
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+          if hasattr(leaf, "shape")}
+
+
 def fingerprints(state) -> dict[str, int]:
   """{array path: fingerprint} of a state, computed on its devices (only scalars are fetched)."""
   prints = jax.device_get(_fingerprints(state))
@@ -130,9 +142,23 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """Restores into the shardings carried by `abstract_state` (ShapeDtypeStructs).
 
-    Raises CorruptCheckpoint if the files cannot be read or an array's fingerprint differs
-    from the one saved with it.
+    Raises JaxdpError if the checkpoint holds arrays of other shapes (another model, or a
+    checkpoint from a jaxdp with another parameter layout): that is not damage, and falling
+    back to an older checkpoint would silently restart the run. Raises CorruptCheckpoint if the
+    files cannot be read or an array's fingerprint differs from the one saved with it.
     """
+    try:
+      stored = _shapes(self.item_metadata(step).tree)
+    except Exception:  # pylint: disable=broad-except  # Unreadable metadata: corruption, below.
+      stored = None
+    if stored is not None:
+      wanted = _shapes(abstract_state)
+      other = [f"{'/'.join(path)} {stored[path]} (model: {wanted[path]})" for path in sorted(wanted)
+               if path in stored and stored[path] != wanted[path]]
+      if other:
+        raise JaxdpError(f"checkpoint step {step} in {self.directory!r} holds arrays of other "
+                         f"shapes than this model: {'; '.join(other[:3])}{' ...' if len(other) > 3 else ''};"
+                         f" it was written for another model or parameter layout; use another --workdir")
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

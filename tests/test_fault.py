@@ -325,6 +325,25 @@ def tiny_state(step=5):
                     rng=jnp.zeros(2, jnp.uint32))
 
 
+def test_checkpoint_of_other_shapes_is_refused_not_set_aside(tmp_path):
+  # E.g. a checkpoint written before the MLP kernels became [out, in]: not damage, so the run
+  # must stop with the reason instead of falling back to an older checkpoint or a fresh start.
+  state = tiny_state()
+  checkpoints = Checkpointer(str(tmp_path))
+  checkpoints.save(5, state, {"step": 5})
+  checkpoints.wait()
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                      sharding=x.sharding), tree)
+  other = state.replace(params={"w": jnp.ones(4)})
+  with pytest.raises(JaxdpError, match=r"step 5 .* other shapes than this model: params/w \(3,\) "
+                                       r"\(model: \(4,\)\); .*use another --workdir"):
+    checkpoints.restore(5, abstract(other))
+  assert checkpoints.all_steps() == [5]
+  restored, _ = checkpoints.restore(5, abstract(state))
+  np.testing.assert_array_equal(restored.params["w"], state.params["w"])
+  checkpoints.close()
+
+
 def test_update_if_finite_drops_bad_updates_then_freezes_past_the_limit():
   old = tiny_state()
   update = lambda: ({"w": jnp.full(3, 2.0)}, (jnp.ones(3),), old.comm)
