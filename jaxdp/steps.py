@@ -11,6 +11,7 @@ hosts) gives the same mean.
 
 from __future__ import annotations
 
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,9 @@ def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT,
   return carry
 
 
-def update_if_finite(state: TrainState, finite: jax.Array, update, max_consecutive_skips: int = 0,
-                     loss_scale=None) -> TrainState:
+def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], tuple],
+                     max_consecutive_skips: int = 0,
+                     loss_scale: precision.LossScale | None = None) -> TrainState:
   """`state` advanced by `update()` if `finite`; else the update is dropped and the skip counted.
 
   `update()` returns (params, opt_state, comm) and runs under `lax.cond`, so a kept update is
