@@ -76,3 +76,12 @@ def test_batch_sweep_times_the_first_evaluation_at_or_below_each_threshold():
   assert result["reached"]["2.0"] is None and result["final_eval_loss"] == 2.25
   table = sweep.markdown({16: result}, [2.6, 2.3, 2.0])
   assert "| 16 | 200 | step 20, 5.0 s | step 40, 10.0 s | not reached | 2.250 |" in table
+
+
+def test_datasheet_peak_matches_gpu_names_and_is_absent_on_cpu(bench):
+  import jax.numpy as jnp
+  assert bench.datasheet_peak_flops("NVIDIA H100 80GB HBM3", jnp.bfloat16) == 989.4e12
+  assert bench.datasheet_peak_flops("NVIDIA H100 PCIe", jnp.bfloat16) == 756e12
+  assert bench.datasheet_peak_flops("NVIDIA A100-SXM4-80GB", jnp.float32) == 156e12
+  assert bench.datasheet_peak_flops("NVIDIA L40S", jnp.bfloat16) is None  # Not "L4".
+  assert bench.datasheet_peak_flops("cpu", jnp.float32) is None

@@ -17,6 +17,7 @@ Every figure is a measurement of this run (ratios compare numbers taken in the s
   measured_peak_flops              best FLOP/s of 1024^2 and 2048^2 matmuls this run, on one device
                                    and on all the step's devices at once (the largest counts);
   mfu                              flops_per_token_hlo * tokens_per_sec / measured_peak_flops;
+  mfu_datasheet                    the same over the vendor's dense peak (known GPUs only);
   scaling                          tokens/s at 1, 2, 4, 8 devices, weak (fixed per-device batch) and
                                    strong (fixed global batch), with efficiency = speed-up / devices;
   loader_headroom                  host batches/s of the data loader / steps/s of the step;
@@ -110,6 +111,28 @@ def measured_peak_flops(devices, dtype, size: int, reps: int) -> float:
     jax.block_until_ready(matmul(a, b))
     best = min(best, time.perf_counter() - start)
   return len(devices) * 2 * size ** 3 / best
+
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, by compute dtype. fp32
+# dots run as TF32 under XLA's default precision on these GPUs, so fp32 is compared with TF32.
+# Checked most specific first: "H100 ... PCIe" before "H100".
+DATASHEET_PEAK_FLOPS = (
+    ("H100 PCIe", {"float32": 378e12, "bfloat16": 756e12, "float16": 756e12}),
+    ("H100", {"float32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12}),  # SXM
+    ("H200", {"float32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12}),
+    ("A100", {"float32": 156e12, "bfloat16": 312e12, "float16": 312e12}),
+    ("L4", {"float32": 60e12, "bfloat16": 121e12, "float16": 121e12}),
+)
+
+
+def datasheet_peak_flops(device_kind: str, dtype) -> float | None:
+  """The datasheet peak of a known GPU for `dtype`; None for CPUs and unknown devices."""
+  import numpy as np
+  words = device_kind.replace("-", " ").split()
+  for name, peaks in DATASHEET_PEAK_FLOPS:
+    if all(part in words for part in name.split()):
+      return peaks.get(np.dtype(dtype).name)
+  return None
 
 
 def bare_step_fn(model, tx, mesh):
@@ -285,6 +308,10 @@ def run(args, overrides) -> dict:
   report["mfu_formula"] = report["flops_per_token_formula"] * tokens_per_sec / report["measured_peak_flops"]
   report["mfu_bare_loop"] = (report["flops_per_token_hlo"] * report["bare_tokens_per_sec"]
                              / report["measured_peak_flops"])
+  datasheet = datasheet_peak_flops(device.device_kind, peak_dtype)
+  if datasheet is not None:  # GPUs only: the vendor's peak for all step devices together.
+    report["datasheet_peak_flops"] = datasheet * n_step
+    report["mfu_datasheet"] = report["achieved_flops"] / report["datasheet_peak_flops"]
 
   # Loader: host batches per second vs the step's consumption rate.
   if "loader" not in skip:
@@ -376,7 +403,8 @@ def table(report: dict) -> str:
   keys = ("device", "step_devices", "params", "precision", "tokens_per_step", "compile_time_s", "step_time_s",
           "tokens_per_sec", "bare_step_time_s", "overhead_vs_bare_loop", "flops_per_token_hlo",
           "flops_per_token_formula", "measured_peak_flops", "peak_matmul", "achieved_flops", "mfu",
-          "mfu_formula", "mfu_bare_loop", "loader_batches_per_sec", "loader_headroom")
+          "mfu_formula", "mfu_bare_loop", "datasheet_peak_flops", "mfu_datasheet",
+          "loader_batches_per_sec", "loader_headroom")
   lines = [f"{k:<26} {fmt(report[k])}" for k in keys if k in report]
   if "scaling" in report:
     s = report["scaling"]
