@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, os_reason
 
 INVALID_DIR = "checkpoints.invalid"  # Checkpoints that failed validation are moved here, not deleted.
 
@@ -130,7 +130,7 @@ class Checkpointer:
       raise self._save_error(e) from e
 
   def _save_error(self, e: Exception) -> JaxdpError:
-    reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    reason = os_reason(e, self.directory)
     kept = self.all_steps()
     return JaxdpError(
         f"saving a checkpoint to {self.directory!r} failed ({reason}); free disk space or pick a "

@@ -9,7 +9,6 @@ step; event lines (start, resume, early_stopping) become text under the tag "eve
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, os_reason
 
 
 def _plain(value: Any) -> Any:
@@ -28,20 +27,6 @@ def _plain(value: Any) -> Any:
 
 def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _reason(error: OSError, path: str) -> str:
-  """The OS's reason; TensorBoard's writer thread loses it ("handle is closed"), so a full disk is
-  then recognised from the filesystem itself."""
-  if error.strerror:
-    return error.strerror
-  try:
-    fs = os.statvfs(os.path.dirname(path))
-    if fs.f_bavail * fs.f_frsize < 64 * 1024:  # Too little left for one event record batch.
-      return os.strerror(errno.ENOSPC)
-  except OSError:
-    pass
-  return str(error) or type(error).__name__
 
 
 class MetricsWriter:
@@ -75,7 +60,7 @@ class MetricsWriter:
       self._events.flush()
     except OSError as e:
       raise JaxdpError(f"--workdir: cannot write metrics to {os.path.dirname(self.path)!r} "
-                       f"({_reason(e, self.path)}); free disk space or pick a writable --workdir") from e
+                       f"({os_reason(e, self.path)}); free disk space or pick a writable --workdir") from e
 
   def close(self) -> None:
     if self._events is not None:

@@ -363,6 +363,19 @@ def test_update_if_finite_drops_bad_updates_then_freezes_past_the_limit():
   np.testing.assert_array_equal(ok.opt_state[0], update()[1][0])
 
 
+def test_os_reason_finds_the_os_error_that_a_library_wrapped(tmp_path):
+  from jaxdp.errors import os_reason
+  try:
+    try:
+      raise OSError(28, "No space left on device")
+    except OSError as inner:
+      raise RuntimeError("failed to write checkpoint item") from inner
+  except RuntimeError as wrapped:
+    assert os_reason(wrapped, str(tmp_path)) == "No space left on device"
+  # No OSError and a disk with room: the error's own first line.
+  assert os_reason(ValueError("bad value\ndetails"), str(tmp_path)) == "bad value"
+
+
 def can_mount_tmpfs(path):
   os.makedirs(path, exist_ok=True)
   return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
