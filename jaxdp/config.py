@@ -61,6 +61,37 @@ def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
   return config.num_steps if config.lr_decay_steps is None else config.lr_decay_steps
 
 
+# The ConfigDict stays here, at the edge: these turn it into the typed values the core takes.
+
+def optimizer_config(config: ml_collections.ConfigDict):
+  """The run's OptimizerConfig (jaxdp.core.optimizer)."""
+  from jaxdp.core.optimizer import OptimizerConfig
+  return OptimizerConfig(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                         decay_steps=lr_decay_steps(config), min_lr_ratio=config.min_lr_ratio,
+                         weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                         grad_clip=config.grad_clip)
+
+
+def comm_config(config: ml_collections.ConfigDict):
+  """The run's CommConfig (jaxdp.parallel.exchange): how devices exchange gradients."""
+  import dataclasses
+  from jaxdp.parallel.exchange import CommConfig
+  return CommConfig(**{f.name: config[f.name] for f in dataclasses.fields(CommConfig)})
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int):
+  """The run's ModelConfig (jaxdp.models) for a tokenizer of `vocab_size` ids."""
+  from jaxdp.core.precision import COMPUTE_DTYPES
+  from jaxdp.models import ModelConfig
+  m = config.model
+  return ModelConfig(vocab_size=vocab_size, seq_len=config.seq_len, n_layer=m.n_layer,
+                     n_head=m.n_head, d_model=m.d_model, family=m.get("family", "gpt"),
+                     mlp_ratio=m.mlp_ratio, n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout,
+                     positions=m.positions, rope_theta=m.get("rope_theta", 10000.0),
+                     tie_embeddings=m.get("tie_embeddings", True), attention=config.attention,
+                     dtype=COMPUTE_DTYPES[config.precision], remat=config.get("remat", "none"))
+
+
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
   """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all remaining devices."""
   model = config.mesh.model

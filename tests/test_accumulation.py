@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp import steps
+from jaxdp.core import step as steps
 from jaxdp.config import load_preset
-from jaxdp.train import build
+from jaxdp.runtime.trainer import build
 
 
 @pytest.fixture(scope="module")

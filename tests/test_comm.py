@@ -10,12 +10,14 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxdp import comm, parallel, steps
-from jaxdp.checkpoint import Checkpointer
+from jaxdp.parallel import collectives as comm
+from jaxdp import parallel
+from jaxdp.core import step as steps
+from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.config import load_preset, validate
 from jaxdp.errors import JaxdpError
-from jaxdp.sync import CommConfig, bytes_per_step, reduce_gradients
-from jaxdp.train import build, initial_state
+from jaxdp.parallel.exchange import CommConfig, bytes_per_step, reduce_gradients
+from jaxdp.runtime.trainer import build, initial_state
 
 SGD = optax.sgd(0.5)  # Plain SGD: the optimizer error feedback's guarantees are stated for.
 

@@ -9,7 +9,7 @@ import pytest
 
 from jaxdp.data import ByteTokenizer, Dataset, WindowSource, load_tokens, training_examples
 from jaxdp.errors import JaxdpError
-from jaxdp.train import build
+from jaxdp.runtime.trainer import build
 
 
 @pytest.fixture

@@ -5,9 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp import distributed, launch, parallel
+from jaxdp.runtime import distributed
+from jaxdp.runtime import launch
+from jaxdp import parallel
 from jaxdp.errors import JaxdpError
-from jaxdp.watchdog import EXIT_STATUS, StepWatchdog
+from jaxdp.runtime.watchdog import EXIT_STATUS, StepWatchdog
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4",
          "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",

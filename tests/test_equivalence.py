@@ -10,11 +10,11 @@ import pytest
 from jaxdp import parallel
 from jaxdp.config import load_preset
 from jaxdp.data import Dataset
-from jaxdp.losses import cross_entropy_sum
-from jaxdp.model import GPT, ModelConfig
-from jaxdp.optim import make_optimizer
-from jaxdp.state import init_state
-from jaxdp.train import build
+from jaxdp.core.losses import cross_entropy_sum
+from jaxdp.models.gpt import GPT, ModelConfig
+from jaxdp.core.optimizer import make_optimizer
+from jaxdp.core.state import init_state
+from jaxdp.runtime.trainer import build
 
 STEPS = 10
 RTOL = 1e-5

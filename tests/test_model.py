@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.model import GPT, ModelConfig, count_params
+from jaxdp.models.gpt import GPT, ModelConfig, count_params
 
 
 def make(positions="rope", attention="xla"):

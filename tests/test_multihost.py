@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from jaxdp import config as jaxdp_config
-from jaxdp.launch import free_port
-from jaxdp.metrics import read_metrics
-from jaxdp.train import train_and_evaluate
+from jaxdp.runtime.launch import free_port
+from jaxdp.runtime.metrics import read_metrics
+from jaxdp.runtime.trainer import train_and_evaluate
 
 pytestmark = pytest.mark.multiprocess
 

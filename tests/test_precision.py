@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp import precision, steps
-from jaxdp.checkpoint import Checkpointer
+from jaxdp.core import precision
+from jaxdp.core import step as steps
+from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.config import load_preset
 from jaxdp.errors import JaxdpError
-from jaxdp.metrics import read_metrics
-from jaxdp.model import GPT, ModelConfig
-from jaxdp.train import build, train_and_evaluate
+from jaxdp.runtime.metrics import read_metrics
+from jaxdp.models.gpt import GPT, ModelConfig
+from jaxdp.runtime.trainer import build, train_and_evaluate
 
 COMPILED = re.compile(r"Finished XLA compilation of (\S+)")
 

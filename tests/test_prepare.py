@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp import prepare as prep
+from jaxdp.data import prepare as prep
 from jaxdp.data import Dataset
 from jaxdp.errors import JaxdpError
-from jaxdp.sampling import generate
-from jaxdp.train import build, load_for_inference, train_and_evaluate
+from jaxdp.models.sampling import generate
+from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = open(os.path.join(ROOT, "jaxdp", "assets", "tinyshakespeare.txt"), encoding="utf-8").read()

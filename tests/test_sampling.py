@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.model import GPT, ModelConfig
-from jaxdp.sampling import filter_logits, generate
+from jaxdp.models.gpt import GPT, ModelConfig
+from jaxdp.models.sampling import filter_logits, generate
 
 VOCAB = 64
 

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.checkpoint import Checkpointer
+from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.config import load_preset
 from jaxdp.errors import JaxdpError
-from jaxdp.metrics import read_metrics
-from jaxdp.train import build, train_and_evaluate
+from jaxdp.runtime.metrics import read_metrics
+from jaxdp.runtime.trainer import build, train_and_evaluate
 
 
 def config(**overrides):
@@ -97,7 +97,7 @@ def test_resume_refuses_a_changed_model(uninterrupted, tmp_path):
 
 
 def test_record_evaluation_stops_after_patience_without_improvement():
-  from jaxdp.train import record_evaluation
+  from jaxdp.runtime.trainer import record_evaluation
   meta = {"best_eval_loss": None, "evals_without_improvement": 0}
   for loss, stops in [(3.0, False), (2.5, False), (2.6, False), (2.5, True)]:
     meta = record_evaluation(meta, loss, patience=2)

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdp import parallel, plan, steps, verify
+from jaxdp import parallel
+from jaxdp.analysis import plan
+from jaxdp.core import step as steps
+from jaxdp.analysis import verify
 from jaxdp.config import load_preset, validate
 from jaxdp.errors import JaxdpError
-from jaxdp.train import build, load_for_inference, train_and_evaluate
+from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
 
 NUM_STEPS = 10
 ZERO = ("zero1", "zero2", "zero3")

@@ -204,10 +204,10 @@ def run(args, overrides) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from jaxdp.config import STRATEGIES, load_preset
-  from jaxdp.model import count_params
-  from jaxdp.precision import compute_dtype
+  from jaxdp.models.gpt import count_params
+  from jaxdp.core.precision import compute_dtype
   from jaxdp.errors import JaxdpError
-  from jaxdp.train import build
+  from jaxdp.runtime.trainer import build
 
   def config_with(**fields):
     config = apply_overrides(load_preset(args.config), overrides)

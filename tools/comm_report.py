@@ -87,10 +87,10 @@ def main() -> None:
   import numpy as np
   from jax.sharding import Mesh, PartitionSpec as P
 
-  from jaxdp import comm
+  from jaxdp.parallel import collectives as comm
   from jaxdp.config import load_preset
-  from jaxdp.metrics import read_metrics
-  from jaxdp.train import train_and_evaluate
+  from jaxdp.runtime.metrics import read_metrics
+  from jaxdp.runtime.trainer import train_and_evaluate
 
   rows = []
   for name, overrides in METHODS:

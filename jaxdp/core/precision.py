@@ -48,3 +48,14 @@ def next_loss_scale(loss_scale: LossScale, finite: jax.Array) -> LossScale:
                     jnp.maximum(loss_scale.scale / 2, 1.0))
   good = jnp.where(finite & ~grow, loss_scale.good_steps + 1, 0)
   return loss_scale.replace(scale=scale.astype(jnp.float32), good_steps=good.astype(jnp.int32))
+
+
+def cast_floating(tree, dtype):
+  """`tree` with its floating-point arrays cast to `dtype` (None: unchanged).
+
+  The mixed-precision cast of the float32 master parameters to the compute dtype before the
+  loss; integer and boolean leaves are left alone, and gradients flow back through the cast.
+  """
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

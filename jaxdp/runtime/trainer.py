@@ -25,17 +25,17 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdp import parallel
-from jaxdp.checkpoint import Checkpointer, CorruptCheckpoint, abstract_with_shardings
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, abstract_with_shardings
 from jaxdp.config import mesh_shape, validate
 from jaxdp.data import Dataset, prefetch
 from jaxdp.errors import JaxdpError
-from jaxdp.metrics import MetricsWriter, Progress
-from jaxdp.model import GPT, ModelConfig, count_params
-from jaxdp.optim import learning_rate_schedule, make_optimizer
-from jaxdp.precision import compute_dtype, initial_loss_scale
-from jaxdp.state import TrainState, init_state
-from jaxdp.sync import CommConfig, bytes_per_step, with_comm_state
-from jaxdp.watchdog import StepWatchdog
+from jaxdp.runtime.metrics import MetricsWriter, Progress
+from jaxdp.models.gpt import GPT, ModelConfig, count_params
+from jaxdp.core.optimizer import learning_rate_schedule, make_optimizer
+from jaxdp.core.precision import compute_dtype, initial_loss_scale
+from jaxdp.core.state import TrainState, init_state
+from jaxdp.parallel.exchange import CommConfig, bytes_per_step, with_comm_state
+from jaxdp.runtime.watchdog import StepWatchdog
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.path", "data.val_fraction",

@@ -46,7 +46,7 @@ def load_corpus(path: str):
   """(tokens, tokenizer) of config.data.path: "" (built-in corpus), a text file (bytes) or a
   directory written by `jaxdp prepare` (its shards, read on demand, and its tokenizer)."""
   if path and os.path.isdir(path):
-    from jaxdp import prepare  # Imports this module: loaded only when needed.
+    from jaxdp.data import prepare  # Imports this module: loaded only when needed.
     return prepare.open_prepared(path)
   return load_tokens(path), ByteTokenizer()
 
@@ -141,7 +141,7 @@ def corpus_digest(path: str) -> str:
   that changed under the same path, which would silently change the examples of every step."""
   path = path or builtin_corpus_path()
   if os.path.isdir(path):
-    from jaxdp import prepare  # Imports this module: loaded only when needed.
+    from jaxdp.data import prepare  # Imports this module: loaded only when needed.
     path = os.path.join(path, prepare.MANIFEST)
   digest = hashlib.sha256()
   with open(path, "rb") as f:

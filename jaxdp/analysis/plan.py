@@ -21,10 +21,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdp import comm, parallel, steps
+from jaxdp.parallel import collectives as comm
+from jaxdp import parallel
+from jaxdp.core import step as steps
 from jaxdp.config import STRATEGIES
-from jaxdp.model import count_params
-from jaxdp.train import build, state_bytes_per_device
+from jaxdp.models.gpt import count_params
+from jaxdp.runtime.trainer import build, state_bytes_per_device
 
 # How many times its buffer each collective moves, in the paper's accounting.
 BUFFER_PASSES = {"all-reduce": 2, "reduce-scatter": 1, "all-gather": 1, "collective-permute": 1,

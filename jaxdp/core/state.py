@@ -6,41 +6,45 @@ examples into the seeded stream), so restoring `step` restores the input exactly
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdp.model import GPT
-from jaxdp.precision import LossScale, initial_loss_scale
+from jaxdp.core.precision import LossScale, initial_loss_scale
+
+# init_fn(rng) -> params: any pytree of float arrays (Flax Linen variables["params"], an NNX
+# parameter State from nnx.split, or a plain dict), created from the PRNG key it is given.
+InitFn = Callable[[jax.Array], Any]
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken.
   params: Any  # Model parameters (float32 master copy).
-  opt_state: Any  # Optimizer state (AdamW moments, schedule count).
+  opt_state: Any  # Optimizer state (e.g. AdamW moments, schedule count).
   rng: jax.Array  # uint32[2] base key; step and example keys are folded in from it.
   # int32 scalars: updates dropped because the loss or gradients were not finite, in total and
-  # in a row (see steps.update_if_finite). Defaults keep existing constructors working.
+  # in a row (see core.step.update_if_finite).
   skipped_steps: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
   consecutive_skips: Any = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
   loss_scale: LossScale | None = None  # fp16's dynamic loss scale; a static 1 for fp32 and bf16.
-  # Per-device communication state (jaxdp/sync.py): leaves [num_devices, ...] sharded over
-  # "data"; empty for the dense default.
+  # Per-device communication state (jaxdp/parallel/exchange.py): leaves [num_devices, ...]
+  # sharded over "data"; empty for the dense default.
   comm: Any = flax.struct.field(default_factory=dict)
 
 
-def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,
+def init_state(init_fn: InitFn, tx: optax.GradientTransformation, seed: int,
                loss_scale: LossScale | None = None) -> TrainState:
-  """A fresh state; pure, so it can be jitted straight into any sharding.
+  """A fresh state from `init_fn(rng) -> params`; pure, so it can be jitted into any sharding.
 
-  `loss_scale` defaults to a static scale of 1, so every precision has the same state structure.
+  The seed's key is split in two: the first initialises the parameters, the second is the base
+  of every step's and example's key. `loss_scale` defaults to a static scale of 1, so every
+  precision has the same state structure.
   """
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-  tokens = jnp.zeros((1, model.cfg.seq_len), jnp.int32)
-  params = model.init(init_key, tokens)["params"]
+  params = init_fn(init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_key, loss_scale=initial_loss_scale() if loss_scale is None else loss_scale)

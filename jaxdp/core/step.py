@@ -1,57 +1,72 @@
-"""Pure train and eval steps.
+"""The pure train and eval steps, for any model.
+
+A model enters the step only through its loss function, the contract of the whole library:
+
+  loss_fn(params, batch, rng) -> (loss_sum, weight_sum)
+
+both float32 scalars, *sums* over the examples (or tokens) of `batch`, a dict of arrays with a
+leading batch dimension [b, ...]. `rng` is a PRNG key for the step (dropout and other noise) or
+None for evaluation (no randomness). Sums, not means: every split of the same examples over
+micro-batches, devices and hosts then gives the same mean, taken once after the single
+all-reduce. Randomness must be keyed by the example, not the device: `example_keys(rng, batch)`
+gives one key per row from the row's global index `batch["ids"]`.
 
 `train_step` is written once, for one device's share of the batch. With `axis_name` set it is
 mapped over devices (shard_map or pmap) and averages with one `lax.pmean`; with `axis_name=None`
 it is the global step that `jax.jit` partitions over a mesh, and the single-device reference.
-
 Batches are dicts of arrays laid out [A, b, ...]: A micro-batches (grad_accum_steps) of b rows.
-Losses are token-weighted sums, so every grouping of the same tokens (micro-batches, devices,
-hosts) gives the same mean.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxdp import precision
-from jaxdp.losses import cross_entropy_sum
-from jaxdp.model import GPT
-from jaxdp.state import TrainState
-from jaxdp.sync import CommConfig, reduce_gradients
+from jaxdp.core import precision
+from jaxdp.core.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
-def loss_sum(params, micro_batch: Batch, rng: jax.Array, model: GPT) -> tuple[jax.Array, jax.Array]:
-  """(sum of token losses, sum of token weights) of one micro-batch [b, T]."""
-  if model.cfg.dropout > 0:
-    # Each example's dropout key comes from its global index, not from the device that runs it,
-    # so N devices draw the same masks as one.
-    def one(tokens, example_id):
-      key = jax.random.fold_in(rng, example_id)
-      return model.apply({"params": params}, tokens[None], deterministic=False,
-                         rngs={"dropout": key})[0]
-    logits = jax.vmap(one)(micro_batch["inputs"], micro_batch["ids"])
-  else:
-    logits = model.apply({"params": params}, micro_batch["inputs"])
-  return cross_entropy_sum(logits, micro_batch["targets"], micro_batch["weights"])
+class LossFn(Protocol):
+  """(params, micro-batch [b, ...], rng or None) -> (loss_sum, weight_sum), float32 scalars."""
+
+  def __call__(self, params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    ...
 
 
-def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT,
-                         loss_scale: jax.Array | None = None):
-  """Sums gradients, losses and token counts over the A micro-batches of `batch`, locally.
+# Exchanges the per-device (grad_sum, loss_sum, weight_sum) for the gradients to apply:
+# (grad_sum, loss_sum, weight_sum, comm_state, rng) -> (grads, loss_sum, weight_sum, comm_state),
+# loss and weight now global means. jaxdp.parallel provides one per communication method.
+GradientExchange = Callable[..., tuple[Any, jax.Array, jax.Array, Any]]
 
-  With `loss_scale` (fp16) the backward pass differentiates the micro-batch's mean loss times
-  the scale, so float16 sees the usual gradient magnitudes whatever the batch size; the float32
-  gradients are then turned back into the unscaled gradient of the sum.
+
+def example_keys(rng: jax.Array, batch: Batch) -> jax.Array:
+  """One PRNG key per row of `batch` [b, ...], folded from the row's global index `batch["ids"]`.
+
+  The key of an example depends on the step and on which example it is, never on the device or
+  micro-batch that computes it, so N devices draw the same dropout masks as one.
+  """
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["ids"])
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array | None,
+                         loss_scale: jax.Array | None = None, compute_dtype: Any = None):
+  """(grad_sum, loss_sum, weight_sum) over the A micro-batches of `batch` [A, b, ...], locally.
+
+  With `compute_dtype` the floating parameters are cast to it before the loss (mixed precision:
+  float32 master weights, low-precision compute; the gradient flows back to float32 through
+  the cast). With `loss_scale` (fp16) the backward pass differentiates the micro-batch's mean
+  loss times the scale, so float16 sees the usual gradient magnitudes whatever the batch size;
+  the float32 gradients are then turned back into the unscaled gradient of the sum.
   """
   def scaled_loss(params, micro_batch):
-    loss, count = loss_sum(params, micro_batch, rng, model)
+    loss, count = loss_fn(precision.cast_floating(params, compute_dtype), micro_batch, rng)
+    loss, count = loss.astype(jnp.float32), count.astype(jnp.float32)
     if loss_scale is None:
       return loss, (loss, count)
     return loss * (loss_scale / jnp.maximum(count, 1.0)), (loss, count)
@@ -70,7 +85,7 @@ def accumulate_gradients(params, batch: Batch, rng: jax.Array, model: GPT,
   # The first micro-batch seeds the carry (rather than zeros), so the carry already has the
   # per-device type that shard_map requires of a scan over device-varying values.
   carry = micro_grads(jax.tree.map(lambda x: x[0], batch))
-  if batch["inputs"].shape[0] > 1:
+  if jax.tree.leaves(batch)[0].shape[0] > 1:
     carry, _ = lax.scan(micro_step, carry, jax.tree.map(lambda x: x[1:], batch))
   return carry
 
@@ -110,15 +125,26 @@ def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], 
   return new_state
 
 
-def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
-               axis_name: str | None = None,
-               comm_cfg: CommConfig | None = None,
-               max_consecutive_skips: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
+                 grad_norm: jax.Array) -> dict[str, jax.Array]:
+  """The scalars every train step reports (the same keys for every strategy and method)."""
+  metrics = {"train_loss": loss_sum / weight_sum, "grad_norm": grad_norm,
+             "skipped_steps": state.skipped_steps, "consecutive_skips": state.consecutive_skips}
+  if state.loss_scale is not None and state.loss_scale.dynamic:
+    metrics["loss_scale"] = state.loss_scale.scale
+  return metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation, axis_name: str | None = None,
+               exchange: GradientExchange | None = None, max_consecutive_skips: int = 0,
+               compute_dtype: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Returns the new state and scalar metrics (identical on every device).
 
-  `comm_cfg` (with `axis_name`) swaps the all-reduce for jaxdp.sync's methods (ring, compression,
-  staleness); None or the dense default keeps the single pmean. A non-finite loss or gradient
-  drops the update (see `update_if_finite`); under fp16 the loss scale handles overflows.
+  `exchange` (with `axis_name`) replaces the single pmean by another gradient exchange (ring,
+  compression, staleness: jaxdp.parallel.exchange); None keeps the single pmean. A non-finite
+  loss or gradient drops the update (see `update_if_finite`); under fp16 the loss scale handles
+  overflows.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   scaling = state.loss_scale is not None and state.loss_scale.dynamic  # fp16 only.
@@ -129,11 +155,11 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
     # transpose of the implicit replicated->varying cast inserts a psum into every micro-batch's
     # backward pass, instead of the single all-reduce below.
     params = lax.pcast(params, axis_name, to="varying")
-  grad_sum, loss_total, tokens = accumulate_gradients(params, batch, rng, model, scale)
+  grad_sum, loss_total, tokens = accumulate_gradients(loss_fn, params, batch, rng, scale,
+                                                      compute_dtype)
   state_comm = state.comm
-  if axis_name is not None and comm_cfg is not None and not comm_cfg.dense:
-    grads, loss_total, tokens, state_comm = reduce_gradients(grad_sum, loss_total, tokens,
-                                                             state.comm, rng, comm_cfg, axis_name)
+  if exchange is not None:
+    grads, loss_total, tokens, state_comm = exchange(grad_sum, loss_total, tokens, state.comm, rng)
   else:
     if axis_name is not None:
       # One all-reduce for the whole step: gradient sums, loss sum and token count together.
@@ -152,18 +178,20 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
 
   new_state = update_if_finite(state, finite, optimizer_update, max_consecutive_skips,
                                state.loss_scale if scaling else None)
-  metrics = {"train_loss": loss_total / tokens, "grad_norm": grad_norm,
-             "skipped_steps": new_state.skipped_steps, "consecutive_skips": new_state.consecutive_skips}
+  metrics = step_metrics(new_state, loss_total, tokens, grad_norm)
   if scaling:
-    metrics["loss_scale"] = state.loss_scale.scale
+    metrics["loss_scale"] = state.loss_scale.scale  # The scale this step ran with.
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, model: GPT, axis_name: str | None = None) -> dict[str, jax.Array]:
-  """Loss sum and token count over a batch [A, b, T]; the caller divides after summing batches."""
-  logits = model.apply({"params": params}, batch["inputs"].reshape(-1, batch["inputs"].shape[-1]))
-  loss, count = cross_entropy_sum(logits, batch["targets"].reshape(logits.shape[:-1]),
-                                  batch["weights"].reshape(logits.shape[:-1]))
+def eval_step(params, batch: Batch, *, loss_fn: LossFn, axis_name: str | None = None,
+              compute_dtype: Any = None) -> dict[str, jax.Array]:
+  """{"loss_sum", "count"} over a batch [A, b, ...] (no randomness); the caller divides after
+  summing batches."""
+  params = precision.cast_floating(params, compute_dtype)
+  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+  loss, count = loss_fn(params, flat, None)
+  loss, count = loss.astype(jnp.float32), count.astype(jnp.float32)
   if axis_name is not None:
     loss, count = lax.psum((loss, count), axis_name)
   return {"loss_sum": loss, "count": count}

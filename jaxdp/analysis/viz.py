@@ -10,7 +10,7 @@ import os
 from typing import Sequence
 
 from jaxdp.errors import JaxdpError
-from jaxdp.metrics import read_metrics
+from jaxdp.runtime.metrics import read_metrics
 
 CURVES = (("train_loss", "train loss"), ("eval_loss", "eval loss"))
 

@@ -1,8 +1,8 @@
 """How devices synchronise: gradient reduction with compression, staleness and local SGD.
 
-`CommConfig` (from the config's allreduce, compression, sync... fields) picks the method. The
-dense default (`pmean`, no compression, every step) never reaches this module: `steps.train_step`
-keeps its single `lax.pmean`.
+`CommConfig` (from the config's allreduce, compression, sync... fields) picks the method, and
+`make_exchange` turns it into the step's gradient exchange. The dense default (`pmean`, no
+compression, every step) has none: `core.step.train_step` keeps its single `lax.pmean`.
 
 Per-device state lives in `TrainState.comm`, a dict whose every leaf has a leading device axis
 [N, ...] sharded P("data") (each device holds and checkpoints its own row):
@@ -19,6 +19,7 @@ Per-device state lives in `TrainState.comm`, a dict whose every leaf has a leadi
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from jaxdp import comm
+from jaxdp.analysis import hlo
+from jaxdp.parallel import collectives as comm
 
 RANDOMK_KEY = 0x7FFFFFFF  # Folded into the step key for random-k indices: no example id reaches it.
 
@@ -44,10 +46,6 @@ class CommConfig:
   diloco: bool = False
   outer_lr: float = 0.7
   outer_momentum: float = 0.9
-
-  @classmethod
-  def from_config(cls, config) -> "CommConfig":
-    return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
 
   @property
   def dense(self) -> bool:
@@ -147,12 +145,19 @@ def reduce_gradients(grad_sum, loss_total: jax.Array, tokens: jax.Array, state_c
   return grads, loss_total, tokens, state_comm
 
 
+def make_exchange(cfg: CommConfig | None, axis_name: str):
+  """The gradient exchange of `cfg` for core.step.train_step, or None for the single pmean."""
+  if cfg is None or cfg.dense:
+    return None
+  return functools.partial(reduce_gradients, cfg=cfg, axis_name=axis_name)
+
+
 def bytes_per_step(cfg: CommConfig, hlo_text: str) -> float:
   """Mean bytes a device sends per optimizer step, from the compiled train step's HLO.
 
   Under local_sgd the averaging sits in a conditional branch that runs every `sync_every` steps.
   """
-  counted = comm.collective_bytes(hlo_text)
+  counted = hlo.collective_bytes(hlo_text)
   if cfg.sync != "local_sgd":
     return counted["bytes"]
   always = counted["bytes"] - counted["conditional_bytes"]

@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdp import steps
-from jaxdp.train import Trainer, build
+from jaxdp.core import step as steps
+from jaxdp.runtime.trainer import Trainer, build
 
 # Float32 sums in another order differ in the last bits: losses agree to ~1e-6. Parameters drift
 # further because Adam divides by sqrt(nu): an element with a tiny second moment turns a last-bit

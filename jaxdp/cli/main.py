@@ -106,7 +106,7 @@ def setup_devices(cpu_devices: int | None) -> None:
 
 
 def cmd_train() -> None:
-  from jaxdp.train import train_and_evaluate
+  from jaxdp.runtime.trainer import train_and_evaluate
   result = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
                               allow_config_change=FLAGS.allow_config_change,
                               restore_from=FLAGS.restore_from)
@@ -115,7 +115,7 @@ def cmd_train() -> None:
 
 
 def cmd_inspect(paths: list[str]) -> None:
-  from jaxdp.checkpoint import describe
+  from jaxdp.runtime.checkpoint import describe
   if len(paths) != 1:
     raise JaxdpError("inspect takes one CHECKPOINT_DIR (a workdir or its checkpoints/ folder)")
   steps = describe(paths[0])
@@ -144,8 +144,8 @@ def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def cmd_generate() -> None:
-  from jaxdp.train import load_for_inference
-  from jaxdp.sampling import generate
+  from jaxdp.runtime.trainer import load_for_inference
+  from jaxdp.models.sampling import generate
   params, model, tokenizer = load_for_inference(FLAGS.workdir)
   sys.stdout.write(FLAGS.prompt)
   tokens, shown = [], 0
@@ -162,7 +162,7 @@ def cmd_generate() -> None:
 
 
 def cmd_launch(command: list[str]) -> int:
-  from jaxdp.launch import launch
+  from jaxdp.runtime.launch import launch
   if FLAGS.nprocs is None:
     raise JaxdpError("launch needs --nprocs P, the number of processes to start")
   return launch(FLAGS.nprocs, command, FLAGS.cpu_devices)
@@ -175,7 +175,7 @@ def _require_out(command: str, what: str) -> str:
 
 
 def cmd_prepare(inputs: list[str]) -> None:
-  from jaxdp.prepare import prepare
+  from jaxdp.data.prepare import prepare
   out = _require_out("prepare", "the directory to write the prepared data to")
   manifest = prepare(inputs, out, tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
                      progress=FLAGS.progress)
@@ -187,14 +187,14 @@ def cmd_prepare(inputs: list[str]) -> None:
 
 
 def cmd_plot(workdirs: list[str]) -> None:
-  from jaxdp.viz import save_loss_plot
+  from jaxdp.analysis.viz import save_loss_plot
   out = _require_out("plot", "the PNG file to write")
   print(f"wrote {save_loss_plot(workdirs, out)}")
 
 
 def cmd_plan() -> None:
   import json
-  from jaxdp.plan import format_table, plan
+  from jaxdp.analysis.plan import format_table, plan
   result = plan(FLAGS.config)
   print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
 
@@ -202,7 +202,7 @@ def cmd_plan() -> None:
 def cmd_verify() -> int:
   """Exit status 1 when any strategy differs from one device beyond the tolerance."""
   import jax
-  from jaxdp.verify import DEFAULT_TOLERANCE, verify
+  from jaxdp.analysis.verify import DEFAULT_TOLERANCE, verify
   if FLAGS.steps < 1:
     raise JaxdpError(f"--steps={FLAGS.steps} must be >= 1")
   devices = jax.devices()
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
       raise JaxdpError(f"{command}: unexpected arguments {' '.join(positional)!r}")
     setup_devices(FLAGS.cpu_devices)
     if command == "train":  # Before any device is touched.
-      from jaxdp import distributed
+      from jaxdp.runtime import distributed
       multiprocess = distributed.initialize(FLAGS.coordinator, FLAGS.num_processes,
                                             FLAGS.process_id, FLAGS.init_timeout_s).num_processes > 1
     status = {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,

@@ -1,0 +1,125 @@
+"""Bytes moved by a compiled program's collectives, read from its HLO text.
+
+Pure text parsing (no JAX): `collective_bytes(compiled.as_text())` is how every communication
+figure in jaxdp is measured (plan, bench, the comm_bytes_per_step of each log line).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|\S+)\s+"
+                    r"(?P<op>" + "|".join(_KINDS) + r")(?P<start>-start)?\((?P<rest>.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+
+
+def _array_bytes(shape_text: str) -> list[int]:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(shape_text):
+    count = 1
+    for dim in filter(None, dims.split(",")):
+      count *= int(dim)
+    sizes.append(count * _DTYPE_BYTES.get(dtype, 4))
+  return sizes
+
+
+def _group_size(rest: str, num_partitions: int) -> int:
+  listed = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
+  if listed:
+    return len(listed.group(1).split(","))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", rest)
+  return int(iota.group(2)) if iota else num_partitions
+
+
+def _sent_bytes(op: str, async_start: bool, shape: str, rest: str,
+                n_all: int) -> tuple[list[float], float]:
+  """(bytes each device 0..n_all-1 sends, the op's full buffer) of one collective.
+
+  Bandwidth-optimal algorithms: all-reduce 2(N-1)/N x size (ring), all-gather and all-to-all
+  (N-1)/N x the full result, reduce-scatter (N-1) x the result shard; a collective-permute
+  sends its operand from each source device listed in source_target_pairs.
+  """
+  arrays = _array_bytes(shape)
+  if async_start and op in ("all-gather", "collective-permute"):
+    # Async starts return (operands..., results..., [contexts]); take the results' half.
+    arrays = arrays[len(arrays) // 2:] if op == "all-gather" else arrays[:1]
+  size = float(sum(arrays))
+  if op == "collective-permute":
+    listed = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", rest)
+    sent = [0.0] * n_all
+    for source, target in re.findall(r"\{(\d+),(\d+)\}", listed.group(1) if listed else ""):
+      if source != target and int(source) < n_all:
+        sent[int(source)] += size
+    return sent, size
+  n = _group_size(rest, n_all)
+  factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
+            "reduce-scatter": n - 1}[op]
+  return [size * factor] * n_all, size * n if op == "reduce-scatter" else size
+
+
+def collective_bytes(hlo_text: str) -> dict[str, Any]:
+  """Bytes each device sends per execution of a compiled program, from `compiled.as_text()`.
+
+  Returns {"bytes": mean over devices, summing every collective once, "max_device_bytes": the
+  busiest device (a parameter server), "conditional_bytes": the part inside conditional
+  branches (e.g. a periodic sync; the caller weights it by how often the branch runs),
+  "by_kind": {op: bytes}, "count": number of collectives, "buffers": {op: {"count", "bytes"}}
+  with each op's full buffer (an all-gather's result, a reduce-scatter's input), for accountings
+  such as the ZeRO paper's}. Collectives inside loops are counted once per appearance, not per
+  iteration.
+  """
+  header = re.search(r"num_partitions=(\d+)", hlo_text)
+  n_all = int(header.group(1)) if header else 1
+  computations: dict[str, list[tuple[list[float], str]]] = {}
+  callees: dict[str, set[str]] = {}
+  branches: set[str] = set()
+  current = None
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      current = head.group("name")
+      computations[current], callees[current] = [], set()
+      continue
+    if current is None:
+      continue
+    for key, names in re.findall(r"(calls|to_apply|body|condition|branch_computations|"
+                                 r"true_computation|false_computation)=\{?([%\w.\-, ]+)\}?", line):
+      found = {name.strip().lstrip("%") for name in names.split(",") if name.strip()}
+      callees[current] |= found
+      if key in ("branch_computations", "true_computation", "false_computation"):
+        branches |= found
+    instr = _INSTR.match(line)
+    if instr:
+      sent, buffer = _sent_bytes(instr.group("op"), bool(instr.group("start")),
+                                 instr.group("shape"), instr.group("rest"), n_all)
+      computations[current].append((sent, buffer, instr.group("op")))
+  conditional: set[str] = set()
+  frontier = list(branches)
+  while frontier:  # Everything called from a conditional branch runs only when it does.
+    name = frontier.pop()
+    if name in conditional or name not in computations:
+      continue
+    conditional.add(name)
+    frontier += list(callees[name])
+  per_device = [0.0] * n_all
+  result = {"conditional_bytes": 0.0, "by_kind": {}, "count": 0, "buffers": {}}
+  for name, ops in computations.items():
+    for sent, buffer, op in ops:
+      entry = result["buffers"].setdefault(op, {"count": 0, "bytes": 0.0})
+      entry["count"] += 1
+      entry["bytes"] += buffer
+      mean = sum(sent) / n_all
+      per_device = [a + b for a, b in zip(per_device, sent)]
+      result["by_kind"][op] = result["by_kind"].get(op, 0.0) + mean
+      result["count"] += 1
+      if name in conditional:
+        result["conditional_bytes"] += mean
+  result["bytes"] = sum(per_device) / n_all
+  result["max_device_bytes"] = max(per_device)
+  return result

@@ -1,0 +1,98 @@
+"""A decoder-only Transformer (GPT-2 style) in Flax Linen: pre-norm LayerNorm, causal
+attention, GELU MLP, rotary or learned positions, weight-tied output head.
+
+Shapes: B batch, T sequence, D d_model, H heads, K head size (D / H), F MLP hidden, V vocab.
+Attention and MLP kernels keep the head and hidden axes explicit ([D, 3, H, K], [H, K, D],
+[F, D], [D, F]) and every parameter carries logical axis names ("embed", "heads", "mlp", ...),
+so a mesh's "model" axis splits them (Megatron-style) through the rules in
+jaxdp/parallel/shardings.py, without reshaping parameters or a table of parameter paths.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdp.models.common import Linear, ModelConfig, attention, init, logical, remat_scan, rotary
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.cfg
+    head = cfg.d_model // cfg.n_head
+    qkv = nn.DenseGeneral((3, cfg.n_head, head), dtype=cfg.dtype, name="qkv",
+                          kernel_init=logical(init, ("embed", "qkv", "heads", "head_dim")),
+                          bias_init=logical(nn.initializers.zeros, ("qkv", "heads", "head_dim")),
+                          )(x)  # [B, T, 3, H, K]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K] each
+    if cfg.positions == "rope":
+      q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+    y = attention(q, k, v, cfg.attention)  # [B, T, H, K]
+    y = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="proj",
+                        kernel_init=logical(init, ("heads", "head_dim", "embed")),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)))(y)  # [B, T, D]
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.cfg
+    h = Linear(int(cfg.mlp_ratio * cfg.d_model), ("mlp", "embed"), dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
+    h = nn.gelu(h)
+    y = Linear(cfg.d_model, ("embed", "mlp"), dtype=cfg.dtype, name="proj")(h)  # [B, T, D]
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    x = x + CausalSelfAttention(self.cfg, name="attn")(layer_norm(self.cfg, "ln1")(x), deterministic)
+    x = x + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln2")(x), deterministic)
+    return x
+
+
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(dtype=cfg.dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, ("embed",)),
+                      bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+class GPT(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    """tokens [B, T] int32 -> logits [B, T, V] float32."""
+    cfg = self.cfg
+    wte = nn.Embed(cfg.vocab_size, cfg.d_model, name="wte",
+                   embedding_init=logical(init, ("vocab", "embed")))
+    x = wte(tokens).astype(cfg.dtype)  # [B, T, D]
+    if cfg.positions == "learned":
+      wpe = self.param("wpe", logical(init, (None, "embed")), (cfg.seq_len, cfg.d_model))
+      x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    if cfg.remat == "none" or self.is_initializing():
+      for i in range(cfg.n_layer):
+        x = Block(cfg, name=f"block_{i}")(x, deterministic)
+    else:
+      x = remat_scan(Block, cfg, self.variables["params"], x, deterministic,
+                     None if deterministic else self.make_rng("dropout"))
+    x = layer_norm(cfg, "ln_f")(x)
+    return wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Parameters of GPT(cfg) in closed form (checked against the initialised tree in tests)."""
+  d, f, v, layers = cfg.d_model, int(cfg.mlp_ratio * cfg.d_model), cfg.vocab_size, cfg.n_layer
+  block = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 2 * (2 * d)
+  positions = cfg.seq_len * d if cfg.positions == "learned" else 0
+  return v * d + positions + layers * block + 2 * d

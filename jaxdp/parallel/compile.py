@@ -1,0 +1,113 @@
+"""The pure step compiled onto devices, once per strategy.
+
+`dp`: the per-device step under `jax.shard_map` over the "data" axis, replicated state, one
+`lax.pmean` per step (or another gradient exchange, or local SGD). `zero1`/`zero2`/`zero3`: the
+global step (`axis_name=None`) under `jax.jit` with the state shardings of
+jaxdp.parallel.shardings; XLA derives the collectives (reduce-scatter / all-gather) from them.
+`pmap_train_step` maps the dp body with `jax.pmap` for users of the classic API.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxdp.core import step as steps
+from jaxdp.core.step import LossFn
+from jaxdp.parallel import local_sgd
+from jaxdp.parallel.exchange import CommConfig, make_exchange
+from jaxdp.parallel.mesh import BATCH_SPEC, DATA, batch_sharding, replicated
+from jaxdp.parallel.shardings import Layout, gradient_shardings
+
+
+def _zero_optimizer(tx: optax.GradientTransformation, strategy: str, layout: Layout,
+                    offload_optimizer: bool) -> optax.GradientTransformation:
+  """`tx` whose update pins the gradients to the stage's shards and, when the optimizer state is
+  offloaded, brings it to device memory for the update (the step's outputs send it back).
+
+  Only shardings change: the update's arithmetic is `tx`'s own.
+  """
+  def update(grads, opt_state, params=None):
+    grads = jax.lax.with_sharding_constraint(grads, gradient_shardings(strategy, layout, grads))
+    if offload_optimizer:
+      opt_state = jax.device_put(opt_state, layout.tree(opt_state, True, "device"))
+    return tx.update(grads, opt_state, params)
+  return optax.GradientTransformation(tx.init, update)
+
+
+def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
+                       tx: optax.GradientTransformation, state_sharding: Any,
+                       comm_cfg: CommConfig | None = None, max_consecutive_skips: int = 0,
+                       compute_dtype: Any = None) -> Callable:
+  """(state, batch [A, b, ...]) -> (state, metrics), jitted with the state donated."""
+  comm_cfg = comm_cfg or CommConfig()
+  mesh = layout.mesh
+  if strategy == "dp":
+    state_spec = jax.tree.map(lambda s: s.spec, state_sharding)
+    if comm_cfg.sync == "local_sgd":
+      body = functools.partial(local_sgd.local_sgd_step, loss_fn=loss_fn, tx=tx, axis_name=DATA,
+                               cfg=comm_cfg, max_consecutive_skips=max_consecutive_skips,
+                               compute_dtype=compute_dtype)
+    else:
+      body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=DATA,
+                               exchange=make_exchange(comm_cfg, DATA),
+                               max_consecutive_skips=max_consecutive_skips,
+                               compute_dtype=compute_dtype)
+    # core.step.train_step casts the replicated params to per-device values before
+    # differentiating, so the dense step holds one all-reduce (gradients, loss and token count
+    # together). Ring, ps and all-gather results are the same on every device by construction
+    # (each sum is computed once and copied), which shard_map's replication check cannot see:
+    # it runs only for the dense default, and tests compare the devices' results for the others.
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(state_spec, BATCH_SPEC),
+                           out_specs=(state_spec, P()), check_vma=comm_cfg.dense)
+    return jax.jit(mapped, donate_argnums=0)
+  offload = any(s.memory_kind == "pinned_host" for s in jax.tree.leaves(state_sharding.opt_state))
+  body = functools.partial(steps.train_step, loss_fn=loss_fn,
+                           tx=_zero_optimizer(tx, strategy, layout, offload), axis_name=None,
+                           max_consecutive_skips=max_consecutive_skips, compute_dtype=compute_dtype)
+  return jax.jit(body, in_shardings=(state_sharding, batch_sharding(mesh)),
+                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+
+
+def compile_eval_step(strategy: str, layout: Layout, loss_fn: LossFn,
+                      compute_dtype: Any = None) -> Callable:
+  """(params, batch [A, b, ...]) -> {"loss_sum", "count"} summed over the global batch."""
+  mesh = layout.mesh
+  if strategy == "dp":
+    body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=DATA,
+                             compute_dtype=compute_dtype)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), BATCH_SPEC), out_specs=P()))
+  # The parameters keep the shardings they arrive with (zero3: split; jit gathers them on use).
+  body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=None,
+                           compute_dtype=compute_dtype)
+  return jax.jit(body, out_shardings=replicated(mesh))
+
+
+# The classic API: the same per-device body under jax.pmap. Arrays carry a leading device axis.
+
+def pmap_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+  body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=DATA)
+  return jax.pmap(body, axis_name=DATA, donate_argnums=0)
+
+
+def replicate(tree, num_devices: int):
+  """Stacks `num_devices` copies of every leaf on a new leading axis (pmap's replicated layout)."""
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices,) + np.shape(x)), tree)
+
+
+def unreplicate(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_for_pmap(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
+  """[A, b, ...] -> [num_devices, A, b / num_devices, ...]: device d gets the rows shard_map gives it."""
+  def split(x):
+    a, b = x.shape[:2]
+    x = x.reshape((a, num_devices, b // num_devices) + x.shape[2:])
+    return np.moveaxis(x, 1, 0)
+  return {k: split(np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,233 @@
+"""`DataParallel`: any JAX model's loss, trained data-parallel with every jaxdp technique.
+
+  dp = jaxdp.DataParallel(loss_fn, optax.adamw(1e-3), strategy="zero2", grad_accum_steps=4)
+  state = dp.init_state(init_fn, seed=0)
+  for step in range(num_steps):
+    state, metrics = dp.step(state, batch_of(step))   # the global batch, NumPy arrays [B, ...]
+  eval_loss = dp.evaluate(state.params, eval_batches)
+
+The model enters only through `loss_fn(params, batch, rng) -> (loss_sum, weight_sum)` and
+`init_fn(rng) -> params` (see jaxdp.core.step): a Flax Linen module, an NNX module split into a
+parameter State, or plain functions over a pytree. Strategy, mesh, accumulation, precision,
+communication method and NaN policy are this object's choices, never the model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxdp.core.precision import COMPUTE_DTYPES, PRECISIONS, initial_loss_scale
+from jaxdp.core.state import InitFn, TrainState, init_state
+from jaxdp.core.step import LossFn
+from jaxdp.errors import JaxdpError
+from jaxdp.parallel import compile as compiled
+from jaxdp.parallel import shardings
+from jaxdp.parallel.exchange import CommConfig, with_comm_state
+from jaxdp.parallel.mesh import DATA, MODEL, batch_sharding, make_mesh, process_rows, put_batch
+
+STRATEGIES = ("dp", "zero1", "zero2", "zero3")
+NAN_POLICIES = ("halt", "skip")
+
+
+def _choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise JaxdpError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+class DataParallel:
+  """A loss function and an optax optimizer, compiled data-parallel over a device mesh.
+
+  Args:
+    loss_fn: (params, batch, rng) -> (loss_sum, weight_sum), float32 scalars summed over the
+      rows of `batch` (a dict of arrays [b, ...]); rng is None in evaluation.
+    tx: the optax optimizer (its schedule counts applied updates).
+    strategy: "dp" (replicated state, one all-reduce per step under shard_map), or ZeRO under
+      jit: "zero1" (optimizer state split over "data"), "zero2" (also gradients), "zero3"
+      (also parameters).
+    devices: devices of a ("data", "model") mesh with model=1 (default: all); or give `mesh`.
+    mesh: a Mesh with axes ("data", "model"); "model" > 1 splits annotated dimensions.
+    grad_accum_steps: micro-batches per step, token-weighted, one all-reduce per step.
+    precision: "fp32", "bf16" (float32 master weights cast to bfloat16 for the loss) or "fp16"
+      (float16 compute with a dynamic loss scale).
+    comm: a CommConfig (ring, parameter server, compression, staleness, local SGD); dp only.
+    nan_policy: "halt" (the step is dropped and the state frozen, for the loop to halt and
+      save the last good state) or "skip" (drop up to `max_consecutive_skips` updates in a row).
+    param_dims: logical axis names per parameter (a pytree like the params of tuples, or a
+      function (path, shape) -> names), for models without Flax annotations.
+    logical_axis_rules: logical name -> mesh axis pairs (default: heads, kv_heads, mlp -> model).
+    offload_optimizer: ZeRO-Offload: the optimizer state in pinned host memory (GPU/TPU).
+
+  Raises:
+    JaxdpError: a choice that is not valid, or a mesh the model cannot be split over.
+  """
+
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *, strategy: str = "dp",
+               devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
+               grad_accum_steps: int = 1, precision: str = "fp32", comm: CommConfig | None = None,
+               nan_policy: str = "halt", param_dims: shardings.ParamDims = None,
+               logical_axis_rules: Sequence[tuple[str, str | None]] = shardings.DEFAULT_RULES,
+               max_consecutive_skips: int = 10, loss_scale_init: float = 2.0 ** 15,
+               loss_scale_period: int = 200, offload_optimizer: bool = False):
+    _choice("strategy", strategy, STRATEGIES)
+    _choice("precision", precision, PRECISIONS)
+    _choice("nan_policy", nan_policy, NAN_POLICIES)
+    if grad_accum_steps < 1:
+      raise JaxdpError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
+    if mesh is not None and devices is not None:
+      raise JaxdpError("give devices or mesh, not both")
+    self.mesh = mesh if mesh is not None else make_mesh(devices)
+    if tuple(self.mesh.axis_names) != (DATA, MODEL):
+      raise JaxdpError(f"mesh axes {tuple(self.mesh.axis_names)} must be ('data', 'model'); "
+                       "build it with jaxdp.make_mesh(devices, data, model)")
+    self.comm = comm or CommConfig()
+    if not self.comm.dense and strategy != "dp":
+      raise JaxdpError(f"strategy={strategy!r} supports only the dense all-reduce; use "
+                       "strategy='dp' with a communication method")
+    if self.mesh.shape[MODEL] > 1 and strategy == "dp":
+      raise JaxdpError(f"mesh model={self.mesh.shape[MODEL]} needs a jit strategy (zero1, zero2, "
+                       "zero3); strategy='dp' is data parallel only")
+    if offload_optimizer and strategy == "dp":
+      raise JaxdpError("offload_optimizer=True needs a ZeRO strategy (zero1, zero2, zero3)")
+    self.loss_fn, self.tx, self.strategy = loss_fn, tx, strategy
+    self.grad_accum_steps, self.precision, self.nan_policy = grad_accum_steps, precision, nan_policy
+    self.param_dims, self.rules = param_dims, tuple(logical_axis_rules)
+    self.max_consecutive_skips = max_consecutive_skips if nan_policy == "skip" else 0
+    self.loss_scale_init, self.loss_scale_period = loss_scale_init, loss_scale_period
+    self.offload_optimizer = offload_optimizer
+    self.compute_dtype = None if precision == "fp32" else COMPUTE_DTYPES[precision]
+    self._prepared: tuple | None = None  # (init_fn, seed) the layout and steps were built for.
+    self.layout: shardings.Layout | None = None
+    self.state_sharding = None
+    self.train_step: Callable | None = None
+    self.eval_step: Callable | None = None
+
+  @property
+  def data_size(self) -> int:
+    """Devices on the "data" axis (the batch is split over them)."""
+    return self.mesh.shape[DATA]
+
+  def _fresh_state(self, init_fn: InitFn, seed: int) -> TrainState:
+    loss_scale = initial_loss_scale(self.precision, self.loss_scale_init, self.loss_scale_period)
+    state = init_state(lambda rng: shardings.split_annotations(init_fn(rng))[0], self.tx, seed,
+                       loss_scale)
+    return with_comm_state(state, self.comm, self.tx, self.data_size)
+
+  def _prepare(self, init_fn: InitFn, seed: int) -> Any:
+    """Builds the layout, state shardings and compiled steps (once per init_fn and seed)."""
+    if self._prepared is not None and self._prepared[:2] == (init_fn, seed):
+      return self._prepared[2]
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    abstract_params, annotations = shardings.split_annotations(boxed)
+    if self.param_dims is not None:
+      annotations = shardings.explicit_annotations(abstract_params, self.param_dims)
+    shapes = {shardings._param_key(path): tuple(x.shape)
+              for path, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    self.layout = shardings.Layout(self.mesh, annotations, shapes, self.rules)
+    abstract = jax.eval_shape(lambda: self._fresh_state(init_fn, seed))
+    self.state_sharding = shardings.state_shardings(self.strategy, self.layout, abstract,
+                                                    self.offload_optimizer)
+    self.train_step = compiled.compile_train_step(
+        self.strategy, self.layout, self.loss_fn, self.tx, self.state_sharding, self.comm,
+        self.max_consecutive_skips, self.compute_dtype)
+    self.eval_step = compiled.compile_eval_step(self.strategy, self.layout, self.loss_fn,
+                                                self.compute_dtype)
+    self._prepared = (init_fn, seed, abstract)
+    return abstract
+
+  def init_state(self, init_fn: InitFn, seed: int = 0) -> TrainState:
+    """A fresh train state, created directly in its shardings (never whole on one device).
+
+    `init_fn(rng) -> params`; `.params`, `.opt_state` and `.step` of the result are the
+    parameters, the optimizer state and the number of optimizer steps taken.
+    """
+    self._prepare(init_fn, seed)
+    return jax.jit(lambda: self._fresh_state(init_fn, seed), out_shardings=self.state_sharding)()
+
+  def abstract_state(self, init_fn: InitFn, seed: int = 0) -> TrainState:
+    """The state's shapes, dtypes and shardings without allocating it (a checkpoint's target)."""
+    abstract = self._prepare(init_fn, seed)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, self.state_sharding)
+
+  def process_rows(self, global_batch_size: int, micro_batches: int | None = None) -> np.ndarray:
+    """Rows of a global batch [B, ...] this process must supply (all of them on one process)."""
+    a = self.grad_accum_steps if micro_batches is None else micro_batches
+    b = global_batch_size // a
+    rows = process_rows(self.mesh, b)
+    return (np.arange(a)[:, None] * b + rows[None, :]).ravel()
+
+  def put_batch(self, batch: dict[str, Any], global_batch_size: int | None = None, *,
+                micro_batches: int | None = None) -> dict[str, jax.Array]:
+    """Host batch -> device arrays [A, b, ...], this process's rows only.
+
+    `batch`: dict of arrays [B, ...] holding the whole global batch (B = global batch size),
+    or, with `global_batch_size`, only this process's rows (`process_rows`), in that order.
+    An "ids" entry (global example index, keying per-example randomness) is added when absent.
+    """
+    if not batch:
+      raise JaxdpError("the batch is empty; give a dict of arrays with a leading batch dimension")
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+      raise JaxdpError(f"every array of the batch needs the same leading batch dimension; got "
+                       f"{sizes}")
+    rows = next(iter(sizes.values()))
+    total = rows if global_batch_size is None else global_batch_size
+    a = self.grad_accum_steps if micro_batches is None else micro_batches
+    if total % (self.data_size * a):
+      raise JaxdpError(f"the global batch of {total} rows is not divisible by data devices x "
+                       f"micro-batches = {self.data_size} x {a}; use a multiple of "
+                       f"{self.data_size * a}")
+    mine = self.process_rows(total, a)
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    if "ids" not in batch:
+      batch["ids"] = mine.astype(np.int32)
+    if global_batch_size is None and len(mine) != total:
+      batch = {k: v[mine] for k, v in batch.items()}
+    local = {k: v.reshape((a, v.shape[0] // a) + v.shape[1:]) for k, v in batch.items()}
+    return put_batch(local, batch_sharding(self.mesh), total // a)
+
+  def _placed(self, batch) -> bool:
+    """True for the output of put_batch (already on the devices, laid out [A, b, ...])."""
+    sharding = batch_sharding(self.mesh)
+    return all(isinstance(v, jax.Array) and v.sharding == sharding for v in batch.values())
+
+  def step(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch; returns the new state and metrics.
+
+    `batch`: dict of NumPy arrays [B, ...] (the global batch) or the output of `put_batch`.
+    metrics (device scalars, fetch when needed): "train_loss" (weighted mean loss),
+    "grad_norm" (global gradient norm), "skipped_steps", "consecutive_skips", and under fp16
+    "loss_scale". `state` is donated: use the returned one.
+    """
+    if self.train_step is None:
+      raise JaxdpError("DataParallel.step: call init_state(init_fn, seed) (or abstract_state, "
+                       "to restore a checkpoint) first")
+    return self.train_step(state, batch if self._placed(batch) else self.put_batch(batch))
+
+  def evaluate(self, params: Any, batches: Iterable[dict[str, Any]]) -> float:
+    """The weighted mean loss over `batches` (each a global batch, host or placed), no randomness.
+
+    Each batch's loss_sum and weight_sum are summed before one division, so a partial last
+    batch (padded rows with zero weight) counts its real rows only.
+    """
+    if self.eval_step is None:
+      raise JaxdpError("DataParallel.evaluate: call init_state(init_fn, seed) first")
+    totals = [self.eval_step(params, b if self._placed(b) else self.put_batch(b, micro_batches=1))
+              for b in batches]
+    if not totals:
+      raise JaxdpError("DataParallel.evaluate: no evaluation batches")
+    totals = jax.device_get(totals)
+    weight = sum(float(t["count"]) for t in totals)
+    return float(sum(float(t["loss_sum"]) for t in totals) / max(weight, 1e-30))
+
+
+def example_weights(batch_size: int, real_rows: int) -> np.ndarray:
+  """float32 [batch_size]: 1 for the first `real_rows` rows, 0 for padding (a partial batch)."""
+  return (np.arange(batch_size) < real_rows).astype(np.float32)
+
+

@@ -1,0 +1,56 @@
+"""The device mesh and how a global batch is laid onto it.
+
+The mesh has two axes: "data" (the batch is split over it; ZeRO splits state over it) and
+"model" (tensor parallelism over the dimensions a model annotates). Batches are laid out
+[A, b, ...]: A micro-batches of b rows, rows split over "data", micro-batches kept whole.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+MODEL = "model"
+BATCH_SPEC = P(None, DATA)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, data: int = 0, model: int = 1) -> Mesh:
+  """A ("data", "model") mesh; data <= 0 takes all devices left after `model`."""
+  devices = list(jax.devices() if devices is None else devices)
+  data = len(devices) // model if data <= 0 else data
+  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Rows of a global batch [A, global_rows, ...] held by this process's devices, ascending.
+
+  Read from the sharding rather than assumed from jax.process_index(), so any device order in
+  the mesh gets the rows its devices compute; on one process this is every row.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((1, global_rows))
+  rows = {r for index in index_map.values() for r in range(*index[1].indices(global_rows))}
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int | None = None):
+  """Places this process's rows of a global batch [A, b, ...] on the devices of `sharding`.
+
+  On one process the rows are the whole batch; on several each passes only its own rows and
+  `global_rows` (the global b), and JAX assembles one global array without moving data.
+  """
+  def put(x):
+    shape = x.shape if global_rows is None else (x.shape[0], global_rows) + x.shape[2:]
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  return {k: put(v) for k, v in batch.items()}
