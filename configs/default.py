@@ -16,13 +16,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 32  # Sequences per optimizer step, summed over all devices and micro-batches.
   c.seq_len = 128  # Tokens per training sequence (the model's context length).
   c.grad_accum_steps = 1  # Micro-batches per optimizer step; gradients are token-weighted and all-reduced once.
-  c.learning_rate = 3e-3  # Peak learning rate after warmup.
-  c.min_lr_ratio = 0.1  # Final learning rate of the cosine decay, as a fraction of the peak.
-  c.warmup_steps = 50  # Linear warmup steps from 0 to the peak learning rate.
-  c.lr_decay_steps = config_dict.placeholder(int)  # Cosine horizon in steps; None means num_steps (stop early or extend without changing the schedule).
-  c.weight_decay = 0.1  # AdamW decoupled weight decay, applied to matrices only (not norms or biases).
-  c.b1 = 0.9  # AdamW first-moment decay.
-  c.b2 = 0.99  # AdamW second-moment decay.
+  c.optimizer = "adamw"  # Update rule: "adamw", "sgd" (momentum), "lion" (wants a 3-10x smaller learning_rate), "adafactor" (factored, relative step size) or "muon" (orthogonalised momentum for hidden 2-D weight matrices, Adam for the rest).
+  c.learning_rate = 3e-3  # Peak learning rate, reached at the last warmup step.
+  c.schedule = "cosine"  # Learning rate after warmup: "cosine" or "linear" decay to min_lr_ratio * peak at lr_decay_steps, "constant" (the peak), or "wsd" (warmup-stable-decay: the peak, then linear decay over the last decay_fraction of lr_decay_steps).
+  c.min_lr_ratio = 0.1  # Final learning rate of the decay, as a fraction of the peak.
+  c.warmup_steps = 50  # Linear warmup steps: step i (from 0) uses peak * (i + 1) / warmup_steps, so the first step already learns; 0 disables warmup.
+  c.lr_decay_steps = config_dict.placeholder(int)  # Step at which the decay reaches its minimum; None means num_steps (stop early or extend without changing the schedule).
+  c.decay_fraction = 0.2  # schedule="wsd": fraction of lr_decay_steps, at its end, over which the rate decays linearly to the minimum.
+  c.weight_decay = 0.1  # Decoupled weight decay for every optimizer (multiplied by the scheduled rate), on weight matrices and embeddings only: not biases, norm parameters or other vectors.
+  c.decay_exclude = ""  # Comma-separated parameter path-name substrings never weight-decayed, e.g. "wpe,embedding" (biases and norms never are).
+  c.b1 = 0.9  # First-moment decay of adamw, lion and muon's Adam branch.
+  c.b2 = 0.99  # Second-moment decay of adamw, lion and muon's Adam branch.
+  c.momentum = 0.9  # optimizer="sgd": heavy-ball momentum; 0 is plain SGD.
+  c.nesterov = False  # optimizer="sgd": use Nesterov momentum.
   c.grad_clip = 1.0  # Clip gradients to this global L2 norm; 0 disables clipping.
   c.log_every = 10  # Steps between train metric lines (metrics are fetched from the device only then).
   c.eval_every = 100  # Steps between evaluations on the validation split; 0 disables periodic evaluation.
@@ -62,10 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1  # Devices on the "model" axis: attention heads and MLP hidden split Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()
+  c.model.family = "gpt"  # Built-in model: "gpt" (LayerNorm, GELU MLP, biases, tied head) or "llama" (RMSNorm, SwiGLU, grouped-query attention, no biases).
   c.model.n_layer = 4  # Transformer blocks.
   c.model.n_head = 4  # Attention heads per block.
   c.model.d_model = 128  # Residual stream width; must be divisible by n_head.
   c.model.mlp_ratio = 4  # MLP hidden width as a multiple of d_model.
   c.model.dropout = 0.0  # Dropout rate on attention output, MLP output and embeddings.
-  c.model.positions = "rope"  # Position encoding: "rope" (rotary) or "learned" (absolute embeddings).
+  c.model.positions = "rope"  # Position encoding: "rope" (rotary) or "learned" (absolute embeddings; gpt only).
+  c.model.rope_theta = 10000.0  # Base of the rotary frequencies (larger suits longer contexts).
+  c.model.n_kv_head = 0  # llama: key/value heads for grouped-query attention, dividing n_head; 0 means n_head.
+  c.model.tie_embeddings = True  # Output head shares the input embedding matrix (gpt: always True).
   return c

@@ -19,6 +19,7 @@ REMATS = ("none", "block", "full")
 ALLREDUCE = ("pmean", "ring", "ps")
 COMPRESSION = ("none", "topk", "randomk", "int8", "bf16")
 SYNC = ("every_step", "local_sgd", "stale")
+FAMILIES = ("gpt", "llama")
 
 
 def preset_path(name_or_path: str) -> str:
@@ -64,12 +65,21 @@ def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
 # The ConfigDict stays here, at the edge: these turn it into the typed values the core takes.
 
 def optimizer_config(config: ml_collections.ConfigDict):
-  """The run's OptimizerConfig (jaxdp.core.optimizer)."""
+  """The run's OptimizerConfig (jaxdp.core.optimizer).
+
+  Fields added after a run was saved default to their old behaviour (AdamW, cosine), so a
+  config from an earlier version still loads.
+  """
   from jaxdp.core.optimizer import OptimizerConfig
-  return OptimizerConfig(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                         decay_steps=lr_decay_steps(config), min_lr_ratio=config.min_lr_ratio,
-                         weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                         grad_clip=config.grad_clip)
+  exclude = tuple(n.strip() for n in config.get("decay_exclude", "").split(",") if n.strip())
+  return OptimizerConfig(name=config.get("optimizer", "adamw"), learning_rate=config.learning_rate,
+                         schedule=config.get("schedule", "cosine"), warmup_steps=config.warmup_steps,
+                         decay_steps=lr_decay_steps(config),
+                         decay_fraction=config.get("decay_fraction", 0.2),
+                         min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
+                         decay_exclude=exclude, b1=config.b1, b2=config.b2,
+                         momentum=config.get("momentum", 0.9),
+                         nesterov=bool(config.get("nesterov", False)), grad_clip=config.grad_clip)
 
 
 def comm_config(config: ml_collections.ConfigDict):
@@ -97,6 +107,14 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   model = config.mesh.model
   data = num_devices // model if config.mesh.data <= 0 else config.mesh.data
   return data, model
+
+
+def model_hidden(config: ml_collections.ConfigDict) -> int:
+  """The MLP hidden width of the config's model family."""
+  from jaxdp.models import llama
+  if config.model.family == "llama":
+    return llama.mlp_hidden(model_config(config, 256))
+  return int(config.model.d_model * config.model.mlp_ratio)
 
 
 def need(ok: bool, message: str) -> None:
@@ -128,6 +146,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(config.loss_scale_period > 0,
        f"config.loss_scale_period={config.loss_scale_period} must be positive")
   need(config.loss_scale_init >= 1, f"config.loss_scale_init={config.loss_scale_init} must be >= 1")
+  need(config.model.family in FAMILIES,
+       f"config.model.family={config.model.family!r} is not one of {', '.join(FAMILIES)}")
+  validate_model_family(config)
   need(config.model.positions in POSITIONS,
        f"config.model.positions={config.model.positions!r} is not one of {', '.join(POSITIONS)}")
   for name in ("num_steps", "global_batch_size", "seq_len", "grad_accum_steps", "eval_steps",
@@ -148,9 +169,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   if config.model.positions == "rope":
     need((config.model.d_model // config.model.n_head) % 2 == 0,
          "config.model.positions='rope' needs an even head size (d_model / n_head)")
-  need(lr_decay_steps(config) > config.warmup_steps,
-       f"config.lr_decay_steps={lr_decay_steps(config)} must exceed config.warmup_steps="
-       f"{config.warmup_steps}")
   need(config.mesh.model > 0, f"config.mesh.model={config.mesh.model} must be positive")
   need(num_devices % config.mesh.model == 0,
        f"config.mesh.model={config.mesh.model} does not divide the {num_devices} devices; pick a "
@@ -163,10 +181,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
     need(config.strategy != "dp",
          f"config.mesh.model={model} needs a jit strategy (zero1, zero2, zero3); "
          "config.strategy='dp' is data parallel only")
-    hidden = config.model.d_model * config.model.mlp_ratio
-    need(config.model.n_head % model == 0 and hidden % model == 0,
-         f"config.mesh.model={model} must divide config.model.n_head={config.model.n_head} and "
-         f"the MLP hidden size {hidden}")
+    hidden = model_hidden(config)
+    kv = config.model.n_kv_head or config.model.n_head
+    need(config.model.n_head % model == 0 and hidden % model == 0 and kv % model == 0,
+         f"config.mesh.model={model} must divide config.model.n_head={config.model.n_head}, the "
+         f"key/value heads {kv} and the MLP hidden size {hidden}")
   need(not (config.offload_optimizer and config.strategy == "dp"),
        "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
   validate_comm(config)
@@ -175,6 +194,60 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
        f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
        f"grad_accum_steps = {data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
+  validate_optimizer(config)
+
+
+def validate_model_family(config: ml_collections.ConfigDict) -> None:
+  """Fields that only one model family has, and their ranges."""
+  m = config.model
+  need(m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta} must be positive")
+  need(m.n_kv_head >= 0, f"config.model.n_kv_head={m.n_kv_head} must be >= 0 (0 means n_head)")
+  if m.family == "gpt":
+    need(m.n_kv_head in (0, m.n_head),
+         f"config.model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama feature; set "
+         "config.model.family=llama, or config.model.n_kv_head=0")
+    need(m.tie_embeddings, "config.model.tie_embeddings=False: gpt always ties its output head; "
+         "set config.model.family=llama for an untied head")
+  else:
+    need(m.positions == "rope", f"config.model.positions={m.positions!r}: llama uses rotary "
+         "positions only; set config.model.positions=rope")
+    need(m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
+         f"config.model.n_kv_head={m.n_kv_head} must divide config.model.n_head={m.n_head}")
+
+
+def validate_optimizer(config: ml_collections.ConfigDict) -> None:
+  """The optimizer and schedule fields: choices and ranges (jaxdp/core/optimizer.py).
+
+  A horizon shorter than the warmup is allowed (a short run stays in warmup).
+  """
+  import optax
+
+  from jaxdp.core.optimizer import OPTIMIZERS, SCHEDULES
+  name = config.get("optimizer", "adamw")
+  need(name != "muon" or "muon" in OPTIMIZERS,
+       f"config.optimizer='muon' needs an optax with Muon (optax.contrib.muon; this is optax "
+       f"{optax.__version__}); upgrade optax or pick another optimizer")
+  need(name in OPTIMIZERS, f"config.optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}")
+  schedule = config.get("schedule", "cosine")
+  need(schedule in SCHEDULES, f"config.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+  need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
+  need(config.warmup_steps >= 0, f"config.warmup_steps={config.warmup_steps} must be >= 0 (0: no warmup)")
+  need(config.lr_decay_steps is None or config.lr_decay_steps > 0,
+       f"config.lr_decay_steps={config.lr_decay_steps} must be positive, or None for num_steps")
+  need(config.grad_clip >= 0,
+       f"config.grad_clip={config.grad_clip} must be >= 0; set config.grad_clip=0 to disable clipping")
+  need(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay} must be >= 0 (0: no decay)")
+  need(0 <= config.min_lr_ratio <= 1, f"config.min_lr_ratio={config.min_lr_ratio} must be in [0, 1]")
+  for field in ("b1", "b2"):
+    need(0 <= config[field] < 1, f"config.{field}={config[field]} must be in [0, 1)")
+  momentum = config.get("momentum", 0.9)
+  need(0 <= momentum < 1, f"config.momentum={momentum} must be in [0, 1) (0: plain SGD)")
+  fraction = config.get("decay_fraction", 0.2)
+  need(0 < fraction <= 1, f"config.decay_fraction={fraction} must be in (0, 1] (1: decay over "
+       "the whole of lr_decay_steps)")
+  need(isinstance(config.get("decay_exclude", ""), str),
+       f"config.decay_exclude={config.get('decay_exclude')!r} must be a string of comma-separated "
+       "names, e.g. 'wpe,embedding'")
 
 
 def validate_comm(config: ml_collections.ConfigDict) -> None:

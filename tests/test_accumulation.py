@@ -27,7 +27,7 @@ def uneven_batch(trainer, step, accum):
 
 @pytest.mark.parametrize("accum", [2, 4])
 def test_accumulation_equals_one_large_batch_with_uneven_tokens(trainer, accum):
-  step_fn = jax.jit(functools.partial(steps.train_step, model=trainer.model, tx=trainer.tx))
+  step_fn = jax.jit(functools.partial(steps.train_step, loss_fn=trainer.model.loss_fn, tx=trainer.tx))
   big = small = jax.device_get(trainer.init_state())
   for s in range(5):
     big, big_m = step_fn(big, uneven_batch(trainer, s, 1))
@@ -40,14 +40,14 @@ def test_accumulation_equals_one_large_batch_with_uneven_tokens(trainer, accum):
 def test_token_weighting_is_not_a_mean_of_micro_batch_means(trainer):
   """Micro-batches with different token counts: the step loss is the mean over all tokens."""
   batch = uneven_batch(trainer, 0, 2)
-  logits = jax.vmap(lambda x: trainer.model.apply({"params": trainer.init_state().params}, x))(
+  logits = jax.vmap(lambda x: trainer.model.module.apply({"params": trainer.init_state().params}, x))(
       batch["inputs"])
   import optax
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["weights"]
   token_mean = float((losses * w).sum() / w.sum())
   per_micro = (losses * w).sum(axis=(1, 2)) / w.sum(axis=(1, 2))
-  step_fn = jax.jit(functools.partial(steps.train_step, model=trainer.model, tx=trainer.tx))
+  step_fn = jax.jit(functools.partial(steps.train_step, loss_fn=trainer.model.loss_fn, tx=trainer.tx))
   _, metrics = step_fn(jax.device_get(trainer.init_state()), batch)
   np.testing.assert_allclose(float(metrics["train_loss"]), token_mean, rtol=1e-5)
   assert abs(float(per_micro.mean()) - token_mean) > 1e-4  # The two really differ on this batch.

@@ -1,6 +1,7 @@
 """N devices train exactly like one: shard_map and pmap against a plain reference loop."""
 
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +12,9 @@ from jaxdp import parallel
 from jaxdp.config import load_preset
 from jaxdp.data import Dataset
 from jaxdp.core.losses import cross_entropy_sum
-from jaxdp.models.gpt import GPT, ModelConfig
+from jaxdp.config import model_config, optimizer_config
+from jaxdp.models.gpt import GPT
 from jaxdp.core.optimizer import make_optimizer
-from jaxdp.core.state import init_state
 from jaxdp.runtime.trainer import build
 
 STEPS = 10
@@ -29,10 +30,11 @@ def config():
 def reference_losses(config):
   """A plain single-device loop, written here without jaxdp.steps: mean loss, grad, update."""
   dataset = Dataset(config)
-  model = GPT(ModelConfig.from_config(config, 256))
-  tx = make_optimizer(config)
-  state = init_state(model, tx, config.seed)
-  params, opt_state = state.params, state.opt_state
+  model = GPT(model_config(config, 256))
+  tx = make_optimizer(optimizer_config(config))
+  init_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # jaxdp's split of the seed.
+  params = nn.unbox(model.init(init_key, jnp.zeros((1, config.seq_len), jnp.int32))["params"])
+  opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state, inputs, targets):
@@ -82,7 +84,7 @@ def test_shard_map_dp_matches_single_device_reference(config, reference_losses, 
 def test_pmap_entry_matches_shard_map(config):
   n = 4
   trainer = build(config, jax.devices()[:n])
-  pmapped = parallel.pmap_train_step(trainer.model, trainer.tx)
+  pmapped = parallel.pmap_train_step(trainer.model.loss_fn, trainer.tx)
   host_state = jax.device_get(trainer.init_state())
   state = parallel.replicate(host_state, n)
   pmap_losses = []

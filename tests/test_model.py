@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.models.gpt import GPT, ModelConfig, count_params
+import flax.linen as nn
+
+from jaxdp.models.common import ModelConfig, count_params
+from jaxdp.models.gpt import GPT
 
 
 def make(positions="rope", attention="xla"):
@@ -13,7 +16,7 @@ def make(positions="rope", attention="xla"):
                     positions=positions, attention=attention)
   model = GPT(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 256)
-  params = model.init(jax.random.PRNGKey(1), tokens)["params"]
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
   return model, params, tokens
 
 

@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.models.gpt import GPT, ModelConfig
+import flax.linen as nn
+
+from jaxdp.models.common import ModelConfig
+from jaxdp.models.gpt import GPT
 from jaxdp.models.sampling import filter_logits, generate
 
 VOCAB = 64
@@ -14,7 +17,7 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def model_and_params():
   model = GPT(ModelConfig(vocab_size=VOCAB, seq_len=16, n_layer=1, n_head=2, d_model=16))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
   # Scale the embedding up so the random model's next-token distribution is far from uniform.
   params = jax.tree.map(lambda x: x * 8 if x.ndim == 2 and x.shape[0] == VOCAB else x, params)
   return model, params

@@ -21,12 +21,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdp.parallel import collectives as comm
 from jaxdp import parallel
-from jaxdp.core import step as steps
+from jaxdp.analysis import hlo
 from jaxdp.config import STRATEGIES
-from jaxdp.models.gpt import count_params
-from jaxdp.runtime.trainer import build, state_bytes_per_device
+from jaxdp.core import step as steps
+from jaxdp.models.common import count_params
+from jaxdp.runtime.loop import state_bytes_per_device
+from jaxdp.runtime.trainer import build
 
 # How many times its buffer each collective moves, in the paper's accounting.
 BUFFER_PASSES = {"all-reduce": 2, "reduce-scatter": 1, "all-gather": 1, "collective-permute": 1,
@@ -42,15 +43,6 @@ def paper_bytes(strategy: str, params_per_device: int, data: int) -> dict[str, f
           "collective_bytes_per_step": (3 if "params" in parts else 2) * 4 * params_per_device}
 
 
-def params_per_device_after_model_split(abstract_params, model: int) -> int:
-  """Parameters one device holds before any ZeRO split: Megatron kernels are divided by `model`."""
-  total = 0
-  for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
-    split = parallel.MEGATRON_DIMS.get(parallel.path_names(path)[-3:]) is not None
-    total += int(np.prod(x.shape)) // (model if split else 1)
-  return total
-
-
 def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
                      devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Measured per-device memory and communication of `strategy` on `devices` (all by default).
@@ -63,12 +55,13 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
   state = trainer.init_state()
   batch = trainer.train_batch(0)
   grad_fn = jax.jit(
-      lambda params, batch, rng: steps.accumulate_gradients(params, batch, rng, trainer.model)[0],
-      out_shardings=parallel.gradient_shardings(strategy, trainer.mesh, state.params))
+      lambda params, batch, rng: steps.accumulate_gradients(trainer.model.loss_fn, params, batch,
+                                                            rng)[0],
+      out_shardings=parallel.gradient_shardings(strategy, trainer.dp.layout, state.params))
   grads = grad_fn(state.params, batch, state.rng)
   compiled = trainer.train_step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
-  collectives = comm.collective_bytes(compiled.as_text())["buffers"]
+  collectives = hlo.collective_bytes(compiled.as_text())["buffers"]
   data, model = trainer.mesh.shape[parallel.DATA], trainer.mesh.shape[parallel.MODEL]
   abstract = trainer.abstract_state()
   return {
@@ -80,8 +73,8 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
       "compiled_argument_bytes": int(memory.argument_size_in_bytes),
       "compiled_output_bytes": int(memory.output_size_in_bytes),
       "collectives": {op: c for op, c in collectives.items() if c["count"]},
-      "paper": paper_bytes(strategy, params_per_device_after_model_split(abstract.params, model), data),
-      "replicated": parallel.replicated_report(strategy, trainer.mesh, abstract),
+      "paper": paper_bytes(strategy, trainer.dp.layout.params_per_device(abstract.params), data),
+      "replicated": parallel.replicated_report(strategy, trainer.dp.layout, abstract),
       "mesh": {"data": data, "model": model},
   }
 

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdp.config import model_hidden
 from jaxdp.core import step as steps
 from jaxdp.runtime.trainer import Trainer, build
 
@@ -31,7 +32,7 @@ DEFAULT_TOLERANCE = {"loss": 1e-5, "params": 1e-3}
 class Case:
   """One way to run the config: a strategy on a (data, model) mesh.
 
-  `compile_step`, if given, replaces `parallel.compile_train_step` (mesh, model, tx, state
+  `compile_step`, if given, replaces `parallel.compile_train_step` (layout, loss_fn, tx, state
   sharding) -> step: how tests check that verify catches a broken strategy.
   """
   name: str
@@ -44,8 +45,10 @@ class Case:
 def default_cases(config: ml_collections.ConfigDict, num_devices: int) -> list[Case]:
   """Every strategy on all devices, plus each ZeRO stage on a (N/2) x 2 mesh when heads allow."""
   cases = [Case(s, s) for s in ("dp", "zero1", "zero2", "zero3")]
-  hidden = config.model.d_model * config.model.mlp_ratio
-  if num_devices >= 4 and num_devices % 2 == 0 and config.model.n_head % 2 == 0 and hidden % 2 == 0:
+  hidden = model_hidden(config)
+  kv = config.model.n_kv_head or config.model.n_head
+  if (num_devices >= 4 and num_devices % 2 == 0 and config.model.n_head % 2 == 0 and hidden % 2 == 0
+      and kv % 2 == 0):
     cases += [Case(f"{s}@{num_devices // 2}x2", s, num_devices // 2, 2)
               for s in ("zero1", "zero2", "zero3")]
   return cases
@@ -75,16 +78,18 @@ def run_trainer(trainer: Trainer, num_steps: int) -> tuple[list[float], Any, Any
 def run_reference(config: ml_collections.ConfigDict, device: jax.Device, num_steps: int):
   """The plain global step, jitted on one device."""
   trainer = build(case_config(config, Case("reference", "dp")), [device])
-  step = jax.jit(functools.partial(steps.train_step, model=trainer.model, tx=trainer.tx))
-  return run_trainer(dataclasses.replace(trainer, train_step=step), num_steps)
+  trainer.dp.train_step = jax.jit(functools.partial(
+      steps.train_step, loss_fn=trainer.model.loss_fn, tx=trainer.tx,
+      compute_dtype=trainer.dp.compute_dtype))
+  return run_trainer(trainer, num_steps)
 
 
 def run_case(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], case: Case,
              num_steps: int):
   trainer = build(case_config(config, case), devices)
   if case.compile_step is not None:
-    trainer = dataclasses.replace(trainer, train_step=case.compile_step(
-        trainer.mesh, trainer.model, trainer.tx, trainer.state_sharding))
+    trainer.dp.train_step = case.compile_step(trainer.dp.layout, trainer.model.loss_fn,
+                                              trainer.tx, trainer.state_sharding)
   return run_trainer(trainer, num_steps)
 
 

@@ -1,41 +1,253 @@
 """The optimizer of a run as one optax chain: clipping, the update rule, its schedule and
 decoupled weight decay, built from a typed `OptimizerConfig` (the ConfigDict stays at the edge:
-jaxdp.config.optimizer_config turns it into this)."""
+jaxdp.config.optimizer_config turns it into this).
+
+Every rule has the same shape: a direction d from the gradients, then decoupled weight decay on
+the parameters the decay mask selects, then the learning rate of the schedule:
+
+  p <- p - lr(i) * (d + weight_decay * p)      (decay only where decay_mask(params) is True)
+
+which is AdamW's form as optax and PyTorch implement it (Loshchilov & Hutter 2019, "Decoupled
+Weight Decay Regularization", with the decay multiplied by the scheduled rate), applied to every
+rule so that `weight_decay` means the same thing whichever optimizer is chosen.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from jaxdp.errors import JaxdpError
+
+# optax ships Muon in optax.contrib (0.2.5 on); a later release may promote it to optax.muon.
+_MUON = getattr(optax, "muon", None) or getattr(getattr(optax, "contrib", None), "muon", None)
+OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor") + (("muon",) if _MUON is not None else ())
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+# The default decay rule, by role (see decay_mask).
+NO_DECAY_NAMES = ("bias", "scale")
+# Embeddings and output heads are matrices, but Muon's orthogonalised step is meant for hidden
+# layers' weights; Jordan's modded-nanogpt and Liu et al. 2025 give them to the Adam branch.
+EMBEDDING_NAMES = ("embedding", "wte", "wpe", "lm_head")
+
+# decay_mask(params) -> a pytree of bools shaped like params: True where weight decay applies.
+DecayMask = Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  learning_rate: float = 3e-3  # Peak learning rate after warmup.
-  warmup_steps: int = 0  # Linear warmup steps to the peak.
-  decay_steps: int = 1000  # Cosine horizon: the step at which the rate reaches its minimum.
+  """What make_optimizer builds. Steps count applied updates (0-based); rates are per update.
+
+  Raises JaxdpError on construction for an unknown name or schedule or a value out of range.
+  """
+  name: str = "adamw"  # Update rule, one of OPTIMIZERS.
+  learning_rate: float = 3e-3  # Peak learning rate, reached at the last warmup update.
+  schedule: str = "cosine"  # Shape after warmup, one of SCHEDULES.
+  warmup_steps: int = 0  # Updates of linear warmup; update i (0-based) uses peak * (i + 1) / warmup_steps.
+  decay_steps: int = 1000  # Update index at which the rate reaches its minimum (then flat).
+  decay_fraction: float = 0.2  # wsd: the last fraction of decay_steps decays linearly to the minimum.
   min_lr_ratio: float = 0.1  # Final learning rate as a fraction of the peak.
-  weight_decay: float = 0.0  # Decoupled weight decay (AdamW), on matrices only.
-  b1: float = 0.9
-  b2: float = 0.99
+  weight_decay: float = 0.0  # Decoupled weight decay coefficient (multiplied by the scheduled rate).
+  decay_exclude: tuple[str, ...] = ()  # Path-name substrings never decayed, beyond the default rule.
+  b1: float = 0.9  # First-moment decay: adamw, lion, and muon's Adam branch.
+  b2: float = 0.99  # Second-moment decay: adamw, lion, and muon's Adam branch.
+  momentum: float = 0.9  # sgd: heavy-ball momentum; 0 is plain SGD.
+  nesterov: bool = False  # sgd: Nesterov momentum.
   grad_clip: float = 0.0  # Global-norm clipping; 0 disables.
+
+  def __post_init__(self):
+    # The ranges jaxdp.config.validate_optimizer checks, for users who build this directly:
+    # a negative grad_clip, say, must not silently mean "no clipping".
+    muon = "" if _MUON is not None else f" (optax {optax.__version__} has no Muon)"
+    for field, ok, need in (
+        ("name", self.name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}{muon}"),
+        ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+        ("learning_rate", self.learning_rate > 0, "> 0"),
+        ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+        ("decay_steps", self.decay_steps >= 0, ">= 0"),
+        ("decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]"),
+        ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+        ("weight_decay", self.weight_decay >= 0, ">= 0"),
+        ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+        ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+        ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+        ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")):
+      if not ok:
+        raise JaxdpError(f"OptimizerConfig.{field}={getattr(self, field)!r} must be {need}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-  """Warmup from 0 to the peak, then cosine to min_lr_ratio * peak at decay_steps, then flat."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-      decay_steps=cfg.decay_steps, end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  """The learning rate of update index i (0-based count of applied updates), as a jnp function.
+
+  Warmup: update i < warmup_steps uses peak * (i + 1) / warmup_steps, so the first update
+  already moves the parameters (optax's warmup schedules start at 0, which wastes it) and the
+  peak is reached at update warmup_steps - 1; warmup_steps = 0 means no warmup. Then, with
+  min = min_lr_ratio * peak and t the fraction of the decay phase done (clipped to [0, 1]):
+
+    cosine:   min + (peak - min) * (1 + cos(pi * t)) / 2, t = (i - warmup) / (decay_steps - warmup)
+              (the same values as optax.warmup_cosine_decay_schedule after its warmup)
+    linear:   peak - (peak - min) * t, t as for cosine
+    constant: peak (decay_steps and min_lr_ratio unused)
+    wsd:      warmup-stable-decay (Hu et al. 2024, "MiniCPM"): peak until the last
+              decay_fraction of decay_steps, then linear to min at decay_steps:
+              t = (i - start) / (decay_steps - start), start = max(warmup, (1 - decay_fraction) * decay_steps)
+
+  From update decay_steps on the rate stays at min (constant: at peak). A horizon that ends
+  inside the warmup (decay_steps <= warmup_steps, e.g. a short run) is allowed: the warmup runs
+  as given and the rate is min after it.
+
+  Works on a Python int or a traced int32 (under jit).
+  """
+  peak = float(cfg.learning_rate)
+  alpha = cfg.min_lr_ratio
+  warmup = max(int(cfg.warmup_steps), 0)
+  horizon = float(cfg.decay_steps)
+  start = float(warmup)
+  if cfg.schedule == "wsd":
+    start = max(start, horizon - cfg.decay_fraction * horizon)
+  length = horizon - start
+
+  def schedule(count):
+    i = jnp.asarray(count, jnp.float32)
+    warm = peak * (i + 1.0) / max(warmup, 1)
+    if cfg.schedule == "constant":
+      after = jnp.full_like(i, peak)
+    else:
+      # length <= 0: the horizon ended before the decay could start, so it is over.
+      t = jnp.clip((i - start) / length, 0.0, 1.0) if length > 0 else jnp.ones_like(i)
+      shape = 0.5 * (1.0 + jnp.cos(math.pi * t)) if cfg.schedule == "cosine" else 1.0 - t
+      # optax's cosine_decay_schedule form, so the default's values stay what they were.
+      after = peak * ((1.0 - alpha) * shape + alpha)
+    return jnp.where(i < warmup, warm, after)
+
+  return schedule
 
 
-def _decay_mask(params):
-  # Decay matrices (embeddings, kernels) only: decaying norms and biases hurts and helps nothing.
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def _path_names(path) -> list[str]:
+  """Lower-case names of a key path, without the trailing "value" of an NNX Variable."""
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)).lower())
+        break
+    else:
+      names.append(str(key).lower())
+  if len(names) > 1 and names[-1] == "value":
+    names.pop()
+  return names
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def _is_norm(name: str) -> bool:
+  # LayerNorm_0, RMSNorm, attn_norm, norm; GPT-2's ln_1/ln1/ln_f.
+  return "norm" in name or name.startswith("ln")
+
+
+def decay_mask(params: Any, exclude: tuple[str, ...] = ()) -> Any:
+  """Which parameters weight decay applies to, by their role as read from their path.
+
+  Not decayed: a leaf named "bias" or "scale" (shifts and gains, whatever their rank: GPT's qkv
+  bias is [3, H, K]); anything inside a normalisation module (a path name containing "norm" or
+  starting with "ln": LayerNorm_0, attn_norm, ln_f, ...); a path with a name containing one of
+  `exclude` (case-insensitive substrings); and, for names that say nothing, scalars and vectors
+  (a learned gain or temperature). Decayed: the remaining parameters of rank >= 2, i.e. weight
+  matrices and embeddings (kernel, embedding, wte, wpe, wq..wo, w_gate/w_up/w_down, lm_head),
+  as in GPT-2/3 and Llama training recipes.
+
+  Args:
+    params: a pytree of arrays (Flax Linen params, a plain dict, or an NNX State whose leaf
+      paths end in "value"); abstract arrays (jax.ShapeDtypeStruct) work too.
+    exclude: extra path-name substrings that are never decayed, e.g. ("wpe",).
+  Returns:
+    A pytree of Python bools with the structure of `params`.
+  """
+  exclude = tuple(e.lower() for e in exclude)
+
+  def decayed(path, x) -> bool:
+    names = _path_names(path)
+    if names and names[-1] in NO_DECAY_NAMES:
+      return False
+    if any(_is_norm(n) or any(e in n for e in exclude) for n in names):
+      return False
+    return len(x.shape) >= 2
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+_default_mask = decay_mask  # make_optimizer's `decay_mask` argument shadows the name.
+
+
+def _muon_dims(params: Any) -> Any:
+  """Muon for hidden 2-D weight matrices as [in, out]; None (Adam branch) for the rest.
+
+  Higher-rank kernels (the built-in models' attention kernels [D, 3, H, K], [H, K, D]) would
+  need their model's input/output axes, which the core does not know, so they take the Adam
+  branch, as under optax's default rule.
+  """
+  mask = decay_mask(params)
+  dims = optax.contrib.MuonDimensionNumbers()
+
+  def choose(path, x, decayed):
+    names = _path_names(path)
+    matrix = len(x.shape) == 2 and decayed and not any(n in EMBEDDING_NAMES for n in names)
+    return dims if matrix else None
+
+  return jax.tree_util.tree_map_with_path(choose, params, mask)
+
+
+def _decay(cfg: OptimizerConfig, mask: DecayMask) -> optax.GradientTransformation:
+  return optax.add_decayed_weights(cfg.weight_decay, mask) if cfg.weight_decay > 0 else optax.identity()
+
+
+def make_optimizer(cfg: OptimizerConfig, decay_mask: DecayMask | None = None) -> optax.GradientTransformation:
+  """chain(clip_by_global_norm if grad_clip > 0, the rule of cfg.name with its schedule and
+  decoupled weight decay), as an optax GradientTransformation.
+
+  The rules (the schedule scales each; optax's defaults where not stated):
+    adamw: optax.adamw(b1, b2), Loshchilov & Hutter 2019 -- unchanged from earlier versions,
+      so its state (and checkpoints) keep their structure.
+    sgd: momentum (optionally Nesterov) SGD; decay added after the momentum, so decoupled.
+    lion: optax.lion(b1, b2), Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms";
+      its sign update is larger than Adam's, so it wants a 3-10x smaller learning rate.
+    adafactor: optax.adafactor, Shazeer & Stern 2018 (factored second moments, update clipping,
+      relative step size: the update is scaled by the parameter's RMS); b1, b2 unused.
+    muon: optax.contrib.muon (Jordan 2024; momentum 0.95, Nesterov): orthogonalised momentum for
+      hidden 2-D matrices, and Adam (b1, b2) at the same rate for every other parameter
+      (embeddings, head, vectors, and higher-rank kernels: see _muon_dims). Only where the
+      installed optax has it.
+
+  Args:
+    cfg: the optimizer's settings.
+    decay_mask: params -> pytree of bools, True where weight decay applies; None uses
+      `decay_mask(params, cfg.decay_exclude)` of this module.
+  An OptimizerConfig with an unknown name or schedule, or a value out of range, cannot be built
+  (JaxdpError from its constructor), so this raises nothing of its own.
+  """
+  schedule = learning_rate_schedule(cfg)
+  mask = decay_mask if decay_mask is not None else (lambda p: _default_mask(p, cfg.decay_exclude))
+  if cfg.name == "adamw":
+    rule = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
+  elif cfg.name == "lion":
+    rule = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
+  elif cfg.name == "sgd":
+    momentum = optax.trace(cfg.momentum, cfg.nesterov) if cfg.momentum > 0 else optax.identity()
+    rule = optax.chain(momentum, _decay(cfg, mask), optax.scale_by_learning_rate(schedule))
+  else:
+    # optax's adafactor (learning_rate=None) and muon (learning_rate=1) end by negating the
+    # direction; undo that so the decay adds to the direction and the schedule scales both,
+    # instead of adafactor's decay that ignores the rate and muon's Adam branch that decays all.
+    if cfg.name == "adafactor":
+      direction = optax.adafactor(learning_rate=None)
+    else:
+      direction = _MUON(1.0, adam_b1=cfg.b1, adam_b2=cfg.b2, muon_weight_dimension_numbers=_muon_dims)
+    rule = optax.chain(direction, optax.scale(-1.0), _decay(cfg, mask),
+                       optax.scale_by_learning_rate(schedule))
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
-                           weight_decay=cfg.weight_decay, mask=_decay_mask))
+  parts.append(rule)
   return optax.chain(*parts)
+

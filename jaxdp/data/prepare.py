@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxdp.data import ByteTokenizer
+from jaxdp.data.pipeline import ByteTokenizer
 from jaxdp.errors import JaxdpError
 
 FORMAT = "jaxdp-prepared"

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdp.models.gpt import GPT
+import flax.linen as nn
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -33,7 +33,7 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
 
 
 @functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"))
-def _next_token(params, window, length, key, *, model: GPT, temperature: float, top_k: int,
+def _next_token(params, window, length, key, *, model: nn.Module, temperature: float, top_k: int,
                 top_p: float):
   logits = model.apply({"params": params}, window)[0, length - 1]  # [V]
   if temperature == 0:
@@ -41,7 +41,7 @@ def _next_token(params, window, length, key, *, model: GPT, temperature: float, 
   return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p))
 
 
-def generate(params, model: GPT, prompt: np.ndarray, max_new_tokens: int, *,
+def generate(params, model: nn.Module, prompt: np.ndarray, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0) -> Iterator[int]:
   """Yields `max_new_tokens` token ids continuing `prompt` (temperature 0 is greedy)."""

@@ -196,6 +196,10 @@ class DataParallel:
     sharding = batch_sharding(self.mesh)
     return all(isinstance(v, jax.Array) and v.sharding == sharding for v in batch.values())
 
+  def device_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """`batch` on the devices: put_batch of a host global batch, or a placed batch as it is."""
+    return batch if self._placed(batch) else self.put_batch(batch)
+
   def step(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch; returns the new state and metrics.
 
@@ -207,7 +211,7 @@ class DataParallel:
     if self.train_step is None:
       raise JaxdpError("DataParallel.step: call init_state(init_fn, seed) (or abstract_state, "
                        "to restore a checkpoint) first")
-    return self.train_step(state, batch if self._placed(batch) else self.put_batch(batch))
+    return self.train_step(state, self.device_batch(batch))
 
   def evaluate(self, params: Any, batches: Iterable[dict[str, Any]]) -> float:
     """The weighted mean loss over `batches` (each a global batch, host or placed), no randomness.

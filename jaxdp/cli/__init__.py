@@ -1,0 +1,1 @@
+"""The `jaxdp` command line: one module per subcommand (its flags and `run(args)`), `main` dispatches."""

@@ -1,0 +1,52 @@
+"""`jaxdp generate`: continue a prompt with a trained model, streaming the text to stdout."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+from jaxdp.cli import command as c
+
+COMMAND = c.Command(
+    name="generate",
+    summary="Continue a prompt with the model trained in --workdir, streaming to stdout.",
+    description=(
+        "Loads the latest checkpoint in --workdir and its tokenizer, prints the prompt and then "
+        "each sampled token as soon as it completes a character. The same --seed gives the same "
+        "text."),
+    no_config_hint="the model and its config come from the checkpoint in --workdir",
+    flags=(
+        c.string("workdir", "runs/default", "Run directory written by `jaxdp train` (its latest "
+                 "checkpoint is used).", metavar="DIR"),
+        c.string("prompt", "\n", "Text to continue."),
+        c.integer("max_new_tokens", 200, "Tokens to sample after the prompt.", min=0),
+        c.real("temperature", 0.8, "Softmax temperature; 0 is greedy.", metavar="T", min=0),
+        c.integer("top_k", 0, "Sample among the K most likely tokens; 0 keeps all.", metavar="K",
+                  min=0),
+        c.real("top_p", 1.0, "Nucleus sampling: the smallest set of tokens with this much "
+               "probability mass; 1 keeps all.", metavar="P", min=0, min_open=True, max=1),
+        c.integer("seed", 0, "Sampling seed (same seed, same text).", metavar="S", min=0,
+                  max=2**32 - 1),
+        c.CPU_DEVICES,
+    ),
+)
+
+
+def run(args: types.SimpleNamespace) -> int:
+  c.setup_devices(args.cpu_devices)
+  from jaxdp.models.sampling import generate
+  from jaxdp.runtime.trainer import load_for_inference
+  params, model, tokenizer = load_for_inference(args.workdir)
+  sys.stdout.write(args.prompt)
+  tokens, shown = [], 0
+  for token in generate(params, model, tokenizer.encode(args.prompt), args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed):
+    tokens.append(token)
+    text = tokenizer.decode(tokens)
+    if not text.endswith("\ufffd"):  # Hold back a multi-byte character until it is complete.
+      sys.stdout.write(text[shown:])
+      sys.stdout.flush()
+      shown = len(text)
+  sys.stdout.write(tokenizer.decode(tokens)[shown:] + "\n")
+  return 0

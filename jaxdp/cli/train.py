@@ -1,0 +1,60 @@
+"""`jaxdp train`: train a model as the config says, checkpointing and logging to --workdir."""
+
+from __future__ import annotations
+
+import os
+import types
+
+from jaxdp.cli import command as c
+
+COMMAND = c.Command(
+    name="train",
+    summary="Train a model as the config says; checkpoints and metrics go to --workdir.",
+    description=(
+        "Trains the model the config defines, on all visible devices (or --cpu_devices emulated "
+        "ones), resuming from the latest checkpoint in --workdir if there is one. Checkpoints, "
+        "metrics.jsonl and the config land in --workdir. For a multi-process run give "
+        "--coordinator, --num_processes and --process_id to every process (or run under SLURM or "
+        "Open MPI, or use `jaxdp launch`)."),
+    config=True,
+    flags=(
+        c.string("workdir", "runs/default", "Directory for checkpoints and metrics.jsonl; a run "
+                 "already there is resumed.", metavar="DIR"),
+        c.CPU_DEVICES,
+        c.string("coordinator", None, "HOST:PORT where process 0 serves the multi-process "
+                 "coordinator.", metavar="HOST:PORT",
+                 default_text="from SLURM or Open MPI, else one process"),
+        c.integer("num_processes", None, "Processes in the run.", metavar="P", min=1,
+                  default_text="from SLURM or Open MPI, else 1"),
+        c.integer("process_id", None, "This process's index in the run (below --num_processes).",
+                  metavar="I", min=0, default_text="from SLURM or Open MPI, else 0"),
+        c.real("init_timeout_s", 300.0, "Seconds to wait for every process to join before "
+               "giving up.", metavar="S", min=0, min_open=True),
+        c.PROGRESS,
+        c.boolean("allow_config_change", False, "Resume even if run-defining config fields "
+                  "changed since the checkpoint."),
+        c.string("restore_from", None, "Resume from this checkpoint step directory "
+                 "(WORKDIR/checkpoints/STEP) instead of the latest one in --workdir.",
+                 metavar="DIR", default_text="the latest checkpoint in --workdir"),
+    ),
+)
+
+
+def run(args: types.SimpleNamespace) -> int:
+  """Joins the process group (if any), trains, prints where the metrics are.
+
+  Sets `args.multiprocess` once the group has formed, so that the caller exits a failing
+  process at once instead of waiting for its peers.
+  """
+  c.setup_devices(args.cpu_devices)
+  from jaxdp.runtime import distributed  # Before any device is touched.
+  group = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                 args.init_timeout_s)
+  args.multiprocess = group.num_processes > 1
+  from jaxdp.runtime.trainer import train_and_evaluate
+  result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
+                              allow_config_change=args.allow_config_change,
+                              restore_from=args.restore_from)
+  print(f"done: step {result['step']}, eval_loss {result['eval_loss']}, stop reason "
+        f"{result['stop_reason']}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
+  return 0

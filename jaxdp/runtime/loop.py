@@ -1,0 +1,392 @@
+"""The training loop for any model: `fit(dp, init_fn, train_batches, ...)`.
+
+Evaluation, early stopping, orbax checkpoints with bitwise resume, metrics (JSONL and
+TensorBoard), a progress bar, SIGTERM/SIGINT handling and a step watchdog, given a
+`DataParallel`, an `init_fn(rng) -> params` and a data source whose batch for step `s` is a
+function of `(seed, s)` only (so resuming at step `s` needs nothing but `s`). The loop itself
+only sequences small named pieces: `Run` (checkpoints, resume, halting), `Cadence` (when to
+log, evaluate, checkpoint), `train_line` and `record_evaluation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from jaxdp.analysis import hlo
+from jaxdp.core.state import InitFn, TrainState
+from jaxdp.data.pipeline import prefetch
+from jaxdp.errors import JaxdpError
+from jaxdp.models.common import count_params
+from jaxdp.parallel.data_parallel import DataParallel
+from jaxdp.parallel.exchange import bytes_per_step
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
+from jaxdp.runtime.metrics import MetricsWriter, Progress
+from jaxdp.runtime.watchdog import StepWatchdog
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """When the loop logs, evaluates and checkpoints (every N steps; 0 = only at the end)."""
+  num_steps: int
+  log_every: int = 10
+  eval_every: int = 0
+  checkpoint_every: int = 0
+
+  def log(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.num_steps
+
+  def evaluate(self, step: int) -> bool:
+    return bool(self.eval_every and step % self.eval_every == 0) or step == self.num_steps
+
+  def checkpoint(self, step: int) -> bool:
+    return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.num_steps
+
+
+def state_bytes_per_device(state) -> int:
+  """Bytes of the state held by the first local device, read from the arrays' shards."""
+  device = jax.local_devices()[0]
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+def warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
+
+
+def changed_fields(saved: dict, current: dict, fields: Sequence[str]) -> list[str]:
+  """Dotted `fields` whose value differs between a checkpoint's config and `current`."""
+  def get(tree, dotted):
+    for part in dotted.split("."):
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+  return [f"{name} ({get(saved, name)!r} -> {get(current, name)!r})"
+          for name in fields if get(saved, name) != get(current, name)]
+
+
+def train_line(fetched: list[dict], step: int, lr: float | None, tokens_per_sec: float,
+               comm_bytes: float, count_skips: bool) -> dict[str, Any]:
+  """The metrics line of the steps in `fetched` (host values): means of loss (finite steps only)
+  and gradient norm; fp16's loss scale and the skip count when they matter."""
+  finite_losses = [m["train_loss"] for m in fetched if math.isfinite(m["train_loss"])]
+  line = {"step": step,
+          "train_loss": float(np.mean(finite_losses)) if finite_losses else math.nan,
+          "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+          "tokens_per_sec": tokens_per_sec,
+          "comm_bytes_per_step": comm_bytes}
+  if lr is not None:
+    line["lr"] = lr
+  if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
+    line["loss_scale"] = float(fetched[-1]["loss_scale"])
+  if count_skips or "loss_scale" in fetched[-1]:
+    line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
+  return line
+
+
+def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
+  """The early-stopping record after an evaluation; sets "stopped_early" once `patience`
+  evaluations in a row have not improved on the best (patience 0 never stops)."""
+  if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
+    return dict(meta, best_eval_loss=eval_loss, evals_without_improvement=0)
+  meta = dict(meta, evals_without_improvement=meta["evals_without_improvement"] + 1)
+  if patience and meta["evals_without_improvement"] >= patience:
+    meta["stopped_early"] = True
+  return meta
+
+
+class StopRequests:
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns.
+
+  With several processes, all must stop after the same step: SIGTERM is JAX's preemption
+  notice (its service picks the step, `reached_preemption_sync_point`), and a local signal is
+  shared through an all-gather at log steps, which every process reaches together.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "StopRequests":
+    if threading.current_thread() is threading.main_thread():
+      signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int, log_step: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
+      return True
+    if log_step:
+      flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+      if np.any(flags):
+        self.signal_name = self.signal_name or "SIGINT"
+        return True
+    return False
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """What a checkpoint records besides the state, and what a resume must match."""
+  config: dict = dataclasses.field(default_factory=dict)  # The run's config (shown by inspect).
+  run_defining: Sequence[str] = ()  # Dotted config fields a resume may not change.
+  data_digest: str | None = None  # Content hash of the data; a resume must see the same.
+  data_name: str = "the data"  # How errors name the data (e.g. "config.data.path='x'").
+  examples_per_step: int = 0  # Global batch size, for examples_seen.
+
+
+def check_record(saved: dict, record: RunRecord, where: str, allow_config_change: bool) -> None:
+  """Refuses a checkpoint whose config or data differ from this run's (unless allowed)."""
+  changed = changed_fields(saved.get("config", {}), record.config, record.run_defining)
+  digest = saved.get("data_digest")
+  if digest is not None and record.data_digest is not None and digest != record.data_digest:
+    changed.append(f"{record.data_name} changed (sha256 {digest[:12]}... -> "
+                   f"{record.data_digest[:12]}...); restore the data it was trained on")
+  if changed and not allow_config_change:
+    raise JaxdpError(f"the checkpoint in {where!r} was trained with a different config: "
+                     f"{'; '.join(changed)}; use another --workdir, or --allow_config_change")
+
+
+def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
+            restore_from: str | None = None,
+            allow_config_change: bool = False) -> tuple[TrainState, dict] | None:
+  """(state, meta) to resume from: `restore_from` (a step directory), or the latest valid
+  checkpoint. A latest checkpoint that cannot be read back exactly is reported, moved aside and
+  replaced by the one before it. A mismatching config is refused, never skipped. None means
+  start afresh."""
+  if restore_from:
+    path = os.path.abspath(restore_from.rstrip("/"))
+    name = os.path.basename(path)
+    if not name.isdigit() or not os.path.isdir(path):
+      raise JaxdpError(f"--restore_from={restore_from!r} is not a checkpoint step directory; "
+                       f"give e.g. WORKDIR/checkpoints/<step> (see `jaxdp inspect WORKDIR`)")
+    step = int(name)
+    same_dir = os.path.dirname(path) == checkpoints.directory
+    later = [s for s in checkpoints.all_steps() if s > step or not same_dir]
+    if later:
+      raise JaxdpError(f"--restore_from={restore_from!r}: --workdir already has checkpoints at "
+                       f"steps {later}; pick a fresh --workdir to continue from step {step}")
+    source = Checkpointer("", create=False, directory=os.path.dirname(path))
+    try:
+      check_record(source.restore_meta(step), record, path, allow_config_change)
+      return source.restore(step, abstract)
+    except CorruptCheckpoint as e:
+      raise JaxdpError(f"--restore_from={restore_from!r}: {e}; pick another step") from None
+    finally:
+      source.close()
+  for step in reversed(checkpoints.all_steps()):
+    try:
+      try:
+        saved = checkpoints.restore_meta(step)
+      except Exception as e:  # noqa: BLE001  # Unreadable JSON or missing item.
+        raise CorruptCheckpoint(f"step {step} has an unreadable meta item ({type(e).__name__})") from e
+      check_record(saved, record, checkpoints.directory, allow_config_change)
+      return checkpoints.restore(step, abstract)
+    except CorruptCheckpoint as e:
+      moved = checkpoints.set_aside(step)
+      warn(f"checkpoint {e}; moved it to {moved!r} and falling back to the previous checkpoint")
+  return None
+
+
+class Run:
+  """The run's checkpoints and metrics: restore, save, halt on non-finite state."""
+
+  def __init__(self, workdir: str, dp: DataParallel, record: RunRecord, *, keep_last: int = 3,
+               keep_every: int = 0):
+    self.workdir, self.dp, self.record = workdir, dp, record
+    self.checkpoints = Checkpointer(workdir, keep_last, keep_every)
+    self.writer = MetricsWriter(workdir)
+    self.meta = {"best_eval_loss": None, "evals_without_improvement": 0}
+    self.saved_step: int | None = None
+
+  def restore(self, abstract, *, restore_from: str | None = None,
+              allow_config_change: bool = False) -> TrainState | None:
+    """The state to resume from (see `restore`), or None to start afresh."""
+    restored = restore(self.checkpoints, abstract, self.record, restore_from=restore_from,
+                       allow_config_change=allow_config_change)
+    if restored is None:
+      return None
+    state, self.meta = restored
+    self.saved_step = int(state.step)
+    return state
+
+  def save(self, state: TrainState, eval_loss: float | None = None) -> None:
+    step = int(state.step)
+    if self.saved_step == step:
+      return
+    self.saved_step = step
+    self.checkpoints.save(step, state, dict(
+        self.meta, step=step, examples_seen=step * self.record.examples_per_step,
+        config=self.record.config, data_digest=self.record.data_digest,
+        strategy=self.dp.strategy, num_devices=self.dp.mesh.size), eval_loss=eval_loss)
+
+  def halt_if_not_finite(self, state: TrainState) -> None:
+    """Ends the run if the step froze the state after too many non-finite updates in a row."""
+    limit = self.dp.max_consecutive_skips
+    if int(state.consecutive_skips) <= limit:
+      return
+    # The frozen state is the last good one; only its "in a row" count is past the limit.
+    good = state.replace(consecutive_skips=jax.numpy.minimum(state.consecutive_skips, limit))
+    bad_step = int(good.step) + 1
+    self.save(good)
+    self.close()
+    self.writer.write({"step": bad_step, "event": "nonfinite_halt", "nan_policy": self.dp.nan_policy,
+                       "skipped_steps": int(good.skipped_steps)})
+    in_a_row = f"{limit + 1} steps in a row up to " if limit else ""
+    raise JaxdpError(
+        f"non-finite loss or gradients at {in_a_row}step {bad_step} (config.nan_policy="
+        f"{self.dp.nan_policy!r}); the last good state is saved as checkpoint {int(good.step)}; "
+        "lower config.learning_rate or set config.grad_clip and resume, or set config.nan_policy='skip'")
+
+  def close(self) -> None:
+    self.checkpoints.wait()
+    self.checkpoints.close()
+
+
+def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch) -> float:
+  """Mean bytes each device sends per step, from the collectives of the compiled train step."""
+  return bytes_per_step(dp.comm, dp.train_step.lower(state, batch).compile().as_text())
+
+
+def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict], *, workdir: str,
+        num_steps: int, seed: int = 0,
+        eval_batches: Callable[[], Iterable[dict]] | None = None, log_every: int = 10,
+        eval_every: int = 0, checkpoint_every: int = 0, patience: int = 0, keep_last: int = 3,
+        keep_every: int = 0, step_timeout_s: float = 0.0, progress: bool = True,
+        lr_schedule: Callable[[int], Any] | None = None, tokens_per_step: int | None = None,
+        record: RunRecord | None = None, restore_from: str | None = None,
+        allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir` to `num_steps`; returns the final step, the last
+  train and eval losses, the best eval loss and the stop reason ("num_steps", "early_stopping",
+  "preempted").
+
+  Args:
+    dp: the DataParallel (loss, optimizer, strategy, mesh) to train with.
+    init_fn: init_fn(rng) -> params, for a fresh start and as the checkpoint's target shapes.
+    train_batches: step -> the global batch of that step (dict of arrays [B, ...], or the
+      output of dp.put_batch); must depend only on the step (and the run's seed).
+    eval_batches: () -> iterable of evaluation batches, each evaluated once; None: no evaluation.
+    tokens_per_step: for the tokens/s of the log (default: the global batch's rows).
+    record: the config and data fingerprint stored in checkpoints and checked on resume.
+  Raises:
+    JaxdpError: a checkpoint of another config or data, a non-finite halt, a failed save.
+  """
+  record = record or RunRecord()
+  run = Run(workdir, dp, record, keep_last=keep_last, keep_every=keep_every)
+  cadence = Cadence(num_steps, log_every, eval_every if eval_batches is not None else 0,
+                    checkpoint_every)
+  state = run.restore(dp.abstract_state(init_fn, seed), restore_from=restore_from,
+                      allow_config_change=allow_config_change)
+  restored = state is not None
+  if state is None:
+    state = dp.init_state(init_fn, seed)
+  step = int(state.step)
+  if run.meta.get("stopped_early"):
+    run.writer.close()
+    run.close()
+    Progress(step, num_steps, progress).write(
+        f"the run in {workdir!r} stopped early at step {step}; nothing to do")
+    return {"step": step, "stop_reason": "early_stopping", "train_loss": None,
+            "eval_loss": run.meta.get("last_eval_loss"), "best_eval_loss": run.meta["best_eval_loss"]}
+  place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
+  first = place(step) if step < num_steps else None
+  comm_bytes = comm_bytes_per_step(dp, state, first) if first is not None else 0.0
+  if step == 0 or restored:
+    run.writer.write({"event": "resume" if restored else "start", "step": step,
+                      "strategy": dp.strategy, "num_devices": dp.mesh.size,
+                      "params": count_params(state.params),
+                      "state_bytes_per_device": state_bytes_per_device(state)})
+  bar = Progress(step, num_steps, progress)
+  pending: list[dict] = []
+  last = {"step": step, "time": time.perf_counter()}
+  result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
+  with StopRequests() as stops, \
+       contextlib.closing(prefetch(place, step, num_steps)) as batches, \
+       StepWatchdog(step_timeout_s, step) as watchdog:
+    for batch in batches:
+      _test_only_hang(step + 1)
+      state, metrics = dp.step(state, batch)
+      watchdog.dispatched(step + 1, metrics["train_loss"])
+      run.checkpoints.check()  # A failed background save is reported now, not at the next save.
+      pending.append(metrics)
+      step += 1
+      log_step = cadence.log(step)
+      if log_step:
+        fetched = jax.device_get(pending)  # The loop's only host sync between logs.
+        run.halt_if_not_finite(state)
+        elapsed = time.perf_counter() - last["time"]
+        per_step = tokens_per_step or 0
+        line = train_line(fetched, step, None if lr_schedule is None else float(lr_schedule(step - 1)),
+                          (step - last["step"]) * per_step / elapsed, comm_bytes,
+                          dp.nan_policy == "skip")
+        run.writer.write(line)
+        bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"])
+        result["train_loss"] = line["train_loss"]
+        pending, last = [], {"step": step, "time": time.perf_counter()}
+      stop, eval_loss = False, None
+      paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
+      watchdog.pause()  # Nor against the step timeout.
+      if eval_batches is not None and cadence.evaluate(step):
+        run.halt_if_not_finite(state)
+        eval_loss = dp.evaluate(state.params, eval_batches())
+        run.writer.write({"step": step, "eval_loss": eval_loss})
+        bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+        result["eval_loss"] = eval_loss
+        run.meta = dict(record_evaluation(run.meta, eval_loss, patience), last_eval_loss=eval_loss)
+        if run.meta.get("stopped_early"):
+          stop = True
+          result["stop_reason"] = "early_stopping"
+          run.writer.write({"step": step, "event": "early_stopping",
+                            "best_eval_loss": run.meta["best_eval_loss"]})
+          bar.write(f"early stopping at step {step}: no improvement in {patience} evaluations")
+      final = step == num_steps
+      preempted = not stop and not final and stops.should_stop(step, log_step)
+      if cadence.checkpoint(step) or stop or preempted:
+        run.halt_if_not_finite(state)
+        run.save(state, eval_loss)
+      last["time"] += time.perf_counter() - paused
+      watchdog.resume()
+      if preempted:
+        result["stop_reason"] = "preempted"
+        run.writer.write({"step": step, "event": "preempted", "signal": stops.signal_name})
+        bar.write(f"{stops.signal_name}: stopped after step {step} and saved a checkpoint; "
+                  "run the same command to resume")
+        break
+      if stop:
+        break
+  bar.close()
+  run.close()
+  run.writer.close()
+  if result["eval_loss"] is None:
+    result["eval_loss"] = run.meta.get("last_eval_loss")
+  result.update(step=step, best_eval_loss=run.meta["best_eval_loss"])
+  return result
+
+
+def _test_only_hang(step: int) -> None:
+  """Test-only hook (tests/test_multihost.py): JAXDP_TEST_HANG_AT_STEP="PROCESS:STEP" makes that
+  process stall before that step, as a stuck peer would, for the watchdog to catch."""
+  if os.environ.get("JAXDP_TEST_HANG_AT_STEP") == f"{jax.process_index()}:{step}":
+    time.sleep(3600)
