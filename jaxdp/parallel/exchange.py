@@ -27,7 +27,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from jaxdp.analysis import hlo
+from jaxdp.analysis.hlo import collective_bytes
 from jaxdp.parallel import collectives as comm
 
 RANDOMK_KEY = 0x7FFFFFFF  # Folded into the step key for random-k indices: no example id reaches it.
@@ -157,7 +157,7 @@ def bytes_per_step(cfg: CommConfig, hlo_text: str) -> float:
 
   Under local_sgd the averaging sits in a conditional branch that runs every `sync_every` steps.
   """
-  counted = hlo.collective_bytes(hlo_text)
+  counted = collective_bytes(hlo_text)
   if cfg.sync != "local_sgd":
     return counted["bytes"]
   always = counted["bytes"] - counted["conditional_bytes"]

@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from jaxdp.analysis import hlo
 from jaxdp.core.state import InitFn, TrainState
 from jaxdp.data.pipeline import prefetch
 from jaxdp.errors import JaxdpError
