@@ -25,7 +25,9 @@ import optax
 from jaxdp.errors import JaxdpError
 
 # optax ships Muon in optax.contrib (0.2.5 on); a later release may promote it to optax.muon.
-_MUON = getattr(optax, "muon", None) or getattr(getattr(optax, "contrib", None), "muon", None)
+_CONTRIB = getattr(optax, "contrib", None)
+_MUON = getattr(optax, "muon", None) or getattr(_CONTRIB, "muon", None)
+_MUON_DIMS = getattr(optax, "MuonDimensionNumbers", None) or getattr(_CONTRIB, "MuonDimensionNumbers", None)
 OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor") + (("muon",) if _MUON is not None else ())
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -128,7 +130,7 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   return schedule
 
 
-def _path_names(path) -> list[str]:
+def _path_names(path: tuple) -> list[str]:
   """Lower-case names of a key path, without the trailing "value" of an NNX Variable."""
   names = []
   for key in path:
@@ -183,14 +185,17 @@ _default_mask = decay_mask  # make_optimizer's `decay_mask` argument shadows the
 
 
 def _muon_dims(params: Any) -> Any:
-  """Muon for hidden 2-D weight matrices as [in, out]; None (Adam branch) for the rest.
+  """Muon's dimension numbers: optax's default [in, out] for decayed 2-D matrices other than
+  embeddings and heads; None (the Adam branch) for everything else.
 
   Higher-rank kernels (the built-in models' attention kernels [D, 3, H, K], [H, K, D]) would
   need their model's input/output axes, which the core does not know, so they take the Adam
-  branch, as under optax's default rule.
+  branch, as under optax's default rule. A kernel stored [out, in] (the built-in models'
+  Linear) gets the same orthogonalised direction, but Muon's shape scale
+  sqrt(max(1, fan_out / fan_in)) reads its fans swapped.
   """
   mask = decay_mask(params)
-  dims = optax.contrib.MuonDimensionNumbers()
+  dims = _MUON_DIMS()
 
   def choose(path, x, decayed):
     names = _path_names(path)
