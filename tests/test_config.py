@@ -15,7 +15,7 @@ def test_presets_validate():
     ("strategy", "ddp", "config.strategy='ddp' is not one of"),
     ("grad_accum_steps", 3, "not divisible by data devices x grad_accum_steps = 2 x 3"),
     ("num_steps", 0, "config.num_steps=0 must be positive"),
-    ("warmup_steps", 5000, "must exceed config.warmup_steps"),
+    ("grad_clip", -1.0, "config.grad_clip=-1.0 must be >= 0"),
     ("attention", "flash", "config.attention='flash'"),
 ])
 def test_bad_fields_name_themselves(field, value, message):

@@ -59,8 +59,8 @@ def case_config(config: ml_collections.ConfigDict, case: Case) -> ml_collections
   config = ml_collections.ConfigDict(config.to_dict())
   config.strategy, config.mesh.data, config.mesh.model = case.strategy, case.data, case.model
   config.offload_optimizer = False
-  # Warmup starts the learning rate at 0, so a few warmup steps barely move the parameters and
-  # would hide a wrong gradient; the comparison runs the schedule without it.
+  # Warmup's first steps use a small fraction of the learning rate, so they barely move the
+  # parameters and would hide a wrong gradient; the comparison runs the schedule without it.
   config.warmup_steps = 0
   return config
 

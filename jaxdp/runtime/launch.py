@@ -1,7 +1,7 @@
 """`jaxdp launch --nprocs P [--cpu_devices D] -- train ...`: one run as P local processes.
 
 It plays the part a cluster launcher (srun, mpirun) plays on many hosts: picks a free coordinator
-port, starts `python -m jaxdp.main train ... --coordinator --num_processes --process_id` P times,
+port, starts `python -m jaxdp.cli.main train ... --coordinator --num_processes --process_id` P times,
 prefixes every output line with "[i] ", and makes failures loud and final: when one process fails,
 the others are stopped (SIGTERM, then SIGKILL), its error is repeated, and the launcher exits
 non-zero. SIGINT and SIGTERM sent to the launcher are forwarded to every process.
@@ -36,7 +36,7 @@ def free_port() -> int:
 def child_command(command: Sequence[str], process_id: int, nprocs: int, port: int,
                   cpu_devices: int | None) -> list[str]:
   """The command line of process `process_id`."""
-  cmd = [sys.executable, "-m", "jaxdp.main", *command, f"--coordinator=127.0.0.1:{port}",
+  cmd = [sys.executable, "-m", "jaxdp.cli.main", *command, f"--coordinator=127.0.0.1:{port}",
          f"--num_processes={nprocs}", f"--process_id={process_id}"]
   return cmd + ([f"--cpu_devices={cpu_devices}"] if cpu_devices is not None else [])
 
