@@ -34,7 +34,7 @@ RTOL = 1e-5
 
 
 def jaxdp_cli(*args):
-  return [sys.executable, "-m", "jaxdp.main", *args]
+  return [sys.executable, "-m", "jaxdp.cli.main", *args]
 
 
 def losses(workdir):

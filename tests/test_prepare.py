@@ -181,7 +181,7 @@ def test_prepare_train_generate_end_to_end(prepared, trained):
 
 def test_cli_prepare_then_generate_uses_the_saved_tokenizer(prepared, trained, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  cli = [sys.executable, "-m", "jaxdp.main"]
+  cli = [sys.executable, "-m", "jaxdp.cli.main"]
   out = subprocess.run(cli + ["prepare", str(prepared["corpus"]), "--out", str(tmp_path / "p"),
                               "--tokenizer", "bpe", "--vocab_size", "300", "--noprogress"],
                        capture_output=True, text=True, env=env, timeout=120)
