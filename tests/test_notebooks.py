@@ -7,7 +7,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = ("train_and_sample.ipynb", "compare_strategies.ipynb")
+NOTEBOOKS = ("train_and_sample.ipynb", "compare_strategies.ipynb", "bring_your_own_model.ipynb")
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
