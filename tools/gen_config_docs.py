@@ -1,4 +1,4 @@
-"""Generates docs/configuration.md from the one-line field comments of jaxdp/configs/default.py.
+"""Generates docs/configuration.md from the one-line field comments of configs/default.py.
 
   python tools/gen_config_docs.py          # rewrite docs/configuration.md
   python tools/gen_config_docs.py --check  # exit 1 if the committed file is stale
@@ -9,14 +9,14 @@ documentation; a field without one is an error, so undocumented fields cannot be
 
 from __future__ import annotations
 
-import ast
-import io
 import os
 import sys
-import tokenize
+
+from jaxdp.cli.fields import UndocumentedFieldError
+from jaxdp.cli.fields import parse_fields as _parse_fields  # Shared with `jaxdp train --help_config`.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "jaxdp", "configs", "default.py")
+SOURCE = os.path.join(ROOT, "configs", "default.py")  # Installed as jaxdp.configs.default.
 TARGET = os.path.join(ROOT, "docs", "configuration.md")
 HEADER = """# Configuration reference
 
@@ -30,42 +30,14 @@ ConfigDict. Unknown field names are rejected with the list of valid ones.
 """
 
 
-def _dotted(node: ast.AST) -> str | None:
-  """'model.n_layer' for the target `c.model.n_layer`; None for anything else."""
-  parts = []
-  while isinstance(node, ast.Attribute):
-    parts.append(node.attr)
-    node = node.value
-  if isinstance(node, ast.Name) and parts:
-    return ".".join(reversed(parts))
-  return None
-
-
 def parse_fields(source: str) -> list[dict]:
   """[{name, default, doc}] for every `c.FIELD = VALUE  # doc` assignment, in file order;
-  ConfigDict() assignments open a section: {name, section: True}."""
-  comments = {tok.start[0]: tok.string.lstrip("#").strip()
-              for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-              if tok.type == tokenize.COMMENT}
-  fields = []
-  for node in ast.walk(ast.parse(source)):
-    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
-      continue
-    name = _dotted(node.targets[0])
-    if name is None:
-      continue
-    value = ast.get_source_segment(source, node.value)
-    if value.endswith("ConfigDict()"):
-      fields.append({"name": name, "section": True, "line": node.lineno})
-      continue
-    doc = comments.get(node.end_lineno)
-    if not doc:
-      raise SystemExit(f"{SOURCE}:{node.lineno}: field {name!r} has no comment; document it "
-                       "with a trailing `# ...` on the same line")
-    if value.startswith("config_dict.placeholder("):
-      value = "None"
-    fields.append({"name": name, "default": value, "doc": doc, "line": node.lineno})
-  return sorted(fields, key=lambda f: f["line"])
+  ConfigDict() assignments open a section: {name, section: True}. A field without a comment
+  ends the script (exit status 1) naming its line."""
+  try:
+    return _parse_fields(source, SOURCE)
+  except UndocumentedFieldError as e:
+    raise SystemExit(str(e)) from None
 
 
 def render(source: str) -> str:

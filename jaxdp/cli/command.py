@@ -3,8 +3,8 @@
 Each subcommand module declares a `COMMAND = Command(...)` with its own flags and a `run(args)`.
 `Command.parse` builds a fresh `absl.flags.FlagValues` holding only that subcommand's flags (and,
 for train/plan/verify, its `--config` with one flag per overridden field), so a flag that belongs
-to another subcommand is refused instead of silently ignored. Everything here runs before JAX is
-imported: bad input is refused in a fraction of a second.
+to another subcommand is refused instead of silently ignored. Nothing here imports JAX (only
+`setup_devices` does), so bad input is refused before any device work starts.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ class Flag:
       return self.default_text
     if self.kind == "bool":
       return str(self.default).lower()
-    if self.kind == "string":
-      return repr(self.default) if self.default in ("", "\n") or self.default.strip() != self.default \
-          else self.default
+    if isinstance(self.default, str):
+      # Quoted when blank or padded ('\n', ''), so that the default is visible.
+      return self.default if self.default.strip() == self.default != "" else repr(self.default)
     return "unset" if self.default is None else _number(self.default)
 
 
@@ -155,29 +155,28 @@ class Command:
       parts.append(self.positional + (" ..." if self.nargs == "+" else ""))
     if self.trailer:
       parts.append(self.trailer)
-    return textwrap.fill(" ".join(parts), _WIDTH, subsequent_indent=" " * (len(self.name) + 7),
+    return textwrap.fill(" ".join(parts), _WIDTH, initial_indent="usage: ",
+                         subsequent_indent=" " * len(f"usage: jaxdp {self.name} "),
                          break_on_hyphens=False)
 
   def help(self) -> str:
     """The text of `jaxdp NAME --help`: usage, description, every flag with default and help."""
-    lines = ["usage: " + self.usage(), "", textwrap.fill(self.description, _WIDTH), "", "flags:"]
-    entries = list(self.flags)
+    lines = [self.usage(), "", textwrap.fill(self.description, _WIDTH), "", "flags:"]
+    flags = list(self.flags)
     if self.config:
-      entries = [Flag("config", "string", "default", _config_help(), metavar="PRESET|PATH")] + entries
-    for flag in entries:
-      lines.append(f"  {flag.usage()}  (default: {flag.shown_default()}"
-                   f"{'; required' if flag.required else ''})")
-      lines.append(textwrap.fill(flag.full_help(), _WIDTH, initial_indent=" " * 6,
-                                 subsequent_indent=" " * 6))
+      flags.insert(0, Flag("config", "string", "default", _config_help(), metavar="PRESET|PATH"))
+    entries = [(f"{flag.usage()}  "
+                + ("(required)" if flag.required else f"(default: {flag.shown_default()})"),
+                flag.full_help()) for flag in flags]
     if self.config:
-      lines += ["  --config.FIELD=VALUE",
-                "      Override one field of the config, e.g. --config.num_steps=100 or "
-                "--config.model.n_layer=6.",
-                "  --help_config",
-                "      Print every config field with the value this command would use (after "
-                "--config and",
-                "      the overrides given) and its meaning, then exit."]
-    lines += ["  -h, --help", "      Print this help and exit."]
+      entries += [("--config.FIELD=VALUE", "Override one field of the config, e.g. "
+                   "--config.num_steps=100 or --config.model.n_layer=6."),
+                  ("--help_config", "Print every config field with the value this command would "
+                   "use (after --config and the overrides given) and its meaning, then exit.")]
+    entries.append(("-h, --help", "Print this help and exit."))
+    for usage, text in entries:
+      lines.append(f"  {usage}")
+      lines.append(textwrap.fill(text, _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6))
     if self.config:
       lines += ["", f"Every config field: docs/configuration.md, or `jaxdp {self.name} "
                     "--help_config [--config PRESET]`."]
@@ -186,11 +185,12 @@ class Command:
   def parse(self, argv: Sequence[str], others: Iterable[Command] = ()) -> types.SimpleNamespace:
     """Parses this subcommand's arguments (those after its name) into a namespace.
 
-    Attributes: one per flag, `positional`, `launched` (passthrough commands), for config commands `config` (the locked
-    ConfigDict with overrides applied), `config_path` and `help_config`. Raises JaxdpError with
-    one line for any unknown flag (with a did-you-mean among THIS subcommand's flags and config
-    fields, and the subcommands it belongs to), bad value, out-of-range number or missing flag.
-    `others` are the other subcommands, named in the error when one of their flags is given here.
+    Attributes: one per flag, `positional`, `launched` (passthrough commands only), and for
+    config commands `config` (the locked ConfigDict with the overrides applied), `config_path`
+    and `help_config`. Raises a one-line JaxdpError for an unknown flag (with a did-you-mean
+    among THIS subcommand's flags and config fields, and the subcommands it belongs to), a bad
+    value, a number out of range, a missing flag or argument. `others` are the other
+    subcommands, named in the error when one of their flags is given here.
     """
     from absl import flags as absl_flags
     argv, launched = list(argv), []
@@ -269,7 +269,13 @@ class Command:
 def suggest(word: str, candidates: dict[str, list[str]], n: int = 3) -> list[str]:
   """Up to `n` close matches of `word` among the keys of `candidates`, as the texts they map to."""
   out: list[str] = []
-  for key in difflib.get_close_matches(word, list(candidates), n=n + 2, cutoff=0.6):
+  # An exact match (`--num_steps` is the field num_steps) is the answer; others would be noise.
+  keys = [word] if word in candidates else \
+      difflib.get_close_matches(word, list(candidates), n=n + 2, cutoff=0.6)
+  if keys:  # Only the near-best: `num_step` -> num_steps, not also warmup_steps.
+    best = difflib.SequenceMatcher(None, word, keys[0]).ratio()
+    keys = [k for k in keys if difflib.SequenceMatcher(None, word, k).ratio() >= best - 0.1]
+  for key in keys:
     for shown in candidates[key]:
       if shown not in out:
         out.append(shown)
@@ -306,6 +312,7 @@ def _take_config_arg(argv: list[str]) -> tuple[str, list[str]]:
 
   Taking it out and giving the path to config_flags as the default means `--config.FIELD=V`
   may come before or after `--config` (config_flags alone refuses an override before it).
+  Given twice, the last one counts, as for any flag.
   """
   from jaxdp.config import preset_path
   found: list[str] = []
@@ -327,10 +334,8 @@ def _take_config_arg(argv: list[str]) -> tuple[str, list[str]]:
     else:
       rest.append(arg)
     i += 1
-  if len(found) > 1:
-    raise JaxdpError(f"--config given {len(found)} times ({', '.join(map(repr, found))}); give "
-                     "one, and change single fields with --config.FIELD=VALUE")
-  return preset_path(found[0] if found else "default"), rest
+  # The last one wins, as for every other flag.
+  return preset_path(found[-1] if found else "default"), rest
 
 
 def _load_config(path: str) -> tuple[Any, list[str]]:
@@ -357,7 +362,7 @@ def _check_overrides(argv: list[str], fields: list[str], command: str) -> None:
         candidates.setdefault(key, []).append(f"--config.{field}")
     suggestions = suggest(name, candidates)
     raise JaxdpError(f"unknown config field {name!r} in {arg!r}"
-                     + (f"; did you mean {' or '.join(suggestions)}?" if suggestions else "")
+                     + (f"; did you mean {' or '.join(suggestions)}?" if suggestions else ".")
                      + f" Every field: `jaxdp {command} --help_config`.")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+
 from jaxdp.cli import command as c
 from jaxdp.errors import JaxdpError
 

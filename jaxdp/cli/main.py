@@ -17,8 +17,7 @@ import sys
 import traceback
 import types
 
-from jaxdp.cli import command, fields
-from jaxdp.cli import generate, inspect, launch, plan, plot, prepare, train, verify
+from jaxdp.cli import command, fields, generate, inspect, launch, plan, plot, prepare, train, verify
 from jaxdp.errors import JaxdpError
 
 MODULES: dict[str, types.ModuleType] = {m.COMMAND.name: m for m in (

@@ -25,6 +25,7 @@ def run(args: types.SimpleNamespace) -> int:
   """Exit status 1 when any strategy differs from one device beyond the tolerance."""
   c.setup_devices(args.cpu_devices)
   import jax
+
   from jaxdp.analysis.verify import DEFAULT_TOLERANCE, verify
   devices = jax.devices()
   print(f"{args.steps} steps on 1 device vs {len(devices)} devices; tolerance "
