@@ -23,10 +23,11 @@ from jaxdp.models import LanguageModel, ModelConfig
 from jaxdp.models import build as build_model
 from jaxdp.parallel import CommConfig, DataParallel, example_weights, make_mesh
 from jaxdp.runtime.loop import RunRecord, fit
+from jaxdp.runtime.metrics import read_metrics
 from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
 
 __all__ = ["CommConfig", "DataParallel", "JaxdpError", "LanguageModel", "ModelConfig",
            "OptimizerConfig", "RunRecord", "TrainState", "build", "build_model",
            "cross_entropy_sum", "example_keys", "example_weights", "fit",
            "learning_rate_schedule", "load_for_inference", "load_preset", "make_mesh",
-           "make_optimizer", "train_and_evaluate"]
+           "make_optimizer", "read_metrics", "train_and_evaluate"]

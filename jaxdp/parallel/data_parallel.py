@@ -14,6 +14,7 @@ communication method and NaN policy are this object's choices, never the model's
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -105,6 +106,11 @@ class DataParallel:
     self.state_sharding = None
     self.train_step: Callable | None = None
     self.eval_step: Callable | None = None
+    # XLA:CPU's emulated devices abort (a collective's rendezvous times out) when hundreds of
+    # steps are queued without waiting; on CPU the step waits for the one two steps back,
+    # which keeps the next step's dispatch overlapped with the current one.
+    self._in_flight: collections.deque = collections.deque()
+    self._max_in_flight = 2 if self.mesh.devices.flat[0].platform == "cpu" else 0
 
   @property
   def data_size(self) -> int:
@@ -211,7 +217,12 @@ class DataParallel:
     if self.train_step is None:
       raise JaxdpError("DataParallel.step: call init_state(init_fn, seed) (or abstract_state, "
                        "to restore a checkpoint) first")
-    return self.train_step(state, self.device_batch(batch))
+    state, metrics = self.train_step(state, self.device_batch(batch))
+    if self._max_in_flight:
+      self._in_flight.append(metrics["train_loss"])
+      if len(self._in_flight) > self._max_in_flight:
+        jax.block_until_ready(self._in_flight.popleft())
+    return state, metrics
 
   def evaluate(self, params: Any, batches: Iterable[dict[str, Any]]) -> float:
     """The weighted mean loss over `batches` (each a global batch, host or placed), no randomness.

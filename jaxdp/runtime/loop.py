@@ -277,9 +277,9 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
         lr_schedule: Callable[[int], Any] | None = None, tokens_per_step: int | None = None,
         record: RunRecord | None = None, restore_from: str | None = None,
         allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir` to `num_steps`; returns the final step, the last
-  train and eval losses, the best eval loss and the stop reason ("num_steps", "early_stopping",
-  "preempted").
+  """Trains (or resumes) the run in `workdir` to `num_steps`; returns {"step", "train_loss",
+  "eval_loss", "best_eval_loss", "stop_reason" ("num_steps", "early_stopping", "preempted"),
+  "state" (the final TrainState; absent when the run had already stopped early)}.
 
   Args:
     dp: the DataParallel (loss, optimizer, strategy, mesh) to train with.
@@ -287,7 +287,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
     train_batches: step -> the global batch of that step (dict of arrays [B, ...], or the
       output of dp.put_batch); must depend only on the step (and the run's seed).
     eval_batches: () -> iterable of evaluation batches, each evaluated once; None: no evaluation.
-    tokens_per_step: for the tokens/s of the log (default: the global batch's rows).
+    tokens_per_step: for the tokens/s of the log (default: the global batch's rows, so the
+      log's tokens_per_sec is then examples per second).
     record: the config and data fingerprint stored in checkpoints and checked on resume.
   Raises:
     JaxdpError: a checkpoint of another config or data, a non-finite halt, a failed save.
@@ -312,6 +313,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
   first = place(step) if step < num_steps else None
   comm_bytes = comm_bytes_per_step(dp, state, first) if first is not None else 0.0
+  # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
+  first_rows = 0 if first is None else int(np.prod(jax.tree.leaves(first)[0].shape[:2]))
   if step == 0 or restored:
     run.writer.write({"event": "resume" if restored else "start", "step": step,
                       "strategy": dp.strategy, "num_devices": dp.mesh.size,
@@ -336,7 +339,7 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
         fetched = jax.device_get(pending)  # The loop's only host sync between logs.
         run.halt_if_not_finite(state)
         elapsed = time.perf_counter() - last["time"]
-        per_step = tokens_per_step or 0
+        per_step = tokens_per_step or first_rows
         line = train_line(fetched, step, None if lr_schedule is None else float(lr_schedule(step - 1)),
                           (step - last["step"]) * per_step / elapsed, comm_bytes,
                           dp.nan_policy == "skip")
@@ -380,7 +383,7 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   run.writer.close()
   if result["eval_loss"] is None:
     result["eval_loss"] = run.meta.get("last_eval_loss")
-  result.update(step=step, best_eval_loss=run.meta["best_eval_loss"])
+  result.update(step=step, best_eval_loss=run.meta["best_eval_loss"], state=state)
   return result
 
 
