@@ -13,21 +13,35 @@ The public API, for notebooks and scripts:
 The built-in language models and the command line (`jaxdp train`) are users of this API.
 """
 
-from jaxdp.config import load_preset
-from jaxdp.core.losses import cross_entropy_sum
-from jaxdp.core.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from jaxdp.core.state import TrainState
-from jaxdp.core.step import example_keys
-from jaxdp.errors import JaxdpError
-from jaxdp.models import LanguageModel, ModelConfig
-from jaxdp.models import build as build_model
-from jaxdp.parallel import CommConfig, DataParallel, example_weights, make_mesh
-from jaxdp.runtime.loop import RunRecord, fit
-from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
+import importlib
+from typing import Any
 
-__all__ = ["CommConfig", "DataParallel", "JaxdpError", "LanguageModel", "ModelConfig",
-           "OptimizerConfig", "RunRecord", "TrainState", "build", "build_model",
-           "cross_entropy_sum", "example_keys", "example_weights", "fit",
-           "learning_rate_schedule", "load_for_inference", "load_preset", "make_mesh",
-           "make_optimizer", "read_metrics", "train_and_evaluate"]
+# Name -> the module that defines it. Imported on first use, so `import jaxdp` (and every CLI
+# refusal) does not pay for JAX until a name that needs it is touched.
+_EXPORTS = {
+    "load_preset": "jaxdp.config", "cross_entropy_sum": "jaxdp.core.losses",
+    "OptimizerConfig": "jaxdp.core.optimizer", "learning_rate_schedule": "jaxdp.core.optimizer",
+    "make_optimizer": "jaxdp.core.optimizer", "TrainState": "jaxdp.core.state",
+    "example_keys": "jaxdp.core.step", "JaxdpError": "jaxdp.errors",
+    "LanguageModel": "jaxdp.models", "ModelConfig": "jaxdp.models", "build_model": "jaxdp.models",
+    "CommConfig": "jaxdp.parallel", "DataParallel": "jaxdp.parallel",
+    "example_weights": "jaxdp.parallel", "make_mesh": "jaxdp.parallel",
+    "RunRecord": "jaxdp.runtime.loop", "fit": "jaxdp.runtime.loop",
+    "read_metrics": "jaxdp.runtime.metrics", "build": "jaxdp.runtime.trainer",
+    "load_for_inference": "jaxdp.runtime.trainer", "train_and_evaluate": "jaxdp.runtime.trainer",
+}
+_RENAMED = {"build_model": "build"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'jaxdp' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), _RENAMED.get(name, name))
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

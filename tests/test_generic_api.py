@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import jaxdp
+import jaxdp.runtime.checkpoint
 from jaxdp.parallel import CommConfig
 
 STEPS = 10
