@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.core import step as steps
-from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, fingerprints
 from jaxdp.config import load_preset
+from jaxdp.core import step as steps
+from jaxdp.core.state import TrainState
 from jaxdp.data import Dataset
 from jaxdp.errors import JaxdpError
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, fingerprints
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.core.state import TrainState
 from jaxdp.runtime.trainer import build, restore_checkpoint, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ def reference(tmp_path_factory):
 
 def cli(workdir, *flags):
   """Starts `jaxdp train` on the reference config in a subprocess."""
-  args = [sys.executable, "-m", "jaxdp.main", "train", "--config", "tiny_cpu", "--cpu_devices", "2",
+  args = [sys.executable, "-m", "jaxdp.cli.main", "train", "--config", "tiny_cpu", "--cpu_devices", "2",
           "--workdir", workdir, "--progress=false"]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(flags)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
@@ -139,7 +139,7 @@ def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
     proc = cli(workdir)
     # Killed at a random step, but only once a new checkpoint is complete, so the next run
     # resumes (a kill before any finished save would only exercise starting afresh).
-    wait_for(lambda: logged_step(workdir) >= target
+    wait_for(lambda target=target, saved=saved: logged_step(workdir) >= target
              and latest_complete_checkpoint(workdir) > saved, proc)
     proc.kill()
     proc.wait()

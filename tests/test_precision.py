@@ -9,18 +9,20 @@ import functools
 import logging
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdp import models
+from jaxdp.config import load_preset
 from jaxdp.core import precision
 from jaxdp.core import step as steps
-from jaxdp.runtime.checkpoint import Checkpointer
-from jaxdp.config import load_preset
 from jaxdp.errors import JaxdpError
+from jaxdp.models import ModelConfig
+from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.models.gpt import GPT, ModelConfig
 from jaxdp.runtime.trainer import build, train_and_evaluate
 
 COMPILED = re.compile(r"Finished XLA compilation of (\S+)")
@@ -96,12 +98,18 @@ def test_fp16_loss_scale_is_in_metrics_and_checkpoint(fp16_run):
   assert int(state.skipped_steps) == train_lines[-1]["skipped_steps"]
 
 
+def plain_step(trainer):
+  """The plain global step (no mesh) of `trainer`'s loss, optimizer and precision, jitted."""
+  return jax.jit(functools.partial(steps.train_step, loss_fn=trainer.model.loss_fn, tx=trainer.tx,
+                                   compute_dtype=trainer.dp.compute_dtype))
+
+
 @pytest.fixture(scope="module")
 def fp16_single_device():
   """A jitted single-device fp16 step (period 2, so growth is visible), its state and a batch."""
   config = tiny(precision="fp16", loss_scale_period=2, loss_scale_init=1024.0)
   trainer = build(config, jax.devices()[:1])
-  step = jax.jit(functools.partial(steps.train_step, model=trainer.model, tx=trainer.tx))
+  step = plain_step(trainer)
   batch = jax.tree.map(jnp.asarray, trainer.dataset.train(0))
   return step, trainer.init_state(), batch
 
@@ -140,7 +148,7 @@ def test_next_loss_scale_never_goes_below_one():
 def run_steps(config, num_steps: int):
   """(first step's loss, validation loss after num_steps) with the plain jitted step, 1 device."""
   trainer = build(config, jax.devices()[:1])
-  step = jax.jit(functools.partial(steps.train_step, model=trainer.model, tx=trainer.tx))
+  step = plain_step(trainer)
   state, losses = trainer.init_state(), []
   for i in range(num_steps):
     state, metrics = step(state, jax.tree.map(jnp.asarray, trainer.dataset.train(i)))
@@ -158,9 +166,10 @@ def test_bf16_matches_fp32_within_1_percent():
 
 def remat_memory_and_gradients(remat: str, trainer, batch):
   """(compiled temp bytes, loss sum, gradient sums) of one tiny batch with `remat`, 1 device."""
-  model = GPT(dataclasses.replace(trainer.model.cfg, remat=remat))
+  model = models.build(dataclasses.replace(trainer.model.cfg, remat=remat))
+  assert model.module.cfg.remat == remat
   params = trainer.init_state().params
-  grad_fn = jax.jit(functools.partial(steps.accumulate_gradients, model=model))
+  grad_fn = jax.jit(functools.partial(steps.accumulate_gradients, model.loss_fn))
   compiled = grad_fn.lower(params, batch, jax.random.PRNGKey(0)).compile()
   grads, loss, _ = compiled(params, batch, jax.random.PRNGKey(0))
   return compiled.memory_analysis().temp_size_in_bytes, loss, grads
@@ -182,9 +191,9 @@ def test_xla_attention_matches_reference():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 256)
   logits = {}
   for attention in ("xla", "reference"):
-    model = GPT(ModelConfig(256, 32, 2, 2, 32, attention=attention))
-    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-    logits[attention] = model.apply({"params": params}, tokens)
+    model = models.build(ModelConfig(256, 32, 2, 2, 32, attention=attention))
+    params = nn.unbox(model.init_fn(jax.random.PRNGKey(0)))
+    logits[attention] = model.module.apply({"params": params}, tokens)
   np.testing.assert_allclose(logits["xla"], logits["reference"], rtol=1e-5, atol=1e-5)
 
 

@@ -4,15 +4,14 @@ import functools
 import json
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from jaxdp import parallel
-from jaxdp.analysis import plan
-from jaxdp.core import step as steps
-from jaxdp.analysis import verify
+from jaxdp.analysis import plan, verify
 from jaxdp.config import load_preset, validate
+from jaxdp.core import step as steps
 from jaxdp.errors import JaxdpError
 from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
 
@@ -73,7 +72,7 @@ def test_zero_state_per_device_is_one_nth_of_dp(runs, strategy, split):
   _, dp_state, _ = runs["dp", n]
   _, state, trainer = runs[strategy, n]
   device = jax.devices()[0]
-  report = parallel.replicated_report(strategy, trainer.mesh, trainer.abstract_state())
+  report = parallel.replicated_report(strategy, trainer.dp.layout, trainer.abstract_state())
   for part in ("params", "opt_state"):
     dp_bytes = per_device_bytes(getattr(dp_state, part), device)
     got = per_device_bytes(getattr(state, part), device)
@@ -146,11 +145,11 @@ def test_verify_passes_on_default_config():
   assert all(r["ok"] for r in results.values()), results
 
 
-def forget_to_average(mesh, model, tx, state_sharding):
+def forget_to_average(layout, loss_fn, tx, state_sharding):
   """A broken data-parallel step: each device applies its own rows' gradients."""
   del state_sharding
-  body = functools.partial(steps.train_step, model=model, tx=tx, axis_name=None)
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), parallel.BATCH_SPEC),
+  body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=None)
+  return jax.jit(jax.shard_map(body, mesh=layout.mesh, in_specs=(P(), parallel.BATCH_SPEC),
                                out_specs=(P(), P()), check_vma=False))
 
 

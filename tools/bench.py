@@ -5,8 +5,9 @@
                         [--devices N]
 
 Every figure is a measurement of this run (ratios compare numbers taken in the same process):
-  tokens_per_sec, step_time_s      the jaxdp step as train.py drives it (prefetched real batches,
-                                   donated state, metrics fetched every log_every) on `--devices`
+  tokens_per_sec, step_time_s      the jaxdp step as the loop (jaxdp.runtime.loop.fit) drives it
+                                   (prefetched real batches, donated state, metrics fetched every
+                                   log_every) on `--devices`
                                    devices (default: every accelerator; on a CPU host one emulated
                                    device per core, the data-parallel layout for a CPU);
   overhead_vs_bare_loop            jaxdp step time / a bare jitted loop of the same model, loss,
@@ -98,8 +99,9 @@ def measured_peak_flops(devices, dtype, size: int, reps: int) -> float:
   """Best FLOP/s of `devices` each multiplying two size x size matrices at once (2 size^3 each)."""
   import jax
   import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(devices), ("d",))
   a = jax.device_put(jnp.ones((len(devices) * size, size), dtype), NamedSharding(mesh, P("d")))
   b = jax.device_put(jnp.ones((size, size), dtype), NamedSharding(mesh, P()))
@@ -135,19 +137,22 @@ def datasheet_peak_flops(device_kind: str, dtype) -> float | None:
   return None
 
 
-def bare_step_fn(model, tx, mesh):
+def bare_step_fn(module, tx, mesh):
   """The reference loop's step: mean token loss, grad, optimizer update; nothing else.
+
+  `module` is the Flax module of the model (a LanguageModel's `.module`), applied directly.
 
   Plain `jax.jit` over `mesh`: parameters and optimizer state replicated, the batch split over
   its rows, and XLA inserts the gradient all-reduce, as a user without jaxdp would write it.
   """
   import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   import optax
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   def step(params, opt_state, inputs, targets):
     def loss_fn(p):
-      logits = model.apply({"params": p}, inputs)
+      logits = module.apply({"params": p}, inputs)
       return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -158,8 +163,10 @@ def bare_step_fn(model, tx, mesh):
 
 
 def jaxdp_tokens_per_sec(trainer, train_step, steps: int) -> tuple[float, float]:
-  """(step seconds, tokens/s) of train.py's hot loop: prefetched batches, fetch every log_every."""
+  """(step seconds, tokens/s) of fit's hot loop (jaxdp.runtime.loop): prefetched batches, metrics
+  fetched every log_every."""
   import jax
+
   from jaxdp.data import prefetch
   cfg = trainer.config
   state = trainer.init_state()
@@ -203,10 +210,11 @@ def run(args, overrides) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from jaxdp.config import STRATEGIES, load_preset
-  from jaxdp.models.gpt import count_params
   from jaxdp.core.precision import compute_dtype
   from jaxdp.errors import JaxdpError
+  from jaxdp.models.common import count_params
   from jaxdp.runtime.trainer import build
 
   def config_with(**fields):
@@ -245,7 +253,7 @@ def run(args, overrides) -> dict:
   report["params"] = n_params
 
   # The bare loop: same model, optimizer, batch shape and devices, batch already on the devices.
-  bare = bare_step_fn(trainer.model, trainer.tx, trainer.mesh)
+  bare = bare_step_fn(trainer.model.module, trainer.tx, trainer.mesh)
   fresh = trainer.init_state()
   rows = config.global_batch_size
   inputs = jnp.asarray(np.asarray(batch["inputs"]).reshape(rows, -1))

@@ -84,11 +84,13 @@ def main() -> None:
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices)
   import jax.numpy as jnp
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
   import numpy as np
-  from jax.sharding import Mesh, PartitionSpec as P
 
-  from jaxdp.parallel import collectives as comm
+  from jaxdp.analysis.hlo import collective_bytes
   from jaxdp.config import load_preset
+  from jaxdp.parallel import collectives as comm
   from jaxdp.runtime.metrics import read_metrics
   from jaxdp.runtime.trainer import train_and_evaluate
 
@@ -120,7 +122,7 @@ def main() -> None:
   def measured(fn):
     mapped = jax.jit(jax.shard_map(lambda x: fn(x[0])[None], mesh=mesh, in_specs=P("data"),
                                    out_specs=P("data"), check_vma=False))
-    return comm.collective_bytes(mapped.lower(jnp.zeros((args.devices, params))).compile().as_text())
+    return collective_bytes(mapped.lower(jnp.zeros((args.devices, params))).compile().as_text())
   algorithms = {"ring": measured(lambda v: comm.ring_allreduce_sum(v, "data")),
                 "ps": measured(lambda v: comm.ps_allreduce_sum(v, "data")),
                 "naive": measured(lambda v: jax.lax.all_gather(v, "data").sum(0))}
@@ -141,7 +143,7 @@ def write_report(args, rows, dense, params, algorithms) -> None:
       f"Preset `{args.config}` ({params} parameters, AdamW as configured), {args.steps} steps, "
       f"{n} emulated CPU devices, same seed and data for every method. Validation loss over 8 "
       "batches at the end. Bytes per step: mean bytes each device sends per optimizer step, "
-      "counted from the collectives of the compiled train step (`jaxdp.comm.collective_bytes`): "
+      "counted from the collectives of the compiled train step (`jaxdp.analysis.hlo.collective_bytes`): "
       "all-reduce 2(N-1)/N x payload, all-gather and all-to-all (N-1)/N x result, "
       "collective-permute its operand from each source. Local SGD's parameter average runs in a "
       "conditional branch, weighted 1/H. tokens/s on a shared 2-core CPU is indicative only.", "",
