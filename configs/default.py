@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.
-  c.mesh.model = 1  # Devices on the "model" axis: attention heads and MLP hidden split Megatron-style (zero strategies); 1 is plain data parallelism.
+  c.mesh.model = 1  # Devices on the "model" axis: the dimensions the model annotates as heads, kv_heads or mlp are split over it, Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "gpt"  # Built-in model: "gpt" (LayerNorm, GELU MLP, biases, tied head) or "llama" (RMSNorm, SwiGLU, grouped-query attention, no biases).

@@ -251,7 +251,7 @@ def validate_optimizer(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_comm(config: ml_collections.ConfigDict) -> None:
-  """The communication fields (jaxdp/sync.py): choices, ranges and combinations that work."""
+  """The communication fields (jaxdp/parallel/exchange.py): choices, ranges and combinations that work."""
   for name, choices in (("allreduce", ALLREDUCE), ("compression", COMPRESSION), ("sync", SYNC)):
     need(config[name] in choices, f"config.{name}={config[name]!r} is not one of {', '.join(choices)}")
   need(0 < config.compression_ratio <= 1,

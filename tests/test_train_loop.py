@@ -97,7 +97,7 @@ def test_resume_refuses_a_changed_model(uninterrupted, tmp_path):
 
 
 def test_record_evaluation_stops_after_patience_without_improvement():
-  from jaxdp.runtime.trainer import record_evaluation
+  from jaxdp.runtime.loop import record_evaluation
   meta = {"best_eval_loss": None, "evals_without_improvement": 0}
   for loss, stops in [(3.0, False), (2.5, False), (2.6, False), (2.5, True)]:
     meta = record_evaluation(meta, loss, patience=2)

@@ -89,6 +89,8 @@ class DataParallel:
     if not self.comm.dense and strategy != "dp":
       raise JaxdpError(f"strategy={strategy!r} supports only the dense all-reduce; use "
                        "strategy='dp' with a communication method")
+    if self.comm.sync == "local_sgd" and precision == "fp16":
+      raise JaxdpError("comm sync='local_sgd' has no loss scaling; use precision='fp32' or 'bf16'")
     if self.mesh.shape[MODEL] > 1 and strategy == "dp":
       raise JaxdpError(f"mesh model={self.mesh.shape[MODEL]} needs a jit strategy (zero1, zero2, "
                        "zero3); strategy='dp' is data parallel only")
