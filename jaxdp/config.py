@@ -38,13 +38,51 @@ def list_presets() -> list[str]:
   return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
-def load_preset(name: str = "default") -> ml_collections.ConfigDict:
-  """Returns the ConfigDict of a preset by name, for notebooks: `load_preset("tiny_cpu")`."""
-  path = preset_path(name)
+def _exec_config(path: str) -> ml_collections.ConfigDict:
+  """get_config() of the config file at `path`; any failure is one JaxdpError naming the file."""
   spec = importlib.util.spec_from_file_location(f"_jaxdp_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise JaxdpError(f"--config {path!r} has a syntax error at line {e.lineno}: {e.msg}; fix the "
+                     "file (a preset is Python defining get_config())") from None
+  except Exception as e:  # noqa: BLE001 - a user's file may raise anything while loading.
+    raise JaxdpError(f"--config {path!r} failed to load: {type(e).__name__}: {e}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise JaxdpError(f"--config {path!r} defines no get_config(); a preset returns its "
+                     "ConfigDict from get_config()")
+  try:
+    config = module.get_config()
+  except Exception as e:  # noqa: BLE001
+    raise JaxdpError(f"--config {path!r}: get_config() raised {type(e).__name__}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise JaxdpError(f"--config {path!r}: get_config() returned {type(config).__name__}, not an "
+                     "ml_collections.ConfigDict")
+  return config
+
+
+def load_preset(name: str = "default") -> ml_collections.ConfigDict:
+  """Returns the ConfigDict of a preset by name or path, for notebooks: `load_preset("tiny_cpu")`.
+
+  Raises:
+    JaxdpError: no such preset, a file that does not load, or a config that lacks fields of the
+      default preset or has fields it does not know (the message lists them and the fix).
+  """
+  path = preset_path(name)
+  config = _exec_config(path)
+  default_path = preset_path("default")
+  if os.path.abspath(path) != os.path.abspath(default_path):
+    expected = set(field_names(_exec_config(default_path)))
+    found = set(field_names(config))
+    missing, unknown = sorted(expected - found), sorted(found - expected)
+    if missing or unknown:
+      parts = ([f"lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing
+               else []) + ([f"has unknown fields {', '.join(unknown[:8])}"] if unknown else [])
+      raise JaxdpError(f"--config {path!r} {' and '.join(parts)}; start a preset from the "
+                       "default (`from jaxdp.configs import default; c = default.get_config()`) "
+                       "and change fields")
+  return config
 
 
 def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -85,6 +123,7 @@ def optimizer_config(config: ml_collections.ConfigDict):
 def comm_config(config: ml_collections.ConfigDict):
   """The run's CommConfig (jaxdp.parallel.exchange): how devices exchange gradients."""
   import dataclasses
+
   from jaxdp.parallel.exchange import CommConfig
   return CommConfig(**{f.name: config[f.name] for f in dataclasses.fields(CommConfig)})
 
@@ -151,13 +190,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   validate_model_family(config)
   need(config.model.positions in POSITIONS,
        f"config.model.positions={config.model.positions!r} is not one of {', '.join(POSITIONS)}")
-  for name in ("num_steps", "global_batch_size", "seq_len", "grad_accum_steps", "eval_steps",
-               "log_every", "keep_last"):
+  for name in ("num_steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every",
+               "keep_last"):
     need(config[name] > 0, f"config.{name}={config[name]} must be positive")
   for name in ("n_layer", "n_head", "d_model", "mlp_ratio"):
     need(config.model[name] > 0, f"config.model.{name}={config.model[name]} must be positive")
-  for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "step_timeout_s",
-               "keep_every", "max_consecutive_skips"):
+  for name in ("warmup_steps", "eval_every", "eval_steps", "checkpoint_every", "patience",
+               "step_timeout_s", "keep_every", "max_consecutive_skips"):
     need(config[name] >= 0, f"config.{name}={config[name]} must be >= 0")
   need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
   need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")

@@ -406,3 +406,32 @@ def open_prepared(path: str) -> tuple[ShardedTokens, object]:
   tokens = ShardedTokens(source, manifest["tokens_per_record"], np.dtype(manifest["dtype"]), 0,
                          manifest["num_tokens"])
   return tokens, tokenizer
+
+
+WORKDIR_TOKENIZER = "tokenizer"  # WORKDIR/tokenizer/: the run's own copy of its tokenizer.
+
+
+def save_tokenizer(tokenizer, workdir: str) -> str:
+  """Writes `tokenizer` into WORKDIR/tokenizer/ (atomically), so sampling, inspecting and
+  exporting a run never need its data again: `tokenizer.json` for BPE, `byte.json` for bytes."""
+  folder = os.path.join(workdir, WORKDIR_TOKENIZER)
+  os.makedirs(folder, exist_ok=True)
+  if isinstance(tokenizer, BPETokenizer):
+    target, tmp = os.path.join(folder, TOKENIZER_FILE), os.path.join(folder, TOKENIZER_FILE + ".tmp")
+    tokenizer.save(tmp)
+  else:
+    target, tmp = os.path.join(folder, "byte.json"), os.path.join(folder, "byte.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump({"kind": "byte", "vocab_size": tokenizer.vocab_size}, f)
+  os.replace(tmp, target)
+  return folder
+
+
+def load_tokenizer(workdir: str):
+  """The tokenizer saved by `save_tokenizer` in `workdir`, or None if the run has none saved."""
+  folder = os.path.join(workdir, WORKDIR_TOKENIZER)
+  if os.path.exists(os.path.join(folder, TOKENIZER_FILE)):
+    return BPETokenizer.load(os.path.join(folder, TOKENIZER_FILE))
+  if os.path.exists(os.path.join(folder, "byte.json")):
+    return ByteTokenizer()
+  return None

@@ -10,18 +10,20 @@ bitwise as if never stopped.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 import ml_collections
 import optax
-from jax.sharding import Mesh
 
 from jaxdp import config as configs
 from jaxdp import models
 from jaxdp.core.optimizer import learning_rate_schedule, make_optimizer
 from jaxdp.core.state import TrainState
 from jaxdp.data.pipeline import Dataset
+from jaxdp.data.prepare import load_tokenizer, save_tokenizer
 from jaxdp.errors import JaxdpError
 from jaxdp.parallel import DataParallel, make_mesh
 from jaxdp.parallel.mesh import batch_sharding, process_rows, put_batch
@@ -29,7 +31,9 @@ from jaxdp.runtime import loop
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
-RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.path", "data.val_fraction",
+# The data is identified by its content (sha256, checked separately), not by config.data.path,
+# so the same bytes under another path (relative or absolute, moved) resume as the same run.
+RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fraction",
                        "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
                        "model.d_model", "model.mlp_ratio", "model.positions",
                        "model.tie_embeddings", "compression", "error_feedback",
@@ -82,9 +86,11 @@ class Trainer:
     return put_batch(self.dataset.train(step, rows), batch_sharding(self.mesh), rows_per_micro)
 
   def val_batches(self):
-    """The evaluation batches, each placed on the devices."""
+    """The evaluation batches, each placed on the devices: every validation window once (the
+    first config.eval_steps global batches' worth when it is > 0), the last batch padded with
+    zero-weight rows (see data.pipeline.EvalBatches); this process reads only its own rows."""
     rows = process_rows(self.mesh, self.config.global_batch_size)
-    for k in range(self.config.eval_steps):
+    for k in range(self.dataset.val.num_batches):
       yield put_batch(self.dataset.val(k, rows), batch_sharding(self.mesh),
                       self.config.global_batch_size)
 
@@ -96,7 +102,7 @@ class Trainer:
                           examples_per_step=self.config.global_batch_size)
 
   def evaluate(self, params) -> float:
-    """Token-weighted mean loss over config.eval_steps validation batches."""
+    """Token-weighted mean loss over the validation windows of `val_batches`, each counted once."""
     return self.dp.evaluate(params, self.val_batches())
 
 
@@ -109,7 +115,16 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   devices = list(jax.devices() if devices is None else devices)
   configs.validate(config, len(devices), devices[0].platform)
   dataset = Dataset(config)
-  model = models.build(configs.model_config(config, dataset.tokenizer.vocab_size))
+  model, dp = build_model(config, dataset.tokenizer.vocab_size, devices)
+  trainer = Trainer(config=config, dataset=dataset, model=model, dp=dp)
+  trainer.abstract_state()  # Builds the layout and compiles lazily; errors surface here.
+  return trainer
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int,
+                devices: Sequence[jax.Device]) -> tuple[models.LanguageModel, DataParallel]:
+  """The config's model for a tokenizer of `vocab_size` ids, and its DataParallel on `devices`."""
+  model = models.build(configs.model_config(config, vocab_size))
   mesh = make_mesh(devices, *configs.mesh_shape(config, len(devices)))
   dp = DataParallel(model.loss_fn, make_optimizer(configs.optimizer_config(config)),
                     strategy=config.strategy, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
@@ -119,9 +134,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
                     loss_scale_init=config.loss_scale_init,
                     loss_scale_period=config.loss_scale_period,
                     offload_optimizer=config.offload_optimizer)
-  trainer = Trainer(config=config, dataset=dataset, model=model, dp=dp)
-  trainer.abstract_state()  # Builds the layout and compiles lazily; errors surface here.
-  return trainer
+  return model, dp
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -129,7 +142,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False,
                        restore_from: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
+  if config.data.path:  # Stored resolved: the saved config names the data from anywhere.
+    config = config.copy_and_resolve_references()
+    config.data.path = os.path.abspath(config.data.path)
   trainer = build(config, devices)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    save_tokenizer(trainer.dataset.tokenizer, workdir)
   record = trainer.record()
   return loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
                   num_steps=config.num_steps, seed=config.seed,
@@ -163,10 +182,12 @@ def load_for_inference(workdir: str, step: int | None = None):
   # Whatever strategy and mesh trained it, inference runs on one device.
   config.strategy, config.offload_optimizer = "dp", False
   config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1})
-  trainer = build(config, devices=jax.local_devices()[:1])
+  # The run's own tokenizer copy: no data needed (runs from before it existed read the data).
+  tokenizer = load_tokenizer(workdir) or Dataset(config).tokenizer
+  model, dp = build_model(config, tokenizer.vocab_size, jax.local_devices()[:1])
   try:
-    state, _ = checkpoints.restore(step, trainer.abstract_state())
+    state, _ = checkpoints.restore(step, dp.abstract_state(model.init_fn, config.seed))
   except CorruptCheckpoint as e:
     raise JaxdpError(f"--workdir={workdir!r}: checkpoint {e}") from None
   checkpoints.close()
-  return state.params, trainer.model.module, trainer.dataset.tokenizer
+  return state.params, model.module, tokenizer
