@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()  # Here, not at exit, so that a closed pipe is caught below.
     return status
   except JaxdpError as e:
-    print(f"jaxdp: error: {e}", file=sys.stderr)
+    from jaxdp.runtime import logs
+    log = logs.current()
+    print(f"jaxdp: error: {e}" + (f" (library messages: {log})" if log else ""), file=sys.stderr)
     return _exit_now(2) if multiprocess() else 2
   except BrokenPipeError:
     return _stdout_gone()
-  except KeyboardInterrupt:
-    print("jaxdp: interrupted", file=sys.stderr)
+  except KeyboardInterrupt as e:
+    print(f"jaxdp: interrupted: {e}" if str(e) else "jaxdp: interrupted", file=sys.stderr)
     return _exit_now(130) if multiprocess() else 130
   except SystemExit as e:
     if not multiprocess():

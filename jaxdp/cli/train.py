@@ -46,11 +46,17 @@ def run(args: types.SimpleNamespace) -> int:
   Sets `args.multiprocess` once the group has formed, so that the caller exits a failing
   process at once instead of waiting for its peers.
   """
+  from jaxdp.runtime import logs, signals
+  # Ctrl-C and SIGTERM are recorded from here on and acted on at safe points (see
+  # runtime/signals.py): before any state exists the run exits cleanly, after it saves.
+  signals.install()
+  logs.to_file(args.workdir)  # Library messages go to WORKDIR/jaxdp.log, not the terminal.
   c.setup_devices(args.cpu_devices)
   from jaxdp.runtime import distributed  # Before any device is touched.
   group = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                  args.init_timeout_s)
   args.multiprocess = group.num_processes > 1
+  signals.check("while the process group was forming")
   from jaxdp.runtime.trainer import train_and_evaluate
   result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
                               allow_config_change=args.allow_config_change,

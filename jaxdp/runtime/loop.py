@@ -29,7 +29,9 @@ from jaxdp.errors import JaxdpError
 from jaxdp.models.common import count_params
 from jaxdp.parallel.data_parallel import DataParallel
 from jaxdp.parallel.exchange import bytes_per_step
+from jaxdp.runtime import report, signals
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
+from jaxdp.runtime.lock import WorkdirLock
 from jaxdp.runtime.metrics import MetricsWriter, Progress
 from jaxdp.runtime.watchdog import StepWatchdog
 
@@ -105,7 +107,8 @@ def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
 
 
 class StopRequests:
-  """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns.
+  """SIGTERM/SIGINT are recorded (runtime/signals.py); the loop finishes its step, checkpoints
+  and returns. A second signal exits at once.
 
   With several processes, all must stop after the same step: SIGTERM is JAX's preemption
   notice (its service picks the step, `reached_preemption_sync_point`), and a local signal is
@@ -113,21 +116,27 @@ class StopRequests:
   """
 
   def __init__(self):
-    self.signal_name: str | None = None
     self._previous = {}
+    self._name: str | None = None
+
+  @property
+  def signal_name(self) -> str | None:
+    return self._name or signals.pending()
+
+  @signal_name.setter
+  def signal_name(self, name: str | None) -> None:
+    self._name = name
 
   def __enter__(self) -> "StopRequests":
     if threading.current_thread() is threading.main_thread():
-      signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-      for sig in signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
+      wanted = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      self._previous = {sig: signal.getsignal(sig) for sig in wanted}
+      signals.install(wanted)
     return self
 
-  def _handle(self, signum, frame) -> None:
-    del frame
-    self.signal_name = signal.Signals(signum).name
-
   def __exit__(self, *exc) -> None:
+    if self.signal_name is not None:
+      signals.clear()  # Acted on: the run stopped and saved.
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
@@ -153,6 +162,7 @@ class RunRecord:
   run_defining: Sequence[str] = ()  # Dotted config fields a resume may not change.
   data_digest: str | None = None  # Content hash of the data; a resume must see the same.
   data_name: str = "the data"  # How errors name the data (e.g. "config.data.path='x'").
+  description: str = ""  # The model and data in a few words, for the start banner.
   examples_per_step: int = 0  # Global batch size, for examples_seen.
 
 
@@ -215,6 +225,8 @@ class Run:
   def __init__(self, workdir: str, dp: DataParallel, record: RunRecord, *, keep_last: int = 3,
                keep_every: int = 0):
     self.workdir, self.dp, self.record = workdir, dp, record
+    # One run per workdir (process 0 holds the lock; a crashed run cannot leave it stuck).
+    self.lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).__enter__()
     self.checkpoints = Checkpointer(workdir, keep_last, keep_every)
     self.writer = MetricsWriter(workdir)
     self.meta = {"best_eval_loss": None, "evals_without_improvement": 0}
@@ -262,6 +274,7 @@ class Run:
   def close(self) -> None:
     self.checkpoints.wait()
     self.checkpoints.close()
+    self.lock.__exit__()
 
 
 def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch) -> float:
@@ -286,7 +299,12 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
     init_fn: init_fn(rng) -> params, for a fresh start and as the checkpoint's target shapes.
     train_batches: step -> the global batch of that step (dict of arrays [B, ...], or the
       output of dp.put_batch); must depend only on the step (and the run's seed).
-    eval_batches: () -> iterable of evaluation batches, each evaluated once; None: no evaluation.
+    eval_batches: () -> iterable of evaluation batches; None: no evaluation. The eval loss is
+      sum(loss_sum) / sum(weight_sum) over the batches, so for an exact mean they should hold
+      each evaluation example exactly once (no wrap-around: a repeated example counts twice).
+      A partial last batch must be padded up to a row count divisible by the data devices, the
+      padding rows masked by zero weights, e.g. `jaxdp.example_weights(batch_size, real_rows)`
+      multiplied into the batch's weights; zero-weight rows contribute nothing.
     tokens_per_step: for the tokens/s of the log (default: the global batch's rows, so the
       log's tokens_per_sec is then examples per second).
     record: the config and data fingerprint stored in checkpoints and checked on resume.
@@ -311,10 +329,16 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
     return {"step": step, "stop_reason": "early_stopping", "train_loss": None,
             "eval_loss": run.meta.get("last_eval_loss"), "best_eval_loss": run.meta["best_eval_loss"]}
   place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
+  started = time.perf_counter()
   first = place(step) if step < num_steps else None
   comm_bytes = comm_bytes_per_step(dp, state, first) if first is not None else 0.0
   # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
   first_rows = 0 if first is None else int(np.prod(jax.tree.leaves(first)[0].shape[:2]))
+  start_step = step
+  bar_out = Progress(step, num_steps, False)  # Plain lines, process 0 only.
+  if step < num_steps:
+    bar_out.write(report.banner(dp, state, workdir, num_steps, first_rows, tokens_per_step,
+                                record.description, restored))
   if step == 0 or restored:
     run.writer.write({"event": "resume" if restored else "start", "step": step,
                       "strategy": dp.strategy, "num_devices": dp.mesh.size,
@@ -379,11 +403,16 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
       if stop:
         break
   bar.close()
+  run.checkpoints.wait()
+  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
+  best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
   run.close()
   run.writer.close()
   if result["eval_loss"] is None:
     result["eval_loss"] = run.meta.get("last_eval_loss")
   result.update(step=step, best_eval_loss=run.meta["best_eval_loss"], state=state)
+  bar_out.write(report.summary(result, start_step, time.perf_counter() - started, tokens_per_step,
+                               first_rows, best, workdir))
   return result
 
 

@@ -78,19 +78,26 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-  """A tqdm bar over optimizer steps showing loss and throughput; silent when disabled."""
+  """A tqdm bar over optimizer steps showing loss and throughput; when disabled (batch jobs,
+  where a bar's carriage returns make unreadable logs), one plain line per log step instead."""
 
   def __init__(self, start: int, total: int, enabled: bool):
     self._bar = None
+    self._step, self._total = start, total
+    self._plain = not enabled and jax.process_index() == 0
     if enabled and jax.process_index() == 0:
       from tqdm.auto import tqdm
       self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
   def update(self, steps: int, **postfix) -> None:
+    self._step += steps
     if self._bar is not None:
       self._bar.update(steps)
       if postfix:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+    elif self._plain:
+      values = ", ".join(f"{k} {v:.4g}" for k, v in postfix.items())
+      print(f"step {self._step}/{self._total}" + (f": {values}" if values else ""), flush=True)
 
   def write(self, line: str) -> None:
     if self._bar is not None:

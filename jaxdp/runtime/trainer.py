@@ -35,7 +35,7 @@ from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 # so the same bytes under another path (relative or absolute, moved) resume as the same run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fraction",
                        "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
-                       "model.d_model", "model.mlp_ratio", "model.positions",
+                       "model.d_model", "model.mlp_ratio", "model.positions", "model.rope_theta",
                        "model.tie_embeddings", "compression", "error_feedback",
                        "momentum_correction", "sync", "staleness", "diloco")
 
@@ -99,7 +99,16 @@ class Trainer:
     return loop.RunRecord(config=self.config.to_dict(), run_defining=RUN_DEFINING_FIELDS,
                           data_digest=self.dataset.digest,
                           data_name=f"the data at config.data.path={self.config.data.path!r}",
+                          description=self.describe(),
                           examples_per_step=self.config.global_batch_size)
+
+  def describe(self) -> str:
+    """The model and data in a few words (the start banner's)."""
+    m, tok = self.config.model, self.dataset.tokenizer
+    data = self.config.data.path or "the built-in corpus"
+    return (f"{m.family} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads), data "
+            f"{data} ({getattr(tok, 'name', type(tok).__name__)} tokenizer, vocab {tok.vocab_size}, "
+            f"{self.dataset.examples_per_epoch:,} training windows of {self.config.seq_len})")
 
   def evaluate(self, params) -> float:
     """Token-weighted mean loss over the validation windows of `val_batches`, each counted once."""

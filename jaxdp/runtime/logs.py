@@ -1,0 +1,54 @@
+"""Library messages go to a log file in the workdir, not the terminal.
+
+orbax, asyncio, tensorboardX and absl report through Python's `logging` (and unraisable
+exceptions through `sys.unraisablehook`); on a full disk that was hundreds of lines of
+tracebacks burying jaxdp's own one-line error. `to_file(workdir)` sends all of it to
+WORKDIR/jaxdp.log, so the terminal shows jaxdp's lines, and its error line is the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+LOG_FILE = "jaxdp.log"
+_current: str | None = None
+
+
+def to_file(workdir: str) -> str:
+  """Routes Python logging, warnings and unraisable-exception reports to WORKDIR/jaxdp.log."""
+  global _current
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.abspath(os.path.join(workdir, LOG_FILE))
+  handler = logging.FileHandler(path, delay=True)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  root = logging.getLogger()
+  for old in list(root.handlers):
+    root.removeHandler(old)
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:  # absl installs its own handler on first use; keep it off the terminal too.
+    from absl import logging as absl_logging
+    absl_logging.get_absl_handler().setStream(open(os.devnull, "w"))  # noqa: SIM115
+    absl_logging.use_python_logging(quiet=True)
+  except Exception:  # noqa: BLE001 - absl missing or changed: Python logging still goes to file.
+    pass
+  logging.captureWarnings(True)
+  warnings.simplefilter("default")
+
+  def unraisable(info) -> None:
+    logging.getLogger("jaxdp.unraisable").error(
+        "%s: %s", info.err_msg or "Exception ignored", info.exc_value,
+        exc_info=(info.exc_type, info.exc_value, info.exc_traceback))
+  sys.unraisablehook = unraisable
+  _current = path
+  return path
+
+
+def current() -> str | None:
+  """The log file in use, if `to_file` was called and something was written to it."""
+  if _current and os.path.exists(_current) and os.path.getsize(_current) > 0:
+    return _current
+  return None

@@ -1,0 +1,58 @@
+"""What a run tells its user: a start banner and a final summary (process 0 only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+
+def _count(n: float) -> str:
+  for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f}{unit}"
+  return f"{n:.0f}"
+
+
+def banner(dp, state, workdir: str, num_steps: int, rows_per_step: int,
+           tokens_per_step: int | None, description: str, restored: bool) -> str:
+  """One block of lines: model, parameters, devices, strategy, precision, data, tokens per
+  step, where files go, and whether the run starts or resumes."""
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  device = dp.mesh.devices.flat[0]
+  mesh = " x ".join(f"{name}={size}" for name, size in dp.mesh.shape.items())
+  step = int(state.step)
+  lines = [
+      f"jaxdp: {'resuming at step ' + str(step) if restored else 'starting'}, training to step "
+      f"{num_steps}: {_count(params)} parameters" + (f", {description}" if description else ""),
+      f"  devices: {dp.mesh.size} x {device.platform} ({device.device_kind}), mesh {mesh}, "
+      f"{jax.process_count()} process(es); strategy {dp.strategy}, precision {dp.precision}, "
+      f"nan_policy {dp.nan_policy}",
+      f"  batch: {rows_per_step} rows per step in {dp.grad_accum_steps} micro-batch(es)"
+      + (f", {tokens_per_step:,} tokens per step" if tokens_per_step else ""),
+      f"  files: {os.path.abspath(workdir)} (checkpoints/, metrics.jsonl, TensorBoard events, "
+      "jaxdp.log)"]
+  return "\n".join(lines)
+
+
+def summary(result: dict[str, Any], start_step: int, seconds: float, tokens_per_step: int | None,
+            rows_per_step: int, best: tuple[int, float] | None, workdir: str) -> str:
+  """The closing lines: steps, time, tokens (or examples) per second, eval losses, best
+  checkpoint."""
+  steps = result["step"] - start_step
+  unit, per_step = ("tokens", tokens_per_step) if tokens_per_step else ("examples", rows_per_step)
+  rate = steps * per_step / seconds if seconds > 0 else 0.0
+  if steps == 0:
+    lines = [f"jaxdp: the run in {workdir!r} is already at step {result['step']}; nothing to train"]
+  else:
+    lines = [f"jaxdp: {result['stop_reason']}: {steps} steps (to step {result['step']}) in "
+             f"{seconds:.1f} s, {_count(steps * per_step)} {unit}, {_count(rate)} {unit}/s"]
+  final, best_loss = result.get("eval_loss"), result.get("best_eval_loss")
+  if final is not None:
+    lines.append(f"  eval_loss: final {final:.4f}, best {best_loss:.4f}" if best_loss is not None
+                 else f"  eval_loss: final {final:.4f}")
+  if best is not None:
+    lines.append(f"  best checkpoint: {os.path.join(os.path.abspath(workdir), 'checkpoints', str(best[0]))}"
+                 f" (eval_loss {best[1]:.4f})")
+  return "\n".join(lines)

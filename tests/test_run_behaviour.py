@@ -1,0 +1,120 @@
+"""What a user sees and what a run does at its edges: banner, plain progress lines, summary,
+one run per workdir, signals at any moment, library messages kept off the terminal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CLI = [sys.executable, "-m", "jaxdp.cli.main"]
+TINY = ["--config", "tiny_cpu", "--config.eval_steps=1", "--progress=false", "--cpu_devices", "2"]
+
+
+def env():
+  e = dict(os.environ, JAX_PLATFORMS="cpu")
+  e.pop("XLA_FLAGS", None)
+  return e
+
+
+def run(*args):
+  return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env(), timeout=300)
+
+
+def start(*args):
+  return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env())
+
+
+def wait_for(predicate, timeout=120.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def metrics(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def test_banner_plain_progress_lines_and_summary(tmp_path):
+  workdir = str(tmp_path)
+  first = run("train", *TINY, "--config.num_steps=4", "--config.log_every=2", "--workdir", workdir)
+  assert first.returncode == 0, first.stderr
+  out = first.stdout
+  assert "jaxdp: starting, training to step 4" in out and "parameters" in out
+  assert "strategy dp, precision fp32" in out and "tokens per step" in out
+  assert "step 2/4: loss" in out and "step 4/4: loss" in out  # Plain lines without a bar.
+  assert "jaxdp: num_steps: 4 steps" in out and "eval_loss: final" in out
+  assert os.path.join(workdir, "checkpoints", "4") in out  # Where the best checkpoint is.
+  again = run("train", *TINY, "--config.num_steps=4", "--workdir", workdir)
+  assert again.returncode == 0 and "already at step 4" in again.stdout
+  final = [r["eval_loss"] for r in metrics(workdir) if "eval_loss" in r][-1]
+  assert f"eval_loss {final}" in again.stdout  # The saved eval loss, not None.
+
+
+def test_library_messages_go_to_the_log_file_not_the_terminal(tmp_path):
+  result = run("train", *TINY, "--config.num_steps=2", "--config.eval_every=0",
+               "--workdir", str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  assert "absl" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+
+
+def test_a_second_run_on_the_same_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+  workdir = str(tmp_path)
+  first = start("train", *TINY, "--config.num_steps=100000", "--config.log_every=1",
+                "--workdir", workdir)
+  try:
+    assert wait_for(lambda: any(r.get("step", 0) >= 1 and "train_loss" in r for r in metrics(workdir)))
+    second = run("train", *TINY, "--config.num_steps=3", "--workdir", workdir)
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in use by another run (pid" in lines[0], second.stderr
+    assert str(first.pid) in lines[0]
+  finally:
+    first.kill()  # SIGKILL: no chance to clean up.
+    first.communicate()
+  # The kernel dropped the dead run's lock: the next run just resumes.
+  after = run("train", *TINY, "--config.num_steps=3", "--workdir", workdir,
+              "--allow_config_change")
+  assert after.returncode == 0, after.stderr
+
+
+# Moments: start-up (imports, device setup), compilation, around the first step, mid-run, and
+# mid-save (a checkpoint every step, so a late signal lands in or next to an orbax save).
+MOMENTS = [("startup", signal.SIGINT, 0.3, 3), ("compile", signal.SIGINT, 1.5, 3),
+           ("first_step", signal.SIGTERM, 3.0, 3), ("mid_run", signal.SIGINT, None, 3),
+           ("mid_save", signal.SIGTERM, None, 1)]
+
+
+@pytest.mark.parametrize("moment,sig,delay,checkpoint_every", MOMENTS, ids=[m[0] for m in MOMENTS])
+def test_a_signal_at_any_moment_exits_cleanly_and_leaves_a_usable_workdir(
+    tmp_path, moment, sig, delay, checkpoint_every):
+  workdir = str(tmp_path)
+  proc = start("train", *TINY, "--config.num_steps=100000", "--config.log_every=1",
+               f"--config.checkpoint_every={checkpoint_every}", "--workdir", workdir)
+  if delay is None:  # Mid-run: once steps are being logged.
+    assert wait_for(lambda: any(r.get("step", 0) >= 4 and "train_loss" in r for r in metrics(workdir)))
+  else:
+    time.sleep(delay)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode in (0, 130), (proc.returncode, err[-2000:])  # Never a crash (< 0).
+  assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+  if proc.returncode == 130:  # Stopped before any state existed: one line, nothing saved.
+    assert err.strip().splitlines()[-1].startswith("jaxdp: interrupted"), err
+  else:  # Stopped in the loop: saved, and said so.
+    assert "stopped after step" in out + err
+  if delay is None:
+    assert proc.returncode == 0
+  resumed = run("train", *TINY, "--config.num_steps=2", "--workdir", workdir,
+                "--allow_config_change")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
