@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.core import step as steps
 from jaxdp.config import load_preset
+from jaxdp.core import step as steps
 from jaxdp.runtime.trainer import build
 
 

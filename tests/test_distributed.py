@@ -5,10 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.runtime import distributed
-from jaxdp.runtime import launch
 from jaxdp import parallel
 from jaxdp.errors import JaxdpError
+from jaxdp.runtime import distributed, launch
 from jaxdp.runtime.watchdog import EXIT_STATUS, StepWatchdog
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4",

@@ -9,12 +9,11 @@ import optax
 import pytest
 
 from jaxdp import parallel
-from jaxdp.config import load_preset
-from jaxdp.data import Dataset
+from jaxdp.config import load_preset, model_config, optimizer_config
 from jaxdp.core.losses import cross_entropy_sum
-from jaxdp.config import model_config, optimizer_config
-from jaxdp.models.gpt import GPT
 from jaxdp.core.optimizer import make_optimizer
+from jaxdp.data import Dataset
+from jaxdp.models.gpt import GPT
 from jaxdp.runtime.trainer import build
 
 STEPS = 10

@@ -1,8 +1,8 @@
 """Any model gets every jaxdp technique: a custom MLP with a custom loss, an NNX module and a
 Linen module, under every strategy and device count, against plain optax loops written here."""
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import jaxdp
-import jaxdp.runtime.checkpoint
 from jaxdp.parallel import CommConfig
+import jaxdp.runtime.checkpoint
 
 STEPS = 10
 RTOL = 1e-5

@@ -1,11 +1,10 @@
 """The model: causal, attention kernels agree, both position encodings work."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import flax.linen as nn
 
 from jaxdp.models.common import ModelConfig, count_params
 from jaxdp.models.gpt import GPT

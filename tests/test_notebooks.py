@@ -2,9 +2,9 @@
 
 import os
 
+from nbclient import NotebookClient
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("train_and_sample.ipynb", "compare_strategies.ipynb", "bring_your_own_model.ipynb")

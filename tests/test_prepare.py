@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.data import prepare as prep
 from jaxdp.data import Dataset
+from jaxdp.data import prepare as prep
 from jaxdp.errors import JaxdpError
 from jaxdp.models.sampling import generate
 from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate

@@ -1,11 +1,10 @@
 """generate(): reproducible from a seed; top-k and top-p keep exactly the tokens they should."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import flax.linen as nn
 
 from jaxdp.models.common import ModelConfig
 from jaxdp.models.gpt import GPT

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.config import load_preset
 from jaxdp.errors import JaxdpError
+from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
 from jaxdp.runtime.trainer import build, train_and_evaluate
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from jaxdp.errors import JaxdpError
+from jaxdp.analysis.viz import loss_figure, save_loss_plot
 from jaxdp.cli.main import main
+from jaxdp.errors import JaxdpError
 from jaxdp.runtime.metrics import MetricsWriter, read_metrics
 from jaxdp.runtime.trainer import train_and_evaluate
-from jaxdp.analysis.viz import loss_figure, save_loss_plot
 
 
 def read_events(workdir: str) -> list:

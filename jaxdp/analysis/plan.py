@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 
 from jaxdp import parallel
 from jaxdp.analysis import hlo

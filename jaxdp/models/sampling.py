@@ -9,11 +9,10 @@ from __future__ import annotations
 import functools
 from typing import Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import flax.linen as nn
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:

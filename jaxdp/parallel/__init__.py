@@ -4,15 +4,36 @@ local SGD, and `DataParallel`, the public entry point for any model.
 Imports nothing of jaxdp's runtime: only jaxdp.core, jaxdp.errors and HLO byte counting.
 """
 
-from jaxdp.parallel.compile import (compile_eval_step, compile_train_step, pmap_train_step,
-                                    replicate, split_for_pmap, unreplicate)
+from jaxdp.parallel.compile import (
+                                    compile_eval_step,
+                                    compile_train_step,
+                                    pmap_train_step,
+                                    replicate,
+                                    split_for_pmap,
+                                    unreplicate,
+)
 from jaxdp.parallel.data_parallel import DataParallel, example_weights
 from jaxdp.parallel.exchange import CommConfig
-from jaxdp.parallel.mesh import (BATCH_SPEC, DATA, MODEL, batch_sharding, make_mesh, process_rows,
-                                 put_batch, replicated)
-from jaxdp.parallel.shardings import (DEFAULT_RULES, ZERO_PARTS, Layout, check_offload,
-                                      gradient_shardings, path_names, replicated_report,
-                                      state_shardings)
+from jaxdp.parallel.mesh import (
+                                    BATCH_SPEC,
+                                    DATA,
+                                    MODEL,
+                                    batch_sharding,
+                                    make_mesh,
+                                    process_rows,
+                                    put_batch,
+                                    replicated,
+)
+from jaxdp.parallel.shardings import (
+                                    DEFAULT_RULES,
+                                    ZERO_PARTS,
+                                    Layout,
+                                    check_offload,
+                                    gradient_shardings,
+                                    path_names,
+                                    replicated_report,
+                                    state_shardings,
+)
 
 __all__ = ["BATCH_SPEC", "CommConfig", "DATA", "DEFAULT_RULES", "DataParallel", "Layout", "MODEL",
            "ZERO_PARTS", "batch_sharding", "check_offload", "compile_eval_step",

@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 
 INT8_CHUNK = 256  # Elements sharing one f32 scale in int8 all-reduce (1.6% overhead).
 

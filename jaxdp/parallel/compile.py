@@ -13,9 +13,9 @@ import functools
 from typing import Any, Callable
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 from jaxdp.core import step as steps
 from jaxdp.core.step import LossFn

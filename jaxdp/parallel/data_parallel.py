@@ -18,9 +18,9 @@ import collections
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from jaxdp.core.precision import COMPUTE_DTYPES, PRECISIONS, initial_loss_scale
 from jaxdp.core.state import InitFn, TrainState, init_state

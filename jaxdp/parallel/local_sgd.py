@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from jaxdp.core.step import LossFn, accumulate_gradients, step_metrics, update_if_finite
 from jaxdp.parallel import collectives as comm

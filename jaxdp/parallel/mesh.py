@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
 MODEL = "model"

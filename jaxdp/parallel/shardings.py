@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdp.errors import JaxdpError
 from jaxdp.parallel.mesh import DATA, MODEL, replicated
