@@ -209,6 +209,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
     need((config.model.d_model // config.model.n_head) % 2 == 0,
          "config.model.positions='rope' needs an even head size (d_model / n_head)")
   need(config.mesh.model > 0, f"config.mesh.model={config.mesh.model} must be positive")
+  need(config.mesh.data >= -1, f"config.mesh.data={config.mesh.data} must be a device count, or 0 "
+       "(or -1) for all devices left after mesh.model")
+  need(0 <= config.seed < 2 ** 32, f"config.seed={config.seed} must be in [0, 2**32)")
   need(num_devices % config.mesh.model == 0,
        f"config.mesh.model={config.mesh.model} does not divide the {num_devices} devices; pick a "
        "divisor of the device count")
@@ -234,6 +237,36 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
        f"grad_accum_steps = {data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
   validate_optimizer(config)
+
+
+# (field, the fields and values it depends on, described): a field changed from its default
+# while its condition does not hold can never do what the user asked.
+DEPENDENT_FIELDS = (
+    ("loss_scale_init", lambda c: c.precision == "fp16", "config.precision='fp16'"),
+    ("loss_scale_period", lambda c: c.precision == "fp16", "config.precision='fp16'"),
+    ("max_consecutive_skips", lambda c: c.nan_policy == "skip", "config.nan_policy='skip'"),
+    ("compression_ratio", lambda c: c.compression in ("topk", "randomk"),
+     "config.compression='topk' or 'randomk'"),
+    ("error_feedback", lambda c: c.compression != "none", "a config.compression method"),
+    ("sync_every", lambda c: c.sync == "local_sgd", "config.sync='local_sgd'"),
+    ("staleness", lambda c: c.sync == "stale", "config.sync='stale'"),
+    ("outer_lr", lambda c: c.diloco, "config.diloco=True"),
+    ("outer_momentum", lambda c: c.diloco, "config.diloco=True"),
+    ("model.n_kv_head", lambda c: c.model.family == "llama", "config.model.family='llama'"),
+)
+
+
+def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """Warnings for fields set away from their default that have no effect in this config."""
+  default = _exec_config(preset_path("default"))
+
+  def get(c, dotted):
+    for part in dotted.split("."):
+      c = c[part]
+    return c
+  return [f"config.{name}={get(config, name)!r} has no effect without {needs}"
+          for name, applies, needs in DEPENDENT_FIELDS
+          if get(config, name) != get(default, name) and not applies(config)]
 
 
 def validate_model_family(config: ml_collections.ConfigDict) -> None:

@@ -123,6 +123,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   """
   devices = list(jax.devices() if devices is None else devices)
   configs.validate(config, len(devices), devices[0].platform)
+  for message in configs.ignored_fields(config):
+    loop.warn(message)
   dataset = Dataset(config)
   model, dp = build_model(config, dataset.tokenizer.vocab_size, devices)
   trainer = Trainer(config=config, dataset=dataset, model=model, dp=dp)
