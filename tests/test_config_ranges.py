@@ -66,3 +66,13 @@ def test_train_and_prepare_agree_on_what_a_corpus_is(tmp_path):
     load_tokens(str(path))
   with pytest.raises(JaxdpError, match="is not valid UTF-8.*iconv"):
     prepare([str(path)], str(tmp_path / "out"), progress=False)
+
+
+def test_prepare_names_the_files_it_skips(tmp_path, capsys):
+  from jaxdp.data.prepare import prepare
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "a.txt").write_text("some text to train on\n" * 20)
+  (tmp_path / "in" / "b.csv").write_text("x,y\n1,2\n")
+  prepare([str(tmp_path / "in")], str(tmp_path / "out"), progress=False)
+  err = capsys.readouterr().err
+  assert "skipped 1 file(s)" in err and "b.csv" in err

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 from typing import Iterator, Sequence
 
@@ -94,8 +95,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ---- Reading inputs ---------------------------------------------------------------------------
 
-def list_input_files(inputs: Sequence[str]) -> list[str]:
-  """Files named directly, plus every text/JSONL file under named directories (sorted)."""
+def list_input_files(inputs: Sequence[str], skipped: list[str] | None = None) -> list[str]:
+  """Files named directly, plus every text/JSONL file under named directories (sorted).
+
+  Files under a directory with another suffix are left out and appended to `skipped`, so the
+  caller can say so instead of dropping them silently.
+  """
   if not inputs:
     raise JaxdpError("prepare: no INPUT given; name text files, JSONL files or directories")
   files: list[str] = []
@@ -105,9 +110,11 @@ def list_input_files(inputs: Sequence[str]) -> list[str]:
     if os.path.isfile(item):
       files.append(os.path.abspath(item))
       continue
-    found = sorted(os.path.abspath(os.path.join(root, name))
-                   for root, _, names in os.walk(item) for name in names
-                   if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+    every = sorted(os.path.abspath(os.path.join(root, name))
+                   for root, _, names in os.walk(item) for name in names)
+    found = [f for f in every if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)]
+    if skipped is not None:
+      skipped += [f for f in every if f not in found and not os.path.basename(f).startswith(".")]
     if not found:
       raise JaxdpError(f"prepare: directory {item!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} "
                        "files; name the files directly or rename them")
@@ -267,7 +274,13 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
   if tokenizer == "bpe" and vocab_size < 257:
     raise JaxdpError(f"prepare: --vocab_size={vocab_size} is too small for byte-level BPE; it "
                      "needs at least 257 (256 bytes + end-of-text)")
-  files = list_input_files(inputs)
+  skipped: list[str] = []
+  files = list_input_files(inputs, skipped)
+  if skipped:
+    shown = ", ".join(repr(os.path.relpath(f)) for f in skipped[:5])
+    print(f"jaxdp: warning: prepare skipped {len(skipped)} file(s) whose suffix is not "
+          f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}: {shown}{' ...' if len(skipped) > 5 else ''}; "
+          "name a file directly to include it", file=sys.stderr, flush=True)
   raws = {}
   described = []
   for path in files:
