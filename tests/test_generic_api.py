@@ -273,3 +273,18 @@ def test_bad_arguments_are_one_clear_error():
   odd = {k: v[:30] for k, v in BATCHES[0].items()}
   with pytest.raises(jaxdp.JaxdpError, match="not divisible by data devices"):
     dp.step(state, odd)
+
+
+def test_out_of_memory_is_one_line_with_the_number_and_the_fixes():
+  def exhausted(params, batch, rng):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81604378624 "
+                       "bytes.\nBufferAssignment OOM Debugging.\n" + "details\n" * 30)
+  dp = jaxdp.DataParallel(exhausted, tx(), devices=jax.devices()[:2])
+  with pytest.raises(jaxdp.JaxdpError) as error:
+    dp.init_state(init_mlp, 0)
+    dp.step(dp.init_state(init_mlp, 0), BATCHES[0])
+  message = str(error.value)
+  assert "\n" not in message and "81604378624 bytes" in message and "grad_accum_steps" in message
+  other = jaxdp.DataParallel(lambda p, b, r: 1 / 0, tx(), devices=jax.devices()[:2])
+  with pytest.raises(ZeroDivisionError):  # Any other error is left as it is.
+    other.step(other.init_state(init_mlp, 0), BATCHES[0])

@@ -154,7 +154,12 @@ class DataParallel:
     parameters, the optimizer state and the number of optimizer steps taken.
     """
     self._prepare(init_fn, seed)
-    return jax.jit(lambda: self._fresh_state(init_fn, seed), out_shardings=self.state_sharding)()
+    try:
+      return jax.jit(lambda: self._fresh_state(init_fn, seed), out_shardings=self.state_sharding)()
+    except Exception as e:  # noqa: BLE001 - only the allocator's error is translated.
+      if is_out_of_memory(e):
+        raise out_of_memory(e, "creating the train state") from None
+      raise
 
   def abstract_state(self, init_fn: InitFn, seed: int = 0) -> TrainState:
     """The state's shapes, dtypes and shardings without allocating it (a checkpoint's target)."""
@@ -219,7 +224,12 @@ class DataParallel:
     if self.train_step is None:
       raise JaxdpError("DataParallel.step: call init_state(init_fn, seed) (or abstract_state, "
                        "to restore a checkpoint) first")
-    state, metrics = self.train_step(state, self.device_batch(batch))
+    try:
+      state, metrics = self.train_step(state, self.device_batch(batch))
+    except Exception as e:  # noqa: BLE001 - only the allocator's error is translated.
+      if is_out_of_memory(e):
+        raise out_of_memory(e, "the train step") from None
+      raise
     if self._max_in_flight:
       self._in_flight.append(metrics["train_loss"])
       if len(self._in_flight) > self._max_in_flight:
@@ -241,6 +251,23 @@ class DataParallel:
     totals = jax.device_get(totals)
     weight = sum(float(t["count"]) for t in totals)
     return float(sum(float(t["loss_sum"]) for t in totals) / max(weight, 1e-30))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """True for XLA's allocation failure (RESOURCE_EXHAUSTED / out of memory) on any backend."""
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def out_of_memory(error: BaseException, where: str) -> JaxdpError:
+  """The allocator's many-line error as one line: the number it reports, and the fixes."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  detail = next((line for line in lines if "bytes" in line or "memory" in line.lower()), lines[0])
+  return JaxdpError(
+      f"out of device memory in {where} ({detail[:200]}); use fewer rows per device "
+      "(a smaller global batch, or more grad_accum_steps), a shorter sequence, activation "
+      "rematerialisation (config.remat=block), or shard the state (strategy zero1..zero3); "
+      "`jaxdp plan` shows the memory each strategy needs")
 
 
 def example_weights(batch_size: int, real_rows: int) -> np.ndarray:
