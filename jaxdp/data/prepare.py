@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jaxdp.data.pipeline import ByteTokenizer
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, os_reason
 
 FORMAT = "jaxdp-prepared"
 VERSION = 1
@@ -428,15 +428,21 @@ def save_tokenizer(tokenizer, workdir: str) -> str:
   """Writes `tokenizer` into WORKDIR/tokenizer/ (atomically), so sampling, inspecting and
   exporting a run never need its data again: `tokenizer.json` for BPE, `byte.json` for bytes."""
   folder = os.path.join(workdir, WORKDIR_TOKENIZER)
-  os.makedirs(folder, exist_ok=True)
-  if isinstance(tokenizer, BPETokenizer):
-    target, tmp = os.path.join(folder, TOKENIZER_FILE), os.path.join(folder, TOKENIZER_FILE + ".tmp")
-    tokenizer.save(tmp)
-  else:
-    target, tmp = os.path.join(folder, "byte.json"), os.path.join(folder, "byte.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump({"kind": "byte", "vocab_size": tokenizer.vocab_size}, f)
-  os.replace(tmp, target)
+  name = TOKENIZER_FILE if isinstance(tokenizer, BPETokenizer) else "byte.json"
+  target, tmp = os.path.join(folder, name), os.path.join(folder, name + ".tmp")
+  if os.path.exists(target):  # A resumed run: the data's digest already matched the saved run.
+    return folder
+  try:
+    os.makedirs(folder, exist_ok=True)
+    if isinstance(tokenizer, BPETokenizer):
+      tokenizer.save(tmp)
+    else:
+      with open(tmp, "w") as f:
+        json.dump({"kind": "byte", "vocab_size": tokenizer.vocab_size}, f)
+    os.replace(tmp, target)
+  except OSError as e:
+    raise JaxdpError(f"cannot write the run's tokenizer to {folder!r}: "
+                     f"{os_reason(e, folder)}; free space or pick another --workdir") from None
   return folder
 
 

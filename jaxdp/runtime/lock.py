@@ -49,10 +49,13 @@ class WorkdirLock:
       raise JaxdpError(
           f"--workdir={os.path.dirname(self.path)!r} is in use by another run ({holder}); wait "
           "for it to finish or stop it, or pick another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-    os.fsync(fd)
+    try:  # Who holds it, for the refusal's message; the lock itself needs no bytes.
+      os.ftruncate(fd, 0)
+      os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+      os.fsync(fd)
+    except OSError:
+      pass
     self._fd = fd
     _held[key] = fd
     return self

@@ -1,7 +1,7 @@
 """Library messages go to a log file in the workdir, not the terminal.
 
 orbax, asyncio, tensorboardX and absl report through Python's `logging` (and unraisable
-exceptions through `sys.unraisablehook`); on a full disk that was hundreds of lines of
+exceptions through `sys.unraisablehook`, failed threads through `threading.excepthook`); on a full disk that was hundreds of lines of
 tracebacks burying jaxdp's own one-line error. `to_file(workdir)` sends all of it to
 WORKDIR/jaxdp.log, so the terminal shows jaxdp's lines, and its error line is the last one.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import warnings
 
 LOG_FILE = "jaxdp.log"
@@ -35,6 +36,8 @@ def to_file(workdir: str) -> str:
     absl_logging.use_python_logging(quiet=True)
   except Exception:  # noqa: BLE001 - absl missing or changed: Python logging still goes to file.
     pass
+  # A log file on a full or read-only disk must not print logging's own tracebacks instead.
+  logging.raiseExceptions = False
   logging.captureWarnings(True)
   warnings.simplefilter("default")
 
@@ -43,6 +46,12 @@ def to_file(workdir: str) -> str:
         "%s: %s", info.err_msg or "Exception ignored", info.exc_value,
         exc_info=(info.exc_type, info.exc_value, info.exc_traceback))
   sys.unraisablehook = unraisable
+
+  def thread_failed(args) -> None:  # E.g. TensorBoard's writer thread on a full disk.
+    logging.getLogger("jaxdp.thread").error(
+        "exception in thread %s", getattr(args.thread, "name", "?"),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+  threading.excepthook = thread_failed
   _current = path
   return path
 
