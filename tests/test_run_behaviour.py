@@ -143,3 +143,22 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tmp_path):
     assert "Traceback" not in full.stderr and len(err) <= 3, full.stderr[-3000:]
   finally:
     subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+def test_a_truncated_checkpoint_is_one_warning_line_and_the_run_resumes(tmp_path):
+  workdir = str(tmp_path)
+  assert run("train", *TINY, "--config.num_steps=4", "--config.checkpoint_every=2",
+             "--workdir", workdir).returncode == 0
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "4"))
+           for name in names]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  resumed = run("train", *TINY, "--config.num_steps=6", "--config.checkpoint_every=2",
+                "--workdir", workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  err = resumed.stderr.strip().splitlines()
+  warning = [line for line in err if "checkpoint step 4 is unreadable" in line]
+  assert len(warning) == 1 and warning[0].startswith("jaxdp: warning:"), resumed.stderr[-3000:]
+  assert len(err) <= 3 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+  assert "resuming at step 2" in resumed.stdout
