@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_clip = 1.0  # Clip gradients to this global L2 norm; 0 disables clipping.
   c.log_every = 10  # Steps between train metric lines (metrics are fetched from the device only then).
   c.eval_every = 100  # Steps between evaluations on the validation split; 0 disables periodic evaluation.
-  c.eval_steps = 8  # Global batches per evaluation (the validation split wraps around if shorter).
+  c.eval_steps = 8  # Evaluation covers the first eval_steps x global_batch_size validation windows (all of them if fewer), each once, a partial last batch padded with zero-weight rows; 0 evaluates the whole validation split.
   c.patience = 0  # Early stopping: stop after this many evaluations without improvement; 0 disables.
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
   c.keep_last = 3  # Most recent checkpoints kept on disk (the best by validation loss is kept as well).

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 200  # Warm up over the first 4% of the run.
   c.log_every = 20  # Fetch metrics every 20 steps.
   c.eval_every = 500  # Evaluate every 500 steps.
-  c.eval_steps = 16  # 16 global batches per evaluation.
+  c.eval_steps = 16  # Evaluate the first 16 x 64 validation windows, each once.
   c.checkpoint_every = 1000  # Checkpoint every 1000 steps.
   c.precision = "bf16"  # bf16 compute with fp32 master weights (accelerators have bf16 matmul units).
   c.remat = "block"  # Keep matmul outputs, recompute the rest: fits 1024 context at this batch.

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 5  # Warm up over the first quarter of the run.
   c.log_every = 5  # Log often: the run is short.
   c.eval_every = 10  # Evaluate twice.
-  c.eval_steps = 2  # Two global batches per evaluation.
+  c.eval_steps = 2  # Evaluate the first 2 x 16 validation windows, each once.
   c.checkpoint_every = 10  # Checkpoint twice.
   c.model.n_layer = 2  # Two blocks.
   c.model.n_head = 2  # Two heads.

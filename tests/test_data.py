@@ -66,10 +66,16 @@ def test_epochs_are_reshuffled(small_corpus):
   assert sorted(first) == sorted(second) and first != second
 
 
-def test_validation_wraps_around_deterministically(tiny_config):
+def test_validation_covers_its_first_eval_steps_batches_once(tiny_config):
   dataset = Dataset(tiny_config)
-  ids = dataset.val.example_ids(10 ** 6)
-  assert ids.max() < len(dataset.val_source)
+  batches = dataset.val
+  assert batches.num_batches == tiny_config.eval_steps
+  ids = np.concatenate([batches.example_ids(k).ravel() for k in range(batches.num_batches)])
+  np.testing.assert_array_equal(ids, np.arange(tiny_config.eval_steps * tiny_config.global_batch_size))
+  tiny_config.eval_steps = 0  # The whole split, each window once, the last batch padded.
+  whole = Dataset(tiny_config).val
+  assert whole.num_windows == len(dataset.val_source)
+  assert whole.num_batches == -(-len(dataset.val_source) // tiny_config.global_batch_size)
 
 
 def test_byte_tokenizer_round_trips_unicode():

@@ -64,6 +64,11 @@ def load_tokens(path: str) -> np.ndarray:
     raw = f.read()
   if not raw.strip():
     raise JaxdpError(f"config.data.path={path!r} is empty; the corpus needs text to train on")
+  try:  # The same rule as `jaxdp prepare`: a corpus is UTF-8 text (docs/data.md).
+    raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise JaxdpError(f"config.data.path={path!r} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                     f"byte offset {e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
   return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
 
 
@@ -113,17 +118,13 @@ class Batches:
   only the arithmetic's grouping, never the data.
   """
 
-  def __init__(self, examples: grain.MapDataset, global_batch_size: int, grad_accum_steps: int,
-               *, wrap: int | None = None):
+  def __init__(self, examples: grain.MapDataset, global_batch_size: int, grad_accum_steps: int):
     self._examples = examples
     self._batch = global_batch_size
     self._accum = grad_accum_steps
-    self._wrap = wrap  # Finite streams (validation) wrap around instead of reshuffling.
 
   def example_ids(self, step: int) -> np.ndarray:
     ids = step * self._batch + np.arange(self._batch)
-    if self._wrap is not None:
-      ids = ids % self._wrap
     return ids.reshape(self._accum, self._batch // self._accum)
 
   def __call__(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
@@ -131,6 +132,47 @@ class Batches:
     examples = [self._examples[int(j)] for j in ids.ravel()]
     batch = {k: np.stack([e[k] for e in examples]).reshape(ids.shape + (-1,))
              for k in examples[0]}
+    batch["ids"] = ids.astype(np.int32)
+    return batch
+
+
+class EvalBatches:
+  """A finite split (validation) in batches [1, batch_size, ...] that count each window once.
+
+  The windows evaluated are the first `num_windows` of the split, in order: all of them, or
+  the first `max_batches * batch_size` when `max_batches` > 0 (config.eval_steps). Batch `k`
+  holds windows [k*B, (k+1)*B); the rows of the last batch past the end are padding, with
+  weight 0 on every token, so they add nothing to a token-weighted loss. The row count stays
+  `batch_size` (the global batch size, divisible by the data devices), and a process builds
+  only its own `rows` of a batch, so the set of windows does not depend on the device count.
+  """
+
+  def __init__(self, source, batch_size: int, max_batches: int = 0):
+    self._source = source
+    self._batch = batch_size
+    total = len(source)
+    self.num_windows = total if max_batches <= 0 else min(total, max_batches * batch_size)
+    self.num_batches = -(-self.num_windows // batch_size)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def example_ids(self, k: int) -> np.ndarray:
+    """[1, batch_size] window indices of batch k; indices >= num_windows are padding."""
+    if not 0 <= k < self.num_batches:
+      raise IndexError(f"evaluation batch {k} of {self.num_batches}")
+    return (k * self._batch + np.arange(self._batch))[None]
+
+  def __call__(self, k: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    ids = self.example_ids(k)[:, rows]
+    real = ids < self.num_windows
+    first = _to_example(self._source[0])  # The shapes and dtypes of a row; padding copies them.
+    examples = [_to_example(self._source[int(j)]) if ok else
+                {name: np.zeros_like(v) for name, v in first.items()}
+                for j, ok in zip(ids.ravel(), real.ravel())]
+    batch = {name: np.stack([e[name] for e in examples]).reshape(ids.shape + (-1,))
+             for name in first}
+    batch["weights"] = batch["weights"] * real[..., None].astype(batch["weights"].dtype)
     batch["ids"] = ids.astype(np.int32)
     return batch
 
@@ -162,8 +204,8 @@ class Dataset:
     self.val_source = WindowSource(val, config.seq_len)
     self.train = Batches(training_examples(self.train_source, config.seed),
                          config.global_batch_size, config.grad_accum_steps)
-    self.val = Batches(grain.MapDataset.source(self.val_source).map(_to_example),
-                       config.global_batch_size, 1, wrap=len(self.val_source))
+    # Every validation window once (or the first config.eval_steps batches' worth).
+    self.val = EvalBatches(self.val_source, config.global_batch_size, config.eval_steps)
 
   @property
   def examples_per_epoch(self) -> int:

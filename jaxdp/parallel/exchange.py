@@ -14,6 +14,7 @@ Per-device state lives in `TrainState.comm`, a dict whose every leaf has a leadi
     optimizer state. Then `state.params` is the anchor, the parameters after the last averaging
     (what evaluation and checkpoints' consumers see), and `state.opt_state` is the outer
     optimizer's state (DiLoCo's Nesterov momentum, or empty for plain averaging).
+A checkpoint restored on another device count maps these rows with `resize_comm_state`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
-import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import optax
 
 from jaxdp.analysis.hlo import collective_bytes
 from jaxdp.parallel import collectives as comm
@@ -83,6 +84,73 @@ def with_comm_state(state, cfg: CommConfig, tx: optax.GradientTransformation, nu
     outer = outer_optimizer(cfg)
     state = state.replace(opt_state=outer.init(state.params) if outer else optax.EmptyState())
   return state.replace(comm=state_comm)
+
+
+# What keeps each per-device leaf, for messages about checkpoints that hold it.
+COMM_STATE_SOURCES = {
+    "residual": "error feedback (config.compression with config.error_feedback)",
+    "momentum": "momentum correction (config.momentum_correction)",
+    "stale": "stale gradients (config.sync='stale', config.staleness)",
+    "params": "local SGD replicas (config.sync='local_sgd')",
+    "opt_state": "local SGD inner optimizer states (config.sync='local_sgd', config.optimizer)",
+}
+
+
+def resize_comm_state(state_comm: dict, anchor_params, num_devices: int) -> dict:
+  """Per-device state saved on N devices, mapped to `num_devices` rows (a checkpoint restored
+  on another device count; see `resize_notes` for what each leaf loses).
+
+  - "residual" and "momentum": device i transmits compress(u_i + r_i), where u_i is its share
+    of the mean gradient, so the global quantity still owed to the update is the mean over
+    devices of r_i (likewise the velocities' contribution, mean_i m_i). Every new row is the
+    old mean row: the mean over the new devices equals the old mean, so nothing owed is lost
+    or counted twice (a sum-preserving split would scale it by N'/N). Which device owes which
+    coordinate is not preserved, and cannot be: the new devices see other rows of the batch.
+  - "stale": the FIFO of averaged gradients, identical on every device; row 0 is copied.
+  - "params": every local SGD replica restarts from the anchor (the last average, or DiLoCo's
+    outer parameters), which is what replicas hold right after a synchronisation.
+  - "opt_state": the inner optimizer state of each replica becomes the mean over the saved
+    replicas for floating leaves (moments), row 0 for the others (step counts, equal on every
+    device: all replicas skip or apply each step together).
+  Pure: jit it with the target shardings as out_shardings.
+  """
+  def rows(x):
+    return jnp.broadcast_to(x, (num_devices,) + x.shape)
+
+  def mean_row(x):
+    return rows(jnp.mean(x, axis=0, dtype=jnp.float32).astype(x.dtype)
+                if jnp.issubdtype(x.dtype, jnp.floating) else x[0])
+
+  out = {}
+  for name, value in state_comm.items():
+    if name in ("residual", "momentum"):
+      out[name] = mean_row(value)
+    elif name == "stale":
+      out[name] = rows(value[0])
+    elif name == "params":
+      out[name] = jax.tree.map(lambda anchor, saved: rows(anchor.astype(saved.dtype)),
+                               anchor_params, value)
+    elif name == "opt_state":
+      out[name] = jax.tree.map(mean_row, value)
+    else:
+      raise ValueError(f"no device-count mapping for comm state {name!r}")
+  return out
+
+
+def resize_notes(names, saved_devices: int, num_devices: int) -> list[str]:
+  """What `resize_comm_state` changes, one line per kind of state (for a warning)."""
+  notes = []
+  if "residual" in names or "momentum" in names:
+    kept = " and ".join(n for n in ("residual", "momentum") if n in names)
+    notes.append(f"the per-device {kept} of {saved_devices} devices is spread over "
+                 f"{num_devices}: every device starts from the saved mean (the total still owed "
+                 "to the update is kept, its split between devices is not)")
+  if "params" in names:
+    notes.append(f"config.sync='local_sgd': the {saved_devices} saved replicas restart on "
+                 f"{num_devices} devices from the last average (state.params), so local steps "
+                 "since that average are dropped; each replica's inner optimizer state is the "
+                 "mean of the saved ones")
+  return notes
 
 
 def mine(tree):

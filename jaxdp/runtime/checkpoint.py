@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdp.errors import JaxdpError, os_reason
+from jaxdp.parallel import exchange
 
 INVALID_DIR = "checkpoints.invalid"  # Checkpoints that failed validation are moved here, not deleted.
 
@@ -55,16 +57,20 @@ def _fingerprints(tree) -> Any:
   return jax.tree.map(one, tree)
 
 
-def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{path as names: shape} of the arrays of a state, of its abstract twin or of orbax metadata."""
+def _path_names(path) -> tuple[str, ...]:
+  """A key path as names, the same for a state, its abstract twin and orbax metadata."""
   def name(key):
     for attr in ("name", "key", "idx"):
       if hasattr(key, attr):
         return str(getattr(key, attr))
     return str(key)
+  return tuple(name(k) for k in path)
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path as names: shape} of the arrays of a state, of its abstract twin or of orbax metadata."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-  return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
-          if hasattr(leaf, "shape")}
+  return {_path_names(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def fingerprints(state) -> dict[str, int]:
@@ -142,26 +148,34 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """Restores into the shardings carried by `abstract_state` (ShapeDtypeStructs).
 
-    Raises JaxdpError if the checkpoint holds arrays of other shapes (another model, or a
-    checkpoint from a jaxdp with another parameter layout): that is not damage, and falling
-    back to an older checkpoint would silently restart the run. Raises CorruptCheckpoint if the
-    files cannot be read or an array's fingerprint differs from the one saved with it.
+    Per-device communication state (`state.comm`, [N, ...] per device) saved on another device
+    count is read with its saved shapes and mapped to this one (exchange.resize_comm_state,
+    with a warning saying what changes). Raises JaxdpError if the checkpoint holds arrays of
+    other shapes (another model, or a checkpoint from a jaxdp with another parameter layout),
+    or communication state of another method: that is not damage, and falling back to an
+    older checkpoint would silently restart the run. Raises CorruptCheckpoint if the files
+    cannot be read or an array's fingerprint differs from the one saved with it.
     """
     try:
       stored = _shapes(self.item_metadata(step).tree)
     except Exception:  # pylint: disable=broad-except  # Unreadable metadata: corruption, below.
       stored = None
+    resized: dict[tuple[str, ...], tuple[int, ...]] = {}
+    target = abstract_state
     if stored is not None:
       wanted = _shapes(abstract_state)
+      resized = self._portable_comm(step, stored, wanted)
       other = [f"{'/'.join(path)} {stored[path]} (model: {wanted[path]})" for path in sorted(wanted)
-               if path in stored and stored[path] != wanted[path]]
+               if path in stored and stored[path] != wanted[path] and path not in resized]
       if other:
         raise JaxdpError(f"checkpoint step {step} in {self.directory!r} holds arrays of other "
                          f"shapes than this model: {'; '.join(other[:3])}{' ...' if len(other) > 3 else ''};"
                          f" it was written for another model or parameter layout; use another --workdir")
+      if resized:
+        target = _with_saved_shapes(abstract_state, resized)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # Tensorstore raises plain Exception.
       raise CorruptCheckpoint(f"step {step} is unreadable ({str(e).splitlines()[0][:200]})") from e
     state, meta = restored["state"], restored["meta"]
@@ -171,7 +185,45 @@ class Checkpointer:
       if bad:
         raise CorruptCheckpoint(f"step {step} has corrupted arrays (fingerprint mismatch): "
                                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    if resized:
+      state = _resize_comm(state, abstract_state)
     return state, meta
+
+  def _portable_comm(self, step: int, stored: dict, wanted: dict) -> dict:
+    """{path: saved shape} of the per-device comm leaves to map from another device count;
+    JaxdpError for comm state that cannot be carried over (another method's, or other sizes)."""
+    def kinds(shapes):
+      return {path[1] for path in shapes if len(path) > 1 and path[0] == "comm"}
+    where = f"checkpoint step {step} in {self.directory!r}"
+    saved_kinds, wanted_kinds = kinds(stored), kinds(wanted)
+    if saved_kinds != wanted_kinds:
+      def names(k):
+        return ", ".join(f"{n} ({exchange.COMM_STATE_SOURCES.get(n, 'unknown')})"
+                         for n in sorted(k)) or "none"
+      raise JaxdpError(
+          f"{where} keeps per-device communication state {names(saved_kinds)}, but this run "
+          f"keeps {names(wanted_kinds)}: the communication settings changed, and one method's "
+          "per-device state cannot be carried to another's; resume with the settings the "
+          "checkpoint was saved with (`jaxdp inspect` shows its config), or use another --workdir")
+    comm = {path: shape for path, shape in stored.items() if path[0] == "comm"}
+    if not comm or all(wanted.get(path) == shape for path, shape in comm.items()):
+      return {}
+    if any(path not in wanted for path in comm):
+      return {}  # Another tree layout: the other-shapes check or the restore reports it.
+    saved_n = {shape[0] for shape in comm.values()}
+    new_n = {wanted[path][0] for path in comm}
+    other = [f"{'/'.join(path)} {shape} (this run: {wanted[path]})" for path, shape in comm.items()
+             if shape[1:] != wanted[path][1:]]
+    if other or len(saved_n) != 1 or len(new_n) != 1:
+      causes = sorted({exchange.COMM_STATE_SOURCES.get(path[1], path[1]) for path in comm})
+      raise JaxdpError(
+          f"{where} holds per-device communication state of other sizes than this run's, beyond "
+          f"the device count: {'; '.join(other[:3]) or sorted(comm.items())[:3]}; its settings "
+          f"({'; '.join(causes)}) or the model changed, and the state cannot be mapped; resume "
+          "with the settings the checkpoint was saved with, or use another --workdir")
+    for note in exchange.resize_notes(saved_kinds, saved_n.pop(), new_n.pop()):
+      _warn(f"checkpoint step {step}: {note}")
+    return comm
 
   def set_aside(self, step: int) -> str:
     """Moves an invalid checkpoint out of the way (kept for inspection); returns its new path."""
@@ -233,6 +285,37 @@ def describe(path: str) -> list[dict[str, Any]]:
     return steps
   finally:
     checkpoints.close()
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _replicated_like(sharding):
+  """Every device of `sharding`'s mesh holds the whole array (saved shapes need not divide it)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding
+
+
+def _with_saved_shapes(abstract_state, saved: dict):
+  """`abstract_state` whose leaves at the paths of `saved` take the saved shape, replicated."""
+  def leaf(path, x):
+    shape = saved.get(_path_names(path))
+    if shape is None:
+      return x
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=_replicated_like(x.sharding))
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+def _resize_comm(state, abstract_state):
+  """`state` whose comm leaves (read with their saved device count) are mapped to the device
+  count and shardings of `abstract_state` (exchange.resize_comm_state)."""
+  out = jax.tree.map(lambda a: a.sharding, abstract_state.comm)
+  num_devices = jax.tree.leaves(abstract_state.comm)[0].shape[0]
+  resize = jax.jit(lambda c, p: exchange.resize_comm_state(c, p, num_devices), out_shardings=out)
+  return state.replace(comm=resize(state.comm, state.params))
 
 
 def abstract_with_shardings(abstract_state, shardings):
