@@ -288,3 +288,47 @@ def test_out_of_memory_is_one_line_with_the_number_and_the_fixes():
   other = jaxdp.DataParallel(lambda p, b, r: 1 / 0, tx(), devices=jax.devices()[:2])
   with pytest.raises(ZeroDivisionError):  # Any other error is left as it is.
     other.step(other.init_state(init_mlp, 0), BATCHES[0])
+
+
+@pytest.mark.parametrize("loss,message", [
+    (lambda p, b, r: jnp.sum(mlp(p, b["x"])), "must return (loss_sum, weight_sum)"),
+    (lambda p, b, r: (jnp.sum(mlp(p, b["x"]), -1), 1.0), "as scalars summed over the batch"),
+])
+def test_a_loss_that_breaks_the_contract_is_named(loss, message):
+  dp = jaxdp.DataParallel(loss, tx(), devices=jax.devices()[:2])
+  with pytest.raises(jaxdp.JaxdpError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    dp.step(dp.init_state(init_mlp, 0), BATCHES[0])
+
+
+def test_a_python_int_weight_is_accepted():
+  def loss(p, b, r):
+    return huber_loss(p, dict(b, w=np.ones(b["x"].shape[0], np.float32)), r)[0], b["x"].shape[0]
+  dp = jaxdp.DataParallel(loss, tx(), devices=jax.devices()[:2])
+  _, metrics = dp.step(dp.init_state(init_mlp, 0), BATCHES[0])
+  assert np.isfinite(float(metrics["train_loss"]))
+
+
+def test_misuse_is_one_clear_error():
+  with pytest.raises(jaxdp.JaxdpError, match="must be a list of JAX devices"):
+    jaxdp.DataParallel(huber_loss, tx(), devices=2)
+  bf16 = lambda rng: jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_mlp(rng))  # noqa: E731
+  with pytest.raises(jaxdp.JaxdpError, match="keep the master parameters in float32"):
+    jaxdp.DataParallel(huber_loss, tx(), devices=jax.devices()[:2]).init_state(bf16, 0)
+  dp = jaxdp.DataParallel(huber_loss, tx(), devices=jax.devices()[:2])
+  state = dp.init_state(init_mlp, 0)
+  with pytest.raises(jaxdp.JaxdpError, match="give a dict of arrays"):
+    dp.step(state, (BATCHES[0]["x"], BATCHES[0]["y"]))
+  dp.step(state, BATCHES[0])
+  with pytest.raises(jaxdp.JaxdpError, match="consumed by an earlier step"):
+    dp.step(state, BATCHES[1])
+  with pytest.raises(jaxdp.JaxdpError, match="pad it to a multiple of 2 rows with zero weights"):
+    dp.evaluate(dp.init_state(init_mlp, 0).params,
+                [{k: v[:31] for k, v in BATCHES[0].items()}])
+
+
+def test_evaluate_needs_no_train_state(mlp_reference):
+  _, params = mlp_reference
+  dp = jaxdp.DataParallel(huber_loss, tx(), strategy="zero2", devices=jax.devices()[:4])
+  total = sum(float(huber_loss(params, b, None)[0]) for b in BATCHES[:2])
+  weight = sum(float(huber_loss(params, b, None)[1]) for b in BATCHES[:2])
+  np.testing.assert_allclose(dp.evaluate(params, BATCHES[:2]), total / weight, rtol=1e-5)

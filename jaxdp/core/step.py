@@ -28,8 +28,13 @@ from jax import lax
 
 from jaxdp.core import precision
 from jaxdp.core.state import TrainState
+from jaxdp.errors import JaxdpError
 
 Batch = dict[str, jax.Array]
+
+
+class LossContractError(JaxdpError):
+  """A loss_fn that does not return (loss_sum, weight_sum) scalars (raised while tracing)."""
 
 
 class LossFn(Protocol):
@@ -54,6 +59,20 @@ def example_keys(rng: jax.Array, batch: Batch) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["ids"])
 
 
+def checked_loss(out) -> tuple[jax.Array, jax.Array]:
+  """loss_fn's output as two float32 scalars, or a LossContractError naming what it returned."""
+  if not isinstance(out, (tuple, list)) or len(out) != 2:
+    raise LossContractError(
+        f"loss_fn must return (loss_sum, weight_sum), two scalars; it returned "
+        f"{type(out).__name__}{'' if not hasattr(out, 'shape') else ' of shape ' + str(out.shape)}")
+  loss, count = (jnp.asarray(x, jnp.float32) for x in out)
+  if loss.shape or count.shape:
+    raise LossContractError(
+        f"loss_fn must return (loss_sum, weight_sum) as scalars summed over the batch's rows; "
+        f"got shapes {loss.shape} and {count.shape}")
+  return loss, count
+
+
 def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array | None,
                          loss_scale: jax.Array | None = None, compute_dtype: Any = None):
   """(grad_sum, loss_sum, weight_sum) over the A micro-batches of `batch` [A, b, ...], locally.
@@ -65,8 +84,8 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
   the float32 gradients are then turned back into the unscaled gradient of the sum.
   """
   def scaled_loss(params, micro_batch):
-    loss, count = loss_fn(precision.cast_floating(params, compute_dtype), micro_batch, rng)
-    loss, count = loss.astype(jnp.float32), count.astype(jnp.float32)
+    loss, count = checked_loss(loss_fn(precision.cast_floating(params, compute_dtype), micro_batch,
+                                       rng))
     if loss_scale is None:
       return loss, (loss, count)
     return loss * (loss_scale / jnp.maximum(count, 1.0)), (loss, count)
@@ -190,8 +209,7 @@ def eval_step(params, batch: Batch, *, loss_fn: LossFn, axis_name: str | None = 
   summing batches."""
   params = precision.cast_floating(params, compute_dtype)
   flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
-  loss, count = loss_fn(params, flat, None)
-  loss, count = loss.astype(jnp.float32), count.astype(jnp.float32)
+  loss, count = checked_loss(loss_fn(params, flat, None))
   if axis_name is not None:
     loss, count = lax.psum((loss, count), axis_name)
   return {"loss_sum": loss, "count": count}

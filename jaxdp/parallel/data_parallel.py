@@ -18,6 +18,7 @@ import collections
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 import optax
@@ -81,6 +82,10 @@ class DataParallel:
       raise JaxdpError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
     if mesh is not None and devices is not None:
       raise JaxdpError("give devices or mesh, not both")
+    if devices is not None and (isinstance(devices, (int, str)) or
+                                not all(isinstance(d, jax.Device) for d in devices)):
+      raise JaxdpError(f"devices={devices!r} must be a list of JAX devices, e.g. "
+                       "jax.devices()[:2]")
     self.mesh = mesh if mesh is not None else make_mesh(devices)
     if tuple(self.mesh.axis_names) != (DATA, MODEL):
       raise JaxdpError(f"mesh axes {tuple(self.mesh.axis_names)} must be ('data', 'model'); "
@@ -131,6 +136,13 @@ class DataParallel:
       return self._prepared[2]
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     abstract_params, annotations = shardings.split_annotations(boxed)
+    low = [(jax.tree_util.keystr(path), x.dtype) for path, x in
+           jax.tree_util.tree_leaves_with_path(abstract_params)
+           if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32]
+    if low:
+      raise JaxdpError(
+          f"init_fn returned {low[0][1]} parameters (e.g. {low[0][0]}); keep the master "
+          f"parameters in float32 and pass precision='bf16' (or 'fp16') for low-precision compute")
     if self.param_dims is not None:
       annotations = shardings.explicit_annotations(abstract_params, self.param_dims)
     shapes = {shardings._param_key(path): tuple(x.shape)
@@ -182,6 +194,9 @@ class DataParallel:
     or, with `global_batch_size`, only this process's rows (`process_rows`), in that order.
     An "ids" entry (global example index, keying per-example randomness) is added when absent.
     """
+    if not isinstance(batch, dict):
+      raise JaxdpError(f"the batch is a {type(batch).__name__}; give a dict of arrays with a "
+                       "leading batch dimension, e.g. {'x': x, 'y': y}")
     if not batch:
       raise JaxdpError("the batch is empty; give a dict of arrays with a leading batch dimension")
     sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
@@ -192,9 +207,11 @@ class DataParallel:
     total = rows if global_batch_size is None else global_batch_size
     a = self.grad_accum_steps if micro_batches is None else micro_batches
     if total % (self.data_size * a):
+      fix = (f"use a multiple of {self.data_size * a}" if micro_batches is None else
+             f"pad it to a multiple of {self.data_size * a} rows with zero weights on the padding "
+             "(jaxdp.example_weights), so the padding counts for nothing")
       raise JaxdpError(f"the global batch of {total} rows is not divisible by data devices x "
-                       f"micro-batches = {self.data_size} x {a}; use a multiple of "
-                       f"{self.data_size * a}")
+                       f"micro-batches = {self.data_size} x {a}; {fix}")
     mine = self.process_rows(total, a)
     batch = {k: np.asarray(v) for k, v in batch.items()}
     if "ids" not in batch:
@@ -207,7 +224,8 @@ class DataParallel:
   def _placed(self, batch) -> bool:
     """True for the output of put_batch (already on the devices, laid out [A, b, ...])."""
     sharding = batch_sharding(self.mesh)
-    return all(isinstance(v, jax.Array) and v.sharding == sharding for v in batch.values())
+    return isinstance(batch, dict) and all(isinstance(v, jax.Array) and v.sharding == sharding
+                                           for v in batch.values())
 
   def device_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
     """`batch` on the devices: put_batch of a host global batch, or a placed batch as it is."""
@@ -224,6 +242,9 @@ class DataParallel:
     if self.train_step is None:
       raise JaxdpError("DataParallel.step: call init_state(init_fn, seed) (or abstract_state, "
                        "to restore a checkpoint) first")
+    if isinstance(state.step, jax.Array) and state.step.is_deleted():
+      raise JaxdpError("DataParallel.step: this state was consumed by an earlier step (its "
+                       "buffers are donated); pass the state that step returned")
     try:
       state, metrics = self.train_step(state, self.device_batch(batch))
     except Exception as e:  # noqa: BLE001 - only the allocator's error is translated.
@@ -242,8 +263,16 @@ class DataParallel:
     Each batch's loss_sum and weight_sum are summed before one division, so a partial last
     batch (padded rows with zero weight) counts its real rows only.
     """
-    if self.eval_step is None:
-      raise JaxdpError("DataParallel.evaluate: call init_state(init_fn, seed) first")
+    if self.eval_step is None:  # Evaluation only (params from elsewhere): no state needed.
+      if self.mesh.shape[MODEL] > 1:
+        raise JaxdpError("DataParallel.evaluate on a mesh with model > 1: call "
+                         "init_state(init_fn, seed) or abstract_state first (the layout of the "
+                         "parameters comes from init_fn's annotations)")
+      shapes = {shardings._param_key(p): tuple(x.shape)
+                for p, x in jax.tree_util.tree_leaves_with_path(params)}
+      self.eval_step = compiled.compile_eval_step(
+          self.strategy, shardings.Layout(self.mesh, {}, shapes, self.rules), self.loss_fn,
+          self.compute_dtype)
     totals = [self.eval_step(params, b if self._placed(b) else self.put_batch(b, micro_batches=1))
               for b in batches]
     if not totals:
