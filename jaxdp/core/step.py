@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from jaxdp.core import precision
 from jaxdp.core.state import TrainState
