@@ -392,7 +392,7 @@ def test_full_or_read_only_workdir_gives_clear_error_and_earlier_checkpoint_rest
     train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
     assert Checkpointer(workdir, create=False).all_steps() == [2]
     if failure == "full":
-      with open(os.path.join(mount, "filler"), "wb") as f:  # Leaves a few KiB free.
+      with open(os.path.join(mount, "filler"), "wb", buffering=0) as f:  # Leaves a few KiB free.
         try:
           while True:
             f.write(b"\0" * 65536)

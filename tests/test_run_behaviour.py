@@ -53,12 +53,12 @@ def test_banner_plain_progress_lines_and_summary(tmp_path):
   assert "jaxdp: starting, training to step 4" in out and "parameters" in out
   assert "strategy dp, precision fp32" in out and "tokens per step" in out
   assert "step 2/4: loss" in out and "step 4/4: loss" in out  # Plain lines without a bar.
-  assert "jaxdp: num_steps: 4 steps" in out and "eval_loss: final" in out
+  assert "jaxdp: done (reached num_steps): 4 steps" in out and "eval_loss: final" in out
   assert os.path.join(workdir, "checkpoints", "4") in out  # Where the best checkpoint is.
   again = run("train", *TINY, "--config.num_steps=4", "--workdir", workdir)
   assert again.returncode == 0 and "already at step 4" in again.stdout
   final = [r["eval_loss"] for r in metrics(workdir) if "eval_loss" in r][-1]
-  assert f"eval_loss {final}" in again.stdout  # The saved eval loss, not None.
+  assert f"eval_loss {final:.4f}" in again.stdout  # The saved eval loss, not None.
 
 
 def test_library_messages_go_to_the_log_file_not_the_terminal(tmp_path):
@@ -129,7 +129,7 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tmp_path):
   try:
     workdir = os.path.join(mount, "run")
     assert run("train", *TINY, "--config.num_steps=2", "--workdir", workdir).returncode == 0
-    with open(os.path.join(mount, "filler"), "wb") as f:  # Leaves a few KiB free.
+    with open(os.path.join(mount, "filler"), "wb", buffering=0) as f:  # Leaves a few KiB free.
       try:
         while True:
           f.write(b"\0" * 65536)
@@ -162,3 +162,16 @@ def test_a_truncated_checkpoint_is_one_warning_line_and_the_run_resumes(tmp_path
   assert len(warning) == 1 and warning[0].startswith("jaxdp: warning:"), resumed.stderr[-3000:]
   assert len(err) <= 3 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
   assert "resuming at step 2" in resumed.stdout
+
+
+def test_resuming_with_another_optimizer_is_refused_not_restarted(tmp_path):
+  workdir = str(tmp_path)
+  assert run("train", *TINY, "--config.num_steps=2", "--workdir", workdir).returncode == 0
+  changed = run("train", *TINY, "--config.num_steps=4", "--config.optimizer=sgd",
+                "--workdir", workdir)
+  assert changed.returncode == 2 and "optimizer ('adamw' -> 'sgd')" in changed.stderr, changed.stderr
+  forced = run("train", *TINY, "--config.num_steps=4", "--config.optimizer=sgd",
+               "--allow_config_change", "--workdir", workdir)
+  assert forced.returncode == 2, forced.stderr[-2000:]
+  assert "written with another optimizer" in forced.stderr.strip().splitlines()[-1]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]  # Nothing moved aside.

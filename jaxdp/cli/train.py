@@ -61,6 +61,7 @@ def run(args: types.SimpleNamespace) -> int:
   result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
                               allow_config_change=args.allow_config_change,
                               restore_from=args.restore_from)
-  print(f"done: step {result['step']}, eval_loss {result['eval_loss']}, stop reason "
+  loss = "none" if result["eval_loss"] is None else f"{result['eval_loss']:.4f}"
+  print(f"done: step {result['step']}, eval_loss {loss}, stop reason "
         f"{result['stop_reason']}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
   return 0

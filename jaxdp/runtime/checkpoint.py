@@ -173,6 +173,17 @@ class Checkpointer:
                          f" it was written for another model or parameter layout; use another --workdir")
       if resized:
         target = _with_saved_shapes(abstract_state, resized)
+      # Another set of arrays (another optimizer, model or state layout) is a different run,
+      # not damage: falling back to an older checkpoint would silently restart from scratch.
+      missing = sorted(set(wanted) - set(stored))
+      extra = sorted(set(stored) - set(wanted))
+      if missing or extra:
+        parts = ([f"lacks {', '.join('/'.join(p) for p in missing[:3])}"] if missing else []) + \
+                ([f"has {', '.join('/'.join(p) for p in extra[:3])} that this run does not"]
+                 if extra else [])
+        raise JaxdpError(f"checkpoint step {step} in {self.directory!r} {' and '.join(parts)}: it "
+                         "was written with another optimizer, model or state layout; resume "
+                         "with the config it was trained with, or use another --workdir")
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, os_reason
 
 LOCK_FILE = ".jaxdp.lock"
 # Locks this process holds, by path. A run that ended by an exception in this process (a
@@ -40,7 +40,11 @@ class WorkdirLock:
     key = os.path.realpath(self.path)
     if key in _held:
       os.close(_held.pop(key))  # Closing the descriptor drops this process's stale lock.
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise JaxdpError(f"--workdir: cannot write {self.path!r} ({os_reason(e, self.path)}); pick "
+                       "a writable --workdir") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -18,12 +18,23 @@ LOG_FILE = "jaxdp.log"
 _current: str | None = None
 
 
+class _LazyFileHandler(logging.FileHandler):
+  """Creates the workdir and the file only when there is something to log, so a run refused
+  before it starts leaves no empty workdir behind."""
+
+  def __init__(self, path: str):
+    super().__init__(path, delay=True)
+
+  def _open(self):
+    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+    return super()._open()
+
+
 def to_file(workdir: str) -> str:
   """Routes Python logging, warnings and unraisable-exception reports to WORKDIR/jaxdp.log."""
   global _current
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.abspath(os.path.join(workdir, LOG_FILE))
-  handler = logging.FileHandler(path, delay=True)
+  handler = _LazyFileHandler(path)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
   root = logging.getLogger()
   for old in list(root.handlers):

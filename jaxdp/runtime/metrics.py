@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -77,6 +78,11 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _short(value: float) -> str:
+  """4 decimals for losses, whole numbers for rates."""
+  return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
 class Progress:
   """A tqdm bar over optimizer steps showing loss and throughput; when disabled (batch jobs,
   where a bar's carriage returns make unreadable logs), one plain line per log step instead."""
@@ -84,6 +90,8 @@ class Progress:
   def __init__(self, start: int, total: int, enabled: bool):
     self._bar = None
     self._step, self._total = start, total
+    # A bar only on a terminal: piped or batch logs (SLURM) get plain lines, not \r redraws.
+    enabled = enabled and sys.stderr.isatty()
     self._plain = not enabled and jax.process_index() == 0
     if enabled and jax.process_index() == 0:
       from tqdm.auto import tqdm
@@ -92,11 +100,11 @@ class Progress:
   def update(self, steps: int, **postfix) -> None:
     self._step += steps
     if self._bar is not None:
+      if postfix:  # Before update(), which redraws: the bar shows this step's values.
+        self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
       self._bar.update(steps)
-      if postfix:
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
     elif self._plain:
-      values = ", ".join(f"{k} {v:.4g}" for k, v in postfix.items())
+      values = ", ".join(f"{k} {_short(v)}" for k, v in postfix.items())
       print(f"step {self._step}/{self._total}" + (f": {values}" if values else ""), flush=True)
 
   def write(self, line: str) -> None:

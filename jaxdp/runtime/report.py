@@ -46,8 +46,10 @@ def summary(result: dict[str, Any], start_step: int, seconds: float, tokens_per_
   if steps == 0:
     lines = [f"jaxdp: the run in {workdir!r} is already at step {result['step']}; nothing to train"]
   else:
-    lines = [f"jaxdp: {result['stop_reason']}: {steps} steps (to step {result['step']}) in "
-             f"{seconds:.1f} s, {_count(steps * per_step)} {unit}, {_count(rate)} {unit}/s"]
+    why = {"num_steps": "reached num_steps", "early_stopping": "stopped early",
+           "preempted": "stopped by a signal"}.get(result["stop_reason"], result["stop_reason"])
+    lines = [f"jaxdp: done ({why}): {steps} steps to step {result['step']} in {seconds:.1f} s, "
+             f"{_count(steps * per_step)} {unit}, {_count(rate)} {unit}/s"]
   final, best_loss = result.get("eval_loss"), result.get("best_eval_loss")
   if final is not None:
     lines.append(f"  eval_loss: final {final:.4f}, best {best_loss:.4f}" if best_loss is not None

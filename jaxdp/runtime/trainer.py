@@ -33,7 +33,7 @@ from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 # Fields that define what is being trained: resuming with any of them changed is a different run.
 # The data is identified by its content (sha256, checked separately), not by config.data.path,
 # so the same bytes under another path (relative or absolute, moved) resume as the same run.
-RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fraction",
+RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fraction", "optimizer",
                        "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
                        "model.d_model", "model.mlp_ratio", "model.positions", "model.rope_theta",
                        "model.tie_embeddings", "compression", "error_feedback",
@@ -106,7 +106,8 @@ class Trainer:
     """The model and data in a few words (the start banner's)."""
     m, tok = self.config.model, self.dataset.tokenizer
     data = self.config.data.path or "the built-in corpus"
-    return (f"{m.family} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads), data "
+    kv = f", {m.n_kv_head} key/value heads" if m.family == "llama" and m.n_kv_head else ""
+    return (f"{m.family} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads{kv}); data: "
             f"{data} ({getattr(tok, 'name', type(tok).__name__)} tokenizer, vocab {tok.vocab_size}, "
             f"{self.dataset.examples_per_epoch:,} training windows of {self.config.seq_len})")
 
