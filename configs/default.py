@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 32  # Sequences per optimizer step, summed over all devices and micro-batches.
   c.seq_len = 128  # Tokens per training sequence (the model's context length).
   c.grad_accum_steps = 1  # Micro-batches per optimizer step; gradients are token-weighted and all-reduced once.
-  c.optimizer = "adamw"  # Update rule: "adamw", "sgd" (momentum), "lion" (wants a 3-10x smaller learning_rate), "adafactor" (factored, relative step size) or "muon" (orthogonalised momentum for hidden 2-D weight matrices, Adam for the rest).
+  c.optimizer = "adamw"  # Update rule: "adamw", "sgd" (momentum; wants a ~100x larger learning_rate, e.g. 0.3 here), "lion" (3-10x smaller), "adafactor" (factored; ~10x larger, e.g. 3e-2) or "muon" (orthogonalised momentum for hidden 2-D weight matrices, Adam for the rest).
   c.learning_rate = 3e-3  # Peak learning rate, reached at the last warmup step.
   c.schedule = "cosine"  # Learning rate after warmup: "cosine" or "linear" decay to min_lr_ratio * peak at lr_decay_steps, "constant" (the peak), or "wsd" (warmup-stable-decay: the peak, then linear decay over the last decay_fraction of lr_decay_steps).
   c.min_lr_ratio = 0.1  # Final learning rate of the decay, as a fraction of the peak.
