@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule = "cosine"  # Learning rate after warmup: "cosine" or "linear" decay to min_lr_ratio * peak at lr_decay_steps, "constant" (the peak), or "wsd" (warmup-stable-decay: the peak, then linear decay over the last decay_fraction of lr_decay_steps).
   c.min_lr_ratio = 0.1  # Final learning rate of the decay, as a fraction of the peak.
   c.warmup_steps = 50  # Linear warmup steps: step i (from 0) uses peak * (i + 1) / warmup_steps, so the first step already learns; 0 disables warmup.
-  c.lr_decay_steps = config_dict.placeholder(int)  # Step at which the decay reaches its minimum; None means num_steps (stop early or extend without changing the schedule).
+  c.lr_decay_steps = config_dict.placeholder(int)  # Update at which the decay reaches its minimum; None means num_steps as the run started: a resume with another num_steps (extending a finished run) keeps the checkpoint's horizon and prints a notice; set it to decay over another horizon.
   c.decay_fraction = 0.2  # schedule="wsd": fraction of lr_decay_steps, at its end, over which the rate decays linearly to the minimum.
   c.weight_decay = 0.1  # Decoupled weight decay for every optimizer (multiplied by the scheduled rate), on weight matrices and embeddings only: not biases, norm parameters or other vectors.
   c.decay_exclude = ""  # Comma-separated parameter path-name substrings never weight-decayed, e.g. "wpe,embedding" (biases and norms never are).
@@ -35,9 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_steps = 8  # Evaluation covers the first eval_steps x global_batch_size validation windows (all of them if fewer), each once, a partial last batch padded with zero-weight rows; 0 evaluates the whole validation split.
   c.patience = 0  # Early stopping: stop after this many evaluations without improvement; 0 disables.
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
-  c.keep_last = 3  # Most recent checkpoints kept on disk (the best by validation loss is kept as well).
+  c.keep_last = 3  # Most recent checkpoints kept on disk (the best by validation loss, and the last one followed by a sane train loss, are kept as well).
   c.keep_every = 0  # Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra.
-  c.nan_policy = "halt"  # Non-finite loss or gradients: "halt" (stop, save the last good state) or "skip" (drop the update, go on).
+  c.nan_policy = "halt"  # Non-finite loss or gradients (fp16: also an overflow at loss scale 1): "halt" (stop, save the state before it, name the last checkpoint with a sane train loss and the command to go on from it) or "skip" (drop the update, go on).
   c.max_consecutive_skips = 10  # nan_policy="skip": halt after this many dropped updates in a row.
   c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer_momentum = 0.9  # DiLoCo outer Nesterov momentum; 0 is plain outer SGD.
   c.attention = "xla"  # Attention kernel: "xla" (jax.nn.dot_product_attention), "cudnn" (fused, GPU only) or "reference" (explicit einsum).
   c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
-  c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped).
+  c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped; at 1 it cannot fall further, and an overflow there falls under nan_policy).
   c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 

@@ -5,6 +5,9 @@ activations and matmuls run in the compute dtype. float16's narrow exponent make
 gradients underflow, so fp16 multiplies the loss by a scale before differentiating and divides
 the gradients by it after: the scale doubles after `period` overflow-free steps, and a step whose
 gradients are not finite is skipped (parameters and optimizer state unchanged) and halves it.
+The scale never falls below MIN_LOSS_SCALE (1): an overflow there, or a non-finite loss (the
+forward pass, which no scale can help), is a non-finite step like in fp32 and bf16 and falls
+under the run's nan_policy (see core.step.update_if_finite).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MIN_LOSS_SCALE = 1.0  # The floor of the dynamic scale: an overflow there cannot be halved away.
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
@@ -41,11 +45,17 @@ def initial_loss_scale(precision: str = "fp32", init: float = 2.0 ** 15, period:
                    period=period if dynamic else 0)
 
 
+def at_floor(loss_scale: LossScale) -> jax.Array:
+  """True when the scale is at MIN_LOSS_SCALE, where halving it can no longer cure an overflow."""
+  return loss_scale.scale <= MIN_LOSS_SCALE
+
+
 def next_loss_scale(loss_scale: LossScale, finite: jax.Array) -> LossScale:
-  """Halves the scale on overflow; doubles it after `period` good steps."""
+  """Halves the scale on overflow (never below MIN_LOSS_SCALE); doubles it after `period` good
+  steps."""
   grow = finite & (loss_scale.good_steps + 1 >= loss_scale.period)
   scale = jnp.where(finite, jnp.where(grow, loss_scale.scale * 2, loss_scale.scale),
-                    jnp.maximum(loss_scale.scale / 2, 1.0))
+                    jnp.maximum(loss_scale.scale / 2, MIN_LOSS_SCALE))
   good = jnp.where(finite & ~grow, loss_scale.good_steps + 1, 0)
   return loss_scale.replace(scale=scale.astype(jnp.float32), good_steps=good.astype(jnp.int32))
 

@@ -111,7 +111,8 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
 
 def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], tuple],
                      max_consecutive_skips: int = 0,
-                     loss_scale: precision.LossScale | None = None) -> TrainState:
+                     loss_scale: precision.LossScale | None = None,
+                     loss_finite: jax.Array | None = None) -> TrainState:
   """`state` advanced by `update()` if `finite`; else the update is dropped and the skip counted.
 
   `update()` returns (params, opt_state, comm) and runs under `lax.cond`, so a kept update is
@@ -120,28 +121,55 @@ def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], 
   more than `max_consecutive_skips` in a row: then nothing changes but `consecutive_skips`
   (now above the limit), and every later step leaves the state alone, so the loop can notice
   at its next sync, halt and save the last good state (no state is lost to buffer donation).
-  With fp16's dynamic `loss_scale`, overflows are expected: the scale halves, the step always
-  advances, and `consecutive_skips` is not counted.
+
+  With fp16's dynamic `loss_scale`, an overflow is expected while the scale can still fall: the
+  scale halves, the step advances, and the skip is not counted in `consecutive_skips`. An
+  overflow while the scale is already at its floor (precision.MIN_LOSS_SCALE: halving cannot
+  help any more), or a non-finite loss (`loss_finite` False: the forward pass, which the scale
+  does not touch), is counted exactly like a non-finite step of fp32 or bf16.
   """
-  if loss_scale is not None:
-    apply = finite
-    step = state.step + 1
-    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
-    consecutive = state.consecutive_skips
+  if loss_scale is None:
+    counted = ~finite
   else:
-    halted = state.consecutive_skips > max_consecutive_skips
-    consecutive = jnp.where(finite, 0, state.consecutive_skips + 1)
-    over = consecutive > max_consecutive_skips
-    apply = finite & ~halted
-    step = jnp.where(halted | (~finite & over), state.step, state.step + 1)
-    skipped = jnp.where(halted | finite | over, state.skipped_steps, state.skipped_steps + 1)
-    consecutive = jnp.where(halted, state.consecutive_skips, consecutive)
+    hopeless = precision.at_floor(loss_scale)
+    if loss_finite is not None:
+      hopeless = hopeless | ~loss_finite
+    counted = ~finite & hopeless
+  halted = state.consecutive_skips > max_consecutive_skips
+  consecutive = jnp.where(finite, 0, state.consecutive_skips + counted.astype(jnp.int32))
+  over = consecutive > max_consecutive_skips  # Only ever by a counted skip of this step.
+  apply = finite & ~halted
+  frozen = halted | over
+  step = jnp.where(frozen, state.step, state.step + 1)
+  skipped = jnp.where(frozen | finite, state.skipped_steps, state.skipped_steps + 1)
+  consecutive = jnp.where(halted, state.consecutive_skips, consecutive)
   params, opt_state, comm = lax.cond(apply, update, lambda: (state.params, state.opt_state, state.comm))
   new_state = state.replace(step=step, params=params, opt_state=opt_state, comm=comm,
                             skipped_steps=skipped, consecutive_skips=consecutive)
   if loss_scale is not None:
-    new_state = new_state.replace(loss_scale=precision.next_loss_scale(loss_scale, finite))
+    # A frozen state keeps its scale too: it is the last good state, to be saved as it was.
+    scaled = precision.next_loss_scale(loss_scale, finite)
+    new_state = new_state.replace(loss_scale=jax.tree.map(
+        lambda old, new: jnp.where(frozen, old, new), loss_scale, scaled))
   return new_state
+
+
+def applied_updates(state: TrainState) -> jax.Array:
+  """How many updates the optimizer has applied: the `count` of the optax state (what an optax
+  schedule reads), which advances only when `tx.update` runs, never on a dropped step.
+
+  Without a count (an optimizer with none, or local SGD, whose inner optimizers live in
+  `state.comm` and all take the same updates) it is the steps taken minus the steps skipped,
+  which `update_if_finite` keeps equal to it.
+  """
+  if isinstance(state.comm, dict) and "opt_state" in state.comm:
+    return state.step - state.skipped_steps
+  found = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+  if not found:
+    return state.step - state.skipped_steps
+  # Every count of a chain advances together; prefer the schedule's own.
+  counts = [(jax.tree_util.keystr(path), value) for path, value in found]
+  return next((v for p, v in counts if "ScaleBySchedule" in p), counts[-1][1])
 
 
 def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
@@ -187,8 +215,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
   grad_norm = optax.tree.norm(grads)
   # The norm is finite exactly when every gradient is (or it overflows float32, which clipping
-  # could not use either): one reduction instead of a pass over every leaf. fp16 overflows are
-  # expected and handled by the loss scale, so its loss is not checked.
+  # could not use either): one reduction instead of a pass over every leaf. fp16 overflows of the
+  # gradients are expected and handled by the loss scale (see update_if_finite).
   finite = jnp.isfinite(grad_norm) if scaling else jnp.isfinite(loss_total) & jnp.isfinite(grad_norm)
 
   def optimizer_update():
@@ -196,7 +224,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     return optax.apply_updates(state.params, updates), opt_state, state_comm
 
   new_state = update_if_finite(state, finite, optimizer_update, max_consecutive_skips,
-                               state.loss_scale if scaling else None)
+                               state.loss_scale if scaling else None, jnp.isfinite(loss_total))
   metrics = step_metrics(new_state, loss_total, tokens, grad_norm)
   if scaling:
     metrics["loss_scale"] = state.loss_scale.scale  # The scale this step ran with.

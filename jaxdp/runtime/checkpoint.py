@@ -80,11 +80,23 @@ def fingerprints(state) -> dict[str, int]:
           for path, value in jax.tree_util.tree_leaves_with_path(prints)}
 
 
-def _preservation_policy(keep_last: int, keep_every: int):
-  """Keep the last `keep_last`, every `keep_every`-th step, and the best by validation loss."""
+class _Pinned:
+  """Preserves the steps in a set the Checkpointer adds to (`Checkpointer.pin`)."""
+
+  def __init__(self, steps: set[int]):
+    self.steps = steps
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [checkpoint.step in self.steps for checkpoint in checkpoints]
+
+
+def _preservation_policy(keep_last: int, keep_every: int, pinned: set[int]):
+  """Keep the last `keep_last`, every `keep_every`-th step, the best by validation loss, and
+  the `pinned` steps."""
   kept = [policies.LatestN(n=keep_last),
           policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
-                         keep_checkpoints_without_metrics=False)]
+                         keep_checkpoints_without_metrics=False), _Pinned(pinned)]
   if keep_every:
     kept.append(policies.EveryNSteps(interval_steps=keep_every))
   return policies.AnyPreservationPolicy(kept)
@@ -96,10 +108,11 @@ class Checkpointer:
   def __init__(self, workdir: str, keep_last: int = 3, keep_every: int = 0, *, create: bool = True,
                directory: str | None = None):
     self.directory = os.path.abspath(directory or os.path.join(workdir, "checkpoints"))
+    self._pinned: set[int] = set()
     options = ocp.CheckpointManagerOptions(
         create=create, cleanup_tmp_directories=create,
         best_fn=lambda m: m["eval_loss"], best_mode="min",  # Makes orbax record eval_loss per step.
-        preservation_policy=_preservation_policy(keep_last, keep_every))
+        preservation_policy=_preservation_policy(keep_last, keep_every, self._pinned))
     try:
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
@@ -113,6 +126,12 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def pin(self, steps) -> None:
+    """Keeps exactly these steps (besides keep_last, keep_every and the best) through later
+    saves of this manager, e.g. the last checkpoint known to be good; replaces earlier pins."""
+    self._pinned.clear()
+    self._pinned.update(steps)
 
   def save(self, step: int, state, meta: dict[str, Any], eval_loss: float | None = None) -> None:
     """Starts an asynchronous save; training continues while it is written.

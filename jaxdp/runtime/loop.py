@@ -21,9 +21,11 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdp.core.state import InitFn, TrainState
+from jaxdp.core.step import applied_updates
 from jaxdp.data.pipeline import prefetch
 from jaxdp.errors import JaxdpError
 from jaxdp.models.common import count_params
@@ -32,7 +34,7 @@ from jaxdp.parallel.exchange import bytes_per_step
 from jaxdp.runtime import report, signals
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 from jaxdp.runtime.lock import WorkdirLock
-from jaxdp.runtime.metrics import MetricsWriter, Progress
+from jaxdp.runtime.metrics import MetricsWriter, Progress, read_metrics
 from jaxdp.runtime.watchdog import StepWatchdog
 
 
@@ -219,8 +221,43 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
   return None
 
 
+# A train loss more than SPIKE times the lowest one before it (for losses near or below 0: more
+# than (SPIKE - 1) * |lowest| above it) is a diverging run, not noise.
+SPIKE = 2.0
+
+
+def sane_loss(loss: float, lowest: float | None) -> bool:
+  """Whether a train loss is finite and not a spike over the `lowest` finite one before it."""
+  if not math.isfinite(loss):
+    return False
+  return lowest is None or loss <= lowest + (SPIKE - 1.0) * abs(lowest)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def params_finite(state: TrainState) -> bool:
+  """Whether every parameter of `state` is finite (one reduction on the devices)."""
+  return bool(jax.device_get(_all_finite(state.params)))
+
+
+def applied_lr(lr_schedule: Callable[[int], Any], state: TrainState) -> float:
+  """The learning rate of the last update the optimizer applied (0 until one is): the schedule
+  at the optimizer's own count, which dropped steps (fp16 overflows, skipped NaNs) do not move."""
+  applied = int(jax.device_get(applied_updates(state)))
+  return float(lr_schedule(applied - 1)) if applied > 0 else 0.0
+
+
 class Run:
-  """The run's checkpoints and metrics: restore, save, halt on non-finite state."""
+  """The run's checkpoints and metrics: restore, save, halt on non-finite state.
+
+  It also judges each checkpoint by the train loss right after it (the loss of its parameters
+  on the next batch): sane when finite and not a spike over the lowest loss before it. A halt
+  names the last sane checkpoint, keeps it on disk and says how to go on from it.
+  """
 
   def __init__(self, workdir: str, dp: DataParallel, record: RunRecord, *, keep_last: int = 3,
                keep_every: int = 0):
@@ -231,6 +268,10 @@ class Run:
     self.writer = MetricsWriter(workdir)
     self.meta = {"best_eval_loss": None, "evals_without_improvement": 0}
     self.saved_step: int | None = None
+    self.lowest_loss: float | None = None  # The lowest finite train loss so far.
+    # Checkpoint step -> (the train loss right after it, the lowest train loss up to it).
+    self.health: dict[int, tuple[float, float | None]] = {}
+    self._unjudged: list[int] = []  # Checkpoint steps whose next train loss is not known yet.
 
   def restore(self, abstract, *, restore_from: str | None = None,
               allow_config_change: bool = False) -> TrainState | None:
@@ -241,35 +282,138 @@ class Run:
       return None
     state, self.meta = restored
     self.saved_step = int(state.step)
+    self._judge_logged(self.saved_step)
     return state
 
+  def _judge_logged(self, restored_step: int) -> None:
+    """Judges the checkpoints up to `restored_step` from the train lines of metrics.jsonl (each
+    the mean loss of the steps since the line before), as logged before this resume."""
+    try:
+      records = read_metrics(self.workdir)
+    except (OSError, ValueError):  # No metrics (another process's disk), or a line half written.
+      records = []
+    logged = {r["step"]: r["train_loss"] for r in records  # A step logged twice: the latest.
+              if "train_loss" in r and isinstance(r.get("step"), int) and r["step"] <= restored_step}
+    self._unjudged = [s for s in self.checkpoints.all_steps() if s <= restored_step]
+    for step in sorted(logged):
+      self._take(step, float(logged[step]))
+    if restored_step not in self._unjudged:
+      self._unjudged.append(restored_step)  # Restored from --restore_from: judged from here on.
+    self._pin()
+
+  def note_losses(self, first_step: int, metrics: Sequence[dict], state: TrainState | None = None) -> None:
+    """Takes the host metrics of steps first_step, first_step + 1, ... into the judgement of
+    checkpoints; with `state` frozen by a halt, only up to its bad step (later losses are of
+    the frozen parameters)."""
+    last = first_step + len(metrics) - 1 if state is None else int(state.step) + 1
+    for offset, m in enumerate(metrics[:max(last - first_step + 1, 0)]):
+      self._take(first_step + offset, float(m["train_loss"]))
+    self._pin()
+
+  def _take(self, step: int, loss: float) -> None:
+    """The train loss of `step` (or a logged mean ending there), in step order."""
+    for saved in [s for s in self._unjudged if s < step]:
+      self.health[saved] = (loss, self.lowest_loss)
+      self._unjudged.remove(saved)
+    if math.isfinite(loss):
+      self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
+
+  def _pin(self) -> None:
+    """Keeps on disk, whatever keep_last says, the last checkpoint judged sane and the oldest
+    not judged yet: a run that diverges for longer than keep_last checkpoints still has one."""
+    sane = [s for s, judged in self.health.items() if sane_loss(*judged)]
+    self.checkpoints.pin(sorted(self._unjudged)[:1] + ([max(sane)] if sane else []))
+
+  def last_sane_checkpoint(self, before: int) -> int | None:
+    """The latest checkpoint on disk before step `before` whose next train loss was sane."""
+    sane = [s for s in self.checkpoints.all_steps()
+            if s < before and s in self.health and sane_loss(*self.health[s])]
+    return max(sane, default=None)
+
   def save(self, state: TrainState, eval_loss: float | None = None) -> None:
+    """Saves `state` (asynchronously); a state with non-finite parameters is never written:
+    the run halts instead."""
+    step = int(state.step)
+    if self.saved_step == step:
+      return
+    if not params_finite(state):
+      self.halt(step, None, "non-finite parameters after ")
+    self._write(state, eval_loss)
+
+  def _write(self, state: TrainState, eval_loss: float | None = None, pin: bool = True) -> None:
     step = int(state.step)
     if self.saved_step == step:
       return
     self.saved_step = step
+    if step not in self._unjudged and step not in self.health:
+      self._unjudged.append(step)
+      if pin:
+        self._pin()
     self.checkpoints.save(step, state, dict(
         self.meta, step=step, examples_seen=step * self.record.examples_per_step,
         config=self.record.config, data_digest=self.record.data_digest,
         strategy=self.dp.strategy, num_devices=self.dp.mesh.size), eval_loss=eval_loss)
 
-  def halt_if_not_finite(self, state: TrainState) -> None:
-    """Ends the run if the step froze the state after too many non-finite updates in a row."""
+  def halt_if_not_finite(self, state: TrainState, unnoted: Sequence[dict] = (),
+                         first_step: int = 0) -> None:
+    """Ends the run if the step froze the state after too many non-finite updates in a row.
+
+    `unnoted`: the metrics (device or host) of steps first_step, ... that `note_losses` has not
+    seen yet; they are fetched only when halting, to judge the latest checkpoints.
+    """
     limit = self.dp.max_consecutive_skips
     if int(state.consecutive_skips) <= limit:
       return
-    # The frozen state is the last good one; only its "in a row" count is past the limit.
+    if unnoted:
+      self.note_losses(first_step, jax.device_get(list(unnoted)), state)
+    # The frozen state is the one before the bad step; only its "in a row" count is past the limit.
     good = state.replace(consecutive_skips=jax.numpy.minimum(state.consecutive_skips, limit))
-    bad_step = int(good.step) + 1
-    self.save(good)
-    self.close()
-    self.writer.write({"step": bad_step, "event": "nonfinite_halt", "nan_policy": self.dp.nan_policy,
-                       "skipped_steps": int(good.skipped_steps)})
     in_a_row = f"{limit + 1} steps in a row up to " if limit else ""
-    raise JaxdpError(
-        f"non-finite loss or gradients at {in_a_row}step {bad_step} (config.nan_policy="
-        f"{self.dp.nan_policy!r}); the last good state is saved as checkpoint {int(good.step)}; "
-        "lower config.learning_rate or set config.grad_clip and resume, or set config.nan_policy='skip'")
+    self.halt(int(good.step) + 1, good, f"non-finite loss or gradients at {in_a_row}")
+
+  def halt(self, bad_step: int, good: TrainState | None, cause: str) -> None:
+    """Saves `good` (the state before `bad_step`, if given and finite), keeps the last sane
+    checkpoint, and raises JaxdpError saying how to go on: from that checkpoint, with a 10x
+    lower learning rate."""
+    cfg = self.record.config
+    policy = self.dp.nan_policy
+    resume = self.last_sane_checkpoint(before=bad_step if good is None else int(good.step))
+    if resume is not None:
+      self.checkpoints.pin([resume])  # The halt's own save must not push it out of keep_last.
+    if good is None:
+      saved = "the parameters are not finite, so they are not saved"
+    elif not params_finite(good):
+      saved = "the state before it has non-finite parameters, so it is not saved"
+    else:
+      self._write(good, pin=False)
+      saved = (f"the state before it is saved as checkpoint {int(good.step)}, where the same "
+               "command resumes (enough if one bad batch caused this)")
+    self.close()
+    event = {"step": bad_step, "event": "nonfinite_halt", "nan_policy": policy}
+    if good is not None:
+      event["skipped_steps"] = int(good.skipped_steps)
+    self.writer.write(event)
+    lr = cfg.get("learning_rate")
+    lower = f"{lr / 10:.3g}" if isinstance(lr, (int, float)) else None
+    if resume is not None:
+      path = os.path.join(self.checkpoints.directory, str(resume))
+      after, lowest = self.health[resume]
+      judged = f"train loss {after:.4g} after it" + (f", lowest before {lowest:.4g}" if lowest is not None else "")
+      how = (f"rerun with a fresh --workdir and --restore_from {path} --config.learning_rate={lower}"
+             if lower else f"run fit with a fresh workdir, restore_from={path!r} and a 10x lower "
+             "learning rate")
+      advice = f"the last checkpoint with a sane train loss is {resume} ({judged}): to go on from it, {how}"
+    else:
+      how = (f"start afresh with a fresh --workdir and --config.learning_rate={lower}" if lower
+             else "start afresh with a 10x lower learning rate")
+      advice = f"no checkpoint of this run was followed by a sane train loss: {how}"
+    parts = [f"{cause}step {bad_step} (config.nan_policy={policy!r})", saved, advice]
+    if cfg.get("grad_clip") == 0:
+      parts.append("gradient clipping is off: a fresh run with --config.grad_clip=1.0 also "
+                   "guards against loss spikes")
+    if policy == "halt":
+      parts.append("or set config.nan_policy='skip' to drop non-finite updates and go on")
+    raise JaxdpError("; ".join(parts))
 
   def close(self) -> None:
     self.checkpoints.wait()
@@ -310,6 +454,11 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
     record: the config and data fingerprint stored in checkpoints and checked on resume.
   Raises:
     JaxdpError: a checkpoint of another config or data, a non-finite halt, a failed save.
+
+  `lr_schedule(i)` (the learning rate of update i) makes each train line log `lr`, the rate of
+  the last update the optimizer applied (see `applied_lr`). An evaluation that is a new best is
+  checkpointed with its eval_loss, so the best parameters are kept. A halt names the last
+  checkpoint with a sane train loss after it (kept on disk) and how to go on from it.
   """
   record = record or RunRecord()
   run = Run(workdir, dp, record, keep_last=keep_last, keep_every=keep_every)
@@ -361,10 +510,11 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
       log_step = cadence.log(step)
       if log_step:
         fetched = jax.device_get(pending)  # The loop's only host sync between logs.
+        run.note_losses(last["step"] + 1, fetched, state)
         run.halt_if_not_finite(state)
         elapsed = time.perf_counter() - last["time"]
         per_step = tokens_per_step or first_rows
-        line = train_line(fetched, step, None if lr_schedule is None else float(lr_schedule(step - 1)),
+        line = train_line(fetched, step, None if lr_schedule is None else applied_lr(lr_schedule, state),
                           (step - last["step"]) * per_step / elapsed, comm_bytes,
                           dp.nan_policy == "skip")
         run.writer.write(line)
@@ -374,13 +524,17 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
       stop, eval_loss = False, None
       paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
       watchdog.pause()  # Nor against the step timeout.
+      new_best = False
       if eval_batches is not None and cadence.evaluate(step):
-        run.halt_if_not_finite(state)
+        run.halt_if_not_finite(state, pending, last["step"] + 1)
         eval_loss = dp.evaluate(state.params, eval_batches())
         run.writer.write({"step": step, "eval_loss": eval_loss})
         bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
         result["eval_loss"] = eval_loss
         run.meta = dict(record_evaluation(run.meta, eval_loss, patience), last_eval_loss=eval_loss)
+        # A new best is checkpointed with its eval_loss, which keeps it (BestN): early stopping
+        # then leaves the best parameters on disk even between checkpoint_every steps.
+        new_best = run.meta["evals_without_improvement"] == 0
         if run.meta.get("stopped_early"):
           stop = True
           result["stop_reason"] = "early_stopping"
@@ -389,8 +543,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
           bar.write(f"early stopping at step {step}: no improvement in {patience} evaluations")
       final = step == num_steps
       preempted = not stop and not final and stops.should_stop(step, log_step)
-      if cadence.checkpoint(step) or stop or preempted:
-        run.halt_if_not_finite(state)
+      if cadence.checkpoint(step) or stop or preempted or new_best:
+        run.halt_if_not_finite(state, pending, last["step"] + 1)
         run.save(state, eval_loss)
       last["time"] += time.perf_counter() - paused
       watchdog.resume()

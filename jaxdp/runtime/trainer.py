@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -157,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.data.path:  # Stored resolved: the saved config names the data from anywhere.
     config = config.copy_and_resolve_references()
     config.data.path = os.path.abspath(config.data.path)
+  config = keep_decay_horizon(config, workdir, restore_from)
   trainer = build(config, devices)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -172,6 +174,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   lr_schedule=learning_rate_schedule(configs.optimizer_config(config)),
                   tokens_per_step=config.global_batch_size * config.seq_len, record=record,
                   restore_from=restore_from, allow_config_change=allow_config_change)
+
+
+def saved_config(workdir: str, restore_from: str | None = None) -> dict | None:
+  """The config stored with the checkpoint a run would resume from (`restore_from`, else the
+  latest readable one in `workdir`), or None when there is none."""
+  if restore_from:
+    path = os.path.abspath(restore_from.rstrip("/"))
+    directory, steps = os.path.dirname(path), [os.path.basename(path)]
+  else:
+    directory, steps = os.path.join(workdir, "checkpoints"), None
+  if not os.path.isdir(directory) or (steps and not steps[0].isdigit()):
+    return None  # Nothing to resume, or a --restore_from that the restore itself refuses.
+  checkpoints = Checkpointer("", create=False, directory=directory)
+  try:
+    for step in [int(s) for s in steps] if steps else reversed(checkpoints.all_steps()):
+      try:
+        return checkpoints.restore_meta(step).get("config")
+      except Exception:  # noqa: BLE001  # Unreadable: the restore reports it (or falls back).
+        continue
+    return None
+  finally:
+    checkpoints.close()
+
+
+def keep_decay_horizon(config: ml_collections.ConfigDict, workdir: str,
+                       restore_from: str | None = None) -> ml_collections.ConfigDict:
+  """`config` with the learning-rate horizon of the checkpoint it resumes from.
+
+  With config.lr_decay_steps None the schedule decays over num_steps, as it was when the run
+  started: a resume with another num_steps (extending a finished run, say) keeps that horizon,
+  says so on one line, and records it as config.lr_decay_steps; set lr_decay_steps to change it.
+  """
+  if config.lr_decay_steps is not None:
+    return config
+  saved = saved_config(workdir, restore_from)
+  if not saved:
+    return config
+  horizon = saved.get("lr_decay_steps") or saved.get("num_steps")
+  if not horizon or horizon == config.num_steps:
+    return config
+  config = config.copy_and_resolve_references()
+  config.lr_decay_steps = int(horizon)
+  if jax.process_index() == 0:
+    print(f"jaxdp: note: config.lr_decay_steps is unset, so the learning rate keeps the "
+          f"checkpoint's horizon, step {horizon}, not num_steps={config.num_steps}; set "
+          f"--config.lr_decay_steps={config.num_steps} to decay over the new num_steps instead",
+          file=sys.stderr, flush=True)
+  return config
 
 
 def restore_checkpoint(checkpoints: Checkpointer, trainer: Trainer, *,
