@@ -332,3 +332,16 @@ def test_evaluate_needs_no_train_state(mlp_reference):
   total = sum(float(huber_loss(params, b, None)[0]) for b in BATCHES[:2])
   weight = sum(float(huber_loss(params, b, None)[1]) for b in BATCHES[:2])
   np.testing.assert_allclose(dp.evaluate(params, BATCHES[:2]), total / weight, rtol=1e-5)
+
+
+def test_fit_resumes_an_nnx_model(tmp_path):
+  def go(num_steps):
+    return jaxdp.fit(jaxdp.DataParallel(nnx_loss, tx(), strategy="zero1", devices=jax.devices()[:2]),
+                     nnx_init, lambda s: BATCHES[s % len(BATCHES)], workdir=str(tmp_path),
+                     num_steps=num_steps, checkpoint_every=3, progress=False)
+  go(3)
+  resumed = go(6)
+  ref_losses, _ = reference(nnx_init, nnx_loss, BATCHES[:6])
+  assert resumed["step"] == 6
+  # The final log line averages the steps since the resume: 4, 5 and 6.
+  np.testing.assert_allclose(resumed["train_loss"], np.mean(ref_losses[3:6]), rtol=RTOL)

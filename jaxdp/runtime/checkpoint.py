@@ -70,7 +70,14 @@ def _path_names(path) -> tuple[str, ...]:
 def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{path as names: shape} of the arrays of a state, of its abstract twin or of orbax metadata."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-  return {_path_names(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+  # An NNX Variable is a leaf here (it has .shape) but orbax's metadata names its array
+  # ".../value": the same array, so the trailing "value" is dropped from both.
+  return {_strip_value(_path_names(path)): tuple(leaf.shape) for path, leaf in leaves
+          if hasattr(leaf, "shape")}
+
+
+def _strip_value(names: tuple[str, ...]) -> tuple[str, ...]:
+  return names[:-1] if names and names[-1] == "value" else names
 
 
 def fingerprints(state) -> dict[str, int]:
