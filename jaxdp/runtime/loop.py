@@ -165,6 +165,7 @@ class RunRecord:
   data_digest: str | None = None  # Content hash of the data; a resume must see the same.
   data_name: str = "the data"  # How errors name the data (e.g. "config.data.path='x'").
   description: str = ""  # The model and data in a few words, for the start banner.
+  notes: tuple[str, ...] = ()  # Lines shown after the banner, once the run has started or resumed.
   examples_per_step: int = 0  # Global batch size, for examples_seen.
 
 
@@ -488,6 +489,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   if step < num_steps:
     bar_out.write(report.banner(dp, state, workdir, num_steps, first_rows, tokens_per_step,
                                 record.description, restored))
+  for note in record.notes if jax.process_index() == 0 else ():
+    print(note, file=sys.stderr, flush=True)
   if step == 0 or restored:
     run.writer.write({"event": "resume" if restored else "start", "step": step,
                       "strategy": dp.strategy, "num_devices": dp.mesh.size,

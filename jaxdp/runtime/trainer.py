@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -158,12 +157,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.data.path:  # Stored resolved: the saved config names the data from anywhere.
     config = config.copy_and_resolve_references()
     config.data.path = os.path.abspath(config.data.path)
-  config = keep_decay_horizon(config, workdir, restore_from)
+  config, note = keep_decay_horizon(config, workdir, restore_from)
   trainer = build(config, devices)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(trainer.dataset.tokenizer, workdir)
-  record = trainer.record()
+  record = dataclasses.replace(trainer.record(), notes=(note,) if note else ())
   return loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
                   num_steps=config.num_steps, seed=config.seed,
                   eval_batches=trainer.val_batches, log_every=config.log_every,
@@ -199,29 +198,28 @@ def saved_config(workdir: str, restore_from: str | None = None) -> dict | None:
 
 
 def keep_decay_horizon(config: ml_collections.ConfigDict, workdir: str,
-                       restore_from: str | None = None) -> ml_collections.ConfigDict:
-  """`config` with the learning-rate horizon of the checkpoint it resumes from.
+                       restore_from: str | None = None) -> tuple[ml_collections.ConfigDict, str | None]:
+  """(`config` with the learning-rate horizon of the checkpoint it resumes from, the note to
+  show once the resume succeeded, or None).
 
   With config.lr_decay_steps None the schedule decays over num_steps, as it was when the run
   started: a resume with another num_steps (extending a finished run, say) keeps that horizon,
   says so on one line, and records it as config.lr_decay_steps; set lr_decay_steps to change it.
   """
   if config.lr_decay_steps is not None:
-    return config
+    return config, None
   saved = saved_config(workdir, restore_from)
   if not saved:
-    return config
+    return config, None
   horizon = saved.get("lr_decay_steps") or saved.get("num_steps")
   if not horizon or horizon == config.num_steps:
-    return config
+    return config, None
   config = config.copy_and_resolve_references()
   config.lr_decay_steps = int(horizon)
-  if jax.process_index() == 0:
-    print(f"jaxdp: note: config.lr_decay_steps is unset, so the learning rate keeps the "
-          f"checkpoint's horizon, step {horizon}, not num_steps={config.num_steps}; set "
-          f"--config.lr_decay_steps={config.num_steps} to decay over the new num_steps instead",
-          file=sys.stderr, flush=True)
-  return config
+  return config, (f"jaxdp: note: config.lr_decay_steps is unset, so the learning rate keeps the "
+                  f"checkpoint's horizon, step {horizon}, not num_steps={config.num_steps}; set "
+                  f"--config.lr_decay_steps={config.num_steps} to decay over the new num_steps "
+                  "instead")
 
 
 def restore_checkpoint(checkpoints: Checkpointer, trainer: Trainer, *,
