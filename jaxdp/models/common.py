@@ -138,6 +138,20 @@ def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Ar
   return x
 
 
+def run_blocks(module: nn.Module, block: type[nn.Module], x: jax.Array,
+               deterministic: bool) -> jax.Array:
+  """x [B, T, D] through `module`'s cfg.n_layer blocks named block_i, from its compact
+  __call__: a plain loop, or `remat_scan` when cfg.remat asks for rematerialisation (the
+  parameters are created by the loop at init either way, so the tree has one entry per block)."""
+  cfg = module.cfg
+  if cfg.remat == "none" or module.is_initializing():
+    for i in range(cfg.n_layer):
+      x = block(cfg, name=f"block_{i}")(x, deterministic)
+    return x
+  return remat_scan(block, cfg, module.variables["params"], x, deterministic,
+                    None if deterministic else module.make_rng("dropout"))
+
+
 def lm_init(module: nn.Module, seq_len: int) -> Callable[[jax.Array], Any]:
   """init_fn(rng) -> params (with logical-axis boxes) of a token model [B, T] -> logits."""
   return lambda rng: module.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]

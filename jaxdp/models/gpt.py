@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import Linear, ModelConfig, attention, init, logical, remat_scan, rotary
+from jaxdp.models.common import Linear, ModelConfig, attention, init, logical, rotary, run_blocks
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,12 +80,7 @@ class GPT(nn.Module):
       wpe = self.param("wpe", logical(init, (None, "embed")), (cfg.seq_len, cfg.d_model))
       x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    if cfg.remat == "none" or self.is_initializing():
-      for i in range(cfg.n_layer):
-        x = Block(cfg, name=f"block_{i}")(x, deterministic)
-    else:
-      x = remat_scan(Block, cfg, self.variables["params"], x, deterministic,
-                     None if deterministic else self.make_rng("dropout"))
+    x = run_blocks(self, Block, x, deterministic)
     x = layer_norm(cfg, "ln_f")(x)
     return wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
 

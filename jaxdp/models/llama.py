@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import ModelConfig, attention, init, logical, remat_scan, rotary
+from jaxdp.models.common import ModelConfig, attention, init, logical, rotary, run_blocks
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -102,12 +102,7 @@ class Llama(nn.Module):
                      embedding_init=logical(init, ("vocab", "embed")))
     x = embed(tokens).astype(cfg.dtype)  # [B, T, D]
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    if cfg.remat == "none" or self.is_initializing():
-      for i in range(cfg.n_layer):
-        x = Block(cfg, name=f"block_{i}")(x, deterministic)
-    else:
-      x = remat_scan(Block, cfg, self.variables["params"], x, deterministic,
-                     None if deterministic else self.make_rng("dropout"))
+    x = run_blocks(self, Block, x, deterministic)
     x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
     if cfg.tie_embeddings:
       return embed.attend(x).astype(jnp.float32)  # [B, T, V]
