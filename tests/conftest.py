@@ -16,3 +16,33 @@ from jaxdp.config import load_preset  # noqa: E402
 def tiny_config():
   """A fresh, mutable tiny_cpu config (each test may change fields)."""
   return load_preset("tiny_cpu")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """A real 4 MiB filesystem (tmpfs) mounted for the test, or a skip where mounting is denied."""
+  import subprocess
+  mount = str(tmp_path / "fs")
+  os.makedirs(mount)
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount],
+                    capture_output=True).returncode != 0:
+    pytest.skip("needs permission to mount a tmpfs (a real small or read-only filesystem)")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+def fill_disk(mount: str) -> None:
+  """Writes a filler file until the filesystem at `mount` is full (a few KiB stay free)."""
+  with open(os.path.join(mount, "filler"), "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(b"\0" * 65536)
+    except OSError:
+      pass
+
+
+@pytest.fixture
+def fill():
+  return fill_disk

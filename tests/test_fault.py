@@ -376,35 +376,19 @@ def test_os_reason_finds_the_os_error_that_a_library_wrapped(tmp_path):
   assert os_reason(ValueError("bad value\ndetails"), str(tmp_path)) == "bad value"
 
 
-def can_mount_tmpfs(path):
-  os.makedirs(path, exist_ok=True)
-  return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
-                        capture_output=True).returncode == 0
-
-
 @pytest.mark.parametrize("failure", ["full", "read_only"])
-def test_full_or_read_only_workdir_gives_clear_error_and_earlier_checkpoint_restores(tmp_path, failure):
-  mount = str(tmp_path / "fs")
-  if not can_mount_tmpfs(mount):
-    pytest.skip("needs permission to mount a tmpfs (a real small or read-only filesystem)")
-  try:
-    workdir = os.path.join(mount, "run")
-    train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
-    assert Checkpointer(workdir, create=False).all_steps() == [2]
-    if failure == "full":
-      with open(os.path.join(mount, "filler"), "wb", buffering=0) as f:  # Leaves a few KiB free.
-        try:
-          while True:
-            f.write(b"\0" * 65536)
-        except OSError:
-          pass
-      match = "No space left on device"
-    else:
-      subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
-      match = "Read-only file system"
-    with pytest.raises(JaxdpError, match=f"(cannot write|failed) .*{match}"):
-      train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
-    state = restored_state(workdir, 2)
-    assert int(state.step) == 2
-  finally:
-    subprocess.run(["umount", "-l", mount], capture_output=True)
+def test_full_or_read_only_workdir_gives_clear_error_and_earlier_checkpoint_restores(tmpfs, fill,
+                                                                                    failure):
+  workdir = os.path.join(tmpfs, "run")
+  train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
+  assert Checkpointer(workdir, create=False).all_steps() == [2]
+  if failure == "full":
+    fill(tmpfs)
+    match = "No space left on device"
+  else:
+    subprocess.run(["mount", "-o", "remount,ro", tmpfs], check=True)
+    match = "Read-only file system"
+  with pytest.raises(JaxdpError, match=f"(cannot write|failed) .*{match}"):
+    train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
+  state = restored_state(workdir, 2)
+  assert int(state.step) == 2

@@ -120,29 +120,16 @@ def test_a_signal_at_any_moment_exits_cleanly_and_leaves_a_usable_workdir(
   assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
-def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tmp_path):
-  mount = str(tmp_path / "fs")
-  os.makedirs(mount)
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount],
-                    capture_output=True).returncode != 0:
-    pytest.skip("needs permission to mount a tmpfs (a real small filesystem)")
-  try:
-    workdir = os.path.join(mount, "run")
-    assert run("train", *TINY, "--config.num_steps=2", "--workdir", workdir).returncode == 0
-    with open(os.path.join(mount, "filler"), "wb", buffering=0) as f:  # Leaves a few KiB free.
-      try:
-        while True:
-          f.write(b"\0" * 65536)
-      except OSError:
-        pass
-    full = run("train", *TINY, "--config.num_steps=6", "--config.checkpoint_every=1",
-               "--workdir", workdir)
-    assert full.returncode == 2, full.stderr[-3000:]
-    err = full.stderr.strip().splitlines()
-    assert err[-1].startswith("jaxdp: error:") and "No space left on device" in err[-1], err[-5:]
-    assert "Traceback" not in full.stderr and len(err) <= 3, full.stderr[-3000:]
-  finally:
-    subprocess.run(["umount", "-l", mount], capture_output=True)
+def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tmpfs, fill):
+  workdir = os.path.join(tmpfs, "run")
+  assert run("train", *TINY, "--config.num_steps=2", "--workdir", workdir).returncode == 0
+  fill(tmpfs)
+  full = run("train", *TINY, "--config.num_steps=6", "--config.checkpoint_every=1",
+             "--workdir", workdir)
+  assert full.returncode == 2, full.stderr[-3000:]
+  err = full.stderr.strip().splitlines()
+  assert err[-1].startswith("jaxdp: error:") and "No space left on device" in err[-1], err[-5:]
+  assert "Traceback" not in full.stderr and len(err) <= 3, full.stderr[-3000:]
 
 
 def test_a_truncated_checkpoint_is_one_warning_line_and_the_run_resumes(tmp_path):
