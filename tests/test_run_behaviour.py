@@ -162,3 +162,15 @@ def test_resuming_with_another_optimizer_is_refused_not_restarted(tmp_path):
   assert forced.returncode == 2, forced.stderr[-2000:]
   assert "written with another optimizer" in forced.stderr.strip().splitlines()[-1]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]  # Nothing moved aside.
+
+
+def test_a_run_too_big_for_memory_is_one_line_before_it_runs_and_the_workdir_stays_usable(tmp_path):
+  workdir = str(tmp_path / "run")
+  big = run("train", *TINY, "--config.seq_len=32768", "--config.global_batch_size=8",
+            "--workdir", workdir)
+  assert big.returncode == 2
+  last = big.stderr.strip().splitlines()[-1]
+  assert last.startswith("jaxdp: error: the train step needs") and "GiB per device" in last
+  assert "remat" in last and "Traceback" not in big.stderr + big.stdout
+  fixed = run("train", *TINY, "--config.num_steps=2", "--workdir", workdir)
+  assert fixed.returncode == 0, fixed.stderr[-2000:]
