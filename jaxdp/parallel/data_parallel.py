@@ -328,7 +328,8 @@ def device_memory_limit(mesh: Mesh) -> tuple[int | None, str]:
   GPU/TPU: the allocator's `bytes_limit`. CPU: the host's available memory (/proc/meminfo
   MemAvailable) divided by this process's CPU devices, which all allocate from it.
   """
-  device = mesh.devices.flat[0]
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  device = local[0]  # Another process's device has no memory stats here.
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), f"{device.device_kind} ({device.platform})"
@@ -340,8 +341,7 @@ def device_memory_limit(mesh: Mesh) -> tuple[int | None, str]:
     available = int(fields["MemAvailable"].split()[0]) * 1024
   except (OSError, KeyError, ValueError):
     return None, "host"
-  local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-  return available // max(local, 1), f"the host's available memory over {local} CPU devices"
+  return available // len(local), f"the host's available memory over {len(local)} CPU devices"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
