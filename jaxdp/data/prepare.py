@@ -246,32 +246,32 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
 
 def _encode(tok, path: str, text_field: str,
             chunk_bytes: int) -> Iterator[tuple[np.ndarray, int, int]]:
-  """(tokens, documents ended, text bytes) of `path` in bounded groups: each document's tokens
-  then tok.end_of_text, in input order; encode_batch runs on all cores."""
-  group: list[tuple[str, bool]] = []
+  """(tokens, documents ended, text bytes) of `path` in groups of about ENCODE_BATCH_CHARS
+  characters (so the id lists in flight stay small): each document's tokens then
+  tok.end_of_text, in input order; encode_batch runs on all cores."""
+  texts: list[str] = []
+  ends: list[bool] = []
   size = 0
 
   def flush():
-    texts, ends = [], []
-    for text, end in group:
-      pieces = _encoding_pieces(text)
-      texts += pieces
-      ends += [False] * (len(pieces) - 1) + [end]
     out = []
     for ids, end in zip(tok.encode_batch(texts), ends):
       out.append(ids)
       if end:
         out.append(np.array([tok.end_of_text], np.int32))
-    return (np.concatenate(out) if out else np.zeros(0, np.int32), sum(ends),
-            sum(len(t.encode("utf-8")) for t in texts))
+    return (np.concatenate(out), sum(ends), sum(len(t.encode("utf-8")) for t in texts))
 
   for text, end in sources.iter_pieces(path, text_field, chunk_bytes):
-    group.append((text, end))
-    size += len(text)
-    if size >= min(chunk_bytes, ENCODE_BATCH_CHARS):
-      yield flush()
-      group, size = [], 0
-  if group:
+    pieces = _encoding_pieces(text)
+    del text
+    for k, piece in enumerate(pieces):
+      texts.append(piece)
+      ends.append(end and k == len(pieces) - 1)
+      size += len(piece)
+      if size >= min(chunk_bytes, ENCODE_BATCH_CHARS):
+        yield flush()
+        texts, ends, size = [], [], 0
+  if texts:
     yield flush()
 
 
