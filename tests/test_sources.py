@@ -225,3 +225,22 @@ def test_tokenizer_json_prepare_train_generate_and_a_moved_workdir(formats, tmp_
     assert tokenizer.decode(tokenizer.encode(text)) == text
   sample = list(generate(params, model, tokenizer.encode("ROMEO:"), 6, temperature=0))
   assert len(sample) == 6 and isinstance(tokenizer.decode(sample), str)
+
+
+def test_bench_loader_mode_times_prepared_and_bin_paths(formats, tokenizer_json, tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  tokenfiles.write_token_file(str(tmp_path / "t.bin"), reference_stream(tokenizer_json))
+  shutil.copy(tokenizer_json, tmp_path / "tokenizer.json")
+  paths = [formats["jsonl"], str(tmp_path / "t.bin")]
+  args, overrides = bench.parse_args(["--config", "tiny_cpu", "--loader_data", ",".join(paths),
+                                      "--loader_batch", "4", "--loader_seq_len", "64", "--steps",
+                                      "2", "--step_tokens_per_sec", "1000"])
+  report = bench.loader_report(args, overrides)
+  for path in paths:
+    entry = report["paths"][path]
+    assert entry["batches_per_sec"] > 0
+    assert entry["tokens_per_sec"] == pytest.approx(entry["batches_per_sec"] * 4 * 64)
+    assert entry["headroom"] == pytest.approx(entry["tokens_per_sec"] / 1000)

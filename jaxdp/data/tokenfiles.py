@@ -118,8 +118,13 @@ def is_token_path(path: str) -> bool:
           and any(n.endswith(TOKEN_SUFFIXES) for n in os.listdir(path)))
 
 
-def open_token_path(path: str) -> tuple[ConcatTokens, ConcatTokens | None]:
+def open_token_path(path: str) -> tuple[np.ndarray | ConcatTokens, np.ndarray | ConcatTokens | None]:
   """(training stream, validation stream or None) of a .bin file or folder, memory-mapped."""
   train, val = token_files(path)
-  return (ConcatTokens([read_token_file(f) for f in train]),
-          ConcatTokens([read_token_file(f) for f in val]) if val else None)
+  return _stream(train), _stream(val) if val else None
+
+
+def _stream(files: list[str]):
+  """One file's memory map as it is (slices are plain views), or several joined by ConcatTokens."""
+  parts = [read_token_file(f) for f in files]
+  return parts[0] if len(parts) == 1 else ConcatTokens(parts)
