@@ -60,8 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), or a directory written by `jaxdp prepare` (read with its own tokenizer).
-  c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation.
+  c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), a directory written by `jaxdp prepare` (read with its own tokenizer), or nanoGPT/llm.c .bin token files (a file, or a folder whose files named *val* are the validation split).
+  c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation (not used for a .bin folder with val files).
+  c.data.tokenizer = ""  # Tokenizer of .bin token files: a tokenizer.json (or .tiktoken) path; "" uses the tokenizer.json beside the .bin files. Ignored for other data.
+  c.data.packing = "concat"  # "concat": windows cut across documents; "document": also segment ids and positions, so attention never crosses a document's end-of-text token.
+  c.data.sources = ""  # Weighted mixture instead of data.path: "PATH:WEIGHT,PATH:WEIGHT" (weights > 0, normalised, rounded to 1/1000); every source needs the same tokenizer. "" uses data.path.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.

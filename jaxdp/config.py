@@ -202,6 +202,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")
   need(0 < config.data.val_fraction < 1,
        f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+  validate_data(config)
   need(config.model.d_model % config.model.n_head == 0,
        f"config.model.d_model={config.model.d_model} is not divisible by config.model.n_head="
        f"{config.model.n_head}; pick d_model a multiple of n_head")
@@ -267,6 +268,19 @@ def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
   return [f"config.{name}={get(config, name)!r} has no effect without {needs}"
           for name, applies, needs in DEPENDENT_FIELDS
           if get(config, name) != get(default, name) and not applies(config)]
+
+
+def validate_data(config: ml_collections.ConfigDict) -> None:
+  """The data fields' choices and forms (the paths themselves are checked when opened)."""
+  from jaxdp.data.mixture import parse_sources
+  from jaxdp.data.packing import PACKINGS
+  need(config.data.packing in PACKINGS,
+       f"config.data.packing={config.data.packing!r} is not one of {', '.join(PACKINGS)}")
+  need(isinstance(config.data.sources, str), "config.data.sources must be a string like "
+       "'a:0.7,b:0.3'")
+  if parse_sources(config.data.sources):  # Raises on a malformed entry.
+    need(not config.data.path, f"config.data.sources and config.data.path={config.data.path!r} are "
+         "both set; give the mixture's paths in data.sources only")
 
 
 def validate_model_family(config: ml_collections.ConfigDict) -> None:

@@ -77,37 +77,50 @@ class Linear(nn.Module):
     return y
 
 
-def rotary(x: jax.Array, theta: float = 10000.0) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021) over the last axis of x [B, T, H, K]."""
+def rotary(x: jax.Array, theta: float = 10000.0, positions: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) over the last axis of x [B, T, H, K], at
+  `positions` int32 [B, T] (default 0..T-1; document packing restarts them per document)."""
   _, t, _, k = x.shape
   freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
-  angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # [T, K/2]
-  sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+  if positions is None:
+    positions = jnp.arange(t)[None]  # [1, T]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # [B or 1, T, K/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def reference_attention(q, k, v):
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """bool [B, 1, T, T]: query i may attend key j iff both are in the same segment (document
+  packing, jaxdp/data/packing.py); the causal part is added by `attention`."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def reference_attention(q, k, v, mask: jax.Array | None = None):
   """softmax(q k^T / sqrt(K) + causal mask) v, written out: the fallback and the test oracle.
 
   q [B, T, H, K]; k, v [B, T, G, K] with G dividing H (grouped-query attention: query head h
-  reads key/value head h // (H / G)).
+  reads key/value head h // (H / G)); `mask` bool [B, 1, T, T] (e.g. `segment_mask`), or None,
+  is combined with the causal mask.
   """
   t, h, g = q.shape[1], q.shape[2], k.shape[2]
   k, v = jnp.repeat(k, h // g, axis=2), jnp.repeat(v, h // g, axis=2)  # [B, T, H, K]
   scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
-  mask = jnp.tril(jnp.ones((t, t), bool))
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  mask = causal if mask is None else causal & mask
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqs,bshk->bqhk", probs, v)
 
 
-def attention(q, k, v, implementation: str) -> jax.Array:
+def attention(q, k, v, implementation: str, mask: jax.Array | None = None) -> jax.Array:
   """Causal attention [B, T, H, K] by `implementation`: "reference" (einsum) or a
-  jax.nn.dot_product_attention kernel ("xla", "cudnn"), which handles G < H itself."""
+  jax.nn.dot_product_attention kernel ("xla", "cudnn"), which handles G < H itself. `mask` bool
+  [B, 1, T, T] or None further restricts which keys a query sees (document packing)."""
   if implementation == "reference":
-    return reference_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return reference_attention(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      implementation=implementation)
 
 
 # What the backward pass keeps of each block's forward. "block" keeps the outputs of the weight
@@ -118,7 +131,7 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_savea
 
 
 def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Array,
-               deterministic: bool, dropout_key: jax.Array | None) -> jax.Array:
+               deterministic: bool, dropout_key: jax.Array | None, *extra) -> jax.Array:
   """The blocks as one `lax.scan` over their stacked parameters, each step under jax.checkpoint.
 
   A scan, not a loop of checkpointed blocks: XLA (the CPU scheduler at least) hoists the
@@ -131,7 +144,7 @@ def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Ar
   def one(x, layer):
     p, i = layer
     rngs = {} if deterministic else {"dropout": jax.random.fold_in(dropout_key, i)}
-    return block(cfg, parent=None).apply({"params": p}, x, deterministic, rngs=rngs), None
+    return block(cfg, parent=None).apply({"params": p}, x, deterministic, *extra, rngs=rngs), None
 
   body = jax.checkpoint(one, policy=REMAT_POLICIES[cfg.remat])
   x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.n_layer)))
@@ -139,17 +152,18 @@ def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Ar
 
 
 def run_blocks(module: nn.Module, block: type[nn.Module], x: jax.Array,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, *extra) -> jax.Array:
   """x [B, T, D] through `module`'s cfg.n_layer blocks named block_i, from its compact
   __call__: a plain loop, or `remat_scan` when cfg.remat asks for rematerialisation (the
-  parameters are created by the loop at init either way, so the tree has one entry per block)."""
+  parameters are created by the loop at init either way, so the tree has one entry per block).
+  `extra` (the attention mask and positions of document packing) goes to every block."""
   cfg = module.cfg
   if cfg.remat == "none" or module.is_initializing():
     for i in range(cfg.n_layer):
-      x = block(cfg, name=f"block_{i}")(x, deterministic)
+      x = block(cfg, name=f"block_{i}")(x, deterministic, *extra)
     return x
   return remat_scan(block, cfg, module.variables["params"], x, deterministic,
-                    None if deterministic else module.make_rng("dropout"))
+                    None if deterministic else module.make_rng("dropout"), *extra)
 
 
 def lm_init(module: nn.Module, seq_len: int) -> Callable[[jax.Array], Any]:
@@ -161,17 +175,20 @@ def lm_loss(module: nn.Module) -> Callable:
   """loss_fn(params, batch, rng) -> (sum of token losses, sum of token weights).
 
   `batch`: "inputs", "targets" int32 [b, T], "weights" float32 [b, T] (0 for padding), "ids"
-  int32 [b] (global example index). With dropout and an rng, each example's dropout key comes
+  int32 [b] (global example index), and with document packing "segment_ids", "positions" int32
+  [b, T] (jaxdp/data/packing.py). With dropout and an rng, each example's dropout key comes
   from its global index, not from the device that runs it, so N devices draw the masks of one.
   """
   def loss_fn(params, batch, rng):
+    documents = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
     if rng is None or module.cfg.dropout == 0:
-      logits = module.apply({"params": params}, batch["inputs"])
+      logits = module.apply({"params": params}, batch["inputs"], **documents)
     else:
-      def one(tokens, key):
+      def one(tokens, key, documents):
         return module.apply({"params": params}, tokens[None], deterministic=False,
-                            rngs={"dropout": key})[0]
-      logits = jax.vmap(one)(batch["inputs"], example_keys(rng, batch))
+                            rngs={"dropout": key},
+                            **{k: v[None] for k, v in documents.items()})[0]
+      logits = jax.vmap(one)(batch["inputs"], example_keys(rng, batch), documents)
     return cross_entropy_sum(logits, batch["targets"], batch["weights"])
   return loss_fn
 

@@ -98,14 +98,17 @@ class Trainer:
     """What checkpoints of this config store and what a resume must match."""
     return loop.RunRecord(config=self.config.to_dict(), run_defining=RUN_DEFINING_FIELDS,
                           data_digest=self.dataset.digest,
-                          data_name=f"the data at config.data.path={self.config.data.path!r}",
+                          data_name=(f"the data at config.data.sources={self.config.data.sources!r}"
+                                     if self.dataset.mixture is not None else
+                                     f"the data at config.data.path={self.config.data.path!r}"),
                           description=self.describe(),
                           examples_per_step=self.config.global_batch_size)
 
   def describe(self) -> str:
     """The model and data in a few words (the start banner's)."""
     m, tok = self.config.model, self.dataset.tokenizer
-    data = self.config.data.path or "the built-in corpus"
+    data = (self.config.data.sources if self.dataset.mixture is not None
+            else self.config.data.path or "the built-in corpus")
     kv = f", {m.n_kv_head} key/value heads" if m.family == "llama" and m.n_kv_head else ""
     return (f"{m.family} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads{kv}); data: "
             f"{data} ({getattr(tok, 'name', type(tok).__name__)} tokenizer, vocab {tok.vocab_size}, "
@@ -154,16 +157,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False,
                        restore_from: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
-  if config.data.path:  # Stored resolved: the saved config names the data from anywhere.
-    config = config.copy_and_resolve_references()
-    config.data.path = os.path.abspath(config.data.path)
+  if config.data.path or config.data.sources or config.data.tokenizer:  # Stored resolved: the saved config names the
+    config = config.copy_and_resolve_references()  # data from anywhere.
+    if config.data.path:
+      config.data.path = os.path.abspath(config.data.path)
+    if config.data.sources:
+      config.data.sources = resolve_sources(config.data.sources)
+    if config.data.tokenizer:
+      config.data.tokenizer = os.path.abspath(config.data.tokenizer)
   config, note = keep_decay_horizon(config, workdir, restore_from)
   trainer = build(config, devices)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(trainer.dataset.tokenizer, workdir)
   record = dataclasses.replace(trainer.record(), notes=(note,) if note else ())
-  return loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
+  result = loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
                   num_steps=config.num_steps, seed=config.seed,
                   eval_batches=trainer.val_batches, log_every=config.log_every,
                   eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
@@ -173,6 +181,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   lr_schedule=learning_rate_schedule(configs.optimizer_config(config)),
                   tokens_per_step=config.global_batch_size * config.seq_len, record=record,
                   restore_from=restore_from, allow_config_change=allow_config_change)
+  report_mixture(trainer, workdir, result)
+  return result
+
+
+def resolve_sources(spec: str) -> str:
+  """config.data.sources with each path made absolute (weights as given)."""
+  from jaxdp.data.mixture import parse_sources
+  parse_sources(spec)  # Raises on a malformed entry before anything is rewritten.
+  entries = [item.strip().rpartition(":") for item in spec.split(",")]
+  return ",".join(f"{os.path.abspath(path)}:{weight}" for path, _, weight in entries)
+
+
+def report_mixture(trainer: Trainer, workdir: str, result: dict[str, Any]) -> None:
+  """With config.data.sources: the realised share of each source over the run's examples (steps
+  0..step-1, exact) goes into `result["data_mixture"]`, a "data_mixture" event of
+  metrics.jsonl and one line on stdout."""
+  examples = int(result.get("step") or 0) * trainer.config.global_batch_size
+  shares = trainer.dataset.realised_mixture(examples)
+  if shares is None:
+    return
+  result["data_mixture"] = shares
+  if jax.process_index() != 0:
+    return
+  from jaxdp.runtime.metrics import MetricsWriter
+  writer = MetricsWriter(workdir)
+  try:
+    writer.write({"event": "data_mixture", "step": result.get("step"), "examples": examples,
+                  "shares": shares, "weights": dict(trainer.dataset.sources)})
+  finally:
+    writer.close()
+  print("data mixture over " + f"{examples:,} examples: " + ", ".join(
+      f"{path} {share:.1%} (weight {weight:.1%})"
+      for (path, weight), share in zip(trainer.dataset.sources, shares.values())), flush=True)
 
 
 def saved_config(workdir: str, restore_from: str | None = None) -> dict | None:
