@@ -272,15 +272,15 @@ def _compress(v: jax.Array, cfg: CommConfig, key: jax.Array, axis_name: str, sta
               shapes) -> tuple[jax.Array, jax.Array, dict]:
   """(mean, sent, new state entries) of flat `v` by cfg.compression, warm-up stages included.
 
-  PowerSGD's "sent" is the applied low-rank matrix P Q^T (its error is this device's v minus
-  it, as in Vogels et al. 2019, Algorithm 2). DGC's stages are branches of a `lax.switch` on
+  PowerSGD's "sent" is the applied low-rank matrix P Q^T on compressed matrices (the error is
+  this device's v minus it, as in Vogels et al. 2019, Algorithm 2) and v itself on the rest. DGC's stages are branches of a `lax.switch` on
   the step count, each with its static k, so a step moves only its stage's bytes.
   """
   if cfg.compression == "powersgd":
     blocks = powersgd.plan_blocks(shapes, cfg.compression_rank)
-    mean, q = powersgd.compress_mean(v, state_comm["powersgd_q"][0], blocks, cfg.compression_rank,
-                                     axis_name)
-    return mean, mean, {"powersgd_q": q[None]}
+    mean, sent, q = powersgd.compress_mean(v, state_comm["powersgd_q"][0], blocks,
+                                           cfg.compression_rank, axis_name)
+    return mean, sent, {"powersgd_q": q[None]}
   stages = cfg.stages
   if len(stages) <= 1 or not cfg.counts_steps:
     return (*compressed_mean(v, cfg, key, axis_name), {})

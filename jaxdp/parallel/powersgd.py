@@ -86,9 +86,11 @@ def orthonormalise(p: jax.Array) -> jax.Array:
 
 
 def compress_mean(flat: jax.Array, q_flat: jax.Array, blocks: Sequence[Block], rank: int,
-                  axis_name: str) -> tuple[jax.Array, jax.Array]:
-  """(applied, new Q): the rank-r approximation of the mean over devices of `flat` [d] (f32),
-  identical on every device, and the averaged Q factors for the next step's warm start.
+                  axis_name: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(applied, sent, new Q): the rank-r approximation of the mean over devices of `flat` [d]
+  (f32), identical on every device; what this device is credited with sending (P Q^T on the
+  compressed blocks, as in the paper's error feedback; its own values on the dense ones, which
+  travel exactly); and the averaged Q factors for the next step's warm start.
 
   Three all-reduces (pmean): every P, every Q, and the dense leftovers, each packed into one
   buffer, so their bytes in the HLO are r (n + m) per compressed matrix and n m per dense one.
@@ -101,7 +103,7 @@ def compress_mean(flat: jax.Array, q_flat: jax.Array, blocks: Sequence[Block], r
     mats.append(flat[b.start:b.start + b.n * b.m].reshape(b.n, b.m))
     qs.append(q_flat[offset:offset + b.m * r].reshape(b.m, r))
     offset += b.m * r
-  pieces = [None] * len(blocks)
+  pieces, sent = [None] * len(blocks), [None] * len(blocks)
   new_q = q_flat
   if low:
     ps = [m @ q for m, q in zip(mats, qs)]
@@ -116,7 +118,10 @@ def compress_mean(flat: jax.Array, q_flat: jax.Array, blocks: Sequence[Block], r
     rest = iter(_unpack(rest, [(b.n * b.m,) for b in dense]))
   for i, b in enumerate(blocks):
     pieces[i] = (next(approx) if b.low_rank else next(rest)).reshape(-1)
-  return jnp.concatenate(pieces) if pieces else flat, new_q
+    sent[i] = pieces[i] if b.low_rank else flat[b.start:b.start + b.n * b.m]
+  if not pieces:
+    return flat, flat, new_q
+  return jnp.concatenate(pieces), jnp.concatenate(sent), new_q
 
 
 def _pack(arrays: Sequence[jax.Array]) -> jax.Array:
