@@ -43,9 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
   c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
-  c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale) or "bf16".
+  c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale), "bf16" or "powersgd" (rank-compression_rank factors of each matrix).
   c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.
   c.error_feedback = True  # Keep what compression dropped (per device, checkpointed) and add it to the next step's gradient.
+  c.compression_rank = 4  # compression="powersgd": rank of each gradient matrix's approximation (>= 1; capped at the matrix's smaller side).
+  c.compression_warmup_steps = 0  # topk/randomk: DGC warm-up steps, density 1/4, 1/16, ... down to compression_ratio; with compression_optimizer="frozen_variance": dense Adam steps before the variance freezes; 0 disables.
+  c.local_grad_clip = 0.0  # Compression: each device clips its gradient share to this global-norm threshold x sqrt(devices) before compressing (DGC); 0 disables.
+  c.compression_optimizer = "none"  # "none", or "frozen_variance" (1-bit Adam, optimizer="adamw"): after compression_warmup_steps dense steps Adam's variance freezes and the momentum is compressed instead of the gradient.
   c.momentum_correction = 0.0  # Top-k/random-k: local momentum accumulated before sparsifying (DGC); 0 disables.
   c.sync = "every_step"  # "every_step", "local_sgd" (average parameters every sync_every steps) or "stale" (apply gradients `staleness` steps old).
   c.sync_every = 4  # local_sgd: local optimizer steps between parameter averages (H).

@@ -17,7 +17,8 @@ NAN_POLICIES = ("halt", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 REMATS = ("none", "block", "full")
 ALLREDUCE = ("pmean", "ring", "ps")
-COMPRESSION = ("none", "topk", "randomk", "int8", "bf16")
+COMPRESSION = ("none", "topk", "randomk", "int8", "bf16", "powersgd")
+COMPRESSION_OPTIMIZERS = ("none", "frozen_variance")
 SYNC = ("every_step", "local_sgd", "stale")
 FAMILIES = ("gpt", "llama")
 
@@ -117,7 +118,15 @@ def optimizer_config(config: ml_collections.ConfigDict):
                          min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
                          decay_exclude=exclude, b1=config.b1, b2=config.b2,
                          momentum=config.get("momentum", 0.9),
-                         nesterov=bool(config.get("nesterov", False)), grad_clip=config.grad_clip)
+                         nesterov=bool(config.get("nesterov", False)), grad_clip=config.grad_clip,
+                         freeze_variance_after=freeze_variance_after(config))
+
+
+def freeze_variance_after(config: ml_collections.ConfigDict) -> int:
+  """Updates before Adam's variance freezes (compression_optimizer='frozen_variance'); 0: never."""
+  if config.get("compression_optimizer", "none") != "frozen_variance" or config.compression == "none":
+    return 0
+  return max(1, config.compression_warmup_steps)
 
 
 def comm_config(config: ml_collections.ConfigDict):
@@ -125,7 +134,8 @@ def comm_config(config: ml_collections.ConfigDict):
   import dataclasses
 
   from jaxdp.parallel.exchange import CommConfig
-  return CommConfig(**{f.name: config[f.name] for f in dataclasses.fields(CommConfig)})
+  # Fields newer than a saved run's config take their default (the behaviour it was run with).
+  return CommConfig(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(CommConfig)})
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int):
@@ -249,6 +259,12 @@ DEPENDENT_FIELDS = (
     ("compression_ratio", lambda c: c.compression in ("topk", "randomk"),
      "config.compression='topk' or 'randomk'"),
     ("error_feedback", lambda c: c.compression != "none", "a config.compression method"),
+    ("compression_rank", lambda c: c.compression == "powersgd", "config.compression='powersgd'"),
+    ("compression_warmup_steps", lambda c: c.compression in ("topk", "randomk") or
+     (c.compression != "none" and c.compression_optimizer == "frozen_variance"),
+     "config.compression='topk' or 'randomk', or config.compression_optimizer='frozen_variance'"),
+    ("local_grad_clip", lambda c: c.compression != "none", "a config.compression method"),
+    ("compression_optimizer", lambda c: c.compression != "none", "a config.compression method"),
     ("sync_every", lambda c: c.sync == "local_sgd", "config.sync='local_sgd'"),
     ("staleness", lambda c: c.sync == "stale", "config.sync='stale'"),
     ("outer_lr", lambda c: c.diloco, "config.diloco=True"),
@@ -344,6 +360,28 @@ def validate_comm(config: ml_collections.ConfigDict) -> None:
        f"config.compression_ratio={config.compression_ratio} must be in (0, 1]")
   need(0 <= config.momentum_correction < 1,
        f"config.momentum_correction={config.momentum_correction} must be in [0, 1)")
+  need(config.compression_rank >= 1,
+       f"config.compression_rank={config.compression_rank} must be >= 1 (the rank of PowerSGD's factors)")
+  need(config.compression_warmup_steps >= 0,
+       f"config.compression_warmup_steps={config.compression_warmup_steps} must be >= 0 (0: no warm-up)")
+  need(config.local_grad_clip >= 0,
+       f"config.local_grad_clip={config.local_grad_clip} must be >= 0 (0: no local clipping)")
+  need(config.compression_optimizer in COMPRESSION_OPTIMIZERS,
+       f"config.compression_optimizer={config.compression_optimizer!r} is not one of "
+       f"{', '.join(COMPRESSION_OPTIMIZERS)}")
+  if config.compression_optimizer == "frozen_variance" and config.compression != "none":
+    need(config.get("optimizer", "adamw") == "adamw",
+         f"config.compression_optimizer='frozen_variance' freezes Adam's variance; set "
+         f"config.optimizer=adamw (got {config.get('optimizer')!r}) or compression_optimizer=none")
+    need(config.compression != "powersgd",
+         "config.compression_optimizer='frozen_variance' compresses the momentum elementwise; use "
+         "config.compression=topk, randomk, int8 or bf16 with it")
+    need(config.compression_warmup_steps >= 1,
+         "config.compression_optimizer='frozen_variance' needs config.compression_warmup_steps >= 1 "
+         "(the dense steps that estimate Adam's variance; 1-bit Adam uses 15-25% of the run)")
+    need(config.sync == "every_step",
+         f"config.compression_optimizer='frozen_variance' needs config.sync='every_step' (got "
+         f"{config.sync!r})")
   need(config.momentum_correction == 0 or config.compression in ("topk", "randomk"),
        f"config.momentum_correction={config.momentum_correction} needs config.compression="
        f"'topk' or 'randomk' (got {config.compression!r}); set it to 0")

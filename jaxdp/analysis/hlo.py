@@ -71,14 +71,17 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
   branches (e.g. a periodic sync; the caller weights it by how often the branch runs),
   "by_kind": {op: bytes}, "count": number of collectives, "buffers": {op: {"count", "bytes"}}
   with each op's full buffer (an all-gather's result, a reduce-scatter's input), for accountings
-  such as the ZeRO paper's}. Collectives inside loops are counted once per appearance, not per
-  iteration.
+  such as the ZeRO paper's, "conditionals": [[bytes of branch 0, branch 1, ...], ...] per
+  conditional instruction holding collectives (branch i is `lax.switch`'s index i; a `lax.cond`
+  is [false, true]), for a caller that knows which branch runs when}. Collectives inside loops
+  are counted once per appearance, not per iteration.
   """
   header = re.search(r"num_partitions=(\d+)", hlo_text)
   n_all = int(header.group(1)) if header else 1
   computations: dict[str, list[tuple[list[float], str]]] = {}
   callees: dict[str, set[str]] = {}
   branches: set[str] = set()
+  ordered: list[list[str]] = []  # Each conditional's branches, in index order.
   current = None
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
@@ -94,6 +97,8 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
       callees[current] |= found
       if key in ("branch_computations", "true_computation", "false_computation"):
         branches |= found
+      if key == "branch_computations":
+        ordered.append([name.strip().lstrip("%") for name in names.split(",") if name.strip()])
     instr = _INSTR.match(line)
     if instr:
       sent, buffer = _sent_bytes(instr.group("op"), bool(instr.group("start")),
@@ -122,4 +127,14 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
         result["conditional_bytes"] += mean
   result["bytes"] = sum(per_device) / n_all
   result["max_device_bytes"] = max(per_device)
+  own = {name: sum(sum(sent) / n_all for sent, _, _ in ops) for name, ops in computations.items()}
+
+  def reachable(name: str, seen: set[str]) -> float:
+    if name in seen or name not in computations:
+      return 0.0
+    seen.add(name)
+    return own[name] + sum(reachable(c, seen) for c in callees[name])
+  result["conditionals"] = [
+      per_branch for per_branch in ([reachable(b, set()) for b in names] for names in ordered)
+      if any(per_branch)]
   return result
