@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.
+  c.mesh.replica = 1  # Hybrid sharding: groups on the outer "replica" axis; the batch is split over replica x data, ZeRO splits state within a data group and keeps one copy per group (e.g. replica = hosts, data = GPUs per host); 1 is no hybrid axis.
   c.mesh.model = 1  # Devices on the "model" axis: the dimensions the model annotates as heads, kv_heads or mlp are split over it, Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()
