@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
+  c.preempt_exit_code = 75  # Exit status of `jaxdp train` stopped by SIGTERM, SIGINT or SIGUSR1 after saving a checkpoint (resumable; every process agrees on the step): 75 (EX_TEMPFAIL) tells a requeueing scheduler "run again"; 0 reports it as success. 0-255, not 1-3 (errors, timeouts).
   c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
   c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale) or "bf16".
   c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.

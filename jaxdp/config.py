@@ -214,6 +214,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   if config.model.positions == "rope":
     need((config.model.d_model // config.model.n_head) % 2 == 0,
          "config.model.positions='rope' needs an even head size (d_model / n_head)")
+  code = config.get("preempt_exit_code", 75)
+  need(code == 0 or 4 <= code <= 255,
+       f"config.preempt_exit_code={code} must be 0 or in [4, 255] (1-3 mean failure, bad input "
+       "and a step timeout)")
   need(config.mesh.model > 0, f"config.mesh.model={config.mesh.model} must be positive")
   need(config.mesh.data >= -1, f"config.mesh.data={config.mesh.data} must be a device count, or 0 "
        "(or -1) for all devices left after mesh.model")

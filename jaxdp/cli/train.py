@@ -64,4 +64,11 @@ def run(args: types.SimpleNamespace) -> int:
   loss = "none" if result["eval_loss"] is None else f"{result['eval_loss']:.4f}"
   print(f"done: step {result['step']}, eval_loss {loss}, stop reason "
         f"{result['stop_reason']}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
+  if result["stop_reason"] == "preempted":
+    # Every process prints it (`jaxdp launch` reads it as a clean stop, not a failure).
+    code = args.config.get("preempt_exit_code", 75)
+    print(f"jaxdp: preempted: stopped after step {result['step']} and saved a checkpoint; "
+          f"exit status {code} (config.preempt_exit_code): run the same command to resume",
+          flush=True)
+    return code
   return 0
