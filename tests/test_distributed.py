@@ -267,3 +267,29 @@ def test_launch_rejects_commands_it_cannot_run(command, message):
 def test_one_process_holds_every_row_of_the_batch():
   mesh = parallel.make_mesh(jax.devices()[:4])
   np.testing.assert_array_equal(parallel.process_rows(mesh, 16), np.arange(16))
+
+
+def test_the_kubernetes_example_is_consistent_and_its_train_flags_parse():
+  """examples/k8s/train.yaml: the pods' labels, subdomain and count agree with the Service and
+  the Job (what JAX's K8sCluster reads), its preemption exit code is jaxdp's, and its
+  `jaxdp train` arguments are accepted by the CLI."""
+  import os
+  yaml = pytest.importorskip("yaml")
+  from jaxdp.cli import train
+  from jaxdp.config import load_preset
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                      "k8s", "train.yaml")
+  docs = {d["kind"]: d for d in yaml.safe_load_all(open(path))}
+  service, job = docs["Service"], docs["Job"]
+  pod = job["spec"]["template"]
+  assert service["spec"]["clusterIP"] == "None"
+  assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+  assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+  assert job["spec"]["completionMode"] == "Indexed"
+  assert job["spec"]["completions"] == job["spec"]["parallelism"]
+  codes = [r["onExitCodes"]["values"] for r in job["spec"]["podFailurePolicy"]["rules"]
+           if "onExitCodes" in r]
+  assert codes == [[load_preset("default").preempt_exit_code]]
+  [container] = pod["spec"]["containers"]
+  assert container["command"] == ["jaxdp", "train"]
+  train.COMMAND.parse(container["args"])
