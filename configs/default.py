@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
+  c.preempt_exit_code = 75  # Exit status of `jaxdp train` stopped by SIGTERM, SIGINT or SIGUSR1 after saving a checkpoint (resumable; every process agrees on the step): 75 (EX_TEMPFAIL) tells a requeueing scheduler "run again"; 0 reports it as success. 0-255, not 1-3 (errors, timeouts).
   c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
   c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale), "bf16" or "powersgd" (rank-compression_rank factors of each matrix).
   c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.
@@ -72,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.
+  c.mesh.replica = 1  # Hybrid sharding: groups on the outer "replica" axis; the batch is split over replica x data, ZeRO splits state within a data group and keeps one copy per group (e.g. replica = hosts, data = GPUs per host); 1 is no hybrid axis.
   c.mesh.model = 1  # Devices on the "model" axis: the dimensions the model annotates as heads, kv_heads or mlp are split over it, Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()

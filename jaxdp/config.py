@@ -152,10 +152,16 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int):
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all remaining devices."""
+  """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all devices left after
+  mesh.model and mesh.replica (see mesh_replica)."""
   model = config.mesh.model
-  data = num_devices // model if config.mesh.data <= 0 else config.mesh.data
+  data = num_devices // (model * mesh_replica(config)) if config.mesh.data <= 0 else config.mesh.data
   return data, model
+
+
+def mesh_replica(config: ml_collections.ConfigDict) -> int:
+  """config.mesh.replica, 1 for configs saved before the field existed."""
+  return int(config.mesh.get("replica", 1))
 
 
 def model_hidden(config: ml_collections.ConfigDict) -> int:
@@ -219,6 +225,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   if config.model.positions == "rope":
     need((config.model.d_model // config.model.n_head) % 2 == 0,
          "config.model.positions='rope' needs an even head size (d_model / n_head)")
+  code = config.get("preempt_exit_code", 75)
+  need(code == 0 or 4 <= code <= 255,
+       f"config.preempt_exit_code={code} must be 0 or in [4, 255] (1-3 mean failure, bad input "
+       "and a step timeout)")
   need(config.mesh.model > 0, f"config.mesh.model={config.mesh.model} must be positive")
   need(config.mesh.data >= -1, f"config.mesh.data={config.mesh.data} must be a device count, or 0 "
        "(or -1) for all devices left after mesh.model")
@@ -226,10 +236,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(num_devices % config.mesh.model == 0,
        f"config.mesh.model={config.mesh.model} does not divide the {num_devices} devices; pick a "
        "divisor of the device count")
+  replica = mesh_replica(config)
+  need(replica >= 1, f"config.mesh.replica={replica} must be >= 1 (1: no hybrid sharding)")
+  need(num_devices % (config.mesh.model * replica) == 0,
+       f"config.mesh.replica={replica} x config.mesh.model={config.mesh.model} does not divide the "
+       f"{num_devices} devices; pick divisors of the device count")
   data, model = mesh_shape(config, num_devices)
-  need(data * model == num_devices,
-       f"config.mesh.data={config.mesh.data} x config.mesh.model={model} != {num_devices} devices; "
-       "set config.mesh.data=0 to use all remaining devices")
+  hybrid = f"config.mesh.replica={replica} x " if replica > 1 else ""
+  need(replica * data * model == num_devices,
+       f"{hybrid}config.mesh.data={config.mesh.data} x config.mesh.model={model} != {num_devices} "
+       "devices; set config.mesh.data=0 to use all remaining devices")
+  dense = config.allreduce == "pmean" and config.compression == "none" and config.sync == "every_step"
+  need(replica == 1 or dense,
+       f"config.mesh.replica={replica} supports only the dense all-reduce; set "
+       "config.allreduce='pmean', config.compression='none', config.sync='every_step', or "
+       "config.mesh.replica=1")
   if model > 1:
     need(config.strategy != "dp",
          f"config.mesh.model={model} needs a jit strategy (zero1, zero2, zero3); "
@@ -242,10 +263,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(not (config.offload_optimizer and config.strategy == "dp"),
        "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
   validate_comm(config)
-  per_step = data * config.grad_accum_steps
+  per_step = replica * data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
        f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
-       f"grad_accum_steps = {data} x {config.grad_accum_steps} = {per_step}; use a multiple "
+       f"grad_accum_steps = {replica * data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
   validate_optimizer(config)
 

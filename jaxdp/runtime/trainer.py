@@ -140,7 +140,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int,
                 devices: Sequence[jax.Device]) -> tuple[models.LanguageModel, DataParallel]:
   """The config's model for a tokenizer of `vocab_size` ids, and its DataParallel on `devices`."""
   model = models.build(configs.model_config(config, vocab_size))
-  mesh = make_mesh(devices, *configs.mesh_shape(config, len(devices)))
+  mesh = make_mesh(devices, *configs.mesh_shape(config, len(devices)),
+                   replica=configs.mesh_replica(config))
   dp = DataParallel(model.loss_fn, make_optimizer(configs.optimizer_config(config)),
                     strategy=config.strategy, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
                     precision=config.precision, comm=configs.comm_config(config),
