@@ -35,7 +35,7 @@ class ModelConfig:
   positions: str = "rope"  # gpt: "rope" or "learned"; llama: always "rope".
   rope_theta: float = 10000.0  # Base of the rotary frequencies.
   tie_embeddings: bool = True  # Output head shares the input embedding (gpt: always).
-  norm_eps: float = 1e-5
+  norm_eps: float = 0.0  # Epsilon of every norm; 0 means the family's default (see `eps`).
   attention: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
   remat: str = "none"  # Activation rematerialisation of each block: "none", "block" or "full".
@@ -43,6 +43,12 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.n_kv_head or self.n_head
+
+  @property
+  def eps(self) -> float:
+    """The norm epsilon used: norm_eps, or by default gpt's 1e-6 (flax LayerNorm's default, what
+    gpt has always used) and llama's 1e-5."""
+    return self.norm_eps or (1e-6 if self.family == "gpt" else 1e-5)
 
   @property
   def head_dim(self) -> int:

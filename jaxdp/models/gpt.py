@@ -61,7 +61,7 @@ class Block(nn.Module):
 
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=cfg.dtype, name=name,
+  return nn.LayerNorm(epsilon=cfg.eps, dtype=cfg.dtype, name=name,
                       scale_init=logical(nn.initializers.ones, ("embed",)),
                       bias_init=logical(nn.initializers.zeros, ("embed",)))
 

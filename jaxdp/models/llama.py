@@ -84,9 +84,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     cfg = self.cfg
-    x = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(x),
+    x = x + Attention(cfg, name="attn")(RMSNorm(cfg.eps, cfg.dtype, name="attn_norm")(x),
                                         deterministic)
-    x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(x),
+    x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.eps, cfg.dtype, name="mlp_norm")(x),
                                     deterministic)
     return x
 
@@ -103,7 +103,7 @@ class Llama(nn.Module):
     x = embed(tokens).astype(cfg.dtype)  # [B, T, D]
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = run_blocks(self, Block, x, deterministic)
-    x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
+    x = RMSNorm(cfg.eps, cfg.dtype, name="norm")(x)
     if cfg.tie_embeddings:
       return embed.attend(x).astype(jnp.float32)  # [B, T, V]
     head = self.param("lm_head", logical(init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model))
