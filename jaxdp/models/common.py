@@ -83,11 +83,15 @@ class Linear(nn.Module):
     return y
 
 
-def rotary(x: jax.Array, theta: float = 10000.0) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021) over the last axis of x [B, T, H, K]."""
+def rotary(x: jax.Array, theta: float = 10000.0, offset: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) over the last axis of x [B, T, H, K], for
+  positions offset .. offset + T - 1 (`offset`: int32 scalar, None for 0; see `decode_offset`)."""
   _, t, _, k = x.shape
   freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
-  angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # [T, K/2]
+  position = jnp.arange(t, dtype=jnp.float32)
+  if offset is not None:
+    position = position + offset.astype(jnp.float32)
+  angle = position[:, None] * freq[None, :]  # [T, K/2]
   sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
@@ -114,6 +118,60 @@ def attention(q, k, v, implementation: str) -> jax.Array:
   if implementation == "reference":
     return reference_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+# ---- Decoding from a key/value cache ---------------------------------------------------------
+# A model applied with a "cache" collection (made by `init_cache`, passed mutable) decodes: each
+# attention writes the keys and values of the call's T tokens into its fixed-size cache at the
+# cache's index and attends to every cached position up to its own, and positions (rotary or
+# learned) start at that index. Without the collection (training, init) nothing changes.
+CACHE = "cache"
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty cache of `length` positions for a model of `cfg` (both families): per block,
+  keys and values [batch, length, G, K] in the compute dtype and the next position "index"
+  (int32), and the model's own "index" (for learned positions)."""
+  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+
+  def layer():  # Distinct arrays per block: the decode step donates (reuses) each buffer.
+    return {"attn": {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, cfg.dtype),
+                     "v": jnp.zeros(shape, cfg.dtype)}}
+  return {"index": jnp.zeros((), jnp.int32), **{f"block_{i}": layer() for i in range(cfg.n_layer)}}
+
+
+def decode_offset(module: nn.Module) -> jax.Array | None:
+  """Position of the call's first token when `module` decodes from a cache, else None; the
+  module's index then moves on by `tokens` (the call's T)."""
+  if not module.has_variable(CACHE, "index"):
+    return None
+  return module.get_variable(CACHE, "index")
+
+
+def advance(module: nn.Module, tokens: int) -> None:
+  """Moves `module`'s cache index on by `tokens` positions (a no-op when not decoding)."""
+  if module.has_variable(CACHE, "index"):
+    module.put_variable(CACHE, "index", module.get_variable(CACHE, "index") + tokens)
+
+
+def cached_attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
+                     offset: jax.Array) -> jax.Array:
+  """Causal attention of q [B, T, H, K] (positions offset..offset+T-1) over the cache of
+  `module` after writing k, v [B, T, G, K] into it at `offset` (lax.dynamic_update_slice, so
+  one compiled step serves every position); masked positions are the empty cache slots."""
+  cache_k = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "k"),
+                                         k.astype(module.get_variable(CACHE, "k").dtype),
+                                         (0, offset, 0, 0))
+  cache_v = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "v"),
+                                         v.astype(module.get_variable(CACHE, "v").dtype),
+                                         (0, offset, 0, 0))
+  module.put_variable(CACHE, "k", cache_k)
+  module.put_variable(CACHE, "v", cache_v)
+  advance(module, q.shape[1])
+  length = cache_k.shape[1]
+  visible = jnp.arange(length)[None, :] <= offset + jnp.arange(q.shape[1])[:, None]  # [T, S]
+  return jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                      mask=visible[None, None])
 
 
 # What the backward pass keeps of each block's forward. "block" keeps the outputs of the weight

@@ -14,7 +14,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import Linear, ModelConfig, attention, init, logical, rotary, run_blocks
+from jaxdp.models.common import (
+  Linear,
+  ModelConfig,
+  advance,
+  attention,
+  cached_attention,
+  decode_offset,
+  init,
+  logical,
+  rotary,
+  run_blocks,
+)
 
 
 class CausalSelfAttention(nn.Module):
@@ -29,9 +40,13 @@ class CausalSelfAttention(nn.Module):
                           bias_init=logical(nn.initializers.zeros, ("qkv", "heads", "head_dim")),
                           )(x)  # [B, T, 3, H, K]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K] each
+    offset = decode_offset(self)  # None unless decoding from a cache.
     if cfg.positions == "rope":
-      q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
-    y = attention(q, k, v, cfg.attention)  # [B, T, H, K]
+      q, k = rotary(q, cfg.rope_theta, offset), rotary(k, cfg.rope_theta, offset)
+    if offset is None:
+      y = attention(q, k, v, cfg.attention)  # [B, T, H, K]
+    else:
+      y = cached_attention(self, q, k, v, offset)
     y = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="proj",
                         kernel_init=logical(init, ("heads", "head_dim", "embed")),
                         bias_init=logical(nn.initializers.zeros, ("embed",)))(y)  # [B, T, D]
@@ -76,9 +91,14 @@ class GPT(nn.Module):
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, name="wte",
                    embedding_init=logical(init, ("vocab", "embed")))
     x = wte(tokens).astype(cfg.dtype)  # [B, T, D]
+    offset = decode_offset(self)  # None unless decoding from a cache.
     if cfg.positions == "learned":
       wpe = self.param("wpe", logical(init, (None, "embed")), (cfg.seq_len, cfg.d_model))
-      x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
+      if offset is None:
+        x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
+      else:
+        x = x + jax.lax.dynamic_slice_in_dim(wpe, offset, tokens.shape[1])[None].astype(cfg.dtype)
+    advance(self, tokens.shape[1])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = run_blocks(self, Block, x, deterministic)
     x = layer_norm(cfg, "ln_f")(x)

@@ -14,7 +14,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import ModelConfig, attention, init, logical, rotary, run_blocks
+from jaxdp.models.common import (
+  ModelConfig,
+  advance,
+  attention,
+  cached_attention,
+  decode_offset,
+  init,
+  logical,
+  rotary,
+  run_blocks,
+)
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -55,10 +65,14 @@ class Attention(nn.Module):
     wk = self.param("wk", logical(init, ("kv_heads", "head_dim", "embed")), (g, k, d))
     wv = self.param("wv", logical(init, ("kv_heads", "head_dim", "embed")), (g, k, d))
     wo = self.param("wo", logical(init, ("embed", "heads", "head_dim")), (d, h, k))
-    q = rotary(_proj(x, wq, cfg.dtype), cfg.rope_theta)  # [B, T, H, K]
-    kk = rotary(_proj(x, wk, cfg.dtype), cfg.rope_theta)  # [B, T, G, K]
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    q = rotary(_proj(x, wq, cfg.dtype), cfg.rope_theta, offset)  # [B, T, H, K]
+    kk = rotary(_proj(x, wk, cfg.dtype), cfg.rope_theta, offset)  # [B, T, G, K]
     v = _proj(x, wv, cfg.dtype)  # [B, T, G, K]
-    y = attention(q, kk, v, cfg.attention)  # [B, T, H, K]
+    if offset is None:
+      y = attention(q, kk, v, cfg.attention)  # [B, T, H, K]
+    else:
+      y = cached_attention(self, q, kk, v, offset)  # The cache holds the G key/value heads.
     y = jnp.einsum("bthk,dhk->btd", y, wo.astype(cfg.dtype))  # [B, T, D]
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
@@ -101,6 +115,7 @@ class Llama(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed",
                      embedding_init=logical(init, ("vocab", "embed")))
     x = embed(tokens).astype(cfg.dtype)  # [B, T, D]
+    advance(self, tokens.shape[1])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = run_blocks(self, Block, x, deterministic)
     x = RMSNorm(cfg.eps, cfg.dtype, name="norm")(x)
