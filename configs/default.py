@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
   c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped; at 1 it cannot fall further, and an overflow there falls under nan_policy).
   c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
+  c.init_from = ""  # Initial parameters of a fresh run: "" (random, from seed) or "hf:DIR", a local Hugging Face GPT-2 (family gpt, positions learned) or Llama checkpoint (config.json + model.safetensors) whose architecture config.model must match; a resumed run keeps its checkpoint.
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 
   c.data = ml_collections.ConfigDict()
@@ -87,4 +88,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # Base of the rotary frequencies (larger suits longer contexts).
   c.model.n_kv_head = 0  # llama: key/value heads for grouped-query attention, dividing n_head; 0 means n_head.
   c.model.tie_embeddings = True  # Output head shares the input embedding matrix (gpt: always True).
+  c.model.norm_eps = 0.0  # Epsilon of every LayerNorm/RMSNorm; 0 means the family default (gpt 1e-6, llama 1e-5); GPT-2 checkpoints use 1e-5.
   return c

@@ -147,7 +147,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int):
                      n_head=m.n_head, d_model=m.d_model, family=m.get("family", "gpt"),
                      mlp_ratio=m.mlp_ratio, n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout,
                      positions=m.positions, rope_theta=m.get("rope_theta", 10000.0),
-                     tie_embeddings=m.get("tie_embeddings", True), attention=config.attention,
+                     tie_embeddings=m.get("tie_embeddings", True), norm_eps=m.get("norm_eps", 0.0),
+                     attention=config.attention,
                      dtype=COMPUTE_DTYPES[config.precision], remat=config.get("remat", "none"))
 
 
@@ -269,6 +270,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
        f"grad_accum_steps = {replica * data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
   validate_optimizer(config)
+  validate_init_from(config)
+
+
+def validate_init_from(config: ml_collections.ConfigDict) -> None:
+  """config.init_from: "" or "hf:DIR" (the checkpoint itself is read, and checked against
+  config.model field by field, when the run starts: jaxdp.runtime.hf)."""
+  value = config.get("init_from", "")
+  need(isinstance(value, str) and (value == "" or (value.startswith("hf:") and len(value) > 3)),
+       f"config.init_from={value!r} must be '' (random init) or 'hf:DIR', a local Hugging Face "
+       "checkpoint directory")
 
 
 # (field, the fields and values it depends on, described): a field changed from its default
@@ -325,6 +336,8 @@ def validate_model_family(config: ml_collections.ConfigDict) -> None:
   m = config.model
   need(m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta} must be positive")
   need(m.n_kv_head >= 0, f"config.model.n_kv_head={m.n_kv_head} must be >= 0 (0 means n_head)")
+  eps = m.get("norm_eps", 0.0)
+  need(0 <= eps < 1, f"config.model.norm_eps={eps} must be in [0, 1) (0: the family default)")
   if m.family == "gpt":
     need(m.n_kv_head in (0, m.n_head),
          f"config.model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama feature; set "

@@ -19,11 +19,11 @@ import sys
 import traceback
 import types
 
-from jaxdp.cli import command, fields, generate, inspect, launch, plan, plot, prepare, train, verify
+from jaxdp.cli import command, export, fields, generate, inspect, launch, plan, plot, prepare, train, verify
 from jaxdp.errors import JaxdpError
 
 MODULES: dict[str, types.ModuleType] = {m.COMMAND.name: m for m in (
-    train, generate, launch, prepare, plot, inspect, plan, verify)}
+    train, generate, launch, prepare, plot, inspect, plan, verify, export)}
 COMMANDS = tuple(MODULES)
 BROKEN_PIPE_STATUS = 141
 

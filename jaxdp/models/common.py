@@ -35,7 +35,7 @@ class ModelConfig:
   positions: str = "rope"  # gpt: "rope" or "learned"; llama: always "rope".
   rope_theta: float = 10000.0  # Base of the rotary frequencies.
   tie_embeddings: bool = True  # Output head shares the input embedding (gpt: always).
-  norm_eps: float = 1e-5
+  norm_eps: float = 0.0  # Epsilon of every norm; 0 means the family's default (see `eps`).
   attention: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
   remat: str = "none"  # Activation rematerialisation of each block: "none", "block" or "full".
@@ -43,6 +43,12 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.n_kv_head or self.n_head
+
+  @property
+  def eps(self) -> float:
+    """The norm epsilon used: norm_eps, or by default gpt's 1e-6 (flax LayerNorm's default, what
+    gpt has always used) and llama's 1e-5."""
+    return self.norm_eps or (1e-6 if self.family == "gpt" else 1e-5)
 
   @property
   def head_dim(self) -> int:
@@ -121,6 +127,60 @@ def attention(q, k, v, implementation: str, mask: jax.Array | None = None) -> ja
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                       implementation=implementation)
+
+
+# ---- Decoding from a key/value cache ---------------------------------------------------------
+# A model applied with a "cache" collection (made by `init_cache`, passed mutable) decodes: each
+# attention writes the keys and values of the call's T tokens into its fixed-size cache at the
+# cache's index and attends to every cached position up to its own, and positions (rotary or
+# learned) start at that index. Without the collection (training, init) nothing changes.
+CACHE = "cache"
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty cache of `length` positions for a model of `cfg` (both families): per block,
+  keys and values [batch, length, G, K] in the compute dtype and the next position "index"
+  (int32), and the model's own "index" (for learned positions)."""
+  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+
+  def layer():  # Distinct arrays per block: the decode step donates (reuses) each buffer.
+    return {"attn": {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, cfg.dtype),
+                     "v": jnp.zeros(shape, cfg.dtype)}}
+  return {"index": jnp.zeros((), jnp.int32), **{f"block_{i}": layer() for i in range(cfg.n_layer)}}
+
+
+def decode_offset(module: nn.Module) -> jax.Array | None:
+  """Position of the call's first token when `module` decodes from a cache, else None; the
+  module's index then moves on by `tokens` (the call's T)."""
+  if not module.has_variable(CACHE, "index"):
+    return None
+  return module.get_variable(CACHE, "index")
+
+
+def advance(module: nn.Module, tokens: int) -> None:
+  """Moves `module`'s cache index on by `tokens` positions (a no-op when not decoding)."""
+  if module.has_variable(CACHE, "index"):
+    module.put_variable(CACHE, "index", module.get_variable(CACHE, "index") + tokens)
+
+
+def cached_attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
+                     offset: jax.Array) -> jax.Array:
+  """Causal attention of q [B, T, H, K] (positions offset..offset+T-1) over the cache of
+  `module` after writing k, v [B, T, G, K] into it at `offset` (lax.dynamic_update_slice, so
+  one compiled step serves every position); masked positions are the empty cache slots."""
+  cache_k = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "k"),
+                                         k.astype(module.get_variable(CACHE, "k").dtype),
+                                         (0, offset, 0, 0))
+  cache_v = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "v"),
+                                         v.astype(module.get_variable(CACHE, "v").dtype),
+                                         (0, offset, 0, 0))
+  module.put_variable(CACHE, "k", cache_k)
+  module.put_variable(CACHE, "v", cache_v)
+  advance(module, q.shape[1])
+  length = cache_k.shape[1]
+  visible = jnp.arange(length)[None, :] <= offset + jnp.arange(q.shape[1])[:, None]  # [T, S]
+  return jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                      mask=visible[None, None])
 
 
 # What the backward pass keeps of each block's forward. "block" keeps the outputs of the weight

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 from jaxdp.models.common import (
     Linear,
     ModelConfig,
+    advance,
     attention,
+    cached_attention,
+    decode_offset,
     init,
     logical,
     rotary,
@@ -38,9 +41,15 @@ class CausalSelfAttention(nn.Module):
                           bias_init=logical(nn.initializers.zeros, ("qkv", "heads", "head_dim")),
                           )(x)  # [B, T, 3, H, K]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K] each
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    if offset is not None:  # Decoding: the call's tokens sit at offset, offset + 1, ...
+      positions = offset + jnp.arange(x.shape[1])[None]  # [1, T]
     if cfg.positions == "rope":
       q, k = rotary(q, cfg.rope_theta, positions), rotary(k, cfg.rope_theta, positions)
-    y = attention(q, k, v, cfg.attention, mask)  # [B, T, H, K]
+    if offset is None:
+      y = attention(q, k, v, cfg.attention, mask)  # [B, T, H, K]
+    else:
+      y = cached_attention(self, q, k, v, offset)
     y = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="proj",
                         kernel_init=logical(init, ("heads", "head_dim", "embed")),
                         bias_init=logical(nn.initializers.zeros, ("embed",)))(y)  # [B, T, D]
@@ -71,7 +80,7 @@ class Block(nn.Module):
 
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=cfg.dtype, name=name,
+  return nn.LayerNorm(epsilon=cfg.eps, dtype=cfg.dtype, name=name,
                       scale_init=logical(nn.initializers.ones, ("embed",)),
                       bias_init=logical(nn.initializers.zeros, ("embed",)))
 
@@ -88,9 +97,13 @@ class GPT(nn.Module):
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, name="wte",
                    embedding_init=logical(init, ("vocab", "embed")))
     x = wte(tokens).astype(cfg.dtype)  # [B, T, D]
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    if offset is not None:
+      positions = offset + jnp.arange(tokens.shape[1])[None]  # [1, T]
     if cfg.positions == "learned":
       wpe = self.param("wpe", logical(init, (None, "embed")), (cfg.seq_len, cfg.d_model))
       x = x + (wpe[None, :tokens.shape[1]] if positions is None else wpe[positions]).astype(cfg.dtype)
+    advance(self, tokens.shape[1])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     mask = None if segment_ids is None else segment_mask(segment_ids)
     x = run_blocks(self, Block, x, deterministic, mask, positions)

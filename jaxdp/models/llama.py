@@ -16,7 +16,10 @@ import jax.numpy as jnp
 
 from jaxdp.models.common import (
     ModelConfig,
+    advance,
     attention,
+    cached_attention,
+    decode_offset,
     init,
     logical,
     rotary,
@@ -63,10 +66,16 @@ class Attention(nn.Module):
     wk = self.param("wk", logical(init, ("kv_heads", "head_dim", "embed")), (g, k, d))
     wv = self.param("wv", logical(init, ("kv_heads", "head_dim", "embed")), (g, k, d))
     wo = self.param("wo", logical(init, ("embed", "heads", "head_dim")), (d, h, k))
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    if offset is not None:  # Decoding: the call's tokens sit at offset, offset + 1, ...
+      positions = offset + jnp.arange(x.shape[1])[None]  # [1, T]
     q = rotary(_proj(x, wq, cfg.dtype), cfg.rope_theta, positions)  # [B, T, H, K]
     kk = rotary(_proj(x, wk, cfg.dtype), cfg.rope_theta, positions)  # [B, T, G, K]
     v = _proj(x, wv, cfg.dtype)  # [B, T, G, K]
-    y = attention(q, kk, v, cfg.attention, mask)  # [B, T, H, K]
+    if offset is None:
+      y = attention(q, kk, v, cfg.attention, mask)  # [B, T, H, K]
+    else:
+      y = cached_attention(self, q, kk, v, offset)  # The cache holds the G key/value heads.
     y = jnp.einsum("bthk,dhk->btd", y, wo.astype(cfg.dtype))  # [B, T, D]
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
@@ -92,9 +101,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool, mask=None, positions=None):
     cfg = self.cfg
-    x = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(x),
+    x = x + Attention(cfg, name="attn")(RMSNorm(cfg.eps, cfg.dtype, name="attn_norm")(x),
                                         deterministic, mask, positions)
-    x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(x),
+    x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.eps, cfg.dtype, name="mlp_norm")(x),
                                     deterministic)
     return x
 
@@ -111,10 +120,11 @@ class Llama(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed",
                      embedding_init=logical(init, ("vocab", "embed")))
     x = embed(tokens).astype(cfg.dtype)  # [B, T, D]
+    advance(self, tokens.shape[1])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     mask = None if segment_ids is None else segment_mask(segment_ids)
     x = run_blocks(self, Block, x, deterministic, mask, positions)
-    x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
+    x = RMSNorm(cfg.eps, cfg.dtype, name="norm")(x)
     if cfg.tie_embeddings:
       return embed.attend(x).astype(jnp.float32)  # [B, T, V]
     head = self.param("lm_head", logical(init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model))

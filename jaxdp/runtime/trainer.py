@@ -119,8 +119,12 @@ class Trainer:
     return self.dp.evaluate(params, self.val_batches())
 
 
-def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
+def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, *,
+          read_init_from: bool = True) -> Trainer:
   """The dataset, model and DataParallel of `config` on `devices` (all by default).
+
+  With `read_init_from` (and config.init_from set) the model's init_fn gives the checkpoint's
+  parameters; False when the run resumes from its own checkpoint instead.
 
   Raises:
     JaxdpError: a field that cannot work on these devices, or data that cannot be read.
@@ -130,16 +134,21 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   for message in configs.ignored_fields(config):
     loop.warn(message)
   dataset = Dataset(config)
-  model, dp = build_model(config, dataset.tokenizer.vocab_size, devices)
+  model, dp = build_model(config, dataset.tokenizer.vocab_size, devices,
+                          read_init_from=read_init_from)
   trainer = Trainer(config=config, dataset=dataset, model=model, dp=dp)
   trainer.abstract_state()  # Builds the layout and compiles lazily; errors surface here.
   return trainer
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int,
-                devices: Sequence[jax.Device]) -> tuple[models.LanguageModel, DataParallel]:
-  """The config's model for a tokenizer of `vocab_size` ids, and its DataParallel on `devices`."""
+                devices: Sequence[jax.Device], *,
+                read_init_from: bool = True) -> tuple[models.LanguageModel, DataParallel]:
+  """The config's model for a tokenizer of `vocab_size` ids, and its DataParallel on `devices`
+  (see `build` for `read_init_from`)."""
   model = models.build(configs.model_config(config, vocab_size))
+  if read_init_from and config.get("init_from", ""):
+    model = with_initial_params(model, config.init_from)
   mesh = make_mesh(devices, *configs.mesh_shape(config, len(devices)),
                    replica=configs.mesh_replica(config))
   dp = DataParallel(model.loss_fn, make_optimizer(configs.optimizer_config(config)),
@@ -151,6 +160,28 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int,
                     loss_scale_period=config.loss_scale_period,
                     offload_optimizer=config.offload_optimizer)
   return model, dp
+
+
+def with_initial_params(model: models.LanguageModel, init_from: str) -> models.LanguageModel:
+  """`model` whose init_fn returns the parameters of config.init_from ("hf:DIR") instead of a
+  random draw, in the same boxed tree (so every strategy shards them as it would its own init).
+
+  The checkpoint is read and checked (config.json against the model's fields, every tensor's
+  shape) here, once, before anything compiles.
+  """
+  from flax.core import meta
+
+  from jaxdp.runtime import hf
+  loaded = hf.load_params(init_from, model.cfg)
+  is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+  # The random init's boxed tree (logical axis names): the structure the shardings expect.
+  boxed = jax.eval_shape(model.init_fn, jax.random.PRNGKey(0))
+
+  def init_fn(rng):
+    del rng  # The parameters are the checkpoint's.
+    return jax.tree.map(lambda b, x: b.replace_boxed(jax.numpy.asarray(x)) if is_box(b)
+                        else jax.numpy.asarray(x), boxed, loaded, is_leaf=is_box)
+  return dataclasses.replace(model, init_fn=init_fn)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -167,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.data.tokenizer:
       config.data.tokenizer = os.path.abspath(config.data.tokenizer)
   config, note = keep_decay_horizon(config, workdir, restore_from)
-  trainer = build(config, devices)
+  # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
+  trainer = build(config, devices, read_init_from=saved_config(workdir, restore_from) is None)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(trainer.dataset.tokenizer, workdir)
@@ -286,7 +318,8 @@ def load_for_inference(workdir: str, step: int | None = None):
   config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1})
   # The run's own tokenizer copy: no data needed (runs from before it existed read the data).
   tokenizer = load_tokenizer(workdir) or Dataset(config).tokenizer
-  model, dp = build_model(config, tokenizer.vocab_size, jax.local_devices()[:1])
+  model, dp = build_model(config, tokenizer.vocab_size, jax.local_devices()[:1],
+                          read_init_from=False)
   try:
     state, _ = checkpoints.restore(step, dp.abstract_state(model.init_fn, config.seed))
   except CorruptCheckpoint as e:
