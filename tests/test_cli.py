@@ -104,7 +104,7 @@ HELP_SHOWS = {
                  "--top_k=K  (default: 0)", "--top_p=P  (default: 1)", "Valid: 0 < P <= 1.",
                  "--seed=S  (default: 0)", "--prompt=TEXT  (default: '\\n')"],
     "launch": ["--nprocs=P  (required)", "Valid: P >= 1.", "-- train [train flags]"],
-    "prepare": ["--out=DIR  (required)", "--tokenizer={byte,bpe}  (default: byte)",
+    "prepare": ["--out=DIR  (required)", "--tokenizer=TOKENIZER  (default: byte)",
                 "--vocab_size=V  (default: 4096)", "INPUT ..."],
     "plot": ["--out=FILE  (required)", "WORKDIR ..."],
     "inspect": ["CHECKPOINT_DIR"],

@@ -3,6 +3,8 @@
   python tools/bench.py [--config PRESET|PATH] [--config.FIELD=VALUE ...] [--quick] [--out FILE]
                         [--steps N] [--skip scaling,memory,strategies,comm] [--cpu_devices 8]
                         [--devices N]
+  python tools/bench.py --loader_data PREPARED_DIR,TOKENS.bin [--loader_batch 512]
+                        [--loader_seq_len 1024] [--step_tokens_per_sec R] [--steps N]
 
 Every figure is a measurement of this run (ratios compare numbers taken in the same process):
   tokens_per_sec, step_time_s      the jaxdp step as the loop (jaxdp.runtime.loop.fit) drives it
@@ -22,6 +24,8 @@ Every figure is a measurement of this run (ratios compare numbers taken in the s
   scaling                          tokens/s at 1, 2, 4, 8 devices, weak (fixed per-device batch) and
                                    strong (fixed global batch), with efficiency = speed-up / devices;
   loader_headroom                  host batches/s of the data loader / steps/s of the step;
+                                   --loader_data times only the loader on the given paths
+                                   (default 512 x 1024 tokens per step), see loader_report;
   compile_time_s, memory           lower+compile seconds; compiled.memory_analysis() per strategy x
                                    precision.
 On a CPU host the "devices" are emulated: they share the host's cores, so scaling efficiency
@@ -53,6 +57,12 @@ def parse_args(argv):
   parser.add_argument("--rounds", type=int, default=5, help="interleaved jaxdp/bare rounds")
   parser.add_argument("--devices", type=int, default=0,
                       help="devices of the headline step (0: all accelerators, or one per core on CPU)")
+  parser.add_argument("--loader_data", default="",
+                      help="only time the data loader: comma list of data paths (prepared dirs, .bin)")
+  parser.add_argument("--loader_batch", type=int, default=512, help="--loader_data: rows per step")
+  parser.add_argument("--loader_seq_len", type=int, default=1024, help="--loader_data: tokens per row")
+  parser.add_argument("--step_tokens_per_sec", type=float, default=0.0,
+                      help="--loader_data: the step's rate, for headroom (0: not reported)")
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -403,6 +413,34 @@ def run(args, overrides) -> dict:
   return report
 
 
+def loader_report(args, overrides) -> dict:
+  """Host batches/s and tokens/s of the data loader alone (`Dataset.train(s)`, the grain chain that
+  training runs on a prefetch thread) on each --loader_data path at --loader_batch x
+  --loader_seq_len tokens per step, and the headroom over --step_tokens_per_sec when given
+  (loader tokens/s / step tokens/s: above 1 the loader keeps up on one thread)."""
+  from jaxdp.config import load_preset
+  from jaxdp.data import Dataset
+  report = {"loader_batch": args.loader_batch, "loader_seq_len": args.loader_seq_len, "paths": {}}
+  for path in args.loader_data.split(","):
+    config = apply_overrides(load_preset(args.config), overrides)
+    config.data.path, config.global_batch_size = path, args.loader_batch
+    config.seq_len, config.grad_accum_steps = args.loader_seq_len, 1
+    dataset = Dataset(config)
+    dataset.train(0)  # Opens and touches the files once: first-access costs are not the rate.
+    n = args.steps or 20
+    start = time.perf_counter()
+    for step in range(1, n + 1):
+      dataset.train(step)
+    batches_per_sec = n / (time.perf_counter() - start)
+    entry = {"batches_per_sec": batches_per_sec,
+             "tokens_per_sec": batches_per_sec * args.loader_batch * args.loader_seq_len,
+             "tokens": len(dataset.train_source) * args.loader_seq_len}
+    if args.step_tokens_per_sec > 0:
+      entry["headroom"] = entry["tokens_per_sec"] / args.step_tokens_per_sec
+    report["paths"][path] = entry
+  return report
+
+
 def table(report: dict) -> str:
   def fmt(v):
     if isinstance(v, float):
@@ -441,6 +479,13 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   from jaxdp.errors import JaxdpError
   try:
+    if args.loader_data:
+      report = loader_report(args, overrides)
+      print(json.dumps(report, indent=1))
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(report, f, indent=1)
+      return 0
     report = run(args, overrides)
   except JaxdpError as e:
     print(f"bench: error: {e}", file=sys.stderr)

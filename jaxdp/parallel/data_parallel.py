@@ -30,7 +30,16 @@ from jaxdp.errors import JaxdpError
 from jaxdp.parallel import compile as compiled
 from jaxdp.parallel import shardings
 from jaxdp.parallel.exchange import CommConfig, with_comm_state
-from jaxdp.parallel.mesh import DATA, MODEL, batch_sharding, make_mesh, process_rows, put_batch
+from jaxdp.parallel.mesh import (
+  DATA,
+  MODEL,
+  REPLICA,
+  batch_sharding,
+  batch_size_of,
+  make_mesh,
+  process_rows,
+  put_batch,
+)
 
 STRATEGIES = ("dp", "zero1", "zero2", "zero3")
 NAN_POLICIES = ("halt", "skip")
@@ -87,10 +96,14 @@ class DataParallel:
       raise JaxdpError(f"devices={devices!r} must be a list of JAX devices, e.g. "
                        "jax.devices()[:2]")
     self.mesh = mesh if mesh is not None else make_mesh(devices)
-    if tuple(self.mesh.axis_names) != (DATA, MODEL):
-      raise JaxdpError(f"mesh axes {tuple(self.mesh.axis_names)} must be ('data', 'model'); "
-                       "build it with jaxdp.make_mesh(devices, data, model)")
+    if tuple(self.mesh.axis_names) not in ((DATA, MODEL), (REPLICA, DATA, MODEL)):
+      raise JaxdpError(f"mesh axes {tuple(self.mesh.axis_names)} must be ('data', 'model') or "
+                       "('replica', 'data', 'model'); build it with "
+                       "jaxdp.make_mesh(devices, data, model, replica)")
     self.comm = comm or CommConfig()
+    if REPLICA in self.mesh.axis_names and not self.comm.dense:
+      raise JaxdpError("a mesh with a 'replica' axis supports only the dense all-reduce; use "
+                       "CommConfig() (pmean, no compression, every step) or replica=1")
     if not self.comm.dense and strategy != "dp":
       raise JaxdpError(f"strategy={strategy!r} supports only the dense all-reduce; use "
                        "strategy='dp' with a communication method")
@@ -122,8 +135,8 @@ class DataParallel:
 
   @property
   def data_size(self) -> int:
-    """Devices on the "data" axis (the batch is split over them)."""
-    return self.mesh.shape[DATA]
+    """Devices the batch is split over: the "data" axis (times "replica" on a hybrid mesh)."""
+    return batch_size_of(self.mesh)
 
   def _fresh_state(self, init_fn: InitFn, seed: int) -> TrainState:
     loss_scale = initial_loss_scale(self.precision, self.loss_scale_init, self.loss_scale_period)

@@ -109,12 +109,11 @@ def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
 
 
 class StopRequests:
-  """SIGTERM/SIGINT are recorded (runtime/signals.py); the loop finishes its step, checkpoints
-  and returns. A second signal exits at once.
+  """SIGTERM/SIGINT/SIGUSR1 are recorded (runtime/signals.py); the loop finishes its step,
+  checkpoints and returns. A second signal exits at once.
 
-  With several processes, all must stop after the same step: SIGTERM is JAX's preemption
-  notice (its service picks the step, `reached_preemption_sync_point`), and a local signal is
-  shared through an all-gather at log steps, which every process reaches together.
+  With several processes, all stop after the same step, whichever process got the signal
+  (`signals.agreed_stop`: JAX's preemption service, or an all-gather at log steps).
   """
 
   def __init__(self):
@@ -125,15 +124,11 @@ class StopRequests:
   def signal_name(self) -> str | None:
     return self._name or signals.pending()
 
-  @signal_name.setter
-  def signal_name(self, name: str | None) -> None:
-    self._name = name
-
   def __enter__(self) -> "StopRequests":
     if threading.current_thread() is threading.main_thread():
-      wanted = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      wanted, forward = signals.for_the_loop()
       self._previous = {sig: signal.getsignal(sig) for sig in wanted}
-      signals.install(wanted)
+      signals.install(wanted, forward)
     return self
 
   def __exit__(self, *exc) -> None:
@@ -143,18 +138,8 @@ class StopRequests:
       signal.signal(sig, handler)
 
   def should_stop(self, step: int, log_step: bool) -> bool:
-    if jax.process_count() == 1:
-      return self.signal_name is not None
-    from jax.experimental import multihost_utils
-    if multihost_utils.reached_preemption_sync_point(step):
-      self.signal_name = self.signal_name or "SIGTERM"
-      return True
-    if log_step:
-      flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
-      if np.any(flags):
-        self.signal_name = self.signal_name or "SIGINT"
-        return True
-    return False
+    self._name = signals.agreed_stop(step, log_step)
+    return self._name is not None
 
 
 @dataclasses.dataclass
