@@ -14,7 +14,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import Linear, ModelConfig, attention, init, logical, rotary, run_blocks
+from jaxdp.models.common import (
+  Linear,
+  ModelConfig,
+  attention,
+  init,
+  logical,
+  mask_padded_vocab,
+  rotary,
+  run_blocks,
+)
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,7 +91,8 @@ class GPT(nn.Module):
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = run_blocks(self, Block, x, deterministic)
     x = layer_norm(cfg, "ln_f")(x)
-    return wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+    logits = wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+    return mask_padded_vocab(logits, cfg)
 
 
 def param_count(cfg: ModelConfig) -> int:

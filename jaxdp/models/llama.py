@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import ModelConfig, attention, init, logical, rotary, run_blocks
+from jaxdp.models.common import ModelConfig, attention, init, logical, mask_padded_vocab, rotary, run_blocks
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -105,9 +105,9 @@ class Llama(nn.Module):
     x = run_blocks(self, Block, x, deterministic)
     x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
     if cfg.tie_embeddings:
-      return embed.attend(x).astype(jnp.float32)  # [B, T, V]
+      return mask_padded_vocab(embed.attend(x).astype(jnp.float32), cfg)  # [B, T, V]
     head = self.param("lm_head", logical(init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model))
-    return _proj(x, head, cfg.dtype).astype(jnp.float32)  # [B, T, V]
+    return mask_padded_vocab(_proj(x, head, cfg.dtype).astype(jnp.float32), cfg)  # [B, T, V]
 
 
 def param_count(cfg: ModelConfig) -> int:
