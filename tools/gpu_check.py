@@ -215,6 +215,8 @@ def _device_state_bytes(state) -> int:
 
 def check_offload(dry: bool, outdir: str):
   import jax
+  # Full fp32 dots: TF32 (XLA's GPU default) could let two programs round differently.
+  jax.config.update("jax_default_matmul_precision", "highest")
   devices = jax.devices()[:1]
   steps = 5 if dry else 10
   config = _small_config(dry, strategy="zero1")
@@ -256,6 +258,7 @@ def check_zero(dry: bool, outdir: str):
   import jax
 
   from jaxdp.analysis.hlo import collective_bytes
+  jax.config.update("jax_default_matmul_precision", "highest")  # As in check_offload.
   devices = _devices(dry)
   steps = 5
   results = {"num_devices": len(devices), "losses": {}, "collectives": {}, "max_rel_diff_vs_dp": {}}
@@ -398,8 +401,10 @@ def drive(outdir: str, dry: bool, budget_s: float) -> dict:
       log.flush()
       t0 = time.time()
       try:
+        # A dry run's sizes are tiny, but a loaded CI machine compiles slowly: more slack.
+        limit = TIMEOUTS[name] * (3 if dry else 1)
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=min(TIMEOUTS[name], left), cwd=REPO)
+                              timeout=min(limit, left), cwd=REPO)
         rc = proc.returncode
       except subprocess.TimeoutExpired:
         rc = None
@@ -432,9 +437,10 @@ def main(argv=None) -> int:
   parser.add_argument("outdir", help="folder for gpu_check.json, gpu_check.log and run files")
   parser.add_argument("--dry-run", action="store_true", help="every check on CPU, tiny sizes")
   parser.add_argument("--budget_s", type=float, default=None,
-                      help="stop starting checks after this many seconds (default 450; dry run 300)")
+                      help="stop starting checks after this many seconds (default 450; dry run 1200)")
   parser.add_argument("--check", default=None, help=argparse.SUPPRESS)  # One check, in-process.
   args = parser.parse_args(argv)
+  args.outdir = os.path.abspath(args.outdir)  # The checks run with the checkout as their cwd.
   if args.check:
     import jax
     if args.dry_run:
@@ -443,7 +449,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.outdir, "checks", f"{args.check}.json"), "w") as f:
       json.dump(_jsonable(done), f, indent=1)
     return 0
-  budget = args.budget_s or (300.0 if args.dry_run else 450.0)
+  budget = args.budget_s or (1200.0 if args.dry_run else 450.0)
   report = drive(args.outdir, args.dry_run, budget)
   print(f"gpu_check: {'all green' if report['all_green'] else 'NOT all green'} in "
         f"{report['total_s']:.0f} s; report {os.path.join(args.outdir, 'gpu_check.json')}")

@@ -517,7 +517,7 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
   with StopRequests() as stops, \
        contextlib.closing(prefetch(place, step, num_steps)) as batches, \
-       StepWatchdog(step_timeout_s, step) as watchdog:
+       StepWatchdog(step_timeout_s, step) as watchdog, profiler:
     for batch in watch.timed(batches) if watch else batches:
       _test_only_hang(step + 1)
       profiler.before_step(step)
@@ -579,7 +579,6 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
       if stop:
         break
   bar.close()
-  profiler.stop(state)
   run.checkpoints.wait()
   saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
   best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)

@@ -146,6 +146,12 @@ class StepProfiler:
     if self.active and step >= self.window[1]:
       self.stop(outputs)
 
+  def __enter__(self) -> "StepProfiler":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.stop()  # A run that ends (or fails) inside the window still closes its trace.
+
   def stop(self, outputs: Any = None) -> None:
     if self.active:
       jax.block_until_ready(outputs)
