@@ -63,7 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped; at 1 it cannot fall further, and an overflow there falls under nan_policy).
   c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
   c.init_from = ""  # Initial parameters of a fresh run: "" (random, from seed) or "hf:DIR", a local Hugging Face GPT-2 (family gpt, positions learned) or Llama checkpoint (config.json + model.safetensors) whose architecture config.model must match; a resumed run keeps its checkpoint.
+  c.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of the steps after step START up to step STOP into WORKDIR/profile (TensorBoard's profile plugin, Perfetto); "" disables.
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""  # Weights & Biases project that receives the run's metrics and config (pip install 'jaxdp[wandb]'); "" disables.
+  c.wandb.mode = "offline"  # W&B mode: "offline" (files in WORKDIR/wandb, or $WANDB_DIR; upload later with `wandb sync`), "online" (needs `wandb login` or WANDB_API_KEY) or "disabled".
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), a directory written by `jaxdp prepare` (read with its own tokenizer), or nanoGPT/llm.c .bin token files (a file, or a folder whose files named *val* are the validation split).
@@ -87,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.positions = "rope"  # Position encoding: "rope" (rotary) or "learned" (absolute embeddings; gpt only).
   c.model.rope_theta = 10000.0  # Base of the rotary frequencies (larger suits longer contexts).
   c.model.n_kv_head = 0  # llama: key/value heads for grouped-query attention, dividing n_head; 0 means n_head.
+  c.model.pad_vocab_to_multiple = 1  # Round the tokenizer's vocabulary up to a multiple of this (e.g. 64: GPT-2's 50257 -> 50304) for faster matmuls; padded ids get -inf logits.
   c.model.tie_embeddings = True  # Output head shares the input embedding matrix (gpt: always True).
   c.model.norm_eps = 0.0  # Epsilon of every LayerNorm/RMSNorm; 0 means the family default (gpt 1e-6, llama 1e-5); GPT-2 checkpoints use 1e-5.
   return c

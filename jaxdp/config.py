@@ -21,6 +21,7 @@ COMPRESSION = ("none", "topk", "randomk", "int8", "bf16", "powersgd")
 COMPRESSION_OPTIMIZERS = ("none", "frozen_variance")
 SYNC = ("every_step", "local_sgd", "stale")
 FAMILIES = ("gpt", "llama")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 def preset_path(name_or_path: str) -> str:
@@ -143,7 +144,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int):
   from jaxdp.core.precision import COMPUTE_DTYPES
   from jaxdp.models import ModelConfig
   m = config.model
-  return ModelConfig(vocab_size=vocab_size, seq_len=config.seq_len, n_layer=m.n_layer,
+  multiple = m.get("pad_vocab_to_multiple", 1)
+  padded = -(-vocab_size // multiple) * multiple
+  return ModelConfig(vocab_size=padded, valid_vocab_size=vocab_size, seq_len=config.seq_len, n_layer=m.n_layer,
                      n_head=m.n_head, d_model=m.d_model, family=m.get("family", "gpt"),
                      mlp_ratio=m.mlp_ratio, n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout,
                      positions=m.positions, rope_theta=m.get("rope_theta", 10000.0),
@@ -264,6 +267,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(not (config.offload_optimizer and config.strategy == "dp"),
        "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
   validate_comm(config)
+  validate_observability(config)
   per_step = replica * data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
        f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
@@ -349,6 +353,36 @@ def validate_model_family(config: ml_collections.ConfigDict) -> None:
          "positions only; set config.model.positions=rope")
     need(m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
          f"config.model.n_kv_head={m.n_kv_head} must divide config.model.n_head={m.n_head}")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """config.profile_steps "START:STOP" -> (START, STOP); "" -> None (no trace).
+
+  Raises:
+    JaxdpError: not two integers with 0 <= START < STOP.
+  """
+  if text == "":
+    return None
+  parts = str(text).split(":")
+  try:
+    start, stop = (int(p) for p in parts) if len(parts) == 2 else (-1, -1)
+  except ValueError:
+    start, stop = -1, -1
+  need(0 <= start < stop, f"config.profile_steps={text!r} must be 'START:STOP' with 0 <= START < "
+       "STOP (e.g. '10:15' traces the 5 steps after step 10), or '' for no trace")
+  return start, stop
+
+
+def validate_observability(config: ml_collections.ConfigDict) -> None:
+  """Profiling, experiment tracking and vocabulary padding fields."""
+  parse_profile_steps(config.profile_steps)
+  need(isinstance(config.wandb.project, str),
+       f"config.wandb.project={config.wandb.project!r} must be a project name, or '' for no W&B")
+  need(config.wandb.mode in WANDB_MODES,
+       f"config.wandb.mode={config.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
+  multiple = config.model.pad_vocab_to_multiple
+  need(isinstance(multiple, int) and multiple >= 1,
+       f"config.model.pad_vocab_to_multiple={multiple!r} must be an integer >= 1 (1: no padding)")
 
 
 def validate_optimizer(config: ml_collections.ConfigDict) -> None:

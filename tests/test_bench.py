@@ -83,5 +83,5 @@ def test_datasheet_peak_matches_gpu_names_and_is_absent_on_cpu(bench):
   assert bench.datasheet_peak_flops("NVIDIA H100 80GB HBM3", jnp.bfloat16) == 989.4e12
   assert bench.datasheet_peak_flops("NVIDIA H100 PCIe", jnp.bfloat16) == 756e12
   assert bench.datasheet_peak_flops("NVIDIA A100-SXM4-80GB", jnp.float32) == 156e12
-  assert bench.datasheet_peak_flops("NVIDIA L40S", jnp.bfloat16) is None  # Not "L4".
+  assert bench.datasheet_peak_flops("NVIDIA L40S", jnp.bfloat16) == 362e12  # Not "L4"'s 121e12.
   assert bench.datasheet_peak_flops("cpu", jnp.float32) is None

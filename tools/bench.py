@@ -52,7 +52,8 @@ def parse_args(argv):
   parser.add_argument("--out", default=None, help="write the JSON report here")
   parser.add_argument("--quick", action="store_true", help="few steps, 1-2 devices, fp32 only")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
-  parser.add_argument("--skip", default="", help="comma list of sections: scaling,memory,loader,strategies,comm")
+  parser.add_argument("--skip", default="",
+                      help="comma list of sections: bare,scaling,memory,loader,strategies,comm")
   parser.add_argument("--cpu_devices", type=int, default=8, help="emulated CPU devices")
   parser.add_argument("--rounds", type=int, default=5, help="interleaved jaxdp/bare rounds")
   parser.add_argument("--devices", type=int, default=0,
@@ -107,44 +108,14 @@ def timed(fn, steps: int) -> float:
 
 def measured_peak_flops(devices, dtype, size: int, reps: int) -> float:
   """Best FLOP/s of `devices` each multiplying two size x size matrices at once (2 size^3 each)."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import Mesh, NamedSharding
-  from jax.sharding import PartitionSpec as P
-  import numpy as np
-  mesh = Mesh(np.array(devices), ("d",))
-  a = jax.device_put(jnp.ones((len(devices) * size, size), dtype), NamedSharding(mesh, P("d")))
-  b = jax.device_put(jnp.ones((size, size), dtype), NamedSharding(mesh, P()))
-  matmul = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(matmul(a, b))
-  best = math.inf
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
-    best = min(best, time.perf_counter() - start)
-  return len(devices) * 2 * size ** 3 / best
-
-
-# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, by compute dtype. fp32
-# dots run as TF32 under XLA's default precision on these GPUs, so fp32 is compared with TF32.
-# Checked most specific first: "H100 ... PCIe" before "H100".
-DATASHEET_PEAK_FLOPS = (
-    ("H100 PCIe", {"float32": 378e12, "bfloat16": 756e12, "float16": 756e12}),
-    ("H100", {"float32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12}),  # SXM
-    ("H200", {"float32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12}),
-    ("A100", {"float32": 156e12, "bfloat16": 312e12, "float16": 312e12}),
-    ("L4", {"float32": 60e12, "bfloat16": 121e12, "float16": 121e12}),
-)
+  from jaxdp.runtime.peaks import matmul_flops_per_sec
+  return matmul_flops_per_sec(devices, dtype, size, reps)
 
 
 def datasheet_peak_flops(device_kind: str, dtype) -> float | None:
-  """The datasheet peak of a known GPU for `dtype`; None for CPUs and unknown devices."""
-  import numpy as np
-  words = device_kind.replace("-", " ").split()
-  for name, peaks in DATASHEET_PEAK_FLOPS:
-    if all(part in words for part in name.split()):
-      return peaks.get(np.dtype(dtype).name)
-  return None
+  """The datasheet's dense peak of one device (table and sources: jaxdp/runtime/peaks.py)."""
+  from jaxdp.runtime.peaks import datasheet_peak_flops as peak
+  return peak(device_kind, dtype)
 
 
 def bare_step_fn(module, tx, mesh):
@@ -225,6 +196,7 @@ def run(args, overrides) -> dict:
   from jaxdp.core.precision import compute_dtype
   from jaxdp.errors import JaxdpError
   from jaxdp.models.common import count_params
+  from jaxdp.runtime import observe
   from jaxdp.runtime.trainer import build
 
   def config_with(**fields):
@@ -263,14 +235,16 @@ def run(args, overrides) -> dict:
   report["params"] = n_params
 
   # The bare loop: same model, optimizer, batch shape and devices, batch already on the devices.
-  bare = bare_step_fn(trainer.model.module, trainer.tx, trainer.mesh)
+  bare = bare_step_fn(trainer.model.module, trainer.tx, trainer.mesh) if "bare" not in skip else None
   fresh = trainer.init_state()
   rows = config.global_batch_size
   inputs = jnp.asarray(np.asarray(batch["inputs"]).reshape(rows, -1))
   targets = jnp.asarray(np.asarray(batch["targets"]).reshape(rows, -1))
   holder = {"params": fresh.params, "opt_state": fresh.opt_state}
-  bare_compiled = bare.lower(holder["params"], holder["opt_state"], inputs, targets).compile()
-  inputs, targets = (jax.device_put(x, bare_compiled.input_shardings[0][2]) for x in (inputs, targets))
+  if bare is not None:
+    bare_compiled = bare.lower(holder["params"], holder["opt_state"], inputs, targets).compile()
+    inputs, targets = (jax.device_put(x, bare_compiled.input_shardings[0][2]) for x in (inputs, targets))
+  del fresh
 
   def bare_once():
     holder["params"], holder["opt_state"], loss = bare_compiled(holder["params"], holder["opt_state"],
@@ -284,18 +258,23 @@ def run(args, overrides) -> dict:
   # must divide by a peak measured alongside the step.
   rounds = 1 if args.quick else args.rounds
   peak_dtype = compute_dtype(config.precision)
-  sizes = (1024,) if args.quick else (1024, 2048)  # On CPU the smaller, cache-resident one wins.
+  # On CPU the smaller, cache-resident products win; accelerators need large ones to reach peak.
+  if device.platform == "cpu":
+    sizes = (1024,) if args.quick else (1024, 2048)
+  else:
+    sizes = (4096,) if args.quick else (4096, 8192)
   reps = 3 if args.quick else 10
   groups = {"one_device": devices[:1], "all_step_devices": step_devices} if n_step > 1 else {
       "one_device": devices[:1]}
   pairs, peaks = [], {f"{name}/{size}": [] for name in groups for size in sizes}
+  with_bare = "bare" not in skip
   for r in range(rounds):
-    if r % 2:
+    if r % 2 and with_bare:
       bare_s = timed(bare_once, steps)
       step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
     else:
       step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
-      bare_s = timed(bare_once, steps)
+      bare_s = timed(bare_once, steps) if with_bare else math.nan
     pairs.append((step_s, bare_s))
     for name, group in groups.items():
       for size in sizes:
@@ -308,12 +287,19 @@ def run(args, overrides) -> dict:
   report["bare_tokens_per_sec"] = report["tokens_per_step"] / bare_s
   report["overhead_rounds"] = [{"jaxdp_step_s": a, "bare_step_s": b} for a, b in pairs]
   report["overhead_vs_bare_loop"] = float(np.median([a / b for a, b in pairs])) - 1
+  # Peak device memory: the allocators' high-water mark where the backend keeps one (GPU, TPU),
+  # else the compiled step's memory_analysis() estimate for one device.
+  allocator = observe.allocator_peak_bytes(step_devices)
+  report["peak_memory_bytes"] = allocator if allocator is not None else observe.compiled_peak_bytes(compiled)
+  report["peak_memory_source"] = "memory_stats" if allocator is not None else "memory_analysis"
 
   # FLOPs: from the compiled step's HLO (one device's program, times the devices: each runs the
   # model on its rows), and from the formula.
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  report["flops_per_step_hlo"] = float(cost["flops"]) * n_step
+  # A looped step (accumulation, remat scan) is counted on its loop-free lowering (see
+  # jaxdp.runtime.observe.model_flops_per_device): XLA counts a loop body once.
+  per_device = observe.model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
+                                              step_devices, batch)
+  report["flops_per_step_hlo"] = (per_device or observe.compiled_flops(compiled)) * n_step
   report["flops_per_token_hlo"] = report["flops_per_step_hlo"] / report["tokens_per_step"]
   report["flops_per_token_formula"] = formula_flops_per_token(n_params, config)
   best = max(peaks, key=lambda k: max(peaks[k]))
@@ -330,6 +316,10 @@ def run(args, overrides) -> dict:
   if datasheet is not None:  # GPUs only: the vendor's peak for all step devices together.
     report["datasheet_peak_flops"] = datasheet * n_step
     report["mfu_datasheet"] = report["achieved_flops"] / report["datasheet_peak_flops"]
+  if not with_bare:  # --skip bare: no reference loop was timed.
+    for key in ("bare_step_time_s", "bare_tokens_per_sec", "overhead_vs_bare_loop", "mfu_bare_loop"):
+      report[key] = None
+    report["overhead_rounds"] = [{"jaxdp_step_s": a} for a, _ in pairs]
 
   # Loader: host batches per second vs the step's consumption rate.
   if "loader" not in skip:
@@ -449,9 +439,9 @@ def table(report: dict) -> str:
   keys = ("device", "step_devices", "params", "precision", "tokens_per_step", "compile_time_s", "step_time_s",
           "tokens_per_sec", "bare_step_time_s", "overhead_vs_bare_loop", "flops_per_token_hlo",
           "flops_per_token_formula", "measured_peak_flops", "peak_matmul", "achieved_flops", "mfu",
-          "mfu_formula", "mfu_bare_loop", "datasheet_peak_flops", "mfu_datasheet",
+          "mfu_formula", "mfu_bare_loop", "datasheet_peak_flops", "mfu_datasheet", "peak_memory_bytes",
           "loader_batches_per_sec", "loader_headroom")
-  lines = [f"{k:<26} {fmt(report[k])}" for k in keys if k in report]
+  lines = [f"{k:<26} {fmt(report[k])}" for k in keys if report.get(k) is not None]
   if "scaling" in report:
     s = report["scaling"]
     lines.append(f"{'devices':<26} " + " ".join(f"{n:>10}" for n in s["devices"]))

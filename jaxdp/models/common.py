@@ -23,7 +23,7 @@ init = nn.initializers.normal(stddev=0.02)
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The shape and numerics of a built-in language model (both families)."""
-  vocab_size: int
+  vocab_size: int  # Rows of the embedding (and logits), padding included.
   seq_len: int
   n_layer: int
   n_head: int
@@ -39,6 +39,7 @@ class ModelConfig:
   attention: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
   remat: str = "none"  # Activation rematerialisation of each block: "none", "block" or "full".
+  valid_vocab_size: int = 0  # Ids the tokenizer uses; the rest of vocab_size is padding. 0: all.
 
   @property
   def kv_heads(self) -> int:
@@ -251,6 +252,15 @@ def lm_loss(module: nn.Module) -> Callable:
       logits = jax.vmap(one)(batch["inputs"], example_keys(rng, batch), documents)
     return cross_entropy_sum(logits, batch["targets"], batch["weights"])
   return loss_fn
+
+
+def mask_padded_vocab(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """logits [..., V] with the padding ids (>= cfg.valid_vocab_size) at the dtype's lowest value:
+  the padding, there only for faster matmuls, never takes probability (loss or sampling)."""
+  if not cfg.valid_vocab_size or cfg.valid_vocab_size >= cfg.vocab_size:
+    return logits
+  valid = jnp.arange(cfg.vocab_size) < cfg.valid_vocab_size
+  return jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
 
 
 def count_params(params) -> int:

@@ -23,6 +23,7 @@ from jaxdp.models.common import (
     decode_offset,
     init,
     logical,
+    mask_padded_vocab,
     rotary,
     run_blocks,
     segment_mask,
@@ -108,7 +109,8 @@ class GPT(nn.Module):
     mask = None if segment_ids is None else segment_mask(segment_ids)
     x = run_blocks(self, Block, x, deterministic, mask, positions)
     x = layer_norm(cfg, "ln_f")(x)
-    return wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+    logits = wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+    return mask_padded_vocab(logits, cfg)
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -22,6 +22,7 @@ from jaxdp.models.common import (
     decode_offset,
     init,
     logical,
+    mask_padded_vocab,
     rotary,
     run_blocks,
     segment_mask,
@@ -126,9 +127,9 @@ class Llama(nn.Module):
     x = run_blocks(self, Block, x, deterministic, mask, positions)
     x = RMSNorm(cfg.eps, cfg.dtype, name="norm")(x)
     if cfg.tie_embeddings:
-      return embed.attend(x).astype(jnp.float32)  # [B, T, V]
+      return mask_padded_vocab(embed.attend(x).astype(jnp.float32), cfg)  # [B, T, V]
     head = self.param("lm_head", logical(init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model))
-    return _proj(x, head, cfg.dtype).astype(jnp.float32)  # [B, T, V]
+    return mask_padded_vocab(_proj(x, head, cfg.dtype).astype(jnp.float32), cfg)  # [B, T, V]
 
 
 def param_count(cfg: ModelConfig) -> int:

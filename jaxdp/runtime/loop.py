@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdp.config import parse_profile_steps
 from jaxdp.core.state import InitFn, TrainState
 from jaxdp.core.step import applied_updates
 from jaxdp.data.pipeline import prefetch
@@ -31,7 +32,7 @@ from jaxdp.errors import JaxdpError
 from jaxdp.models.common import count_params
 from jaxdp.parallel.data_parallel import DataParallel
 from jaxdp.parallel.exchange import bytes_per_step
-from jaxdp.runtime import report, signals
+from jaxdp.runtime import observe, report, signals
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 from jaxdp.runtime.lock import WorkdirLock
 from jaxdp.runtime.metrics import MetricsWriter, Progress, read_metrics
@@ -246,12 +247,12 @@ class Run:
   """
 
   def __init__(self, workdir: str, dp: DataParallel, record: RunRecord, *, keep_last: int = 3,
-               keep_every: int = 0):
+               keep_every: int = 0, sinks: Sequence[Any] = ()):
     self.workdir, self.dp, self.record = workdir, dp, record
     # One run per workdir (process 0 holds the lock; a crashed run cannot leave it stuck).
     self.lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).__enter__()
     self.checkpoints = Checkpointer(workdir, keep_last, keep_every)
-    self.writer = MetricsWriter(workdir)
+    self.writer = MetricsWriter(workdir, sinks)
     self.meta = {"best_eval_loss": None, "evals_without_improvement": 0}
     self.saved_step: int | None = None
     self.lowest_loss: float | None = None  # The lowest finite train loss so far.
@@ -407,9 +408,10 @@ class Run:
     self.lock.__exit__()
 
 
-def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch) -> float:
+def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch, compiled=None) -> float:
   """Mean bytes each device sends per step, from the collectives of the compiled train step."""
-  return bytes_per_step(dp.comm, dp.train_step.lower(state, batch).compile().as_text())
+  compiled = compiled or dp.train_step.lower(state, batch).compile()
+  return bytes_per_step(dp.comm, compiled.as_text())
 
 
 def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict], *, workdir: str,
@@ -419,7 +421,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
         keep_every: int = 0, step_timeout_s: float = 0.0, progress: bool = True,
         lr_schedule: Callable[[int], Any] | None = None, tokens_per_step: int | None = None,
         record: RunRecord | None = None, restore_from: str | None = None,
-        allow_config_change: bool = False) -> dict[str, Any]:
+        allow_config_change: bool = False, flops_per_device: float | None = None,
+        profile_steps: str = "", sinks: Sequence[Any] = ()) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` to `num_steps`; returns {"step", "train_loss",
   "eval_loss", "best_eval_loss", "stop_reason" ("num_steps", "early_stopping", "preempted"),
   "state" (the final TrainState; absent when the run had already stopped early)}.
@@ -438,6 +441,10 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
     tokens_per_step: for the tokens/s of the log (default: the global batch's rows, so the
       log's tokens_per_sec is then examples per second).
     record: the config and data fingerprint stored in checkpoints and checked on resume.
+    flops_per_device: FLOPs of one step on one device, for the log's mfu (default: the compiled
+      step's cost_analysis(), which counts a lax.scan body once: give it for looped steps).
+    profile_steps: "START:STOP" writes a jax.profiler trace of those steps to WORKDIR/profile.
+    sinks: more metric sinks (e.g. runtime.wandb_sink.WandbSink), given every metrics record.
   Raises:
     JaxdpError: a checkpoint of another config or data, a non-finite halt, a failed save.
 
@@ -447,7 +454,9 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   checkpoint with a sane train loss after it (kept on disk) and how to go on from it.
   """
   record = record or RunRecord()
-  run = Run(workdir, dp, record, keep_last=keep_last, keep_every=keep_every)
+  profiler = observe.StepProfiler(parse_profile_steps(profile_steps),
+                                  os.path.join(workdir, "profile"))
+  run = Run(workdir, dp, record, keep_last=keep_last, keep_every=keep_every, sinks=sinks)
   cadence = Cadence(num_steps, log_every, eval_every if eval_batches is not None else 0,
                     checkpoint_every)
   state = run.restore(dp.abstract_state(init_fn, seed), restore_from=restore_from,
@@ -466,31 +475,39 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
   started = time.perf_counter()
   first = place(step) if step < num_steps else None
-  comm_bytes = comm_bytes_per_step(dp, state, first) if first is not None else 0.0
+  compiled = dp.train_step.lower(state, first).compile() if first is not None else None
+  comm_bytes = comm_bytes_per_step(dp, state, first, compiled) if first is not None else 0.0
+  watch = None if compiled is None else observe.StepWatch(
+      [d for d in dp.mesh.devices.flat if d.process_index == jax.process_index()],
+      dp.compute_dtype or jnp.float32, flops_per_device or observe.compiled_flops(compiled),
+      observe.compiled_peak_bytes(compiled))
   # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
   first_rows = 0 if first is None else int(np.prod(jax.tree.leaves(first)[0].shape[:2]))
   start_step = step
   bar_out = Progress(step, num_steps, False)  # Plain lines, process 0 only.
   if step < num_steps:
     bar_out.write(report.banner(dp, state, workdir, num_steps, first_rows, tokens_per_step,
-                                record.description, restored))
+                                record.description, restored) + "\n" + watch.describe())
   for note in record.notes if jax.process_index() == 0 else ():
     print(note, file=sys.stderr, flush=True)
   if step == 0 or restored:
     run.writer.write({"event": "resume" if restored else "start", "step": step,
                       "strategy": dp.strategy, "num_devices": dp.mesh.size,
                       "params": count_params(state.params),
-                      "state_bytes_per_device": state_bytes_per_device(state)})
+                      "state_bytes_per_device": state_bytes_per_device(state),
+                      **(watch.start_record() if watch else {})})
   bar = Progress(step, num_steps, progress)
   pending: list[dict] = []
   last = {"step": step, "time": time.perf_counter()}
   result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
   with StopRequests() as stops, \
        contextlib.closing(prefetch(place, step, num_steps)) as batches, \
-       StepWatchdog(step_timeout_s, step) as watchdog:
-    for batch in batches:
+       StepWatchdog(step_timeout_s, step) as watchdog, profiler:
+    for batch in watch.timed(batches) if watch else batches:
       _test_only_hang(step + 1)
+      profiler.before_step(step)
       state, metrics = dp.step(state, batch)
+      profiler.after_step(step + 1, metrics)
       watchdog.dispatched(step + 1, metrics["train_loss"])
       run.checkpoints.check()  # A failed background save is reported now, not at the next save.
       pending.append(metrics)
@@ -505,8 +522,10 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
         line = train_line(fetched, step, None if lr_schedule is None else applied_lr(lr_schedule, state),
                           (step - last["step"]) * per_step / elapsed, comm_bytes,
                           dp.nan_policy == "skip")
+        line.update(watch.fields(step - last["step"], elapsed))
         run.writer.write(line)
-        bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"])
+        bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
+                   **report.hardware_postfix(line))
         result["train_loss"] = line["train_loss"]
         pending, last = [], {"step": step, "time": time.perf_counter()}
       stop, eval_loss = False, None

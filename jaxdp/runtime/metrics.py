@@ -3,8 +3,10 @@ progress bar.
 
 Only process 0 writes; every line is flushed, so a killed run loses no logged step. Each numeric
 field of a step's line (train_loss, lr, grad_norm, tokens_per_sec, eval_loss, and any a strategy
-adds, e.g. comm_bytes_per_step or mfu) becomes a TensorBoard scalar of the same name at that
-step; event lines (start, resume, early_stopping) become text under the tag "events".
+adds, e.g. comm_bytes_per_step; the hardware's mfu, step_time_s, peak_memory_bytes and
+data_wait_fraction, see runtime/observe.py) becomes a TensorBoard scalar of the same name at that
+step; event lines (start, resume, early_stopping) become text under the tag "events". Extra
+sinks (e.g. Weights & Biases, runtime/wandb_sink.py) receive every record as well.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -31,9 +33,13 @@ def _is_number(value: Any) -> bool:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str):
+  """metrics.jsonl and TensorBoard events in `workdir`, plus `sinks`: objects with
+  `write(record)` and `close()` (process 0 only)."""
+
+  def __init__(self, workdir: str, sinks: Sequence[Any] = ()):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._active = jax.process_index() == 0
+    self._sinks = list(sinks) if self._active else []
     self._events = None
     if self._active:
       os.makedirs(workdir, exist_ok=True)
@@ -59,11 +65,16 @@ class MetricsWriter:
           if name != "step" and _is_number(value):
             self._events.add_scalar(name, value, global_step=step)
       self._events.flush()
+      for sink in self._sinks:
+        sink.write(record)
     except OSError as e:
       raise JaxdpError(f"--workdir: cannot write metrics to {os.path.dirname(self.path)!r} "
                        f"({os_reason(e, self.path)}); free disk space or pick a writable --workdir") from e
 
   def close(self) -> None:
+    sinks, self._sinks = self._sinks, []
+    for sink in sinks:
+      sink.close()
     if self._events is not None:
       events, self._events = self._events, None
       try:
@@ -78,8 +89,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _short(value: float) -> str:
-  """4 decimals for losses, whole numbers for rates."""
+def _short(value: float | str) -> str:
+  """4 decimals for losses, whole numbers for rates; strings as they are."""
+  if isinstance(value, str):
+    return value
   return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
 
 

@@ -36,6 +36,16 @@ def banner(dp, state, workdir: str, num_steps: int, rows_per_step: int,
   return "\n".join(lines)
 
 
+def hardware_postfix(line: dict[str, Any]) -> dict[str, str]:
+  """The progress line's hardware numbers of a train line: MFU, step time, the share of time
+  waiting for input, peak device memory (GiB)."""
+  shown = {"mfu": f"{line['mfu']:.1%}" if "mfu" in line else None,
+           "step": f"{line['step_time_s']:.3g}s" if "step_time_s" in line else None,
+           "wait": f"{line['data_wait_fraction']:.1%}" if "data_wait_fraction" in line else None,
+           "mem": f"{line['peak_memory_bytes'] / 2**30:.2f}GiB" if "peak_memory_bytes" in line else None}
+  return {k: v for k, v in shown.items() if v is not None}
+
+
 def summary(result: dict[str, Any], start_step: int, seconds: float, tokens_per_step: int | None,
             rows_per_step: int, best: tuple[int, float] | None, workdir: str) -> str:
   """The closing lines: steps, time, tokens (or examples) per second, eval losses, best

@@ -27,7 +27,7 @@ from jaxdp.data.prepare import load_tokenizer, save_tokenizer
 from jaxdp.errors import JaxdpError
 from jaxdp.parallel import DataParallel, make_mesh
 from jaxdp.parallel.mesh import batch_sharding, process_rows, put_batch
-from jaxdp.runtime import loop
+from jaxdp.runtime import loop, observe
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 
 # Fields that define what is being trained: resuming with any of them changed is a different run.
@@ -204,6 +204,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(trainer.dataset.tokenizer, workdir)
   record = dataclasses.replace(trainer.record(), notes=(note,) if note else ())
+  sinks = []
+  if config.wandb.project and jax.process_index() == 0:
+    from jaxdp.runtime.wandb_sink import WandbSink
+    sinks.append(WandbSink(config.wandb.project, config.wandb.mode, workdir, config.to_dict()))
+  flops = observe.model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
+                                         trainer.mesh.devices.flat, trainer.train_batch(0))
   result = loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
                   num_steps=config.num_steps, seed=config.seed,
                   eval_batches=trainer.val_batches, log_every=config.log_every,
@@ -213,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   progress=progress,
                   lr_schedule=learning_rate_schedule(configs.optimizer_config(config)),
                   tokens_per_step=config.global_batch_size * config.seq_len, record=record,
-                  restore_from=restore_from, allow_config_change=allow_config_change)
+                  restore_from=restore_from, allow_config_change=allow_config_change,
+                  flops_per_device=flops, profile_steps=config.profile_steps, sinks=sinks)
   report_mixture(trainer, workdir, result)
   return result
 
