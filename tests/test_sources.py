@@ -160,6 +160,8 @@ def test_bad_bin_files_and_fields_get_clear_errors(tmp_path, formats, tokenizer_
   pq.write_table(pa.table({"body": ["x"], "n": [1]}), str(tmp_path / "x.parquet"))
   with pytest.raises(JaxdpError, match=r"no column 'text' \(columns: body, n\)"):
     prep.prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o2"), progress=False)
+  with pytest.raises(JaxdpError, match="already tokenized; train on it directly"):
+    prep.prepare([str(tmp_path / "odd.bin")], str(tmp_path / "o4"), progress=False)
   with pytest.raises(JaxdpError, match="--tokenizer=.*is not 'byte', 'bpe'"):
     prep.prepare([str(tmp_path / "x.jsonl")], str(tmp_path / "o3"), tokenizer="nope.json",
                  progress=False)
