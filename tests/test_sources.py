@@ -246,3 +246,14 @@ def test_bench_loader_mode_times_prepared_and_bin_paths(formats, tokenizer_json,
     assert entry["batches_per_sec"] > 0
     assert entry["tokens_per_sec"] == pytest.approx(entry["batches_per_sec"] * 4 * 64)
     assert entry["headroom"] == pytest.approx(entry["tokens_per_sec"] / 1000)
+
+
+def test_progress_off_a_terminal_prints_plain_lines_with_tokens_per_second(capsys):
+  bar = prep.Progress(True, total_bytes=100, every_s=0.0)  # stderr is captured: not a TTY.
+  bar.update(1000, 50)
+  bar.close()
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0].startswith("prepare: 1,000 tokens, ") and lines[0].endswith(" tokens/s")
+  assert lines[-1].startswith("prepare: 1,000 tokens in ") and "\r" not in "".join(lines)
+  prep.Progress(False, total_bytes=100).close()
+  assert capsys.readouterr().err == ""
