@@ -141,3 +141,26 @@ def test_training_reports_the_realised_mixture(tiny_config, corpora, tmp_path, c
   (event,) = [e for e in events if e.get("event") == "data_mixture"]
   assert event["examples"] == examples and event["shares"] == result["data_mixture"]
   assert "data mixture over 80 examples" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_mixture_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tiny_config, corpora,
+                                                                             tmp_path):
+  from jaxdp.runtime.metrics import read_metrics
+  from jaxdp.runtime.trainer import train_and_evaluate
+
+  def run(workdir, num_steps):
+    tiny_config.data.sources = f"{corpora['lower']}:0.6,{corpora['digits']}:0.4"
+    tiny_config.num_steps, tiny_config.lr_decay_steps = num_steps, 6
+    tiny_config.log_every, tiny_config.eval_every, tiny_config.checkpoint_every = 1, 0, 3
+    return train_and_evaluate(tiny_config, str(workdir), devices=jax.devices()[:2], progress=False)
+
+  run(tmp_path / "full", 6)
+  run(tmp_path / "split", 3)
+  resumed = run(tmp_path / "split", 6)
+  assert resumed["step"] == 6
+
+  def losses(workdir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(str(workdir)) if "train_loss" in r]
+  assert losses(tmp_path / "split") == losses(tmp_path / "full")
+  assert resumed["data_mixture"] == Dataset(tiny_config).realised_mixture(6 * 16)

@@ -152,3 +152,31 @@ def test_concat_batches_are_todays_windows_and_document_batches_add_two_fields(t
                                   np.broadcast_to(np.arange(tiny_config.seq_len), doc["positions"].shape))
   val = document.val(0)
   assert {"segment_ids", "positions"} <= set(val)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_training_with_document_packing_on_2_devices_with_accumulation(tiny_config, tmp_path, family):
+  """Segment ids and positions travel through the sharded, accumulated step and evaluation; the
+  first step's loss equals the loss function on the same global batch on one device."""
+  import json
+
+  from jaxdp.data import prepare as prep
+  from jaxdp.runtime.trainer import build
+  corpus = open(prep.__file__.replace("data/prepare.py", "assets/tinyshakespeare.txt")).read()
+  lines = [corpus[i:i + 50 + i % 70] for i in range(0, 60000, 150)]  # Short documents.
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+  prep.prepare([str(tmp_path / "docs.jsonl")], str(tmp_path / "p"), progress=False)
+  tiny_config.data.path, tiny_config.data.packing = str(tmp_path / "p"), "document"
+  tiny_config.model.family, tiny_config.grad_accum_steps = family, 2
+  trainer = build(tiny_config, jax.devices()[:2])
+  host = trainer.dataset.train(0)
+  assert host["segment_ids"].max() > 0  # Several documents per window.
+  state = trainer.init_state()
+  params = jax.device_get(state.params)
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+  flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in host.items()}
+  loss_sum, weight_sum = trainer.model.loss_fn(params, flat, None)
+  state, metrics = trainer.train_step(state, trainer.train_batch(0))
+  np.testing.assert_allclose(float(metrics["train_loss"]), float(loss_sum / weight_sum), rtol=1e-5)
+  assert np.isfinite(trainer.evaluate(state.params))

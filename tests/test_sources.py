@@ -160,6 +160,8 @@ def test_bad_bin_files_and_fields_get_clear_errors(tmp_path, formats, tokenizer_
   pq.write_table(pa.table({"body": ["x"], "n": [1]}), str(tmp_path / "x.parquet"))
   with pytest.raises(JaxdpError, match=r"no column 'text' \(columns: body, n\)"):
     prep.prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o2"), progress=False)
+  with pytest.raises(JaxdpError, match="already tokenized; train on it directly"):
+    prep.prepare([str(tmp_path / "odd.bin")], str(tmp_path / "o4"), progress=False)
   with pytest.raises(JaxdpError, match="--tokenizer=.*is not 'byte', 'bpe'"):
     prep.prepare([str(tmp_path / "x.jsonl")], str(tmp_path / "o3"), tokenizer="nope.json",
                  progress=False)
@@ -244,3 +246,14 @@ def test_bench_loader_mode_times_prepared_and_bin_paths(formats, tokenizer_json,
     assert entry["batches_per_sec"] > 0
     assert entry["tokens_per_sec"] == pytest.approx(entry["batches_per_sec"] * 4 * 64)
     assert entry["headroom"] == pytest.approx(entry["tokens_per_sec"] / 1000)
+
+
+def test_progress_off_a_terminal_prints_plain_lines_with_tokens_per_second(capsys):
+  bar = prep.Progress(True, total_bytes=100, every_s=0.0)  # stderr is captured: not a TTY.
+  bar.update(1000, 50)
+  bar.close()
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0].startswith("prepare: 1,000 tokens, ") and lines[0].endswith(" tokens/s")
+  assert lines[-1].startswith("prepare: 1,000 tokens in ") and "\r" not in "".join(lines)
+  prep.Progress(False, total_bytes=100).close()
+  assert capsys.readouterr().err == ""

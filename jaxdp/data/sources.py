@@ -53,6 +53,9 @@ def list_inputs(inputs: Sequence[str], skipped: list[str] | None = None) -> list
   for item in inputs:
     if not os.path.exists(item):
       raise JaxdpError(f"prepare: input {item!r} does not exist; check the path")
+    if item.endswith(".bin") and os.path.isfile(item):
+      raise JaxdpError(f"prepare: {item!r} is a token file (.bin), already tokenized; train on it "
+                       f"directly with --config.data.path={item}")
     if os.path.isfile(item) or is_saved_dataset(item):
       found_all.append(os.path.abspath(item))
       continue
