@@ -69,14 +69,25 @@ def warn(message: str) -> None:
     print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
 
 
-def changed_fields(saved: dict, current: dict, fields: Sequence[str]) -> list[str]:
-  """Dotted `fields` whose value differs between a checkpoint's config and `current`."""
+def changed_fields(saved: dict, current: dict, fields: Sequence[str],
+                   defaults: dict | None = None) -> list[str]:
+  """Dotted `fields` whose value differs between a checkpoint's config and `current`.
+
+  A field the checkpoint's config lacks (written before the field existed) had the behaviour of
+  its default then: `defaults[name]` stands in for it.
+  """
+  absent = object()
+
   def get(tree, dotted):
     for part in dotted.split("."):
-      tree = tree.get(part) if isinstance(tree, dict) else None
+      tree = tree.get(part, absent) if isinstance(tree, dict) else absent
     return tree
-  return [f"{name} ({get(saved, name)!r} -> {get(current, name)!r})"
-          for name in fields if get(saved, name) != get(current, name)]
+
+  def old(name):
+    value = get(saved, name)
+    return (defaults or {}).get(name) if value is absent else value
+  return [f"{name} ({old(name)!r} -> {get(current, name)!r})"
+          for name in fields if old(name) != get(current, name)]
 
 
 def train_line(fetched: list[dict], step: int, lr: float | None, tokens_per_sec: float,
@@ -153,11 +164,13 @@ class RunRecord:
   description: str = ""  # The model and data in a few words, for the start banner.
   notes: tuple[str, ...] = ()  # Lines shown after the banner, once the run has started or resumed.
   examples_per_step: int = 0  # Global batch size, for examples_seen.
+  defaults: dict = dataclasses.field(default_factory=dict)  # Run-defining field -> its default.
 
 
 def check_record(saved: dict, record: RunRecord, where: str, allow_config_change: bool) -> None:
   """Refuses a checkpoint whose config or data differ from this run's (unless allowed)."""
-  changed = changed_fields(saved.get("config", {}), record.config, record.run_defining)
+  changed = changed_fields(saved.get("config", {}), record.config, record.run_defining,
+                           record.defaults)
   digest = saved.get("data_digest")
   if digest is not None and record.data_digest is not None and digest != record.data_digest:
     changed.append(f"{record.data_name} changed (sha256 {digest[:12]}... -> "

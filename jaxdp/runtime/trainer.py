@@ -37,7 +37,22 @@ RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fractio
                        "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
                        "model.d_model", "model.mlp_ratio", "model.positions", "model.rope_theta",
                        "model.tie_embeddings", "compression", "error_feedback",
-                       "momentum_correction", "sync", "staleness", "diloco")
+                       "momentum_correction", "sync", "staleness", "diloco", "data.packing",
+                       "model.norm_eps", "model.pad_vocab_to_multiple", "compression_rank",
+                       "compression_optimizer")
+
+
+def run_defining_defaults() -> dict:
+  """RUN_DEFINING_FIELDS -> the default preset's value (what a checkpoint written before a field
+  existed was trained with)."""
+  default = configs.load_preset("default")
+  values = {}
+  for name in RUN_DEFINING_FIELDS:
+    value = default
+    for part in name.split("."):
+      value = value[part]
+    values[name] = value
+  return values
 
 
 @dataclasses.dataclass
@@ -102,7 +117,8 @@ class Trainer:
                                      if self.dataset.mixture is not None else
                                      f"the data at config.data.path={self.config.data.path!r}"),
                           description=self.describe(),
-                          examples_per_step=self.config.global_batch_size)
+                          examples_per_step=self.config.global_batch_size,
+                          defaults=run_defining_defaults())
 
   def describe(self) -> str:
     """The model and data in a few words (the start banner's)."""
