@@ -23,6 +23,9 @@ from jaxdp.data.prepare import prepare  # noqa: E402
 from jaxdp.runtime import hf  # noqa: E402
 from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate  # noqa: E402
 
+# Trains three tiny runs and compiles train steps on 8 devices: tens of seconds.
+pytestmark = pytest.mark.slow
+
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 TEXT = "ROMEO: But soft, what light through yonder window breaks? Ünïcödé ✓ 日本\n\tok  "
 LLAMA = dict(family="llama", n_kv_head=1, tie_embeddings=False, rope_theta=500.0)
