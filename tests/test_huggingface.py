@@ -245,3 +245,16 @@ def test_init_from_refusals(hf_dirs, tmp_path):
   assert_refused(cli(*train, f"--config.init_from=hf:{directory}", "--config.model.n_layer=3"),
                  "config.model.n_layer=3 but", "set --config.model.n_layer=2")
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_moved_workdir_generates_the_same_text_with_and_without_the_cache(exported):
+  """`jaxdp generate` on the moved gpt run: greedy text equal with --cache and --nocache, and
+  the speed reported on stderr (stdout is only the text)."""
+  moved, _ = exported["gpt"]
+  runs = [cli("generate", "--workdir", moved, "--prompt", "ROMEO:", "--max_new_tokens", "12",
+              "--temperature", "0", "--cpu_devices", "1", flag) for flag in ("--cache", "--nocache")]
+  for result, kind in zip(runs, ("cached", "uncached")):
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s decoding" in result.stderr and f"({kind};" in result.stderr
+    assert "tokens/s" not in result.stdout
+  assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("ROMEO:")
