@@ -201,7 +201,7 @@ def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs):
   with pytest.raises(Exception, match=r"config.model.norm_eps=1e-06 but .* uses 1e-05"):
     build(import_config("gpt", hf_dirs["gpt"][0], norm_eps=0.0))
   with pytest.raises(Exception, match=r"mlp_ratio=2 gives an MLP of 88 .* intermediate_size=176; "
-                                      r"set --config.model.mlp_ratio=4"):
+                                      r"set --config.model.mlp_ratio=4$"):
     build(import_config("llama", directory, mlp_ratio=2))
 
 
