@@ -48,7 +48,8 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
   """
   # Written even when None: GPT2Config's defaults (50256) would name an id the vocab may lack.
   special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
-  common = {"vocab_size": cfg.vocab_size, "torch_dtype": "float32", "tie_word_embeddings":
+  common = {"vocab_size": cfg.vocab_size, "dtype": "float32", "torch_dtype": "float32",
+            "tie_word_embeddings":
             cfg.tie_embeddings, **special}
   if cfg.family == "gpt":
     if cfg.positions != "learned":
