@@ -4,6 +4,7 @@ transformers models built here (no download) imported into jaxdp compute the sam
 transformers does; the exported tokenizer round-trips text; bad input is one line, status 2.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -258,3 +259,26 @@ def test_a_moved_workdir_generates_the_same_text_with_and_without_the_cache(expo
     assert "tokens/s decoding" in result.stderr and f"({kind};" in result.stderr
     assert "tokens/s" not in result.stdout
   assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("variant", ["sharded", "base_model", "bfloat16"])
+def test_other_ways_of_saving_give_the_same_parameters(hf_dirs, tmp_path, variant):
+  """A sharded model.safetensors.index.json, a GPT-2 saved from its base model (tensor names
+  without "transformer."), and bfloat16 weights (widened to float32) read as the same tree."""
+  from jaxdp.config import model_config
+  directory, model = hf_dirs["gpt"]
+  cfg = model_config(import_config("gpt", directory), 256)
+  reference = hf.load_params(f"hf:{directory}", cfg)
+  if variant == "sharded":
+    model.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert not os.path.exists(tmp_path / "model.safetensors")
+  elif variant == "base_model":
+    model.transformer.save_pretrained(str(tmp_path))
+  else:
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(tmp_path))  # The fixture's stays.
+    reference = jax.tree.map(lambda x: np.asarray(torch.tensor(x).bfloat16().float()), reference)
+  loaded = hf.load_params(f"hf:{tmp_path}", cfg)
+  assert jax.tree.structure(loaded) == jax.tree.structure(reference)
+  for ours, theirs in zip(jax.tree.leaves(loaded), jax.tree.leaves(reference)):
+    assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
