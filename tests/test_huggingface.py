@@ -194,7 +194,14 @@ def test_a_transformers_model_imported_with_init_from_gives_its_logits(hf_dirs, 
   assert float(metrics["train_loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs):
+def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs, tmp_path):
+  other_vocab = tmp_path / "other_vocab"
+  shutil.copytree(hf_dirs["gpt"][0], other_vocab)
+  hf_config = json.loads((other_vocab / "config.json").read_text())
+  (other_vocab / "config.json").write_text(json.dumps({**hf_config, "vocab_size": 50257}))
+  with pytest.raises(Exception, match=r"the run's tokenizer has 256 ids but .* has "
+                                      r"vocab_size=50257; prepare the data with the checkpoint's"):
+    build(import_config("gpt", other_vocab))
   directory, _ = hf_dirs["llama"]
   with pytest.raises(Exception, match=r"config.model.n_kv_head=0 but .* has 2; set "
                                       r"--config.model.n_kv_head=2"):
