@@ -228,6 +228,9 @@ def test_export_refusals(runs, tmp_path):
   assert_refused(cli("export", "--workdir", runs["gpt"], "--step", "2", "--out", str(tmp_path)),
                  "--step=2 is not a checkpoint", "its steps: 3")
   assert_refused(cli("export", "--workdir", runs["gpt"]), "needs --out DIR")
+  (tmp_path / "a_file").write_text("")
+  assert_refused(cli("export", "--workdir", runs["gpt"], "--out", str(tmp_path / "a_file")),
+                 "is a file; give a directory")
   assert_refused(cli("export", "--workdir", runs["gpt"], "--out", str(tmp_path), "--step=-1"),
                  "--step=-1 is out of range")
 
