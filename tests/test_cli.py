@@ -13,7 +13,7 @@ import sys
 import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
-SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify")
+SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify", "export")
 
 
 def _env():
@@ -110,6 +110,8 @@ HELP_SHOWS = {
     "inspect": ["CHECKPOINT_DIR"],
     "plan": ["--[no]json  (default: false)", "--cpu_devices=N  (default:", "--help_config"],
     "verify": ["--steps=K  (default: 3)", "Valid: K >= 1.", "--help_config"],
+    "export": ["--out=DIR  (required)", "--step=S  (default: the latest)", "Valid: S >= 0.",
+               "--workdir=DIR  (default: runs/default)"],
 }
 
 

@@ -4,6 +4,7 @@ transformers models built here (no download) imported into jaxdp compute the sam
 transformers does; the exported tokenizer round-trips text; bad input is one line, status 2.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -22,6 +23,9 @@ from jaxdp.config import load_preset  # noqa: E402
 from jaxdp.data.prepare import prepare  # noqa: E402
 from jaxdp.runtime import hf  # noqa: E402
 from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate  # noqa: E402
+
+# Trains three tiny runs and compiles train steps on 8 devices: tens of seconds.
+pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 TEXT = "ROMEO: But soft, what light through yonder window breaks? Ünïcödé ✓ 日本\n\tok  "
@@ -190,7 +194,14 @@ def test_a_transformers_model_imported_with_init_from_gives_its_logits(hf_dirs, 
   assert float(metrics["train_loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs):
+def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs, tmp_path):
+  other_vocab = tmp_path / "other_vocab"
+  shutil.copytree(hf_dirs["gpt"][0], other_vocab)
+  hf_config = json.loads((other_vocab / "config.json").read_text())
+  (other_vocab / "config.json").write_text(json.dumps({**hf_config, "vocab_size": 50257}))
+  with pytest.raises(Exception, match=r"the run's tokenizer has 256 ids but .* has "
+                                      r"vocab_size=50257; prepare the data with the checkpoint's"):
+    build(import_config("gpt", other_vocab))
   directory, _ = hf_dirs["llama"]
   with pytest.raises(Exception, match=r"config.model.n_kv_head=0 but .* has 2; set "
                                       r"--config.model.n_kv_head=2"):
@@ -198,7 +209,7 @@ def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs):
   with pytest.raises(Exception, match=r"config.model.norm_eps=1e-06 but .* uses 1e-05"):
     build(import_config("gpt", hf_dirs["gpt"][0], norm_eps=0.0))
   with pytest.raises(Exception, match=r"mlp_ratio=2 gives an MLP of 88 .* intermediate_size=176; "
-                                      r"set --config.model.mlp_ratio=4"):
+                                      r"set --config.model.mlp_ratio=4$"):
     build(import_config("llama", directory, mlp_ratio=2))
 
 
@@ -217,6 +228,9 @@ def test_export_refusals(runs, tmp_path):
   assert_refused(cli("export", "--workdir", runs["gpt"], "--step", "2", "--out", str(tmp_path)),
                  "--step=2 is not a checkpoint", "its steps: 3")
   assert_refused(cli("export", "--workdir", runs["gpt"]), "needs --out DIR")
+  (tmp_path / "a_file").write_text("")
+  assert_refused(cli("export", "--workdir", runs["gpt"], "--out", str(tmp_path / "a_file")),
+                 "is a file; give a directory")
   assert_refused(cli("export", "--workdir", runs["gpt"], "--out", str(tmp_path), "--step=-1"),
                  "--step=-1 is out of range")
 
@@ -242,3 +256,39 @@ def test_init_from_refusals(hf_dirs, tmp_path):
   assert_refused(cli(*train, f"--config.init_from=hf:{directory}", "--config.model.n_layer=3"),
                  "config.model.n_layer=3 but", "set --config.model.n_layer=2")
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_moved_workdir_generates_the_same_text_with_and_without_the_cache(exported):
+  """`jaxdp generate` on the moved gpt run: greedy text equal with --cache and --nocache, and
+  the speed reported on stderr (stdout is only the text)."""
+  moved, _ = exported["gpt"]
+  runs = [cli("generate", "--workdir", moved, "--prompt", "ROMEO:", "--max_new_tokens", "12",
+              "--temperature", "0", "--cpu_devices", "1", flag) for flag in ("--cache", "--nocache")]
+  for result, kind in zip(runs, ("cached", "uncached")):
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s decoding" in result.stderr and f"({kind};" in result.stderr
+    assert "tokens/s" not in result.stdout
+  assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("variant", ["sharded", "base_model", "bfloat16"])
+def test_other_ways_of_saving_give_the_same_parameters(hf_dirs, tmp_path, variant):
+  """A sharded model.safetensors.index.json, a GPT-2 saved from its base model (tensor names
+  without "transformer."), and bfloat16 weights (widened to float32) read as the same tree."""
+  from jaxdp.config import model_config
+  directory, model = hf_dirs["gpt"]
+  cfg = model_config(import_config("gpt", directory), 256)
+  reference = hf.load_params(f"hf:{directory}", cfg)
+  if variant == "sharded":
+    model.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert not os.path.exists(tmp_path / "model.safetensors")
+  elif variant == "base_model":
+    model.transformer.save_pretrained(str(tmp_path))
+  else:
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(tmp_path))  # The fixture's stays.
+    reference = jax.tree.map(lambda x: np.asarray(torch.tensor(x).bfloat16().float()), reference)
+  loaded = hf.load_params(f"hf:{tmp_path}", cfg)
+  assert jax.tree.structure(loaded) == jax.tree.structure(reference)
+  for ours, theirs in zip(jax.tree.leaves(loaded), jax.tree.leaves(reference)):
+    assert ours.dtype == np.float32 and np.array_equal(ours, theirs)

@@ -151,8 +151,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
 
 
 def decode_offset(module: nn.Module) -> jax.Array | None:
-  """Position of the call's first token when `module` decodes from a cache, else None; the
-  module's index then moves on by `tokens` (the call's T)."""
+  """Position of the call's first token when `module` decodes from a cache (its "index"
+  variable, int32 scalar), else None."""
   if not module.has_variable(CACHE, "index"):
     return None
   return module.get_variable(CACHE, "index")

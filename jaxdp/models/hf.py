@@ -21,6 +21,7 @@ modeling_llama.py, and jaxdp's gpt.py, llama.py, common.py):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,8 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
   """
   # Written even when None: GPT2Config's defaults (50256) would name an id the vocab may lack.
   special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
-  common = {"vocab_size": cfg.vocab_size, "torch_dtype": "float32", "tie_word_embeddings":
+  common = {"vocab_size": cfg.vocab_size, "dtype": "float32", "torch_dtype": "float32",
+            "tie_word_embeddings":
             cfg.tie_embeddings, **special}
   if cfg.family == "gpt":
     if cfg.positions != "learned":
@@ -214,17 +216,13 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
                      f"{fields['max_seq_len']} learned positions; set --config.seq_len="
                      f"{fields['max_seq_len']} or less")
   if family == "llama" and mlp_hidden(cfg) != fields["intermediate_size"]:
-    ratio = 1.5 * fields["intermediate_size"] / cfg.d_model
-    fix = (f"set --config.model.mlp_ratio={ratio:g}"
-           if mlp_hidden(ModelConfig(**{**_asdict(cfg), "mlp_ratio": ratio})) ==
-           fields["intermediate_size"] else "no mlp_ratio gives that width")
+    width, exact = fields["intermediate_size"], 1.5 * fields["intermediate_size"] / cfg.d_model
+    # The roundest ratio that gives the width (Llama's own rounding makes several do).
+    fits = [r for r in (round(exact), round(exact * 2) / 2, round(exact, 3), exact)
+            if r > 0 and mlp_hidden(dataclasses.replace(cfg, mlp_ratio=r)) == width]
+    fix = f"set --config.model.mlp_ratio={fits[0]:g}" if fits else "no mlp_ratio gives that width"
     raise JaxdpError(f"config.model.mlp_ratio={cfg.mlp_ratio} gives an MLP of {mlp_hidden(cfg)} "
-                     f"but {where} has intermediate_size={fields['intermediate_size']}; {fix}")
-
-
-def _asdict(cfg: ModelConfig) -> dict:
-  import dataclasses
-  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+                     f"but {where} has intermediate_size={width}; {fix}")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

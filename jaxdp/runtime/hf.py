@@ -45,6 +45,8 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
   """
   from jaxdp.runtime.checkpoint import Checkpointer
   from jaxdp.runtime.trainer import load_for_inference
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise JaxdpError(f"--out={out!r} is a file; give a directory (it is created if missing)")
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise JaxdpError(f"--workdir={workdir!r} has no checkpoints/; give the directory a "
                      "`jaxdp train --workdir` wrote")
