@@ -40,7 +40,8 @@ def source_of(row: np.ndarray) -> str:
 
 @pytest.mark.parametrize("spec, message", [
     ("a", "is not PATH:WEIGHT"), ("a:-1", "positive weight"), ("a:x,b:1", "is not PATH:WEIGHT"),
-    ("a:0.0001,b:1", "below the resolution"), ("a:inf", "positive weight")])
+    ("a:0.0001,b:1", "below the resolution"), ("a:inf", "positive weight"),
+    ("a:0.5,./a:0.5", "names './a' twice")])
 def test_malformed_sources_get_one_line_errors(spec, message):
   with pytest.raises(JaxdpError, match=message):
     parse_sources(spec)
@@ -164,3 +165,11 @@ def test_a_mixture_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tiny
     return [(r["step"], r["train_loss"]) for r in read_metrics(str(workdir)) if "train_loss" in r]
   assert losses(tmp_path / "split") == losses(tmp_path / "full")
   assert resumed["data_mixture"] == Dataset(tiny_config).realised_mixture(6 * 16)
+
+
+def test_a_missing_source_is_named_under_data_sources(tiny_config, corpora):
+  from jaxdp.data import Dataset
+  tiny_config.data.path = ""
+  tiny_config.data.sources = f"{corpora['lower']}:0.7,nosuch/dir:0.3"
+  with pytest.raises(JaxdpError, match="config.data.sources: 'nosuch/dir' does not exist"):
+    Dataset(tiny_config)

@@ -196,3 +196,20 @@ def test_cli_prepare_then_generate_uses_the_saved_tokenizer(prepared, trained, t
   params, model, tokenizer = load_for_inference(trained["workdir"])
   greedy = list(generate(params, model, tokenizer.encode("KING"), 8, temperature=0))
   assert sample.stdout == "KING" + tokenizer.decode(greedy) + "\n"
+
+
+def test_a_failed_or_interrupted_prepare_leaves_nothing_that_blocks_the_rerun(tmp_path):
+  good = tmp_path / "good.jsonl"
+  bad = tmp_path / "bad.jsonl"
+  good.write_text('{"text": "first document"}\n{"text": "second one"}\n')
+  bad.write_text('{"text": "fine"}\n' + '{"text": "padding text"}\n' * 20000 + "{not json\n")
+  out = tmp_path / "out"
+  with pytest.raises(JaxdpError, match="is not JSON"):
+    prep.prepare([str(bad)], str(out), progress=False, chunk_bytes=4096)
+  assert not out.exists()  # Created by the failed run, so removed with its files.
+  out.mkdir()  # What an interrupted run leaves: its tokenizer and a partial token file.
+  (out / "tokenizer.json").write_text("{}")
+  (out / (prep.TOKENS_FILE + ".tmp")).write_bytes(b"\0" * 10)
+  assert prep.prepare([str(good)], str(out), progress=False)["num_documents"] == 2
+  with pytest.raises(JaxdpError, match="is a file; give a new or empty directory"):
+    prep.prepare([str(good)], str(good), progress=False)

@@ -16,6 +16,8 @@ is within k/n of q_i/Q (k sources) at every n.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from jaxdp.errors import JaxdpError
@@ -42,6 +44,9 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
     if not sep or not path or not value > 0 or not np.isfinite(value):
       raise JaxdpError(f"config.data.sources entry {item.strip()!r} is not PATH:WEIGHT with a "
                        "positive weight; write e.g. --config.data.sources=a:0.7,b:0.3")
+    if any(os.path.abspath(path) == os.path.abspath(seen) for seen, _ in entries):
+      raise JaxdpError(f"config.data.sources names {path!r} twice; give each source once, with "
+                       "the sum of its weights")
     entries.append((path, value))
   total = sum(w for _, w in entries)
   for path, weight in entries:

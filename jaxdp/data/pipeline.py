@@ -75,8 +75,9 @@ def load_tokens(path: str) -> np.ndarray:
   """Reads a UTF-8 text file ("" = the built-in corpus) into byte tokens."""
   path = path or builtin_corpus_path()
   if not os.path.exists(path):
-    raise JaxdpError(f"config.data.path={path!r} does not exist; give a text file, or '' for the "
-                     "built-in corpus")
+    raise JaxdpError(f"config.data.path={path!r} does not exist; give a UTF-8 text file, a "
+                     "directory written by `jaxdp prepare`, a .bin token file (or folder), or '' for "
+                     "the built-in corpus")
   if os.path.isdir(path):
     raise JaxdpError(f"config.data.path={path!r} is a directory; give a UTF-8 text file or a "
                      "directory written by `jaxdp prepare`")
@@ -257,6 +258,11 @@ class Dataset:
       raise JaxdpError(f"config.data.packing={packing!r} is not one of {', '.join(PACKINGS)}")
     specs = mixtures.parse_sources(data.get("sources", ""))
     self.sources = specs or [(data.path, 1.0)]
+    if specs:
+      for path, _ in specs:
+        if not os.path.exists(path):
+          raise JaxdpError(f"config.data.sources: {path!r} does not exist; give a directory written "
+                           "by `jaxdp prepare`, a .bin token file (or folder) or a UTF-8 text file")
     opened = [open_data(path, data.get("tokenizer", "")) for path, _ in self.sources]
     self.tokenizer = tokenizer or opened[0][2]
     for (path, _), (_, _, tok) in zip(self.sources[1:], opened[1:]):

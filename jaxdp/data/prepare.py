@@ -139,6 +139,11 @@ def _clear_previous(out: str) -> None:
     return
   manifest_path = os.path.join(out, MANIFEST)
   if not os.path.exists(manifest_path):
+    leftovers = set(PREPARED_FILES) | {TOKENS_FILE + ".tmp", MANIFEST + ".tmp"}
+    if set(os.listdir(out)) <= leftovers:  # An interrupted or failed prepare's own files.
+      for name in os.listdir(out):
+        os.remove(os.path.join(out, name))
+      return
     if os.listdir(out):
       raise JaxdpError(f"prepare: --out={out!r} exists, is not empty and holds no {MANIFEST}; give "
                        "a new or empty directory (prepare will not overwrite other files)")
@@ -180,6 +185,8 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
   if not text_field:
     raise JaxdpError("prepare: --text_field is empty; name the JSONL/Parquet/dataset field that "
                      "holds the text")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise JaxdpError(f"prepare: --out={out!r} is a file; give a new or empty directory")
   skipped: list[str] = []
   files = sources.list_inputs(inputs, skipped)
   if skipped:
@@ -197,12 +204,31 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
   for path in files:  # Fail on a bad input before clearing or training anything.
     for _ in sources.iter_pieces(path, text_field, chunk_bytes):
       break
+  created = not os.path.isdir(out)
   _clear_previous(out)
+  try:
+    return _write(files, described, request, out, tokenizer, vocab_size, text_field, chunk_bytes,
+                  progress)
+  except BaseException:  # Failed or interrupted: leave no half-written files behind.
+    for name in set(PREPARED_FILES) | {TOKENS_FILE + ".tmp", MANIFEST + ".tmp"}:
+      if os.path.exists(os.path.join(out, name)):
+        os.remove(os.path.join(out, name))
+    if created and not os.listdir(out):
+      os.rmdir(out)
+    raise
+
+
+def _write(files, described, request, out, tokenizer, vocab_size, text_field, chunk_bytes,
+           progress) -> dict:
+  """prepare's work once `out` is clear: the tokenizer, tokens.bin, then the manifest."""
   if tokenizer == "bpe":
     tok = train_bpe((text for path in files
                      for text, _ in sources.iter_pieces(path, text_field, chunk_bytes)), vocab_size)
   else:
     tok = toks.from_spec(tokenizer)
+  if tok.vocab_size < 2:
+    raise JaxdpError(f"prepare: the tokenizer {tokenizer!r} has {tok.vocab_size} id(s), only its "
+                     "end-of-text token; give a tokenizer.json with a real vocabulary")
   tokenizer_file = os.path.basename(toks.save(tok, out))
   dtype = token_dtype(tok.vocab_size)
   tmp = os.path.join(out, TOKENS_FILE + ".tmp")
