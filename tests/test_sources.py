@@ -257,3 +257,20 @@ def test_progress_off_a_terminal_prints_plain_lines_with_tokens_per_second(capsy
   assert lines[-1].startswith("prepare: 1,000 tokens in ") and "\r" not in "".join(lines)
   prep.Progress(False, total_bytes=100).close()
   assert capsys.readouterr().err == ""
+
+
+def test_token_ids_beyond_the_tokenizer_are_refused_at_start_naming_data_tokenizer(
+    tmp_path, tokenizer_json, tiny_config):
+  from jaxdp.data import pipeline
+  tokens = np.arange(5000, dtype=np.uint16) % 300
+  tokens[4321] = 499  # One id past a 400-id tokenizer.
+  path = tmp_path / "data.bin"
+  tokenfiles.write_token_file(str(path), tokens)
+  tiny_config.data.path, tiny_config.data.tokenizer = str(path), tokenizer_json
+  with pytest.raises(JaxdpError, match=r"hold id 499, but the tokenizer .* has \d+ ids; set "
+                                       "config.data.tokenizer"):
+    Dataset(tiny_config)
+  assert pipeline.largest_id(tokens, chunk=1000) == 499  # Found across chunks.
+  tokens[4321] = 7
+  tokenfiles.write_token_file(str(path), tokens)
+  assert len(Dataset(tiny_config).train_source) > 0  # Every id within the vocabulary: accepted.

@@ -49,12 +49,28 @@ def open_data(path: str, tokenizer: str = ""):
   .bin token files (default: the tokenizer.json beside them)."""
   if path and tokenfiles.is_token_path(path):
     train, val = tokenfiles.open_token_path(path)
-    return train, val, _token_file_tokenizer(path, tokenizer)
+    tok = _token_file_tokenizer(path, tokenizer)
+    for name, stream in (("training", train), ("validation", val)):
+      largest = largest_id(stream) if stream is not None else -1
+      if largest >= tok.vocab_size:
+        raise JaxdpError(f"config.data.path={path!r}: the {name} tokens hold id {largest}, but the "
+                         f"tokenizer ({tokenizer or 'the tokenizer.json beside them'}) has "
+                         f"{tok.vocab_size} ids; set config.data.tokenizer to the tokenizer that "
+                         "wrote these files")
+    return train, val, tok
   if path and os.path.isdir(path):
     from jaxdp.data import prepare  # Imports this module: loaded only when needed.
     tokens, tok = prepare.open_prepared(path)
     return tokens, None, tok
   return load_tokens(path), None, ByteTokenizer()
+
+
+def largest_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+  """The largest token id of a (memory-mapped) stream, read in chunks of `chunk` ids (bounded
+  memory; a token file written with another tokenizer would otherwise index past the embedding)."""
+  if np.iinfo(tokens.dtype).max < 256 or not len(tokens):
+    return int(tokens.max()) if len(tokens) else -1
+  return max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
 
 
 def _token_file_tokenizer(path: str, spec: str):
