@@ -68,9 +68,9 @@ def open_data(path: str, tokenizer: str = ""):
 def largest_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
   """The largest token id of a (memory-mapped) stream, read in chunks of `chunk` ids (bounded
   memory; a token file written with another tokenizer would otherwise index past the embedding)."""
-  if np.iinfo(tokens.dtype).max < 256 or not len(tokens):
-    return int(tokens.max()) if len(tokens) else -1
-  return max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+  if not len(tokens):
+    return -1
+  return max(int(np.asarray(tokens[i:i + chunk]).max()) for i in range(0, len(tokens), chunk))
 
 
 def _token_file_tokenizer(path: str, spec: str):
