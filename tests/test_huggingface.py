@@ -202,6 +202,13 @@ def test_a_field_that_differs_from_the_checkpoint_is_named(hf_dirs, tmp_path):
   with pytest.raises(Exception, match=r"the run's tokenizer has 256 ids but .* has "
                                       r"vocab_size=50257; prepare the data with the checkpoint's"):
     build(import_config("gpt", other_vocab))
+  from jaxdp.models.common import ModelConfig
+  from jaxdp.models.hf import check_hf_config
+  unpadded = ModelConfig(vocab_size=500, seq_len=48, n_layer=2, n_head=2, d_model=32,
+                         positions="learned")
+  with pytest.raises(Exception, match="vocab_size=512, the run's 500-id tokenizer padded to a "
+                                      "multiple of 64 .* set --config.model.pad_vocab_to_multiple=64"):
+    check_hf_config({**hf_config, "vocab_size": 512}, unpadded, "the export")
   directory, _ = hf_dirs["llama"]
   with pytest.raises(Exception, match=r"config.model.n_kv_head=0 but .* has 2; set "
                                       r"--config.model.n_kv_head=2"):
@@ -292,3 +299,18 @@ def test_other_ways_of_saving_give_the_same_parameters(hf_dirs, tmp_path, varian
   assert jax.tree.structure(loaded) == jax.tree.structure(reference)
   for ours, theirs in zip(jax.tree.leaves(loaded), jax.tree.leaves(reference)):
     assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+
+
+def test_export_never_replaces_files_it_did_not_write(runs, tmp_path):
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "tokenizer.json").write_text('{"my": "own tokenizer"}')
+  with pytest.raises(Exception, match="already holds tokenizer.json, not written by `jaxdp export`"):
+    hf.export(runs["gpt"], str(mine))
+  assert (mine / "tokenizer.json").read_text() == '{"my": "own tokenizer"}'
+  assert os.listdir(mine) == ["tokenizer.json"]
+  again = tmp_path / "again"
+  first = hf.export(runs["gpt"], str(again))
+  (again / "notes.txt").write_text("keep")
+  assert hf.export(runs["gpt"], str(again))["files"] == first["files"]  # Its own export: replaced.
+  assert "notes.txt" not in first["files"] and (again / "notes.txt").read_text() == "keep"

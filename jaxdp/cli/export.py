@@ -22,8 +22,8 @@ COMMAND = c.Command(
                  metavar="DIR"),
         c.integer("step", None, "Checkpoint step to export.", metavar="S", min=0,
                   default_text="the latest"),
-        c.string("out", None, "Directory to write the Hugging Face model into (created; files "
-                 "of the same names are replaced).", metavar="DIR", required=True),
+        c.string("out", None, "Directory to write the Hugging Face model into (created if "
+                 "missing; an earlier export there is replaced, other files are never).", metavar="DIR", required=True),
     ),
 )
 

@@ -193,8 +193,16 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
     raise JaxdpError(f"config.model.family={cfg.family!r} but {where} is {hf.get('model_type')}; "
                      f"set --config.model.family={family}")
   if hf.get("vocab_size") != cfg.vocab_size:
-    raise JaxdpError(f"the run's tokenizer has {cfg.vocab_size} ids but {where} has vocab_size="
-                     f"{hf.get('vocab_size')}; prepare the data with the checkpoint's tokenizer "
+    tokens = cfg.valid_vocab_size or cfg.vocab_size
+    hf_vocab = hf.get("vocab_size")
+    multiple = next((m for m in (64, 128, 256, 8, 16, 32) if isinstance(hf_vocab, int)
+                     and hf_vocab > tokens and -(-tokens // m) * m == hf_vocab), None)
+    if multiple:  # What a run with model.pad_vocab_to_multiple exports.
+      raise JaxdpError(f"{where} has vocab_size={hf_vocab}, the run's {tokens}-id tokenizer padded "
+                       f"to a multiple of {multiple} (this run's model has {cfg.vocab_size}); set "
+                       f"--config.model.pad_vocab_to_multiple={multiple}")
+    raise JaxdpError(f"the run's tokenizer has {tokens} ids but {where} has vocab_size="
+                     f"{hf_vocab}; prepare the data with the checkpoint's tokenizer "
                      "(`jaxdp prepare --tokenizer DIR/tokenizer.json`) so the ids mean the same")
   have = {"model.n_layer": cfg.n_layer, "model.n_head": cfg.n_head, "model.d_model": cfg.d_model,
           "model.n_kv_head": 0 if cfg.kv_heads == cfg.n_head else cfg.kv_heads,

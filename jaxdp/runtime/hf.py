@@ -47,6 +47,10 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
   from jaxdp.runtime.trainer import load_for_inference
   if os.path.exists(out) and not os.path.isdir(out):
     raise JaxdpError(f"--out={out!r} is a file; give a directory (it is created if missing)")
+  clashes = [n for n in EXPORT_FILES if os.path.exists(os.path.join(out, n))]
+  if clashes and not _is_jaxdp_export(out):
+    raise JaxdpError(f"--out={out!r} already holds {', '.join(clashes)}, not written by `jaxdp "
+                     "export`; give a new or empty directory (export replaces only its own files)")
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise JaxdpError(f"--workdir={workdir!r} has no checkpoints/; give the directory a "
                      "`jaxdp train --workdir` wrote")
@@ -78,8 +82,20 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
                                        if eos is not None else {})})
   except OSError as e:
     raise JaxdpError(f"cannot write --out={out!r}: {os_reason(e, out)}") from None
-  return {"step": step, "family": cfg.family,
-          "files": sorted(os.listdir(out))}
+  return {"step": step, "family": cfg.family, "files": sorted(EXPORT_FILES)}
+
+
+EXPORT_FILES = (WEIGHTS, "config.json", TOKENIZER_FILE, "tokenizer_config.json",
+                "generation_config.json")
+
+
+def _is_jaxdp_export(out: str) -> bool:
+  """True when `out` holds an earlier `jaxdp export` (its weights say so), which may be replaced."""
+  try:
+    with _safetensors().safe_open(os.path.join(out, WEIGHTS), "np") as f:
+      return (f.metadata() or {}).get("source", "").startswith("jaxdp ")
+  except Exception:  # noqa: BLE001 - missing or unreadable weights: not ours.
+    return False
 
 
 def _write_json(path: str, value: dict) -> None:
