@@ -194,7 +194,10 @@ def test_did_you_mean_looks_among_this_subcommands_flags_and_config_fields():
     ("launch", ["--nprocs", "0", "--", "train"], "--nprocs=0 is out of range; valid: P >= 1"),
     ("prepare", ["in.txt", "--out", "d", "--vocab_size", "10"],
      "--vocab_size=10 is out of range; valid: V >= 257"),
-    ("generate", ["--top_k", "many"], "--top_k=many"),
+    ("generate", ["--top_k", "many"], "--top_k=many is not a whole number; give e.g. --top_k=100"),
+    ("train", ["--config.num_steps=abc"], "--config.num_steps=abc is not a whole number"),
+    ("train", ["--config.learning_rate=fast"], "--config.learning_rate=fast is not a number"),
+    ("train", ["--config.model.tie_embeddings=maybe"], "is not true or false"),
 ])
 def test_a_number_out_of_range_is_refused_before_any_work(tmp_path, command, args, message):
   # A workdir without a checkpoint: generate would fail there, so the range check came first.

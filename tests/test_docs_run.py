@@ -28,6 +28,8 @@ NOT_RUN = {
     "mpirun": "needs Open MPI across hosts; its environment is simulated in test_distributed",
     "jaxdp train --coordinator 10.0.0.1": "a real two-host run; the same flags run in test_multihost "
                                           "through `jaxdp launch`",
+    "pip download": "downloads wheels for an offline GPU machine (needs the network)",
+    "tools/gpu_check.sh": "needs an NVIDIA GPU; its --dry-run runs in tests/test_gpu_check.py",
 }
 
 # Flags appended per subcommand so that a documented command takes seconds, not minutes. A flag

@@ -219,7 +219,7 @@ class Command:
     except absl_flags.UnrecognizedFlagError as e:
       raise JaxdpError(self._unknown_flag_message(e.flagname, fields, others)) from None
     except absl_flags.Error as e:
-      raise JaxdpError(_first_line(e)) from None
+      raise JaxdpError(_value_message(_first_line(e))) from None
     args = types.SimpleNamespace(positional=positional)
     if self.passthrough:
       args.launched = launched
@@ -294,6 +294,23 @@ def wants_help(argv: Sequence[str]) -> bool:
 
 def _first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# absl's words for a value of the wrong type -> what the value must be, and an example.
+_KINDS = (("invalid literal for int()", "a whole number", "100"),
+          ("could not convert string to float", "a number", "0.001"),
+          ("Non-boolean argument", "true or false", "true"))
+
+
+def _value_message(line: str) -> str:
+  """absl's "flag --X=V: <Python's parse error>" as "--X=V is not <kind>; give e.g. --X=<ex>"."""
+  match = re.match(r"flag (--[\w.]+)=(.*?): (.*)$", line)
+  if match:
+    for words, kind, example in _KINDS:
+      if words in match.group(3):
+        name, value = match.group(1), match.group(2)
+        return f"{name}={value} is not {kind}; give e.g. {name}={example}"
+  return line
 
 
 def _define(flag: Flag, values: Any) -> None:
