@@ -45,4 +45,8 @@ def run(args: types.SimpleNamespace) -> int:
         f"inputs, {manifest['num_tokens']} tokens ({manifest['tokenizer']['kind']}, vocab "
         f"{manifest['tokenizer']['vocab_size']}, {manifest['dtype']}); train with "
         f"--config.data.path={out}")
+  learned = manifest["tokenizer"]["vocab_size"]
+  if args.tokenizer == "bpe" and learned < args.vocab_size:
+    print(f"note: the corpus yields only {learned} BPE tokens (merges of pairs that occur), "
+          f"fewer than --vocab_size={args.vocab_size}; the model uses {learned}")
   return 0
