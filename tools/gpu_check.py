@@ -160,12 +160,13 @@ def _small_config(dry: bool, **fields):
   return c
 
 
-def _train(config, devices, steps: int):
-  """(per-step losses, final state, trainer, seconds per step after the first) of `steps` steps."""
+def _train(config, devices, steps: int, trainer=None):
+  """(per-step losses, final state, trainer, seconds per step after the first, fetched metrics)
+  of `steps` steps of `config` (or of an already built `trainer`)."""
   import jax
 
   from jaxdp.runtime.trainer import build
-  trainer = build(config, devices)
+  trainer = trainer or build(config, devices)
   state = trainer.init_state()
   metrics = []
   state, m = trainer.dp.step(state, trainer.train_batch(0))  # Compiles.
@@ -258,14 +259,17 @@ def check_zero(dry: bool, outdir: str):
   import jax
 
   from jaxdp.analysis.hlo import collective_bytes
+  from jaxdp.runtime.trainer import build
   jax.config.update("jax_default_matmul_precision", "highest")  # As in check_offload.
   devices = _devices(dry)
   steps = 5
   results = {"num_devices": len(devices), "losses": {}, "collectives": {}, "max_rel_diff_vs_dp": {}}
   for strategy in ("dp", "zero1", "zero2", "zero3"):
     config = _small_config(dry, strategy=strategy)
-    losses, state, trainer, per_step, _ = _train(config, devices, steps)
+    trainer = build(config, devices)
+    # Compiled once: the steps below reuse this executable (jit's cache).
     text = trainer.train_step.lower(trainer.abstract_state(), trainer.train_batch(0)).compile().as_text()
+    losses, state, trainer, per_step, _ = _train(config, devices, steps, trainer)
     buffers = collective_bytes(text)["buffers"]
     results["losses"][strategy] = losses
     results["collectives"][strategy] = {op: v["count"] for op, v in buffers.items()}
