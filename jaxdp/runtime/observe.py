@@ -23,7 +23,7 @@ def compiled_flops(compiled) -> float:
 
   XLA counts the body of a while loop (`lax.scan`: gradient accumulation, scanned remat blocks)
   once, whatever its trip count: such steps need their FLOPs from a loop-free lowering (see
-  jaxdp.runtime.trainer.model_flops_per_device).
+  model_flops_per_device below).
   """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
