@@ -42,10 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
   c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
+  c.preempt_exit_code = 75  # Exit status of `jaxdp train` stopped by SIGTERM, SIGINT or SIGUSR1 after saving a checkpoint (resumable; every process agrees on the step): 75 (EX_TEMPFAIL) tells a requeueing scheduler "run again"; 0 reports it as success. 0-255, not 1-3 (errors, timeouts).
   c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
-  c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale) or "bf16".
+  c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale), "bf16" or "powersgd" (rank-compression_rank factors of each matrix).
   c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.
   c.error_feedback = True  # Keep what compression dropped (per device, checkpointed) and add it to the next step's gradient.
+  c.compression_rank = 4  # compression="powersgd": rank of each gradient matrix's approximation (>= 1; capped at the matrix's smaller side).
+  c.compression_warmup_steps = 0  # topk/randomk: DGC warm-up steps, density 1/4, 1/16, ... down to compression_ratio; with compression_optimizer="frozen_variance": dense Adam steps before the variance freezes; 0 disables.
+  c.local_grad_clip = 0.0  # Compression: each device clips its gradient share to this global-norm threshold x sqrt(devices) before compressing (DGC); 0 disables.
+  c.compression_optimizer = "none"  # "none", or "frozen_variance" (1-bit Adam, optimizer="adamw"): after compression_warmup_steps dense steps Adam's variance freezes and the momentum is compressed instead of the gradient.
   c.momentum_correction = 0.0  # Top-k/random-k: local momentum accumulated before sparsifying (DGC); 0 disables.
   c.sync = "every_step"  # "every_step", "local_sgd" (average parameters every sync_every steps) or "stale" (apply gradients `staleness` steps old).
   c.sync_every = 4  # local_sgd: local optimizer steps between parameter averages (H).
@@ -57,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
   c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped; at 1 it cannot fall further, and an overflow there falls under nan_policy).
   c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
+  c.init_from = ""  # Initial parameters of a fresh run: "" (random, from seed) or "hf:DIR", a local Hugging Face GPT-2 (family gpt, positions learned) or Llama checkpoint (config.json + model.safetensors) whose architecture config.model must match; a resumed run keeps its checkpoint.
   c.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of the steps after step START up to step STOP into WORKDIR/profile (TensorBoard's profile plugin, Perfetto); "" disables.
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 
@@ -65,11 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.wandb.mode = "offline"  # W&B mode: "offline" (files in WORKDIR/wandb, or $WANDB_DIR; upload later with `wandb sync`), "online" (needs `wandb login` or WANDB_API_KEY) or "disabled".
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), or a directory written by `jaxdp prepare` (read with its own tokenizer).
-  c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation.
+  c.data.path = ""  # Training data: "" for the built-in corpus (tinyshakespeare), a UTF-8 text file (byte tokens), a directory written by `jaxdp prepare` (read with its own tokenizer), or nanoGPT/llm.c .bin token files (a file, or a folder whose files named *val* are the validation split).
+  c.data.val_fraction = 0.1  # Fraction of the corpus (its tail) held out for validation (not used for a .bin folder with val files).
+  c.data.tokenizer = ""  # Tokenizer of .bin token files: a tokenizer.json (or .tiktoken) path; "" uses the tokenizer.json beside the .bin files. Ignored for other data.
+  c.data.packing = "concat"  # "concat": windows cut across documents; "document": also segment ids and positions, so attention never crosses a document's end-of-text token.
+  c.data.sources = ""  # Weighted mixture instead of data.path: "PATH:WEIGHT,PATH:WEIGHT" (weights > 0, normalised, rounded to 1/1000); every source needs the same tokenizer. "" uses data.path.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 0  # Devices on the "data" axis (ZeRO and batch split); 0 or -1 means all devices left after mesh.model.
+  c.mesh.replica = 1  # Hybrid sharding: groups on the outer "replica" axis; the batch is split over replica x data, ZeRO splits state within a data group and keeps one copy per group (e.g. replica = hosts, data = GPUs per host); 1 is no hybrid axis.
   c.mesh.model = 1  # Devices on the "model" axis: the dimensions the model annotates as heads, kv_heads or mlp are split over it, Megatron-style (zero strategies); 1 is plain data parallelism.
 
   c.model = ml_collections.ConfigDict()
@@ -84,4 +94,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.n_kv_head = 0  # llama: key/value heads for grouped-query attention, dividing n_head; 0 means n_head.
   c.model.pad_vocab_to_multiple = 1  # Round the tokenizer's vocabulary up to a multiple of this (e.g. 64: GPT-2's 50257 -> 50304) for faster matmuls; padded ids get -inf logits.
   c.model.tie_embeddings = True  # Output head shares the input embedding matrix (gpt: always True).
+  c.model.norm_eps = 0.0  # Epsilon of every LayerNorm/RMSNorm; 0 means the family default (gpt 1e-6, llama 1e-5); GPT-2 checkpoints use 1e-5.
   return c

@@ -17,7 +17,8 @@ NAN_POLICIES = ("halt", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 REMATS = ("none", "block", "full")
 ALLREDUCE = ("pmean", "ring", "ps")
-COMPRESSION = ("none", "topk", "randomk", "int8", "bf16")
+COMPRESSION = ("none", "topk", "randomk", "int8", "bf16", "powersgd")
+COMPRESSION_OPTIMIZERS = ("none", "frozen_variance")
 SYNC = ("every_step", "local_sgd", "stale")
 FAMILIES = ("gpt", "llama")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -118,7 +119,15 @@ def optimizer_config(config: ml_collections.ConfigDict):
                          min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
                          decay_exclude=exclude, b1=config.b1, b2=config.b2,
                          momentum=config.get("momentum", 0.9),
-                         nesterov=bool(config.get("nesterov", False)), grad_clip=config.grad_clip)
+                         nesterov=bool(config.get("nesterov", False)), grad_clip=config.grad_clip,
+                         freeze_variance_after=freeze_variance_after(config))
+
+
+def freeze_variance_after(config: ml_collections.ConfigDict) -> int:
+  """Updates before Adam's variance freezes (compression_optimizer='frozen_variance'); 0: never."""
+  if config.get("compression_optimizer", "none") != "frozen_variance" or config.compression == "none":
+    return 0
+  return max(1, config.compression_warmup_steps)
 
 
 def comm_config(config: ml_collections.ConfigDict):
@@ -126,7 +135,8 @@ def comm_config(config: ml_collections.ConfigDict):
   import dataclasses
 
   from jaxdp.parallel.exchange import CommConfig
-  return CommConfig(**{f.name: config[f.name] for f in dataclasses.fields(CommConfig)})
+  # Fields newer than a saved run's config take their default (the behaviour it was run with).
+  return CommConfig(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(CommConfig)})
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int):
@@ -140,15 +150,22 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int):
                      n_head=m.n_head, d_model=m.d_model, family=m.get("family", "gpt"),
                      mlp_ratio=m.mlp_ratio, n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout,
                      positions=m.positions, rope_theta=m.get("rope_theta", 10000.0),
-                     tie_embeddings=m.get("tie_embeddings", True), attention=config.attention,
+                     tie_embeddings=m.get("tie_embeddings", True), norm_eps=m.get("norm_eps", 0.0),
+                     attention=config.attention,
                      dtype=COMPUTE_DTYPES[config.precision], remat=config.get("remat", "none"))
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all remaining devices."""
+  """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all devices left after
+  mesh.model and mesh.replica (see mesh_replica)."""
   model = config.mesh.model
-  data = num_devices // model if config.mesh.data <= 0 else config.mesh.data
+  data = num_devices // (model * mesh_replica(config)) if config.mesh.data <= 0 else config.mesh.data
   return data, model
+
+
+def mesh_replica(config: ml_collections.ConfigDict) -> int:
+  """config.mesh.replica, 1 for configs saved before the field existed."""
+  return int(config.mesh.get("replica", 1))
 
 
 def model_hidden(config: ml_collections.ConfigDict) -> int:
@@ -205,12 +222,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")
   need(0 < config.data.val_fraction < 1,
        f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+  validate_data(config)
   need(config.model.d_model % config.model.n_head == 0,
        f"config.model.d_model={config.model.d_model} is not divisible by config.model.n_head="
        f"{config.model.n_head}; pick d_model a multiple of n_head")
   if config.model.positions == "rope":
     need((config.model.d_model // config.model.n_head) % 2 == 0,
          "config.model.positions='rope' needs an even head size (d_model / n_head)")
+  code = config.get("preempt_exit_code", 75)
+  need(code == 0 or 4 <= code <= 255,
+       f"config.preempt_exit_code={code} must be 0 or in [4, 255] (1-3 mean failure, bad input "
+       "and a step timeout)")
   need(config.mesh.model > 0, f"config.mesh.model={config.mesh.model} must be positive")
   need(config.mesh.data >= -1, f"config.mesh.data={config.mesh.data} must be a device count, or 0 "
        "(or -1) for all devices left after mesh.model")
@@ -218,10 +240,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(num_devices % config.mesh.model == 0,
        f"config.mesh.model={config.mesh.model} does not divide the {num_devices} devices; pick a "
        "divisor of the device count")
+  replica = mesh_replica(config)
+  need(replica >= 1, f"config.mesh.replica={replica} must be >= 1 (1: no hybrid sharding)")
+  need(num_devices % (config.mesh.model * replica) == 0,
+       f"config.mesh.replica={replica} x config.mesh.model={config.mesh.model} does not divide the "
+       f"{num_devices} devices; pick divisors of the device count")
   data, model = mesh_shape(config, num_devices)
-  need(data * model == num_devices,
-       f"config.mesh.data={config.mesh.data} x config.mesh.model={model} != {num_devices} devices; "
-       "set config.mesh.data=0 to use all remaining devices")
+  hybrid = f"config.mesh.replica={replica} x " if replica > 1 else ""
+  need(replica * data * model == num_devices,
+       f"{hybrid}config.mesh.data={config.mesh.data} x config.mesh.model={model} != {num_devices} "
+       "devices; set config.mesh.data=0 to use all remaining devices")
+  dense = config.allreduce == "pmean" and config.compression == "none" and config.sync == "every_step"
+  need(replica == 1 or dense,
+       f"config.mesh.replica={replica} supports only the dense all-reduce; set "
+       "config.allreduce='pmean', config.compression='none', config.sync='every_step', or "
+       "config.mesh.replica=1")
   if model > 1:
     need(config.strategy != "dp",
          f"config.mesh.model={model} needs a jit strategy (zero1, zero2, zero3); "
@@ -235,12 +268,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
        "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
   validate_comm(config)
   validate_observability(config)
-  per_step = data * config.grad_accum_steps
+  per_step = replica * data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
        f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
-       f"grad_accum_steps = {data} x {config.grad_accum_steps} = {per_step}; use a multiple "
+       f"grad_accum_steps = {replica * data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
   validate_optimizer(config)
+  validate_init_from(config)
+
+
+def validate_init_from(config: ml_collections.ConfigDict) -> None:
+  """config.init_from: "" or "hf:DIR" (the checkpoint itself is read, and checked against
+  config.model field by field, when the run starts: jaxdp.runtime.hf)."""
+  value = config.get("init_from", "")
+  need(isinstance(value, str) and (value == "" or (value.startswith("hf:") and len(value) > 3)),
+       f"config.init_from={value!r} must be '' (random init) or 'hf:DIR', a local Hugging Face "
+       "checkpoint directory")
 
 
 # (field, the fields and values it depends on, described): a field changed from its default
@@ -252,6 +295,12 @@ DEPENDENT_FIELDS = (
     ("compression_ratio", lambda c: c.compression in ("topk", "randomk"),
      "config.compression='topk' or 'randomk'"),
     ("error_feedback", lambda c: c.compression != "none", "a config.compression method"),
+    ("compression_rank", lambda c: c.compression == "powersgd", "config.compression='powersgd'"),
+    ("compression_warmup_steps", lambda c: c.compression in ("topk", "randomk") or
+     (c.compression != "none" and c.compression_optimizer == "frozen_variance"),
+     "config.compression='topk' or 'randomk', or config.compression_optimizer='frozen_variance'"),
+    ("local_grad_clip", lambda c: c.compression != "none", "a config.compression method"),
+    ("compression_optimizer", lambda c: c.compression != "none", "a config.compression method"),
     ("sync_every", lambda c: c.sync == "local_sgd", "config.sync='local_sgd'"),
     ("staleness", lambda c: c.sync == "stale", "config.sync='stale'"),
     ("outer_lr", lambda c: c.diloco, "config.diloco=True"),
@@ -274,11 +323,26 @@ def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
           if get(config, name) != get(default, name) and not applies(config)]
 
 
+def validate_data(config: ml_collections.ConfigDict) -> None:
+  """The data fields' choices and forms (the paths themselves are checked when opened)."""
+  from jaxdp.data.mixture import parse_sources
+  from jaxdp.data.packing import PACKINGS
+  need(config.data.packing in PACKINGS,
+       f"config.data.packing={config.data.packing!r} is not one of {', '.join(PACKINGS)}")
+  need(isinstance(config.data.sources, str), "config.data.sources must be a string like "
+       "'a:0.7,b:0.3'")
+  if parse_sources(config.data.sources):  # Raises on a malformed entry.
+    need(not config.data.path, f"config.data.sources and config.data.path={config.data.path!r} are "
+         "both set; give the mixture's paths in data.sources only")
+
+
 def validate_model_family(config: ml_collections.ConfigDict) -> None:
   """Fields that only one model family has, and their ranges."""
   m = config.model
   need(m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta} must be positive")
   need(m.n_kv_head >= 0, f"config.model.n_kv_head={m.n_kv_head} must be >= 0 (0 means n_head)")
+  eps = m.get("norm_eps", 0.0)
+  need(0 <= eps < 1, f"config.model.norm_eps={eps} must be in [0, 1) (0: the family default)")
   if m.family == "gpt":
     need(m.n_kv_head in (0, m.n_head),
          f"config.model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama feature; set "
@@ -365,6 +429,28 @@ def validate_comm(config: ml_collections.ConfigDict) -> None:
        f"config.compression_ratio={config.compression_ratio} must be in (0, 1]")
   need(0 <= config.momentum_correction < 1,
        f"config.momentum_correction={config.momentum_correction} must be in [0, 1)")
+  need(config.compression_rank >= 1,
+       f"config.compression_rank={config.compression_rank} must be >= 1 (the rank of PowerSGD's factors)")
+  need(config.compression_warmup_steps >= 0,
+       f"config.compression_warmup_steps={config.compression_warmup_steps} must be >= 0 (0: no warm-up)")
+  need(config.local_grad_clip >= 0,
+       f"config.local_grad_clip={config.local_grad_clip} must be >= 0 (0: no local clipping)")
+  need(config.compression_optimizer in COMPRESSION_OPTIMIZERS,
+       f"config.compression_optimizer={config.compression_optimizer!r} is not one of "
+       f"{', '.join(COMPRESSION_OPTIMIZERS)}")
+  if config.compression_optimizer == "frozen_variance" and config.compression != "none":
+    need(config.get("optimizer", "adamw") == "adamw",
+         f"config.compression_optimizer='frozen_variance' freezes Adam's variance; set "
+         f"config.optimizer=adamw (got {config.get('optimizer')!r}) or compression_optimizer=none")
+    need(config.compression != "powersgd",
+         "config.compression_optimizer='frozen_variance' compresses the momentum elementwise; use "
+         "config.compression=topk, randomk, int8 or bf16 with it")
+    need(config.compression_warmup_steps >= 1,
+         "config.compression_optimizer='frozen_variance' needs config.compression_warmup_steps >= 1 "
+         "(the dense steps that estimate Adam's variance; 1-bit Adam uses 15-25% of the run)")
+    need(config.sync == "every_step",
+         f"config.compression_optimizer='frozen_variance' needs config.sync='every_step' (got "
+         f"{config.sync!r})")
   need(config.momentum_correction == 0 or config.compression in ("topk", "randomk"),
        f"config.momentum_correction={config.momentum_correction} needs config.compression="
        f"'topk' or 'randomk' (got {config.compression!r}); set it to 0")

@@ -1,8 +1,18 @@
 """Eight emulated CPU devices for every test, set before JAX initialises its backend."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test session, shared with every CLI subprocess the
+# tests start: the same tiny programs are compiled once, not once per process. A fresh folder per
+# session, so no test passes on an executable compiled by an older version of the code.
+_CACHE = tempfile.mkdtemp(prefix="jaxdp-test-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -85,3 +85,17 @@ def test_datasheet_peak_matches_gpu_names_and_is_absent_on_cpu(bench):
   assert bench.datasheet_peak_flops("NVIDIA A100-SXM4-80GB", jnp.float32) == 156e12
   assert bench.datasheet_peak_flops("NVIDIA L40S", jnp.bfloat16) == 362e12  # Not "L4"'s 121e12.
   assert bench.datasheet_peak_flops("cpu", jnp.float32) is None
+
+
+@pytest.mark.slow  # Compiles the prefill, decode and window steps of a tiny model.
+def test_generate_mode_reports_cached_and_uncached_speeds(bench):
+  args, overrides = bench.parse_args(["--config", "tiny_cpu", "--generate", "8", "--prompt_len",
+                                      "4", "--quick", "--config.seq_len=16"])
+  report = bench.run_generate(args, overrides)
+  for key in ("tokens_per_sec_cached", "tokens_per_sec_uncached", "speedup"):
+    assert math.isfinite(report[key]) and report[key] > 0, key
+  assert report["greedy_outputs_identical"] is True
+  assert (report["new_tokens"], report["prompt_tokens"], report["seq_len"]) == (8, 4, 16)
+  too_long, overrides = bench.parse_args(["--config", "tiny_cpu", "--generate", "20"])
+  with pytest.raises(Exception, match="exceed seq_len 32"):
+    bench.run_generate(too_long, overrides)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
-SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify")
+SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify", "export")
 
 
 def _env():
@@ -104,12 +104,14 @@ HELP_SHOWS = {
                  "--top_k=K  (default: 0)", "--top_p=P  (default: 1)", "Valid: 0 < P <= 1.",
                  "--seed=S  (default: 0)", "--prompt=TEXT  (default: '\\n')"],
     "launch": ["--nprocs=P  (required)", "Valid: P >= 1.", "-- train [train flags]"],
-    "prepare": ["--out=DIR  (required)", "--tokenizer={byte,bpe}  (default: byte)",
+    "prepare": ["--out=DIR  (required)", "--tokenizer=TOKENIZER  (default: byte)",
                 "--vocab_size=V  (default: 4096)", "INPUT ..."],
     "plot": ["--out=FILE  (required)", "WORKDIR ..."],
     "inspect": ["CHECKPOINT_DIR"],
     "plan": ["--[no]json  (default: false)", "--cpu_devices=N  (default:", "--help_config"],
     "verify": ["--steps=K  (default: 3)", "Valid: K >= 1.", "--help_config"],
+    "export": ["--out=DIR  (required)", "--step=S  (default: the latest)", "Valid: S >= 0.",
+               "--workdir=DIR  (default: runs/default)"],
 }
 
 

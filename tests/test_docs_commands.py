@@ -1,6 +1,6 @@
 """Every `jaxdp` command shown in README.md and docs/ is a command the CLI accepts.
 
-Each command line in a ```bash block is parsed by the real subcommand parser (its flags, config
+Each command line in a ```bash block, and each complete command quoted in the prose, is parsed by the real subcommand parser (its flags, config
 fields and value ranges), so a documented flag that does not exist (`jaxdp inspect --workdir`)
 fails here. Running them end to end, shortened, is the job of the CLI tests (train, generate,
 inspect, plan, verify, prepare, plot, launch in test_cli, test_models_cli, test_portable_runs,
@@ -36,6 +36,10 @@ def documented_commands():
           part = part.strip()
           if part.startswith("jaxdp "):
             yield os.path.relpath(path, ROOT), part
+    # Commands quoted in the prose, except templates (`--config ...`, `--cpu_devices N`).
+    for part in re.findall(r"`(jaxdp [a-z]+ [^`]*)`", text):
+      if "..." not in part and not any(w.isupper() or w.startswith("<") for w in part.split()):
+        yield os.path.relpath(path, ROOT), part
 
 
 COMMANDS = sorted(set(documented_commands()))

@@ -154,13 +154,13 @@ def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
   assert events.count("start") + events.count("resume") == 4 and events.count("resume") >= 2, kills
 
 
-def test_sigterm_checkpoints_current_step_exits_0_and_resumes(cli_reference, tmp_path):
+def test_sigterm_checkpoints_current_step_exits_preempted_and_resumes(cli_reference, tmp_path):
   workdir = str(tmp_path)
   proc = cli(workdir, "--config.checkpoint_every=0")  # Only the SIGTERM checkpoint can exist.
   wait_for(lambda: logged_step(workdir) >= 3, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err
+  assert proc.returncode == 75, err  # config.preempt_exit_code: saved, resumable.
   assert "SIGTERM: stopped after step" in out + err
   event = [r for r in read_metrics(workdir) if r.get("event") == "preempted"]
   assert len(event) == 1 and event[0]["signal"] == "SIGTERM"

@@ -290,6 +290,22 @@ def test_out_of_memory_is_one_line_with_the_number_and_the_fixes():
     other.step(other.init_state(init_mlp, 0), BATCHES[0])
 
 
+def test_a_step_too_big_for_memory_is_refused_before_it_runs():
+  def outer_product_loss(params, batch, rng):  # A [192000, 192000] float32 temporary: ~137 GiB.
+    h = jnp.tile(mlp(params, batch["x"]), (1, 64000))
+    return jnp.sum(h.T @ h) * 0 + huber_loss(params, batch, rng)[0], jnp.sum(batch["w"])
+  dp = jaxdp.DataParallel(outer_product_loss, tx(), devices=jax.devices()[:2])
+  state = dp.init_state(init_mlp, 0)
+  with pytest.raises(jaxdp.JaxdpError) as error:
+    dp.step(state, BATCHES[0])
+  message = str(error.value)
+  assert "\n" not in message and "GiB per device" in message and "grad_accum_steps" in message
+  assert not state.step.is_deleted()  # Refused before running: the state was not donated.
+  fits = jaxdp.DataParallel(huber_loss, tx(), devices=jax.devices()[:2])
+  _, metrics = fits.step(fits.init_state(init_mlp, 0), BATCHES[0])
+  assert np.isfinite(float(metrics["train_loss"]))  # A step that fits passes the same check.
+
+
 @pytest.mark.parametrize("loss,message", [
     (lambda p, b, r: jnp.sum(mlp(p, b["x"])), "must return (loss_sum, weight_sum)"),
     (lambda p, b, r: (jnp.sum(mlp(p, b["x"]), -1), 1.0), "as scalars summed over the batch"),

@@ -19,7 +19,7 @@ ALLOWED = {
     "jaxdp.data": ("jaxdp.errors", "jaxdp.data"),
     "jaxdp.analysis.hlo": (),
     "jaxdp.parallel": ("jaxdp.errors", "jaxdp.core", "jaxdp.parallel", "jaxdp.analysis.hlo"),
-    "jaxdp.config": ("jaxdp.errors", "jaxdp.core", "jaxdp.models", "jaxdp.parallel"),
+    "jaxdp.config": ("jaxdp.errors", "jaxdp.core", "jaxdp.models", "jaxdp.parallel", "jaxdp.data"),
     "jaxdp.configs": ("jaxdp.configs",),
     "jaxdp.runtime": ("jaxdp.errors", "jaxdp.config", "jaxdp.core", "jaxdp.models", "jaxdp.data",
                       "jaxdp.parallel", "jaxdp.analysis.hlo", "jaxdp.runtime"),

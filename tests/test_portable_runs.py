@@ -96,3 +96,12 @@ def test_a_broken_config_file_is_one_line(tmp_path, text, message):
   path.write_text(text)
   refused(jaxdp("train", "--config", str(path), "--workdir", str(tmp_path / "w"), cwd=tmp_path),
           message)
+
+
+def test_a_field_added_after_a_checkpoint_was_written_counts_as_its_default():
+  from jaxdp.runtime.loop import changed_fields
+  saved = {"data": {"path": "x"}, "seed": 0}  # Written before data.packing existed.
+  fields, defaults = ["seed", "data.packing"], {"seed": 0, "data.packing": "concat"}
+  assert changed_fields(saved, {"seed": 0, "data": {"packing": "concat"}}, fields, defaults) == []
+  assert changed_fields(saved, {"seed": 0, "data": {"packing": "document"}}, fields, defaults) == [
+      "data.packing ('concat' -> 'document')"]

@@ -78,3 +78,55 @@ def test_temperature_scales_logits_before_filtering():
   # At a high temperature the distribution flattens, so top_p=0.5 needs two tokens, not one.
   assert np.isfinite(filter_logits(logits, 1.0, 0, 0.5)).sum() == 1
   assert np.isfinite(filter_logits(logits, 10.0, 0, 0.5)).sum() == 2
+
+
+# ---- Decoding from a key/value cache -----------------------------------------------------------
+
+CACHED_MODELS = {"gpt-rope": dict(family="gpt", positions="rope"),
+                 "gpt-learned": dict(family="gpt", positions="learned"),
+                 "llama-gqa": dict(family="llama", n_head=4, n_kv_head=2, tie_embeddings=False)}
+
+
+@pytest.fixture(scope="module", params=list(CACHED_MODELS))
+def decisive_model(request):
+  """A random model whose weights are scaled up, so that its greedy continuations vary and its
+  top logits are far apart (a near-uniform random model would make argmax ties of rounding)."""
+  from jaxdp.models import build
+  cfg = ModelConfig(**{**dict(vocab_size=VOCAB, seq_len=16, n_layer=2, n_head=2, d_model=32),
+                       **CACHED_MODELS[request.param]})
+  model = build(cfg)
+  params = nn.unbox(jax.jit(model.init_fn)(jax.random.PRNGKey(1)))
+  params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, params)
+  return model.module, params
+
+
+@pytest.mark.slow  # Compiles a prefill per prompt length and sampling setting: ~10 s each.
+@pytest.mark.parametrize("prompt_len", [3, 16, 20])  # Inside, exactly filling, past the context.
+def test_cached_generation_equals_uncached_token_for_token(decisive_model, prompt_len):
+  """Greedy and sampled: past seq_len both slide the window, so every case is covered."""
+  model, params = decisive_model
+  prompt = np.arange(prompt_len) % VOCAB
+  for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=3)):
+    cached = list(generate(params, model, prompt, 24, cache=True, **kwargs))
+    uncached = list(generate(params, model, prompt, 24, cache=False, **kwargs))
+    assert cached == uncached
+  assert len(set(uncached)) > 3  # The model is not stuck on one token: the check has teeth.
+
+
+def test_prefill_and_decode_steps_give_the_full_forward_logits(decisive_model):
+  """The cache's logits at each position, one token at a time after a 5-token prefill, are
+  those of the plain forward pass over the whole sequence."""
+  from jaxdp.models.common import CACHE, init_cache
+  model, params = decisive_model
+  tokens = np.random.RandomState(0).randint(0, VOCAB, (1, 16)).astype(np.int32)
+  full = np.asarray(model.apply({"params": params}, tokens))[0]  # [T, V]
+  apply = jax.jit(lambda c, t: model.apply({"params": params, CACHE: c}, t, mutable=[CACHE]))
+  logits, variables = apply(init_cache(model.cfg, 1, 16), tokens[:, :5])
+  got = [np.asarray(logits[0])]
+  for t in range(5, 16):
+    logits, variables = apply(variables[CACHE], tokens[:, t:t + 1])
+    got.append(np.asarray(logits[0]))
+  np.testing.assert_allclose(np.concatenate(got), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+  assert int(variables[CACHE]["block_0"]["attn"]["index"]) == 16
+  assert variables[CACHE]["block_1"]["attn"]["k"].shape == (1, 16, model.cfg.kv_heads,
+                                                            model.cfg.head_dim)

@@ -3,6 +3,9 @@
   python tools/bench.py [--config PRESET|PATH] [--config.FIELD=VALUE ...] [--quick] [--out FILE]
                         [--steps N] [--skip scaling,memory,strategies,comm] [--cpu_devices 8]
                         [--devices N]
+  python tools/bench.py --loader_data PREPARED_DIR,TOKENS.bin [--loader_batch 512]
+                        [--loader_seq_len 1024] [--step_tokens_per_sec R] [--steps N]
+  python tools/bench.py --generate 256 [--prompt_len 16] [--config ...] [--out FILE]
 
 Every figure is a measurement of this run (ratios compare numbers taken in the same process):
   tokens_per_sec, step_time_s      the jaxdp step as the loop (jaxdp.runtime.loop.fit) drives it
@@ -22,8 +25,12 @@ Every figure is a measurement of this run (ratios compare numbers taken in the s
   scaling                          tokens/s at 1, 2, 4, 8 devices, weak (fixed per-device batch) and
                                    strong (fixed global batch), with efficiency = speed-up / devices;
   loader_headroom                  host batches/s of the data loader / steps/s of the step;
+                                   --loader_data times only the loader on the given paths
+                                   (default 512 x 1024 tokens per step), see loader_report;
   compile_time_s, memory           lower+compile seconds; compiled.memory_analysis() per strategy x
                                    precision.
+  --generate N                     instead of the above: greedy tokens/s of N new tokens with the
+                                   key/value cache and without it, and the speed-up, on one device.
 On a CPU host the "devices" are emulated: they share the host's cores, so scaling efficiency
 measures overhead, not a real speed-up.
 """
@@ -54,6 +61,15 @@ def parse_args(argv):
   parser.add_argument("--rounds", type=int, default=5, help="interleaved jaxdp/bare rounds")
   parser.add_argument("--devices", type=int, default=0,
                       help="devices of the headline step (0: all accelerators, or one per core on CPU)")
+  parser.add_argument("--loader_data", default="",
+                      help="only time the data loader: comma list of data paths (prepared dirs, .bin)")
+  parser.add_argument("--loader_batch", type=int, default=512, help="--loader_data: rows per step")
+  parser.add_argument("--loader_seq_len", type=int, default=1024, help="--loader_data: tokens per row")
+  parser.add_argument("--step_tokens_per_sec", type=float, default=0.0,
+                      help="--loader_data: the step's rate, for headroom (0: not reported)")
+  parser.add_argument("--generate", type=int, default=0, metavar="N",
+                      help="instead: time greedy generation of N new tokens, cached vs uncached")
+  parser.add_argument("--prompt_len", type=int, default=16, help="--generate: prompt tokens")
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -393,6 +409,86 @@ def run(args, overrides) -> dict:
   return report
 
 
+def loader_report(args, overrides) -> dict:
+  """Host batches/s and tokens/s of the data loader alone (`Dataset.train(s)`, the grain chain that
+  training runs on a prefetch thread) on each --loader_data path at --loader_batch x
+  --loader_seq_len tokens per step, and the headroom over --step_tokens_per_sec when given
+  (loader tokens/s / step tokens/s: above 1 the loader keeps up on one thread)."""
+  from jaxdp.config import load_preset
+  from jaxdp.data import Dataset
+  report = {"loader_batch": args.loader_batch, "loader_seq_len": args.loader_seq_len, "paths": {}}
+  for path in args.loader_data.split(","):
+    config = apply_overrides(load_preset(args.config), overrides)
+    config.data.path, config.global_batch_size = path, args.loader_batch
+    config.seq_len, config.grad_accum_steps = args.loader_seq_len, 1
+    dataset = Dataset(config)
+    dataset.train(0)  # Opens and touches the files once: first-access costs are not the rate.
+    n = args.steps or 20
+    start = time.perf_counter()
+    for step in range(1, n + 1):
+      dataset.train(step)
+    batches_per_sec = n / (time.perf_counter() - start)
+    entry = {"batches_per_sec": batches_per_sec,
+             "tokens_per_sec": batches_per_sec * args.loader_batch * args.loader_seq_len,
+             "tokens": len(dataset.train_source) * args.loader_seq_len}
+    if args.step_tokens_per_sec > 0:
+      entry["headroom"] = entry["tokens_per_sec"] / args.step_tokens_per_sec
+    report["paths"][path] = entry
+  return report
+def run_generate(args, overrides) -> dict:
+  """Greedy generation of args.generate tokens after an args.prompt_len-token prompt on one
+  device, with the key/value cache and without (the whole window per token), on the config's
+  model (random weights: the speed does not depend on them). Compilation is excluded (each
+  mode runs once before it is timed); rounds alternate the modes; the best round counts."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from jaxdp import config as configs
+  from jaxdp import models
+  from jaxdp.config import load_preset
+  from jaxdp.data.pipeline import load_corpus
+  from jaxdp.errors import JaxdpError
+  from jaxdp.models.sampling import generate
+
+  config = apply_overrides(load_preset(args.config), overrides)
+  n, prompt_len = args.generate, args.prompt_len
+  if prompt_len + n > config.seq_len:
+    raise JaxdpError(f"--prompt_len {prompt_len} + --generate {n} tokens exceed seq_len "
+                     f"{config.seq_len}: past it the window slides and nothing is cached; pass "
+                     f"--config.seq_len={prompt_len + n}")
+  tokens, tokenizer = load_corpus(config.data.path)
+  model = models.build(configs.model_config(config, tokenizer.vocab_size))
+  device = jax.devices()[0]
+  params = jax.device_put(nn.unbox(jax.jit(model.init_fn)(jax.random.PRNGKey(config.seed))),
+                          device)
+  prompt = np.asarray(tokens[:prompt_len], np.int32)
+
+  def once(cache: bool, count: int) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    out = list(generate(params, model.module, prompt, count, temperature=0.0, cache=cache))
+    return time.perf_counter() - start, out
+
+  outputs = {}
+  for cache in (True, False):  # Compile: prefill and decode step, or the window step.
+    once(cache, 2)
+  rounds = {"cached": [], "uncached": []}
+  for _ in range(max(1, args.rounds if not args.quick else 1)):
+    for name, cache in (("cached", True), ("uncached", False)):
+      seconds, outputs[name] = once(cache, n)
+      rounds[name].append(n / seconds)
+  best = {name: max(values) for name, values in rounds.items()}
+  return {"mode": "generate", "config": args.config, "overrides": overrides,
+          "device": device.device_kind, "platform": device.platform, "host_cores": os.cpu_count(),
+          "model": f"{config.model.family}, {config.model.n_layer} layers, d_model "
+                   f"{config.model.d_model}", "params": models.count_params(params),
+          "seq_len": config.seq_len, "prompt_tokens": prompt_len, "new_tokens": n,
+          "precision": config.precision,
+          "tokens_per_sec_cached": best["cached"], "tokens_per_sec_uncached": best["uncached"],
+          "speedup": best["cached"] / best["uncached"], "rounds": rounds,
+          "greedy_outputs_identical": outputs["cached"] == outputs["uncached"]}
+
+
 def table(report: dict) -> str:
   def fmt(v):
     if isinstance(v, float):
@@ -431,11 +527,19 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   from jaxdp.errors import JaxdpError
   try:
-    report = run(args, overrides)
+    if args.loader_data:
+      report = loader_report(args, overrides)
+      print(json.dumps(report, indent=1))
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(report, f, indent=1)
+      return 0
+    report = run_generate(args, overrides) if args.generate else run(args, overrides)
   except JaxdpError as e:
     print(f"bench: error: {e}", file=sys.stderr)
     return 2
-  print(table(report))
+  print(json.dumps({k: v for k, v in report.items() if k != "rounds"}, indent=1)
+        if args.generate else table(report))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)

@@ -61,7 +61,10 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
   compiled = trainer.train_step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   collectives = hlo.collective_bytes(compiled.as_text())["buffers"]
-  data, model = trainer.mesh.shape[parallel.DATA], trainer.mesh.shape[parallel.MODEL]
+  # Which mesh axes each collective's device groups span (only "replica" crosses hosts when a
+  # data group is one host's devices).
+  by_axes = hlo.bytes_by_axes(compiled.as_text(), dict(trainer.mesh.shape))
+  data = trainer.mesh.shape[parallel.DATA]
   abstract = trainer.abstract_state()
   return {
       "params_bytes_per_device": state_bytes_per_device(state.params),
@@ -74,7 +77,8 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
       "collectives": {op: c for op, c in collectives.items() if c["count"]},
       "paper": paper_bytes(strategy, trainer.dp.layout.params_per_device(abstract.params), data),
       "replicated": parallel.replicated_report(strategy, trainer.dp.layout, abstract),
-      "mesh": {"data": data, "model": model},
+      "mesh": dict(trainer.mesh.shape),
+      "collective_bytes_by_axes": {axes: int(v["bytes"]) for axes, v in by_axes.items()},
   }
 
 
@@ -114,8 +118,10 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{_human(r['compiled_output_bytes']):>12}{_human(r['compiled_temp_bytes']):>12}")
   for name, r in result["strategies"].items():
     ops = ", ".join(f"{op} x{c['count']} {_human(c['bytes'])}" for op, c in r["collectives"].items())
-    lines.append(f"{name}: mesh data={r['mesh']['data']} model={r['mesh']['model']}; "
-                 f"collectives: {ops or 'none'}")
+    hybrid = f"replica={r['mesh']['replica']} " if "replica" in r["mesh"] else ""
+    axes = ", ".join(f"{a} {_human(b)}" for a, b in r["collective_bytes_by_axes"].items())
+    lines.append(f"{name}: mesh {hybrid}data={r['mesh']['data']} model={r['mesh']['model']}; "
+                 f"collectives: {ops or 'none'}; sent per device by mesh axes: {axes or 'none'}")
     if r["replicated"]:
       kept = ", ".join(f"{x['array']} ({x['why']})" for x in r["replicated"])
       lines.append(f"  kept whole over data ({_human(sum(x['bytes'] for x in r['replicated']))}): {kept}")

@@ -30,7 +30,8 @@ DEFAULT_TOLERANCE = {"loss": 1e-5, "params": 1e-3}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One way to run the config: a strategy on a (data, model) mesh.
+  """One way to run the config: a strategy on a (data, model) mesh, or (replica, data, model)
+  with replica > 1 (hybrid sharding).
 
   `compile_step`, if given, replaces `parallel.compile_train_step` (layout, loss_fn, tx, state
   sharding) -> step: how tests check that verify catches a broken strategy.
@@ -39,12 +40,17 @@ class Case:
   strategy: str
   data: int = 0
   model: int = 1
+  replica: int = 1
   compile_step: Callable[..., Callable] | None = None
 
 
 def default_cases(config: ml_collections.ConfigDict, num_devices: int) -> list[Case]:
-  """Every strategy on all devices, plus each ZeRO stage on a (N/2) x 2 mesh when heads allow."""
+  """Every strategy on all devices, each ZeRO stage on a (N/2) x 2 mesh when heads allow, and
+  dp and each ZeRO stage on a hybrid mesh of 2 replica groups of N/2 devices (N >= 4)."""
   cases = [Case(s, s) for s in ("dp", "zero1", "zero2", "zero3")]
+  if num_devices >= 4 and num_devices % 2 == 0:
+    cases += [Case(f"{s}@r2x{num_devices // 2}", s, num_devices // 2, replica=2)
+              for s in ("dp", "zero1", "zero2", "zero3")]
   hidden = model_hidden(config)
   kv = config.model.n_kv_head or config.model.n_head
   if (num_devices >= 4 and num_devices % 2 == 0 and config.model.n_head % 2 == 0 and hidden % 2 == 0
@@ -58,6 +64,7 @@ def case_config(config: ml_collections.ConfigDict, case: Case) -> ml_collections
   """`config` run as `case` (the reference is Case("reference", "dp") on one device)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.strategy, config.mesh.data, config.mesh.model = case.strategy, case.data, case.model
+  config.mesh.replica = case.replica
   config.offload_optimizer = False
   # Warmup's first steps use a small fraction of the learning rate, so they barely move the
   # parameters and would hide a wrong gradient; the comparison runs the schedule without it.
@@ -115,7 +122,8 @@ def verify(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], num
     diff = relative_differences(losses, state, ref_losses, ref_state)
     mesh = dict(trainer.mesh.shape)
     results[case.name] = dict(diff, mesh=mesh, ok=all(diff[k] <= tolerance[k] for k in diff))
-    report(f"{case.name:<14} mesh data={mesh['data']} model={mesh['model']}  "
+    hybrid = f"replica={mesh['replica']} " if "replica" in mesh else ""
+    report(f"{case.name:<14} mesh {hybrid}data={mesh['data']} model={mesh['model']}  "
            f"loss rel diff {diff['loss']:.2e}  params rel diff {diff['params']:.2e}  "
            f"{'ok' if results[case.name]['ok'] else 'FAIL'}")
   return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 from jaxdp.cli import command as c
@@ -12,8 +13,9 @@ COMMAND = c.Command(
     summary="Continue a prompt with the model trained in --workdir, streaming to stdout.",
     description=(
         "Loads the latest checkpoint in --workdir and its tokenizer, prints the prompt and then "
-        "each sampled token as soon as it completes a character. The same --seed gives the same "
-        "text."),
+        "each sampled token as soon as it completes a character, then reports tokens/s on "
+        "stderr. The prompt runs once and each token after it reads a key/value cache; the same "
+        "--seed gives the same text, with or without --cache."),
     no_config_hint="the model and its config come from the checkpoint in --workdir",
     flags=(
         c.string("workdir", "runs/default", "Run directory written by `jaxdp train` (its latest "
@@ -27,6 +29,8 @@ COMMAND = c.Command(
                "probability mass; 1 keeps all.", metavar="P", min=0, min_open=True, max=1),
         c.integer("seed", 0, "Sampling seed (same seed, same text).", metavar="S", min=0,
                   max=2**32 - 1),
+        c.boolean("cache", True, "Decode from a key/value cache (prefill the prompt once, then "
+                  "one position per token); --nocache recomputes the whole window per token."),
         c.CPU_DEVICES,
     ),
 )
@@ -39,9 +43,11 @@ def run(args: types.SimpleNamespace) -> int:
   params, model, tokenizer = load_for_inference(args.workdir)
   sys.stdout.write(args.prompt)
   tokens, shown = [], 0
+  times = [time.perf_counter()]  # Start, then when each token arrived.
   for token in generate(params, model, tokenizer.encode(args.prompt), args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed):
+                        seed=args.seed, cache=args.cache):
+    times.append(time.perf_counter())
     tokens.append(token)
     text = tokenizer.decode(tokens)
     if not text.endswith("\ufffd"):  # Hold back a multi-byte character until it is complete.
@@ -49,4 +55,21 @@ def run(args: types.SimpleNamespace) -> int:
       sys.stdout.flush()
       shown = len(text)
   sys.stdout.write(tokenizer.decode(tokens)[shown:] + "\n")
+  sys.stdout.flush()
+  print(speed_line(times, args.cache), file=sys.stderr)
   return 0
+
+
+def speed_line(times: list[float], cache: bool) -> str:
+  """The tokens/s report: `times` are the start and each token's arrival (perf_counter s).
+
+  The first token includes the prompt's prefill and compiling it, the second compiling the
+  decode step, so the steady rate is taken from the second token's arrival on.
+  """
+  n = len(times) - 1
+  total = f"jaxdp: {n} tokens in {times[-1] - times[0]:.2f} s"
+  if n < 3:
+    return f"{total} ({'cached' if cache else 'uncached'})"
+  return (f"{total}: {(n - 2) / (times[-1] - times[2]):.1f} tokens/s decoding "
+          f"({'cached' if cache else 'uncached'}; the first 2 tokens, with the prompt and "
+          f"compilation, took {times[2] - times[0]:.2f} s)")

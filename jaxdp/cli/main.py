@@ -6,8 +6,10 @@
 
 Exit status: 0 done; 2 bad input, reported as one line `jaxdp: error: <message>` on stderr
 (no traceback); 1 `verify` found a mismatch (or an unexpected failure, with its traceback);
-130 interrupted; 141 stdout was closed early (`jaxdp generate ... | head`): the output is cut
-short quietly, and 141 = 128 + SIGPIPE is what a shell reports for tools like `cat` there.
+3 a training step timed out (config.step_timeout_s); 75 `train` stopped by a signal after saving
+a checkpoint (config.preempt_exit_code: resumable); 130 interrupted before anything was saved;
+141 stdout was closed early (`jaxdp generate ... | head`): the output is cut short quietly,
+and 141 = 128 + SIGPIPE is what a shell reports for tools like `cat` there.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import sys
 import traceback
 import types
 
-from jaxdp.cli import command, fields, generate, inspect, launch, plan, plot, prepare, train, verify
+from jaxdp.cli import command, export, fields, generate, inspect, launch, plan, plot, prepare, train, verify
 from jaxdp.errors import JaxdpError
 
 MODULES: dict[str, types.ModuleType] = {m.COMMAND.name: m for m in (
-    train, generate, launch, prepare, plot, inspect, plan, verify)}
+    train, generate, launch, prepare, plot, inspect, plan, verify, export)}
 COMMANDS = tuple(MODULES)
 BROKEN_PIPE_STATUS = 141
 

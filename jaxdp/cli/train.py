@@ -14,8 +14,9 @@ COMMAND = c.Command(
         "Trains the model the config defines, on all visible devices (or --cpu_devices emulated "
         "ones), resuming from the latest checkpoint in --workdir if there is one. Checkpoints, "
         "metrics.jsonl and the config land in --workdir. For a multi-process run give "
-        "--coordinator, --num_processes and --process_id to every process (or run under SLURM or "
-        "Open MPI, or use `jaxdp launch`)."),
+        "--coordinator, --num_processes and --process_id to every process (or run under SLURM, "
+        "Open MPI, a Kubernetes Indexed Job or mpi4py, read by JAX's cluster detection; or use "
+        "`jaxdp launch`)."),
     config=True,
     flags=(
         c.string("workdir", "runs/default", "Directory for checkpoints and metrics.jsonl; a run "
@@ -23,11 +24,16 @@ COMMAND = c.Command(
         c.CPU_DEVICES,
         c.string("coordinator", None, "HOST:PORT where process 0 serves the multi-process "
                  "coordinator.", metavar="HOST:PORT",
-                 default_text="from SLURM or Open MPI, else one process"),
+                 default_text="from the cluster, else one process"),
         c.integer("num_processes", None, "Processes in the run.", metavar="P", min=1,
-                  default_text="from SLURM or Open MPI, else 1"),
+                  default_text="from the cluster, else 1"),
         c.integer("process_id", None, "This process's index in the run (below --num_processes).",
-                  metavar="I", min=0, default_text="from SLURM or Open MPI, else 0"),
+                  metavar="I", min=0, default_text="from the cluster, else 0"),
+        c.enum("cluster", "auto", ("auto", "none", "slurm", "ompi", "k8s", "mpi4py", "gketpu",
+                                   "gcetpu"),
+               "Which cluster environment describes the process group (JAX's cluster "
+               "detection); auto takes the first present, mpi4py only when named; explicit "
+               "flags override it."),
         c.real("init_timeout_s", 300.0, "Seconds to wait for every process to join before "
                "giving up.", metavar="S", min=0, min_open=True),
         c.PROGRESS,
@@ -54,8 +60,10 @@ def run(args: types.SimpleNamespace) -> int:
   c.setup_devices(args.cpu_devices)
   from jaxdp.runtime import distributed  # Before any device is touched.
   group = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                 args.init_timeout_s)
+                                 args.init_timeout_s, cluster=args.cluster)
   args.multiprocess = group.num_processes > 1
+  if args.multiprocess:
+    print(group.describe(), flush=True)
   signals.check("while the process group was forming")
   from jaxdp.runtime.trainer import train_and_evaluate
   result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
@@ -64,4 +72,11 @@ def run(args: types.SimpleNamespace) -> int:
   loss = "none" if result["eval_loss"] is None else f"{result['eval_loss']:.4f}"
   print(f"done: step {result['step']}, eval_loss {loss}, stop reason "
         f"{result['stop_reason']}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
+  if result["stop_reason"] == "preempted":
+    # Every process prints it (`jaxdp launch` reads it as a clean stop, not a failure).
+    code = args.config.get("preempt_exit_code", 75)
+    print(f"jaxdp: preempted: stopped after step {result['step']} and saved a checkpoint; "
+          f"exit status {code} (config.preempt_exit_code): run the same command to resume",
+          flush=True)
+    return code
   return 0

@@ -61,6 +61,9 @@ class OptimizerConfig:
   momentum: float = 0.9  # sgd: heavy-ball momentum; 0 is plain SGD.
   nesterov: bool = False  # sgd: Nesterov momentum.
   grad_clip: float = 0.0  # Global-norm clipping; 0 disables.
+  # adamw only: after this many updates the second moment is frozen and the update's input is
+  # the (exchanged) first moment itself (frozen_variance_adam); 0 is plain AdamW.
+  freeze_variance_after: int = 0
 
   def __post_init__(self):
     # The ranges jaxdp.config.validate_optimizer checks, for users who build this directly:
@@ -78,7 +81,9 @@ class OptimizerConfig:
         ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
         ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
         ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-        ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")):
+        ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("freeze_variance_after", self.freeze_variance_after >= 0 and
+         (self.freeze_variance_after == 0 or self.name == "adamw"), ">= 0, and 0 unless name='adamw'")):
       if not ok:
         raise JaxdpError(f"OptimizerConfig.{field}={getattr(self, field)!r} must be {need}")
 
@@ -209,6 +214,46 @@ def _decay(cfg: OptimizerConfig, mask: DecayMask) -> optax.GradientTransformatio
   return optax.add_decayed_weights(cfg.weight_decay, mask) if cfg.weight_decay > 0 else optax.identity()
 
 
+def frozen_variance_adam(b1: float, b2: float, freeze_after: int, grad_clip: float = 0.0,
+                         eps: float = 1e-8) -> optax.GradientTransformation:
+  """Adam whose second moment freezes after `freeze_after` updates, for compressed exchanges
+  of the first moment (1-bit Adam, Tang et al. 2021; 0/1 Adam, Lu et al. 2022).
+
+  Updates 0 .. freeze_after - 1 are exactly chain(clip_by_global_norm(grad_clip) if > 0,
+  scale_by_adam(b1, b2, eps)) on the (averaged) gradient: the variance is estimated densely.
+  From update freeze_after on, the input is not a gradient but the first moment m itself,
+  already formed and averaged by the gradient exchange (jaxdp.parallel.exchange, which
+  compresses each device's b1 m + (1 - b1) g with error feedback), and the direction is
+
+    m / (1 - b1^t) / (sqrt(nu / (1 - b2^freeze_after)) + eps)      (t: 1-based update count)
+
+  with nu as it was at the freeze (its bias correction frozen too). The update is then linear
+  in what was exchanged, which is what lets error feedback compensate the compression.
+  Clipping does not apply after the freeze (the input is a momentum; see local_grad_clip).
+
+  State: optax's ScaleByAdamState(count, mu, nu), so `count` is the applied updates as for
+  AdamW; mu holds the last received momentum after the freeze.
+  """
+  adam = optax.scale_by_adam(b1, b2, eps)
+  clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else None
+
+  def update(updates, state, params=None):
+    def dense():
+      g = clip.update(updates, clip.init(updates))[0] if clip is not None else updates
+      return adam.update(g, state, params)
+
+    def frozen():
+      count = optax.safe_increment(state.count)
+      mu_hat = optax.tree.bias_correction(updates, b1, count)
+      nu_hat = optax.tree.bias_correction(state.nu, b2, jnp.int32(max(freeze_after, 1)))
+      direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+      return direction, state._replace(count=count, mu=updates)
+
+    return jax.lax.cond(state.count < freeze_after, dense, frozen)
+
+  return optax.GradientTransformation(adam.init, update)
+
+
 def make_optimizer(cfg: OptimizerConfig, decay_mask: DecayMask | None = None) -> optax.GradientTransformation:
   """chain(clip_by_global_norm if grad_clip > 0, the rule of cfg.name with its schedule and
   decoupled weight decay), as an optax GradientTransformation.
@@ -235,6 +280,11 @@ def make_optimizer(cfg: OptimizerConfig, decay_mask: DecayMask | None = None) ->
   """
   schedule = learning_rate_schedule(cfg)
   mask = decay_mask if decay_mask is not None else (lambda p: _default_mask(p, cfg.decay_exclude))
+  if cfg.name == "adamw" and cfg.freeze_variance_after > 0:
+    # Clipping moves inside: it applies to gradients (before the freeze), never to momenta.
+    return optax.chain(frozen_variance_adam(cfg.b1, cfg.b2, cfg.freeze_variance_after,
+                                            cfg.grad_clip),
+                       _decay(cfg, mask), optax.scale_by_learning_rate(schedule))
   if cfg.name == "adamw":
     rule = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
   elif cfg.name == "lion":

@@ -1,10 +1,10 @@
-"""Input data: the corpus, tokenizers, the prepared on-disk format and the grain pipeline whose
-global batch of step `s` is a pure function of (seed, s). Imports no JAX."""
+"""Input data: sources, tokenizers, the prepared on-disk format, token files, packing, mixtures
+and the grain pipeline whose global batch of step `s` is a pure function of (seed, s). Imports
+no JAX."""
 
 from jaxdp.data.pipeline import (
                                  BUILTIN_CORPUS,
                                  Batches,
-                                 ByteTokenizer,
                                  Dataset,
                                  WindowSource,
                                  builtin_corpus_path,
@@ -15,6 +15,7 @@ from jaxdp.data.pipeline import (
                                  split_tokens,
                                  training_examples,
 )
+from jaxdp.data.tokenizers import ByteTokenizer
 
 __all__ = ["BUILTIN_CORPUS", "Batches", "ByteTokenizer", "Dataset", "WindowSource",
            "builtin_corpus_path", "corpus_digest", "load_corpus", "load_tokens", "prefetch",

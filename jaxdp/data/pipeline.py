@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import json
 import os
 import queue
 import threading
@@ -20,35 +21,54 @@ from typing import Callable, Iterator
 import grain
 import numpy as np
 
+from jaxdp.data import mixture as mixtures
+from jaxdp.data import tokenfiles
+from jaxdp.data.packing import PACKINGS, concat_example, example_fn
+from jaxdp.data.tokenizers import ByteTokenizer
 from jaxdp.errors import JaxdpError
 
 BUILTIN_CORPUS = "tinyshakespeare"
-
-
-class ByteTokenizer:
-  """UTF-8 bytes as tokens: no training, no unknown tokens, 256 ids."""
-
-  vocab_size = 256
-  name = "byte"
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-  def decode(self, ids) -> str:
-    return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
 def builtin_corpus_path() -> str:
   return str(importlib.resources.files("jaxdp") / "assets" / "tinyshakespeare.txt")
 
 
-def load_corpus(path: str):
-  """(tokens, tokenizer) of config.data.path: "" (built-in corpus), a text file (bytes) or a
-  directory written by `jaxdp prepare` (its shards, read on demand, and its tokenizer)."""
+def load_corpus(path: str, tokenizer: str = ""):
+  """(tokens, tokenizer) of config.data.path: "" (built-in corpus), a text file (bytes), a
+  directory written by `jaxdp prepare` (memory-mapped, with its tokenizer), or nanoGPT/llm.c
+  `.bin` token files (memory-mapped; a folder's training files; see data/tokenfiles.py)."""
+  train, _, tok = open_data(path, tokenizer)
+  return train, tok
+
+
+def open_data(path: str, tokenizer: str = ""):
+  """(training stream, validation stream or None, tokenizer) of config.data.path; the
+  validation stream is None unless a folder of .bin files has "val" files (then the caller
+  splits the tail, config.data.val_fraction). `tokenizer`: config.data.tokenizer, used for
+  .bin token files (default: the tokenizer.json beside them)."""
+  if path and tokenfiles.is_token_path(path):
+    train, val = tokenfiles.open_token_path(path)
+    return train, val, _token_file_tokenizer(path, tokenizer)
   if path and os.path.isdir(path):
     from jaxdp.data import prepare  # Imports this module: loaded only when needed.
-    return prepare.open_prepared(path)
-  return load_tokens(path), ByteTokenizer()
+    tokens, tok = prepare.open_prepared(path)
+    return tokens, None, tok
+  return load_tokens(path), None, ByteTokenizer()
+
+
+def _token_file_tokenizer(path: str, spec: str):
+  from jaxdp.data import tokenizers
+  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  spec = spec or os.path.join(folder, tokenizers.TOKENIZER_FILE)
+  if not os.path.exists(spec):
+    raise JaxdpError(f"config.data.path={path!r} holds token ids without a tokenizer; set "
+                     "--config.data.tokenizer=PATH/tokenizer.json (the tokenizer that wrote them) "
+                     "or put its tokenizer.json beside the .bin files")
+  try:
+    return tokenizers.from_spec(spec)
+  except JaxdpError as e:
+    raise JaxdpError(str(e).replace("--tokenizer", "config.data.tokenizer")) from None
 
 
 def load_tokens(path: str) -> np.ndarray:
@@ -76,13 +96,18 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple
   """Head for training, tail for validation; both must hold at least one window."""
   n_val = int(len(tokens) * val_fraction)
   train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-  for name, part in (("training", train), ("validation", val)):
-    if len(part) < seq_len + 1:
-      raise JaxdpError(
-          f"the {name} split has {len(part)} tokens, fewer than config.seq_len+1={seq_len + 1}; "
-          "use a larger corpus (config.data.path), a smaller config.seq_len, or adjust "
-          "config.data.val_fraction")
+  check_windows(train, "training", seq_len)
+  check_windows(val, "validation", seq_len)
   return train, val
+
+
+def check_windows(part, name: str, seq_len: int) -> None:
+  """Raises JaxdpError unless the split `part` holds at least one window of seq_len + 1 tokens."""
+  if len(part) < seq_len + 1:
+    raise JaxdpError(
+        f"the {name} split has {len(part)} tokens, fewer than config.seq_len+1={seq_len + 1}; "
+        "use a larger corpus (config.data.path), a smaller config.seq_len, or adjust "
+        "config.data.val_fraction")
 
 
 class WindowSource:
@@ -97,17 +122,29 @@ class WindowSource:
 
   def __getitem__(self, index: int) -> np.ndarray:
     start = index * self._seq_len
-    return np.asarray(self._tokens[start:start + self._seq_len + 1])  # Reads a prepared stream.
+    # Reads this window only from a memory-mapped stream; ids are int32 whatever the file's dtype.
+    return np.asarray(self._tokens[start:start + self._seq_len + 1], dtype=np.int32)
 
 
-def _to_example(window: np.ndarray) -> dict[str, np.ndarray]:
-  return {"inputs": window[:-1], "targets": window[1:],
-          "weights": np.ones(len(window) - 1, np.float32)}
+class ConcatWindows:
+  """The windows of several sources, one after another (a mixture's validation windows)."""
+
+  def __init__(self, sources):
+    self._sources = list(sources)
+    self._ends = np.cumsum([len(s) for s in self._sources])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    part = int(np.searchsorted(self._ends, index, side="right"))
+    return self._sources[part][index - (int(self._ends[part - 1]) if part else 0)]
 
 
-def training_examples(source, seed: int) -> grain.MapDataset:
-  """The infinite training stream: a new permutation of the source every epoch."""
-  return grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(_to_example)
+def training_examples(source, seed: int, to_example=concat_example) -> grain.MapDataset:
+  """The infinite training stream: a new permutation of the source every epoch, each window
+  made an example by `to_example` (data/packing.py)."""
+  return grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(to_example)
 
 
 class Batches:
@@ -147,8 +184,9 @@ class EvalBatches:
   only its own `rows` of a batch, so the set of windows does not depend on the device count.
   """
 
-  def __init__(self, source, batch_size: int, max_batches: int = 0):
+  def __init__(self, source, batch_size: int, max_batches: int = 0, to_example=concat_example):
     self._source = source
+    self._to_example = to_example
     self._batch = batch_size
     total = len(source)
     self.num_windows = total if max_batches <= 0 else min(total, max_batches * batch_size)
@@ -166,8 +204,8 @@ class EvalBatches:
   def __call__(self, k: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
     ids = self.example_ids(k)[:, rows]
     real = ids < self.num_windows
-    first = _to_example(self._source[0])  # The shapes and dtypes of a row; padding copies them.
-    examples = [_to_example(self._source[int(j)]) if ok else
+    first = self._to_example(self._source[0])  # The shapes and dtypes of a row; padding copies them.
+    examples = [self._to_example(self._source[int(j)]) if ok else
                 {name: np.zeros_like(v) for name, v in first.items()}
                 for j, ok in zip(ids.ravel(), real.ravel())]
     batch = {name: np.stack([e[name] for e in examples]).reshape(ids.shape + (-1,))
@@ -178,38 +216,91 @@ class EvalBatches:
 
 
 def corpus_digest(path: str) -> str:
-  """sha256 of what config.data.path names: a text file's bytes, or a prepared directory's
-  manifest (it lists every shard's checksum). Checkpoints keep it, so a resume notices data
-  that changed under the same path, which would silently change the examples of every step."""
+  """sha256 of what config.data.path names: a text file's bytes, a prepared directory's manifest
+  (it holds the token file's checksum), or the bytes of its .bin token files (name and content of
+  each). Checkpoints keep it, so a resume notices data that changed under the same path, which
+  would silently change the examples of every step."""
   path = path or builtin_corpus_path()
+  files = [path]
   if os.path.isdir(path):
     from jaxdp.data import prepare  # Imports this module: loaded only when needed.
-    path = os.path.join(path, prepare.MANIFEST)
+    if tokenfiles.is_token_path(path):
+      train, val = tokenfiles.token_files(path)
+      files = train + val
+    else:
+      files = [os.path.join(path, prepare.MANIFEST)]
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
+  for file in files:
+    if len(files) > 1:
+      digest.update(os.path.basename(file).encode() + b"\0")
+    with open(file, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        digest.update(chunk)
   return digest.hexdigest()
 
 
+def _same_tokenizer(a, b) -> bool:
+  if type(a) is not type(b) or a.vocab_size != b.vocab_size or a.end_of_text != b.end_of_text:
+    return False
+  backend = getattr(a, "backend", None)
+  return backend is None or backend.to_str() == b.backend.to_str()
+
+
 class Dataset:
-  """The training and validation streams of one config."""
+  """The training and validation streams of one config: config.data.path, or the weighted
+  mixture config.data.sources (data/mixture.py), with config.data.packing (data/packing.py)."""
 
   def __init__(self, config, tokenizer=None):
-    tokens, data_tokenizer = load_corpus(config.data.path)
-    self.digest = corpus_digest(config.data.path)
-    self.tokenizer = tokenizer or data_tokenizer
-    train, val = split_tokens(tokens, config.data.val_fraction, config.seq_len)
-    self.train_source = WindowSource(train, config.seq_len)
-    self.val_source = WindowSource(val, config.seq_len)
-    self.train = Batches(training_examples(self.train_source, config.seed),
-                         config.global_batch_size, config.grad_accum_steps)
+    data = config.data
+    packing = data.get("packing", "concat")
+    if packing not in PACKINGS:
+      raise JaxdpError(f"config.data.packing={packing!r} is not one of {', '.join(PACKINGS)}")
+    specs = mixtures.parse_sources(data.get("sources", ""))
+    self.sources = specs or [(data.path, 1.0)]
+    opened = [open_data(path, data.get("tokenizer", "")) for path, _ in self.sources]
+    self.tokenizer = tokenizer or opened[0][2]
+    for (path, _), (_, _, tok) in zip(self.sources[1:], opened[1:]):
+      if not _same_tokenizer(tok, opened[0][2]):
+        raise JaxdpError(f"config.data.sources: {path!r} has another tokenizer than "
+                         f"{self.sources[0][0]!r}; prepare every source with the same --tokenizer")
+    digests = [corpus_digest(path) for path, _ in self.sources]
+    self.digest = digests[0] if not specs else hashlib.sha256(json.dumps(
+        [[d, w] for d, (_, w) in zip(digests, self.sources)]).encode()).hexdigest()
+    to_example = example_fn(packing, getattr(self.tokenizer, "end_of_text", None))
+    train_sources, val_sources = [], []
+    for train, val in ((o[0], o[1]) for o in opened):
+      if val is None:
+        train, val = split_tokens(train, data.val_fraction, config.seq_len)
+      else:
+        check_windows(train, "training", config.seq_len)
+        check_windows(val, "validation", config.seq_len)
+      train_sources.append(WindowSource(train, config.seq_len))
+      val_sources.append(WindowSource(val, config.seq_len))
+    self.train_sources = train_sources
+    self.train_source = train_sources[0] if not specs else ConcatWindows(train_sources)
+    self.val_source = val_sources[0] if not specs else ConcatWindows(val_sources)
+    if specs:
+      self.mixture = mixtures.Mixture([w for _, w in self.sources])
+      examples = mixtures.MixedExamples(self.mixture, [
+          training_examples(s, config.seed + i, to_example) for i, s in enumerate(train_sources)])
+    else:
+      self.mixture = None
+      examples = training_examples(self.train_source, config.seed, to_example)
+    self.train = Batches(examples, config.global_batch_size, config.grad_accum_steps)
     # Every validation window once (or the first config.eval_steps batches' worth).
-    self.val = EvalBatches(self.val_source, config.global_batch_size, config.eval_steps)
+    self.val = EvalBatches(self.val_source, config.global_batch_size, config.eval_steps, to_example)
 
   @property
   def examples_per_epoch(self) -> int:
     return len(self.train_source)
+
+  def realised_mixture(self, num_examples: int) -> dict[str, float] | None:
+    """{source path: share of the first `num_examples` training examples}; None without a
+    mixture. Exact: the interleaving is a pure function of the example index."""
+    if self.mixture is None or num_examples <= 0:
+      return None
+    taken = self.mixture.taken(num_examples)
+    return {path: float(n) / num_examples for (path, _), n in zip(self.sources, taken)}
 
 
 def prefetch(make: Callable[[int], object], start: int, stop: int, depth: int = 2) -> Iterator:

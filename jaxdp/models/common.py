@@ -35,7 +35,7 @@ class ModelConfig:
   positions: str = "rope"  # gpt: "rope" or "learned"; llama: always "rope".
   rope_theta: float = 10000.0  # Base of the rotary frequencies.
   tie_embeddings: bool = True  # Output head shares the input embedding (gpt: always).
-  norm_eps: float = 1e-5
+  norm_eps: float = 0.0  # Epsilon of every norm; 0 means the family's default (see `eps`).
   attention: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
   remat: str = "none"  # Activation rematerialisation of each block: "none", "block" or "full".
@@ -44,6 +44,12 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.n_kv_head or self.n_head
+
+  @property
+  def eps(self) -> float:
+    """The norm epsilon used: norm_eps, or by default gpt's 1e-6 (flax LayerNorm's default, what
+    gpt has always used) and llama's 1e-5."""
+    return self.norm_eps or (1e-6 if self.family == "gpt" else 1e-5)
 
   @property
   def head_dim(self) -> int:
@@ -78,37 +84,104 @@ class Linear(nn.Module):
     return y
 
 
-def rotary(x: jax.Array, theta: float = 10000.0) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021) over the last axis of x [B, T, H, K]."""
+def rotary(x: jax.Array, theta: float = 10000.0, positions: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) over the last axis of x [B, T, H, K], at
+  `positions` int32 [B, T] (default 0..T-1; document packing restarts them per document)."""
   _, t, _, k = x.shape
   freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
-  angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # [T, K/2]
-  sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+  if positions is None:
+    positions = jnp.arange(t)[None]  # [1, T]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # [B or 1, T, K/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def reference_attention(q, k, v):
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """bool [B, 1, T, T]: query i may attend key j iff both are in the same segment (document
+  packing, jaxdp/data/packing.py); the causal part is added by `attention`."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def reference_attention(q, k, v, mask: jax.Array | None = None):
   """softmax(q k^T / sqrt(K) + causal mask) v, written out: the fallback and the test oracle.
 
   q [B, T, H, K]; k, v [B, T, G, K] with G dividing H (grouped-query attention: query head h
-  reads key/value head h // (H / G)).
+  reads key/value head h // (H / G)); `mask` bool [B, 1, T, T] (e.g. `segment_mask`), or None,
+  is combined with the causal mask.
   """
   t, h, g = q.shape[1], q.shape[2], k.shape[2]
   k, v = jnp.repeat(k, h // g, axis=2), jnp.repeat(v, h // g, axis=2)  # [B, T, H, K]
   scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
-  mask = jnp.tril(jnp.ones((t, t), bool))
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  mask = causal if mask is None else causal & mask
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqs,bshk->bqhk", probs, v)
 
 
-def attention(q, k, v, implementation: str) -> jax.Array:
+def attention(q, k, v, implementation: str, mask: jax.Array | None = None) -> jax.Array:
   """Causal attention [B, T, H, K] by `implementation`: "reference" (einsum) or a
-  jax.nn.dot_product_attention kernel ("xla", "cudnn"), which handles G < H itself."""
+  jax.nn.dot_product_attention kernel ("xla", "cudnn"), which handles G < H itself. `mask` bool
+  [B, 1, T, T] or None further restricts which keys a query sees (document packing)."""
   if implementation == "reference":
-    return reference_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return reference_attention(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      implementation=implementation)
+
+
+# ---- Decoding from a key/value cache ---------------------------------------------------------
+# A model applied with a "cache" collection (made by `init_cache`, passed mutable) decodes: each
+# attention writes the keys and values of the call's T tokens into its fixed-size cache at the
+# cache's index and attends to every cached position up to its own, and positions (rotary or
+# learned) start at that index. Without the collection (training, init) nothing changes.
+CACHE = "cache"
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty cache of `length` positions for a model of `cfg` (both families): per block,
+  keys and values [batch, length, G, K] in the compute dtype and the next position "index"
+  (int32), and the model's own "index" (for learned positions)."""
+  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+
+  def layer():  # Distinct arrays per block: the decode step donates (reuses) each buffer.
+    return {"attn": {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, cfg.dtype),
+                     "v": jnp.zeros(shape, cfg.dtype)}}
+  return {"index": jnp.zeros((), jnp.int32), **{f"block_{i}": layer() for i in range(cfg.n_layer)}}
+
+
+def decode_offset(module: nn.Module) -> jax.Array | None:
+  """Position of the call's first token when `module` decodes from a cache (its "index"
+  variable, int32 scalar), else None."""
+  if not module.has_variable(CACHE, "index"):
+    return None
+  return module.get_variable(CACHE, "index")
+
+
+def advance(module: nn.Module, tokens: int) -> None:
+  """Moves `module`'s cache index on by `tokens` positions (a no-op when not decoding)."""
+  if module.has_variable(CACHE, "index"):
+    module.put_variable(CACHE, "index", module.get_variable(CACHE, "index") + tokens)
+
+
+def cached_attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
+                     offset: jax.Array) -> jax.Array:
+  """Causal attention of q [B, T, H, K] (positions offset..offset+T-1) over the cache of
+  `module` after writing k, v [B, T, G, K] into it at `offset` (lax.dynamic_update_slice, so
+  one compiled step serves every position); masked positions are the empty cache slots."""
+  cache_k = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "k"),
+                                         k.astype(module.get_variable(CACHE, "k").dtype),
+                                         (0, offset, 0, 0))
+  cache_v = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "v"),
+                                         v.astype(module.get_variable(CACHE, "v").dtype),
+                                         (0, offset, 0, 0))
+  module.put_variable(CACHE, "k", cache_k)
+  module.put_variable(CACHE, "v", cache_v)
+  advance(module, q.shape[1])
+  length = cache_k.shape[1]
+  visible = jnp.arange(length)[None, :] <= offset + jnp.arange(q.shape[1])[:, None]  # [T, S]
+  return jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                      mask=visible[None, None])
 
 
 # What the backward pass keeps of each block's forward. "block" keeps the outputs of the weight
@@ -119,7 +192,7 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_savea
 
 
 def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Array,
-               deterministic: bool, dropout_key: jax.Array | None) -> jax.Array:
+               deterministic: bool, dropout_key: jax.Array | None, *extra) -> jax.Array:
   """The blocks as one `lax.scan` over their stacked parameters, each step under jax.checkpoint.
 
   A scan, not a loop of checkpointed blocks: XLA (the CPU scheduler at least) hoists the
@@ -132,7 +205,7 @@ def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Ar
   def one(x, layer):
     p, i = layer
     rngs = {} if deterministic else {"dropout": jax.random.fold_in(dropout_key, i)}
-    return block(cfg, parent=None).apply({"params": p}, x, deterministic, rngs=rngs), None
+    return block(cfg, parent=None).apply({"params": p}, x, deterministic, *extra, rngs=rngs), None
 
   body = jax.checkpoint(one, policy=REMAT_POLICIES[cfg.remat])
   x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.n_layer)))
@@ -140,17 +213,18 @@ def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Ar
 
 
 def run_blocks(module: nn.Module, block: type[nn.Module], x: jax.Array,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, *extra) -> jax.Array:
   """x [B, T, D] through `module`'s cfg.n_layer blocks named block_i, from its compact
   __call__: a plain loop, or `remat_scan` when cfg.remat asks for rematerialisation (the
-  parameters are created by the loop at init either way, so the tree has one entry per block)."""
+  parameters are created by the loop at init either way, so the tree has one entry per block).
+  `extra` (the attention mask and positions of document packing) goes to every block."""
   cfg = module.cfg
   if cfg.remat == "none" or module.is_initializing():
     for i in range(cfg.n_layer):
-      x = block(cfg, name=f"block_{i}")(x, deterministic)
+      x = block(cfg, name=f"block_{i}")(x, deterministic, *extra)
     return x
   return remat_scan(block, cfg, module.variables["params"], x, deterministic,
-                    None if deterministic else module.make_rng("dropout"))
+                    None if deterministic else module.make_rng("dropout"), *extra)
 
 
 def lm_init(module: nn.Module, seq_len: int) -> Callable[[jax.Array], Any]:
@@ -162,17 +236,20 @@ def lm_loss(module: nn.Module) -> Callable:
   """loss_fn(params, batch, rng) -> (sum of token losses, sum of token weights).
 
   `batch`: "inputs", "targets" int32 [b, T], "weights" float32 [b, T] (0 for padding), "ids"
-  int32 [b] (global example index). With dropout and an rng, each example's dropout key comes
+  int32 [b] (global example index), and with document packing "segment_ids", "positions" int32
+  [b, T] (jaxdp/data/packing.py). With dropout and an rng, each example's dropout key comes
   from its global index, not from the device that runs it, so N devices draw the masks of one.
   """
   def loss_fn(params, batch, rng):
+    documents = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
     if rng is None or module.cfg.dropout == 0:
-      logits = module.apply({"params": params}, batch["inputs"])
+      logits = module.apply({"params": params}, batch["inputs"], **documents)
     else:
-      def one(tokens, key):
+      def one(tokens, key, documents):
         return module.apply({"params": params}, tokens[None], deterministic=False,
-                            rngs={"dropout": key})[0]
-      logits = jax.vmap(one)(batch["inputs"], example_keys(rng, batch))
+                            rngs={"dropout": key},
+                            **{k: v[None] for k, v in documents.items()})[0]
+      logits = jax.vmap(one)(batch["inputs"], example_keys(rng, batch), documents)
     return cross_entropy_sum(logits, batch["targets"], batch["weights"])
   return loss_fn
 

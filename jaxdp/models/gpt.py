@@ -15,14 +15,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxdp.models.common import (
-  Linear,
-  ModelConfig,
-  attention,
-  init,
-  logical,
-  mask_padded_vocab,
-  rotary,
-  run_blocks,
+    Linear,
+    ModelConfig,
+    advance,
+    attention,
+    cached_attention,
+    decode_offset,
+    init,
+    logical,
+    mask_padded_vocab,
+    rotary,
+    run_blocks,
+    segment_mask,
 )
 
 
@@ -30,7 +34,7 @@ class CausalSelfAttention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, mask=None, positions=None):
     cfg = self.cfg
     head = cfg.d_model // cfg.n_head
     qkv = nn.DenseGeneral((3, cfg.n_head, head), dtype=cfg.dtype, name="qkv",
@@ -38,9 +42,15 @@ class CausalSelfAttention(nn.Module):
                           bias_init=logical(nn.initializers.zeros, ("qkv", "heads", "head_dim")),
                           )(x)  # [B, T, 3, H, K]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K] each
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    if offset is not None:  # Decoding: the call's tokens sit at offset, offset + 1, ...
+      positions = offset + jnp.arange(x.shape[1])[None]  # [1, T]
     if cfg.positions == "rope":
-      q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
-    y = attention(q, k, v, cfg.attention)  # [B, T, H, K]
+      q, k = rotary(q, cfg.rope_theta, positions), rotary(k, cfg.rope_theta, positions)
+    if offset is None:
+      y = attention(q, k, v, cfg.attention, mask)  # [B, T, H, K]
+    else:
+      y = cached_attention(self, q, k, v, offset)
     y = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="proj",
                         kernel_init=logical(init, ("heads", "head_dim", "embed")),
                         bias_init=logical(nn.initializers.zeros, ("embed",)))(y)  # [B, T, D]
@@ -63,14 +73,15 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    x = x + CausalSelfAttention(self.cfg, name="attn")(layer_norm(self.cfg, "ln1")(x), deterministic)
+  def __call__(self, x, deterministic: bool, mask=None, positions=None):
+    x = x + CausalSelfAttention(self.cfg, name="attn")(layer_norm(self.cfg, "ln1")(x), deterministic,
+                                                       mask, positions)
     x = x + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln2")(x), deterministic)
     return x
 
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=cfg.dtype, name=name,
+  return nn.LayerNorm(epsilon=cfg.eps, dtype=cfg.dtype, name=name,
                       scale_init=logical(nn.initializers.ones, ("embed",)),
                       bias_init=logical(nn.initializers.zeros, ("embed",)))
 
@@ -79,17 +90,24 @@ class GPT(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
-    """tokens [B, T] int32 -> logits [B, T, V] float32."""
+  def __call__(self, tokens: jax.Array, deterministic: bool = True,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """tokens [B, T] int32 -> logits [B, T, V] float32. With document packing, `segment_ids`
+    and `positions` int32 [B, T]: attention stays within a segment, positions restart in each."""
     cfg = self.cfg
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, name="wte",
                    embedding_init=logical(init, ("vocab", "embed")))
     x = wte(tokens).astype(cfg.dtype)  # [B, T, D]
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    if offset is not None:
+      positions = offset + jnp.arange(tokens.shape[1])[None]  # [1, T]
     if cfg.positions == "learned":
       wpe = self.param("wpe", logical(init, (None, "embed")), (cfg.seq_len, cfg.d_model))
-      x = x + wpe[None, :tokens.shape[1]].astype(cfg.dtype)
+      x = x + (wpe[None, :tokens.shape[1]] if positions is None else wpe[positions]).astype(cfg.dtype)
+    advance(self, tokens.shape[1])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    x = run_blocks(self, Block, x, deterministic)
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    x = run_blocks(self, Block, x, deterministic, mask, positions)
     x = layer_norm(cfg, "ln_f")(x)
     logits = wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
     return mask_padded_vocab(logits, cfg)

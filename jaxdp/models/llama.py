@@ -14,7 +14,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdp.models.common import ModelConfig, attention, init, logical, mask_padded_vocab, rotary, run_blocks
+from jaxdp.models.common import (
+    ModelConfig,
+    advance,
+    attention,
+    cached_attention,
+    decode_offset,
+    init,
+    logical,
+    mask_padded_vocab,
+    rotary,
+    run_blocks,
+    segment_mask,
+)
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -48,17 +60,23 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, mask=None, positions=None):
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
     wq = self.param("wq", logical(init, ("heads", "head_dim", "embed")), (h, k, d))
     wk = self.param("wk", logical(init, ("kv_heads", "head_dim", "embed")), (g, k, d))
     wv = self.param("wv", logical(init, ("kv_heads", "head_dim", "embed")), (g, k, d))
     wo = self.param("wo", logical(init, ("embed", "heads", "head_dim")), (d, h, k))
-    q = rotary(_proj(x, wq, cfg.dtype), cfg.rope_theta)  # [B, T, H, K]
-    kk = rotary(_proj(x, wk, cfg.dtype), cfg.rope_theta)  # [B, T, G, K]
+    offset = decode_offset(self)  # None unless decoding from a cache.
+    if offset is not None:  # Decoding: the call's tokens sit at offset, offset + 1, ...
+      positions = offset + jnp.arange(x.shape[1])[None]  # [1, T]
+    q = rotary(_proj(x, wq, cfg.dtype), cfg.rope_theta, positions)  # [B, T, H, K]
+    kk = rotary(_proj(x, wk, cfg.dtype), cfg.rope_theta, positions)  # [B, T, G, K]
     v = _proj(x, wv, cfg.dtype)  # [B, T, G, K]
-    y = attention(q, kk, v, cfg.attention)  # [B, T, H, K]
+    if offset is None:
+      y = attention(q, kk, v, cfg.attention, mask)  # [B, T, H, K]
+    else:
+      y = cached_attention(self, q, kk, v, offset)  # The cache holds the G key/value heads.
     y = jnp.einsum("bthk,dhk->btd", y, wo.astype(cfg.dtype))  # [B, T, D]
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
@@ -82,11 +100,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, mask=None, positions=None):
     cfg = self.cfg
-    x = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(x),
-                                        deterministic)
-    x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(x),
+    x = x + Attention(cfg, name="attn")(RMSNorm(cfg.eps, cfg.dtype, name="attn_norm")(x),
+                                        deterministic, mask, positions)
+    x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.eps, cfg.dtype, name="mlp_norm")(x),
                                     deterministic)
     return x
 
@@ -95,15 +113,19 @@ class Llama(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
-    """tokens [B, T] int32 -> logits [B, T, V] float32."""
+  def __call__(self, tokens: jax.Array, deterministic: bool = True,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """tokens [B, T] int32 -> logits [B, T, V] float32. With document packing, `segment_ids`
+    and `positions` int32 [B, T]: attention stays within a segment, positions restart in each."""
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed",
                      embedding_init=logical(init, ("vocab", "embed")))
     x = embed(tokens).astype(cfg.dtype)  # [B, T, D]
+    advance(self, tokens.shape[1])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    x = run_blocks(self, Block, x, deterministic)
-    x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    x = run_blocks(self, Block, x, deterministic, mask, positions)
+    x = RMSNorm(cfg.eps, cfg.dtype, name="norm")(x)
     if cfg.tie_embeddings:
       return mask_padded_vocab(embed.attend(x).astype(jnp.float32), cfg)  # [B, T, V]
     head = self.param("lm_head", logical(init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model))

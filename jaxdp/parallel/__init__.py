@@ -18,6 +18,8 @@ from jaxdp.parallel.mesh import (
                                     BATCH_SPEC,
                                     DATA,
                                     MODEL,
+                                    REPLICA,
+                                    batch_axes,
                                     batch_sharding,
                                     make_mesh,
                                     process_rows,
@@ -36,7 +38,7 @@ from jaxdp.parallel.shardings import (
 )
 
 __all__ = ["BATCH_SPEC", "CommConfig", "DATA", "DEFAULT_RULES", "DataParallel", "Layout", "MODEL",
-           "ZERO_PARTS", "batch_sharding", "check_offload", "compile_eval_step",
+           "REPLICA", "ZERO_PARTS", "batch_axes", "batch_sharding", "check_offload", "compile_eval_step",
            "compile_train_step", "example_weights", "gradient_shardings", "make_mesh",
            "path_names", "pmap_train_step", "process_rows", "put_batch", "replicate",
            "replicated", "replicated_report", "split_for_pmap", "state_shardings", "unreplicate"]

@@ -1,7 +1,7 @@
 """The pure step compiled onto devices, once per strategy.
 
-`dp`: the per-device step under `jax.shard_map` over the "data" axis, replicated state, one
-`lax.pmean` per step (or another gradient exchange, or local SGD). `zero1`/`zero2`/`zero3`: the
+`dp`: the per-device step under `jax.shard_map` over the batch axes ("data", or "replica" and
+"data" on a hybrid mesh), replicated state, one `lax.pmean` per step (or another gradient exchange, or local SGD). `zero1`/`zero2`/`zero3`: the
 global step (`axis_name=None`) under `jax.jit` with the state shardings of
 jaxdp.parallel.shardings; XLA derives the collectives (reduce-scatter / all-gather) from them.
 `pmap_train_step` maps the dp body with `jax.pmap` for users of the classic API.
@@ -21,7 +21,7 @@ from jaxdp.core import step as steps
 from jaxdp.core.step import LossFn
 from jaxdp.parallel import local_sgd
 from jaxdp.parallel.exchange import CommConfig, make_exchange
-from jaxdp.parallel.mesh import BATCH_SPEC, DATA, batch_sharding, replicated
+from jaxdp.parallel.mesh import DATA, batch_axes, batch_sharding, batch_spec, replicated
 from jaxdp.parallel.shardings import Layout, gradient_shardings
 
 
@@ -48,14 +48,15 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
   comm_cfg = comm_cfg or CommConfig()
   mesh = layout.mesh
   if strategy == "dp":
+    axes = batch_axes(mesh)
     state_spec = jax.tree.map(lambda s: s.spec, state_sharding)
     if comm_cfg.sync == "local_sgd":
-      body = functools.partial(local_sgd.local_sgd_step, loss_fn=loss_fn, tx=tx, axis_name=DATA,
+      body = functools.partial(local_sgd.local_sgd_step, loss_fn=loss_fn, tx=tx, axis_name=axes,
                                cfg=comm_cfg, max_consecutive_skips=max_consecutive_skips,
                                compute_dtype=compute_dtype)
     else:
-      body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=DATA,
-                               exchange=make_exchange(comm_cfg, DATA),
+      body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=axes,
+                               exchange=make_exchange(comm_cfg, axes),
                                max_consecutive_skips=max_consecutive_skips,
                                compute_dtype=compute_dtype)
     # core.step.train_step casts the replicated params to per-device values before
@@ -63,7 +64,7 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
     # together). Ring, ps and all-gather results are the same on every device by construction
     # (each sum is computed once and copied), which shard_map's replication check cannot see:
     # it runs only for the dense default, and tests compare the devices' results for the others.
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(state_spec, BATCH_SPEC),
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(state_spec, batch_spec(mesh)),
                            out_specs=(state_spec, P()), check_vma=comm_cfg.dense)
     return jax.jit(mapped, donate_argnums=0)
   offload = any(s.memory_kind == "pinned_host" for s in jax.tree.leaves(state_sharding.opt_state))
@@ -79,9 +80,10 @@ def compile_eval_step(strategy: str, layout: Layout, loss_fn: LossFn,
   """(params, batch [A, b, ...]) -> {"loss_sum", "count"} summed over the global batch."""
   mesh = layout.mesh
   if strategy == "dp":
-    body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=DATA,
+    body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=batch_axes(mesh),
                              compute_dtype=compute_dtype)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), BATCH_SPEC), out_specs=P()))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), batch_spec(mesh)),
+                                 out_specs=P()))
   # The parameters keep the shardings they arrive with (zero3: split; jit gathers them on use).
   body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=None,
                            compute_dtype=compute_dtype)

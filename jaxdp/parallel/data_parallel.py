@@ -30,7 +30,16 @@ from jaxdp.errors import JaxdpError
 from jaxdp.parallel import compile as compiled
 from jaxdp.parallel import shardings
 from jaxdp.parallel.exchange import CommConfig, with_comm_state
-from jaxdp.parallel.mesh import DATA, MODEL, batch_sharding, make_mesh, process_rows, put_batch
+from jaxdp.parallel.mesh import (
+  DATA,
+  MODEL,
+  REPLICA,
+  batch_sharding,
+  batch_size_of,
+  make_mesh,
+  process_rows,
+  put_batch,
+)
 
 STRATEGIES = ("dp", "zero1", "zero2", "zero3")
 NAN_POLICIES = ("halt", "skip")
@@ -87,10 +96,14 @@ class DataParallel:
       raise JaxdpError(f"devices={devices!r} must be a list of JAX devices, e.g. "
                        "jax.devices()[:2]")
     self.mesh = mesh if mesh is not None else make_mesh(devices)
-    if tuple(self.mesh.axis_names) != (DATA, MODEL):
-      raise JaxdpError(f"mesh axes {tuple(self.mesh.axis_names)} must be ('data', 'model'); "
-                       "build it with jaxdp.make_mesh(devices, data, model)")
+    if tuple(self.mesh.axis_names) not in ((DATA, MODEL), (REPLICA, DATA, MODEL)):
+      raise JaxdpError(f"mesh axes {tuple(self.mesh.axis_names)} must be ('data', 'model') or "
+                       "('replica', 'data', 'model'); build it with "
+                       "jaxdp.make_mesh(devices, data, model, replica)")
     self.comm = comm or CommConfig()
+    if REPLICA in self.mesh.axis_names and not self.comm.dense:
+      raise JaxdpError("a mesh with a 'replica' axis supports only the dense all-reduce; use "
+                       "CommConfig() (pmean, no compression, every step) or replica=1")
     if not self.comm.dense and strategy != "dp":
       raise JaxdpError(f"strategy={strategy!r} supports only the dense all-reduce; use "
                        "strategy='dp' with a communication method")
@@ -118,11 +131,12 @@ class DataParallel:
     # which keeps the next step's dispatch overlapped with the current one.
     self._in_flight: collections.deque = collections.deque()
     self._max_in_flight = 2 if self.mesh.devices.flat[0].platform == "cpu" else 0
+    self._memory_checked: set = set()  # Batch signatures whose compiled step fits in memory.
 
   @property
   def data_size(self) -> int:
-    """Devices on the "data" axis (the batch is split over them)."""
-    return self.mesh.shape[DATA]
+    """Devices the batch is split over: the "data" axis (times "replica" on a hybrid mesh)."""
+    return batch_size_of(self.mesh)
 
   def _fresh_state(self, init_fn: InitFn, seed: int) -> TrainState:
     loss_scale = initial_loss_scale(self.precision, self.loss_scale_init, self.loss_scale_period)
@@ -245,8 +259,10 @@ class DataParallel:
     if isinstance(state.step, jax.Array) and state.step.is_deleted():
       raise JaxdpError("DataParallel.step: this state was consumed by an earlier step (its "
                        "buffers are donated); pass the state that step returned")
+    batch = self.device_batch(batch)
     try:
-      state, metrics = self.train_step(state, self.device_batch(batch))
+      self._check_memory(state, batch)
+      state, metrics = self.train_step(state, batch)
     except Exception as e:  # noqa: BLE001 - only the allocator's error is translated.
       if is_out_of_memory(e):
         raise out_of_memory(e, "the train step") from None
@@ -256,6 +272,31 @@ class DataParallel:
       if len(self._in_flight) > self._max_in_flight:
         jax.block_until_ready(self._in_flight.popleft())
     return state, metrics
+
+  def _check_memory(self, state: TrainState, batch: dict[str, jax.Array]) -> None:
+    """Refuses a step whose compiled program cannot fit, before it runs (JaxdpError, one line).
+
+    The step is compiled ahead of time (jit reuses that executable for the call), and XLA's
+    `memory_analysis()` of it (arguments + outputs - donated aliases + temporaries, per device) is
+    compared with what the device can hold: `memory_stats()["bytes_limit"]` on GPU/TPU, the host's
+    available memory shared by its CPU devices on CPU. Allocating instead would fail deep in the
+    runtime (a long allocator trace) or, on CPU, push the host into swap or the OOM killer.
+    """
+    signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    if signature in self._memory_checked:
+      return
+    analysis = self.train_step.lower(state, batch).compile().memory_analysis()
+    self._memory_checked.add(signature)
+    need = step_memory_bytes(analysis)
+    limit, where = device_memory_limit(self.mesh)
+    if need is None or limit is None or need <= limit:
+      return
+    raise JaxdpError(
+        f"the train step needs {need / 2**30:.1f} GiB per device but {where} holds "
+        f"{limit / 2**30:.1f} GiB (XLA's memory analysis of the compiled step, before running it); "
+        "use fewer rows per device (a smaller global batch, or more grad_accum_steps), a shorter "
+        "sequence, activation rematerialisation (config.remat=block), or shard the state "
+        "(strategy zero1..zero3); `jaxdp plan` shows the memory each strategy needs")
 
   def evaluate(self, params: Any, batches: Iterable[dict[str, Any]]) -> float:
     """The weighted mean loss over `batches` (each a global batch, host or placed), no randomness.
@@ -280,6 +321,40 @@ class DataParallel:
     totals = jax.device_get(totals)
     weight = sum(float(t["count"]) for t in totals)
     return float(sum(float(t["loss_sum"]) for t in totals) / max(weight, 1e-30))
+
+
+def step_memory_bytes(analysis: Any) -> int | None:
+  """Bytes one device needs to run a compiled program (from its `memory_analysis()`), or None.
+
+  Arguments and outputs are live together except where the output reuses a donated argument's
+  buffer (alias); temporaries come on top. Host-memory (offloaded) bytes are not device bytes.
+  """
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+
+
+def device_memory_limit(mesh: Mesh) -> tuple[int | None, str]:
+  """(bytes one device of `mesh` can hold, a phrase naming it), or (None, ...) when unknown.
+
+  GPU/TPU: the allocator's `bytes_limit`. CPU: the host's available memory (/proc/meminfo
+  MemAvailable) divided by this process's CPU devices, which all allocate from it.
+  """
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  device = local[0]  # Another process's device has no memory stats here.
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} ({device.platform})"
+  if device.platform != "cpu":
+    return None, device.platform
+  try:
+    with open("/proc/meminfo") as f:
+      fields = dict(line.split(":", 1) for line in f)
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None, "host"
+  return available // len(local), f"the host's available memory over {len(local)} CPU devices"
 
 
 def is_out_of_memory(error: BaseException) -> bool:

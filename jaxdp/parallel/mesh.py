@@ -1,8 +1,13 @@
 """The device mesh and how a global batch is laid onto it.
 
 The mesh has two axes: "data" (the batch is split over it; ZeRO splits state over it) and
-"model" (tensor parallelism over the dimensions a model annotates). Batches are laid out
-[A, b, ...]: A micro-batches of b rows, rows split over "data", micro-batches kept whole.
+"model" (tensor parallelism over the dimensions a model annotates). Hybrid (hierarchical)
+sharding adds a third, outer axis, "replica": the batch is split over ("replica", "data"), ZeRO
+splits state within a "data" group only and keeps one copy per "replica" group, so a group can be
+the devices of one host and only gradient traffic crosses hosts (as FSDP's HYBRID_SHARD and
+DeepSpeed's hpZ do). With replica=1 the mesh is ("data", "model"), exactly as without it.
+Batches are laid out [A, b, ...]: A micro-batches of b rows, rows split over the batch axes,
+micro-batches kept whole.
 """
 
 from __future__ import annotations
@@ -14,16 +19,41 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+REPLICA = "replica"
 DATA = "data"
 MODEL = "model"
-BATCH_SPEC = P(None, DATA)
+BATCH_SPEC = P(None, DATA)  # The batch's spec on a ("data", "model") mesh (see batch_spec).
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, data: int = 0, model: int = 1) -> Mesh:
-  """A ("data", "model") mesh; data <= 0 takes all devices left after `model`."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, data: int = 0, model: int = 1,
+              replica: int = 1) -> Mesh:
+  """A ("data", "model") mesh, or ("replica", "data", "model") when replica > 1.
+
+  data <= 0 takes all devices left after `model` and `replica`. Devices are laid out in the
+  order given (jax.devices(): process by process), "model" innermost: with data x model equal to
+  the devices of one process, each "data" group is one host and "replica" runs across hosts.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  data = len(devices) // model if data <= 0 else data
-  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+  data = len(devices) // (model * replica) if data <= 0 else data
+  if replica == 1:
+    return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+  return Mesh(np.asarray(devices[:replica * data * model]).reshape(replica, data, model),
+              (REPLICA, DATA, MODEL))
+
+
+def batch_axes(mesh: Mesh) -> str | tuple[str, str]:
+  """The mesh axes the batch is split over (and gradients averaged over): "data", or
+  ("replica", "data") on a hybrid mesh."""
+  return (REPLICA, DATA) if REPLICA in mesh.axis_names else DATA
+
+
+def batch_size_of(mesh: Mesh) -> int:
+  """Devices the batch is split over (replica x data)."""
+  return mesh.shape[DATA] * (mesh.shape[REPLICA] if REPLICA in mesh.axis_names else 1)
+
+
+def batch_spec(mesh: Mesh) -> P:
+  return P(None, batch_axes(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -31,7 +61,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, BATCH_SPEC)
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
 def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:

@@ -1,9 +1,16 @@
-"""Joining a multi-process run: explicit flags, SLURM, Open MPI, or a single process.
+"""Joining a multi-process run: explicit flags, the cluster JAX detects, or a single process.
 
-`resolve` is pure: it reads the flags and a copy of the environment and says which process group
-this process belongs to. `initialize` then calls `jax.distributed.initialize` before any device is
-touched. JAX's own failure modes here are a native abort (unreachable coordinator) or a crash
-(port taken), so both are checked first and turned into one-line errors naming the address.
+`resolve` says which process group this process belongs to: the flags, each overriding what the
+cluster environment says, where the environment is read by JAX's own cluster detection
+(`jax._src.clusters`: SLURM, Open MPI, Kubernetes Indexed Jobs and JobSets, Cloud TPU / GKE, and
+mpi4py when asked for, as `jax.distributed.initialize` itself does). jaxdp adds what that
+detection lacks: one GPU per process only where several processes share a node and the launcher
+did not bind GPUs (JAX binds one GPU per process whenever it knows a local rank, which leaves a
+one-process-per-node run with one GPU), the port check, and the join timeout. `initialize` then
+calls `jax.distributed.initialize` with the resolved values (its own detection switched off)
+before any device is touched. JAX's own failure modes here are a native abort (unreachable
+coordinator) or a crash (port taken), so both are checked first and turned into one-line errors
+naming the address.
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ from typing import Mapping
 
 from jaxdp.errors import JaxdpError
 
-# Ports derived from a cluster job id fall in the top 4096 (ephemeral) ports, as JAX's own
-# cluster detection does, so that every task of a job computes the same port.
-DERIVED_PORT_BASE = 65536 - 4096
+# --cluster values: JAX's detection names, plus "auto" (JAX's default order) and "none".
+CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s", "mpi4py", "gketpu", "gcetpu")
+# Launchers JAX cannot read a coordinator from: running under one without flags is an error,
+# not N unrelated single-process runs.
+UNDETECTED = (("OMPI_COMM_WORLD_SIZE", "Open MPI 5 (mpirun does not publish its address)"),
+              ("PMI_SIZE", "an MPI launcher (MPICH, Intel MPI)"),
+              ("PMIX_SIZE", "a PMIx launcher"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +41,18 @@ class ProcessGroup:
   num_processes: int
   process_id: int
   coordinator: str | None = None  # "HOST:PORT" served by process 0; None for one process.
-  source: str = "single"  # Where the values came from: "single", "flags", "slurm" or "ompi".
+  source: str = "single"  # "single", "flags", or the cluster that described it ("slurm", ...).
   local_device_ids: tuple[int, ...] | None = None  # GPUs this process drives; None: all it sees.
+
+  def describe(self) -> str:
+    """One line for the log: who this process is and where that came from."""
+    where = {"flags": "the --coordinator/--num_processes/--process_id flags",
+             "k8s": "Kubernetes (JAX's cluster detection)"}.get(
+                 self.source, f"{self.source} (JAX's cluster detection)")
+    gpus = (f", driving local device(s) {list(self.local_device_ids)}"
+            if self.local_device_ids else "")
+    return (f"jaxdp: process {self.process_id} of {self.num_processes}, coordinator "
+            f"{self.coordinator}{gpus}; process group described by {where}")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -43,19 +64,14 @@ def split_address(address: str) -> tuple[str, int]:
   return host, int(port)
 
 
-def _first_slurm_host(nodelist: str) -> str:
-  """First host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
-  match = re.match(r"([^,\[]+)(?:\[([^,\-\]]+))?", nodelist)
-  if match is None:
-    raise JaxdpError(f"cannot read the first host of SLURM_STEP_NODELIST={nodelist!r}; pass "
-                     "--coordinator HOST:PORT")
-  return match.group(1) + (match.group(2) or "")
+def _cluster_name(env_type) -> str:
+  return env_type.name or {"K8sCluster": "k8s"}.get(env_type.__name__, env_type.__name__)
 
 
-def _tasks_on_this_node(env: Mapping[str, str]) -> int:
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int:
   """This node's task count from SLURM_STEP_TASKS_PER_NODE ("4(x2),3") and SLURM_NODEID."""
   counts = []
-  for part in env.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+  for part in env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")).split(","):
     match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
     if match:
       counts += [int(match.group(1))] * int(match.group(2) or 1)
@@ -63,49 +79,88 @@ def _tasks_on_this_node(env: Mapping[str, str]) -> int:
   return counts[node] if node < len(counts) else 1
 
 
-def _one_gpu_each(local_rank: int, local_size: int, env: Mapping[str, str]):
-  """Several processes on a node each drive GPU `local_rank`, unless the launcher already bound
-  GPUs to tasks (CUDA_VISIBLE_DEVICES set); one process per node drives all of them."""
-  if local_size > 1 and "CUDA_VISIBLE_DEVICES" not in env:
-    return (local_rank,)
-  return None
+def _processes_on_this_node(source: str, env: Mapping[str, str]) -> int:
+  """How many processes of the run share this node (JAX's detection does not say)."""
+  if source == "slurm":
+    return _slurm_tasks_on_this_node(env)
+  if source == "ompi":
+    return int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
+  if source == "mpi4py":
+    from mpi4py import MPI
+    return int(MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size())
+  return 1  # Kubernetes: one process per pod; TPU VMs: JAX never binds devices there.
 
 
-def _from_environment(env: Mapping[str, str]) -> dict:
-  """The process group a cluster launcher describes in `env`, or {} outside one."""
-  if all(k in env for k in ("SLURM_PROCID", "SLURM_STEP_NODELIST")) and (
-      "SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
-    job = int(env.get("SLURM_JOB_ID", "0") or 0)
-    return dict(source="slurm",
-                num_processes=int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))),
-                process_id=int(env["SLURM_PROCID"]),
-                coordinator=f"{_first_slurm_host(env['SLURM_STEP_NODELIST'])}:"
-                            f"{DERIVED_PORT_BASE + job % 4096}",
-                local_device_ids=_one_gpu_each(int(env.get("SLURM_LOCALID", 0)),
-                                               _tasks_on_this_node(env), env))
-  if "OMPI_COMM_WORLD_SIZE" in env and "OMPI_COMM_WORLD_RANK" in env:
-    coordinator = None
-    # Open MPI 4 names mpirun's host and job: "1531576320.0;tcp://10.0.0.1,10.1.0.1:34911".
-    uri = env.get("OMPI_MCA_orte_hnp_uri", "")
-    match = re.match(r"(\d+)\.\d+;tcp://([^,:;]+)", uri)
-    if match:
-      coordinator = f"{match.group(2)}:{DERIVED_PORT_BASE + int(match.group(1)) // 4096 % 4096}"
-    return dict(source="ompi", num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
-                process_id=int(env["OMPI_COMM_WORLD_RANK"]), coordinator=coordinator,
-                local_device_ids=_one_gpu_each(int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-                                               int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)), env))
-  return {}
+def detect(cluster: str = "auto", env: Mapping[str, str] | None = None) -> dict:
+  """The process group JAX's cluster detection reads from this environment, or {} outside one.
+
+  `cluster`: "auto" (JAX's order: the first cluster present, mpi4py only when asked for, as
+  importing it starts MPI), "none", or one detection name (see CLUSTERS).
+  Raises JaxdpError for a named cluster that is not present, or a detection that fails.
+  """
+  env = os.environ if env is None else env
+  if cluster == "none":
+    return {}
+  from jax._src import clusters
+  types = clusters.ClusterEnv._cluster_types
+  if cluster == "auto":
+    # A pod outside an Indexed Job (a notebook, a CI runner) is one process: not asking the
+    # Kubernetes API there keeps a plain `jaxdp train` working in any pod.
+    found = next((t for t in types if not t.opt_in_only_method
+                  and (_cluster_name(t) != "k8s" or "JOB_COMPLETION_INDEX" in env)
+                  and t.is_env_present()), None)
+    if found is None:
+      return {}
+  else:
+    found = next((t for t in types if _cluster_name(t) == cluster), None)
+    if found is None or not found.is_env_present():
+      raise JaxdpError(f"--cluster={cluster}: this process does not run in a {cluster} "
+                       "environment; use --cluster=auto or give --coordinator, "
+                       "--num_processes and --process_id")
+  source = _cluster_name(found)
+  try:
+    # No DNS wait here (timeout None): the join itself waits, bounded by --init_timeout_s.
+    coordinator = found.get_coordinator_address(
+        timeout_secs=None, override_coordinator_port=env.get("JAX_COORDINATOR_PORT"))
+    values = dict(source=source, coordinator=coordinator, num_processes=found.get_process_count(),
+                  process_id=found.get_process_id())
+    local = found.get_local_process_id()
+    if source == "slurm" and "SLURM_STEP_NUM_TASKS" in env:
+      # JAX counts the job's tasks (SLURM_NTASKS); a job step (srun), or the batch script
+      # itself (one task), has its own count.
+      values["num_processes"] = int(env["SLURM_STEP_NUM_TASKS"])
+  except Exception as e:  # noqa: BLE001 - JAX's detectors raise RuntimeError, KeyError...
+    raise JaxdpError(f"{source} environment detected, but JAX could not read the process group "
+                     f"from it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     "give --coordinator, --num_processes and --process_id") from None
+  # One GPU per process only where several share a node and the launcher did not bind GPUs
+  # (CUDA_VISIBLE_DEVICES set per task, e.g. `srun --gpus-per-task=1`).
+  if (local is not None and "CUDA_VISIBLE_DEVICES" not in env
+      and _processes_on_this_node(source, env) > 1):
+    values["local_device_ids"] = (int(local),)
+  return values
 
 
 def resolve(coordinator: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None, env: Mapping[str, str] | None = None) -> ProcessGroup:
-  """The process group from the flags, each overriding what a SLURM or Open MPI `env` says."""
-  found = _from_environment(os.environ if env is None else env)
+            process_id: int | None = None, env: Mapping[str, str] | None = None,
+            cluster: str = "auto") -> ProcessGroup:
+  """The process group from the flags, each overriding what the detected cluster says."""
+  env = os.environ if env is None else env
+  if cluster not in CLUSTERS:
+    raise JaxdpError(f"--cluster={cluster!r} is not one of {', '.join(CLUSTERS)}")
   flags = {k: v for k, v in dict(coordinator=coordinator, num_processes=num_processes,
                                  process_id=process_id).items() if v is not None}
+  found = {} if len(flags) == 3 else detect(cluster, env)
   values = {**found, **flags}
   if flags and not found:
     values["source"] = "flags"
+  if not found and not flags:
+    for variable, launcher in UNDETECTED:
+      if int(env.get(variable, "1") or 1) > 1:
+        raise JaxdpError(f"{variable}={env[variable]}: running under {launcher}, which JAX's "
+                         "cluster detection cannot read; give --coordinator HOST:PORT "
+                         "--num_processes P --process_id I (or --cluster=mpi4py with mpi4py "
+                         "installed)")
   n = values.get("num_processes", 1)
   if n < 1:
     raise JaxdpError(f"--num_processes={n} must be >= 1")
@@ -117,9 +172,8 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None,
     raise JaxdpError(f"--process_id={values['process_id']} must be in [0, {n}) for "
                      f"--num_processes={n}")
   if values.get("coordinator") is None:
-    where = (f" ({values['source']} gives no coordinator address)" if found else "")
     raise JaxdpError(f"--num_processes={n} needs --coordinator HOST:PORT, the address where "
-                     f"process 0 listens{where}")
+                     "process 0 listens")
   split_address(values["coordinator"])
   return ProcessGroup(**values)
 
@@ -158,14 +212,14 @@ def _reachable(address: str, timeout_s: float = 1.0) -> bool:
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: float = 300,
-               env: Mapping[str, str] | None = None) -> ProcessGroup:
+               env: Mapping[str, str] | None = None, cluster: str = "auto") -> ProcessGroup:
   """Joins the run described by the flags or the cluster environment; a no-op for one process.
 
   Must run before JAX touches a device. If the group has not formed within `timeout_s` seconds,
   the process prints which coordinator it waited for and exits with status 2 (JAX offers no way
   to interrupt a pending connection, so the exit is immediate).
   """
-  group = resolve(coordinator, num_processes, process_id, env)
+  group = resolve(coordinator, num_processes, process_id, env, cluster)
   if group.num_processes == 1:
     return group
   if timeout_s <= 0:

@@ -4,7 +4,11 @@ It plays the part a cluster launcher (srun, mpirun) plays on many hosts: picks a
 port, starts `python -m jaxdp.cli.main train ... --coordinator --num_processes --process_id` P times,
 prefixes every output line with "[i] ", and makes failures loud and final: when one process fails,
 the others are stopped (SIGTERM, then SIGKILL), its error is repeated, and the launcher exits
-non-zero. SIGINT and SIGTERM sent to the launcher are forwarded to every process.
+non-zero. SIGINT, SIGTERM and SIGUSR1 sent to the launcher are forwarded to every process, which
+then stop after the same step, save one checkpoint and exit with config.preempt_exit_code; the
+launcher waits up to PREEMPT_GRACE_S for that and exits with their common status. A process that
+stops this way on its own (a signal sent to it alone) is not a failure: the others stop after
+the same step too, and the launcher exits with their status.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ SET_BY_LAUNCH = ("--coordinator", "--num_processes", "--process_id", "--cpu_devi
 STOP_GRACE_S = 5.0  # After SIGTERM, seconds a process gets to exit before SIGKILL.
 POLL_S = 0.1
 ROOT_CAUSE_WAIT_S = 1.0  # How long a first failure waits for a signal-killed peer to show.
+PREEMPT_GRACE_S = 120.0  # After a signal, seconds the processes get to agree, save and exit.
+PREEMPTED_LINE = "jaxdp: preempted:"  # What `jaxdp train` prints when it stopped and saved.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def free_port() -> int:
@@ -82,6 +89,13 @@ class _Process:
     errors = [l for l in self.tail if l.startswith("jaxdp: error") or "Error" in l.split(":")[0]]
     return (errors or list(self.tail) or ["(no output)"])[-1]
 
+  def preempted(self) -> bool:
+    """Whether the process exited after saving on a signal (it says so on its last lines)."""
+    if self.popen.poll() in (None, 0):
+      return False
+    self.reader.join(timeout=STOP_GRACE_S)
+    return any(line.startswith(PREEMPTED_LINE) for line in self.tail)
+
   def describe_exit(self) -> str:
     status = self.popen.returncode
     how = (f"was killed by {signal.Signals(-status).name}" if status < 0
@@ -89,12 +103,12 @@ class _Process:
     return f"process {self.index} (pid {self.popen.pid}) {how}"
 
 
-def _stop(processes: list[_Process], sig: int = signal.SIGTERM) -> None:
-  """Sends `sig` to every live process, then SIGKILL to any still alive after the grace time."""
+def _stop(processes: list[_Process], sig: int = signal.SIGTERM, grace_s: float = STOP_GRACE_S) -> None:
+  """Sends `sig` to every live process, then SIGKILL to any still alive after `grace_s`."""
   for p in processes:
     if p.popen.poll() is None:
       p.popen.send_signal(sig)
-  deadline = time.monotonic() + STOP_GRACE_S
+  deadline = time.monotonic() + grace_s
   for p in processes:
     try:
       p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -111,17 +125,18 @@ def launch(nprocs: int, command: Sequence[str], cpu_devices: int | None = None, 
   port = free_port()
   lock = threading.Lock()
   received: list[int] = []
-  previous = {s: signal.signal(s, lambda signum, _: received.append(signum))
-              for s in (signal.SIGINT, signal.SIGTERM)}
+  previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in FORWARDED}
   processes = [_Process(i, child_command(command, i, nprocs, port, cpu_devices), out, lock)
                for i in range(nprocs)]
   with lock:
     out.write(f"jaxdp launch: {nprocs} processes (pids "
               f"{', '.join(str(p.popen.pid) for p in processes)}), coordinator 127.0.0.1:{port}\n")
     out.flush()
+  preempted_since: float | None = None
   try:
     while True:
-      failed = next((p for p in processes if p.popen.poll() not in (None, 0)), None)
+      failed = next((p for p in processes if p.popen.poll() not in (None, 0) and not p.preempted()),
+                    None)
       if failed is not None:
         # A peer's death makes the survivors fail too (a collective loses its partner), sometimes
         # before the dead process's status is visible: wait briefly, then blame a process that was
@@ -141,10 +156,29 @@ def launch(nprocs: int, command: Sequence[str], cpu_devices: int | None = None, 
         status = failed.popen.returncode
         return status if status > 0 else 128 - status
       if received:
-        _stop(processes, received[0])
-        print(f"jaxdp launch: {signal.Signals(received[0]).name} received; stopped all processes",
-              file=sys.stderr, flush=True)
-        return 128 + received[0]
+        # Every process gets the signal, agrees on the step, saves and exits; give it time.
+        _stop(processes, received[0], PREEMPT_GRACE_S)
+        statuses = {p.popen.returncode for p in processes}
+        print(f"jaxdp launch: {signal.Signals(received[0]).name} received; stopped all processes "
+              f"(exit status {', '.join(map(str, sorted(statuses)))})", file=sys.stderr, flush=True)
+        status = statuses.pop() if len(statuses) == 1 else -1
+        return status if status > 0 else 128 + received[0]
+      stopped = [p for p in processes if p.preempted()]
+      if stopped:
+        preempted_since = preempted_since or time.monotonic()
+        live = [p for p in processes if p.popen.poll() is None]
+        if live and time.monotonic() - preempted_since > PREEMPT_GRACE_S:
+          _stop(live)
+          print(f"jaxdp launch: process {stopped[0].index} stopped on a signal but "
+                f"{len(live)} other(s) did not within {PREEMPT_GRACE_S:g} s; stopped them",
+                file=sys.stderr, flush=True)
+          return stopped[0].popen.returncode
+        if not live:
+          for p in processes:
+            p.reader.join()
+          print(f"jaxdp launch: all {nprocs} processes stopped after a signal and saved "
+                f"(exit status {stopped[0].popen.returncode}: resumable)", file=sys.stderr, flush=True)
+          return stopped[0].popen.returncode
       if all(p.popen.poll() == 0 for p in processes):
         for p in processes:
           p.reader.join()

@@ -69,14 +69,25 @@ def warn(message: str) -> None:
     print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
 
 
-def changed_fields(saved: dict, current: dict, fields: Sequence[str]) -> list[str]:
-  """Dotted `fields` whose value differs between a checkpoint's config and `current`."""
+def changed_fields(saved: dict, current: dict, fields: Sequence[str],
+                   defaults: dict | None = None) -> list[str]:
+  """Dotted `fields` whose value differs between a checkpoint's config and `current`.
+
+  A field the checkpoint's config lacks (written before the field existed) had the behaviour of
+  its default then: `defaults[name]` stands in for it.
+  """
+  absent = object()
+
   def get(tree, dotted):
     for part in dotted.split("."):
-      tree = tree.get(part) if isinstance(tree, dict) else None
+      tree = tree.get(part, absent) if isinstance(tree, dict) else absent
     return tree
-  return [f"{name} ({get(saved, name)!r} -> {get(current, name)!r})"
-          for name in fields if get(saved, name) != get(current, name)]
+
+  def old(name):
+    value = get(saved, name)
+    return (defaults or {}).get(name) if value is absent else value
+  return [f"{name} ({old(name)!r} -> {get(current, name)!r})"
+          for name in fields if old(name) != get(current, name)]
 
 
 def train_line(fetched: list[dict], step: int, lr: float | None, tokens_per_sec: float,
@@ -110,12 +121,11 @@ def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
 
 
 class StopRequests:
-  """SIGTERM/SIGINT are recorded (runtime/signals.py); the loop finishes its step, checkpoints
-  and returns. A second signal exits at once.
+  """SIGTERM/SIGINT/SIGUSR1 are recorded (runtime/signals.py); the loop finishes its step,
+  checkpoints and returns. A second signal exits at once.
 
-  With several processes, all must stop after the same step: SIGTERM is JAX's preemption
-  notice (its service picks the step, `reached_preemption_sync_point`), and a local signal is
-  shared through an all-gather at log steps, which every process reaches together.
+  With several processes, all stop after the same step, whichever process got the signal
+  (`signals.agreed_stop`: JAX's preemption service, or an all-gather at log steps).
   """
 
   def __init__(self):
@@ -126,15 +136,11 @@ class StopRequests:
   def signal_name(self) -> str | None:
     return self._name or signals.pending()
 
-  @signal_name.setter
-  def signal_name(self, name: str | None) -> None:
-    self._name = name
-
   def __enter__(self) -> "StopRequests":
     if threading.current_thread() is threading.main_thread():
-      wanted = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      wanted, forward = signals.for_the_loop()
       self._previous = {sig: signal.getsignal(sig) for sig in wanted}
-      signals.install(wanted)
+      signals.install(wanted, forward)
     return self
 
   def __exit__(self, *exc) -> None:
@@ -144,18 +150,8 @@ class StopRequests:
       signal.signal(sig, handler)
 
   def should_stop(self, step: int, log_step: bool) -> bool:
-    if jax.process_count() == 1:
-      return self.signal_name is not None
-    from jax.experimental import multihost_utils
-    if multihost_utils.reached_preemption_sync_point(step):
-      self.signal_name = self.signal_name or "SIGTERM"
-      return True
-    if log_step:
-      flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
-      if np.any(flags):
-        self.signal_name = self.signal_name or "SIGINT"
-        return True
-    return False
+    self._name = signals.agreed_stop(step, log_step)
+    return self._name is not None
 
 
 @dataclasses.dataclass
@@ -168,11 +164,13 @@ class RunRecord:
   description: str = ""  # The model and data in a few words, for the start banner.
   notes: tuple[str, ...] = ()  # Lines shown after the banner, once the run has started or resumed.
   examples_per_step: int = 0  # Global batch size, for examples_seen.
+  defaults: dict = dataclasses.field(default_factory=dict)  # Run-defining field -> its default.
 
 
 def check_record(saved: dict, record: RunRecord, where: str, allow_config_change: bool) -> None:
   """Refuses a checkpoint whose config or data differ from this run's (unless allowed)."""
-  changed = changed_fields(saved.get("config", {}), record.config, record.run_defining)
+  changed = changed_fields(saved.get("config", {}), record.config, record.run_defining,
+                           record.defaults)
   digest = saved.get("data_digest")
   if digest is not None and record.data_digest is not None and digest != record.data_digest:
     changed.append(f"{record.data_name} changed (sha256 {digest[:12]}... -> "

@@ -37,7 +37,22 @@ RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fractio
                        "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
                        "model.d_model", "model.mlp_ratio", "model.positions", "model.rope_theta",
                        "model.tie_embeddings", "compression", "error_feedback",
-                       "momentum_correction", "sync", "staleness", "diloco")
+                       "momentum_correction", "sync", "staleness", "diloco", "data.packing",
+                       "model.norm_eps", "model.pad_vocab_to_multiple", "compression_rank",
+                       "compression_optimizer")
+
+
+def run_defining_defaults() -> dict:
+  """RUN_DEFINING_FIELDS -> the default preset's value (what a checkpoint written before a field
+  existed was trained with)."""
+  default = configs.load_preset("default")
+  values = {}
+  for name in RUN_DEFINING_FIELDS:
+    value = default
+    for part in name.split("."):
+      value = value[part]
+    values[name] = value
+  return values
 
 
 @dataclasses.dataclass
@@ -98,14 +113,18 @@ class Trainer:
     """What checkpoints of this config store and what a resume must match."""
     return loop.RunRecord(config=self.config.to_dict(), run_defining=RUN_DEFINING_FIELDS,
                           data_digest=self.dataset.digest,
-                          data_name=f"the data at config.data.path={self.config.data.path!r}",
+                          data_name=(f"the data at config.data.sources={self.config.data.sources!r}"
+                                     if self.dataset.mixture is not None else
+                                     f"the data at config.data.path={self.config.data.path!r}"),
                           description=self.describe(),
-                          examples_per_step=self.config.global_batch_size)
+                          examples_per_step=self.config.global_batch_size,
+                          defaults=run_defining_defaults())
 
   def describe(self) -> str:
     """The model and data in a few words (the start banner's)."""
     m, tok = self.config.model, self.dataset.tokenizer
-    data = self.config.data.path or "the built-in corpus"
+    data = (self.config.data.sources if self.dataset.mixture is not None
+            else self.config.data.path or "the built-in corpus")
     kv = f", {m.n_kv_head} key/value heads" if m.family == "llama" and m.n_kv_head else ""
     return (f"{m.family} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads{kv}); data: "
             f"{data} ({getattr(tok, 'name', type(tok).__name__)} tokenizer, vocab {tok.vocab_size}, "
@@ -116,8 +135,12 @@ class Trainer:
     return self.dp.evaluate(params, self.val_batches())
 
 
-def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
+def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, *,
+          read_init_from: bool = True) -> Trainer:
   """The dataset, model and DataParallel of `config` on `devices` (all by default).
+
+  With `read_init_from` (and config.init_from set) the model's init_fn gives the checkpoint's
+  parameters; False when the run resumes from its own checkpoint instead.
 
   Raises:
     JaxdpError: a field that cannot work on these devices, or data that cannot be read.
@@ -127,17 +150,23 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   for message in configs.ignored_fields(config):
     loop.warn(message)
   dataset = Dataset(config)
-  model, dp = build_model(config, dataset.tokenizer.vocab_size, devices)
+  model, dp = build_model(config, dataset.tokenizer.vocab_size, devices,
+                          read_init_from=read_init_from)
   trainer = Trainer(config=config, dataset=dataset, model=model, dp=dp)
   trainer.abstract_state()  # Builds the layout and compiles lazily; errors surface here.
   return trainer
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int,
-                devices: Sequence[jax.Device]) -> tuple[models.LanguageModel, DataParallel]:
-  """The config's model for a tokenizer of `vocab_size` ids, and its DataParallel on `devices`."""
+                devices: Sequence[jax.Device], *,
+                read_init_from: bool = True) -> tuple[models.LanguageModel, DataParallel]:
+  """The config's model for a tokenizer of `vocab_size` ids, and its DataParallel on `devices`
+  (see `build` for `read_init_from`)."""
   model = models.build(configs.model_config(config, vocab_size))
-  mesh = make_mesh(devices, *configs.mesh_shape(config, len(devices)))
+  if read_init_from and config.get("init_from", ""):
+    model = with_initial_params(model, config.init_from)
+  mesh = make_mesh(devices, *configs.mesh_shape(config, len(devices)),
+                   replica=configs.mesh_replica(config))
   dp = DataParallel(model.loss_fn, make_optimizer(configs.optimizer_config(config)),
                     strategy=config.strategy, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
                     precision=config.precision, comm=configs.comm_config(config),
@@ -149,16 +178,44 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int,
   return model, dp
 
 
+def with_initial_params(model: models.LanguageModel, init_from: str) -> models.LanguageModel:
+  """`model` whose init_fn returns the parameters of config.init_from ("hf:DIR") instead of a
+  random draw, in the same boxed tree (so every strategy shards them as it would its own init).
+
+  The checkpoint is read and checked (config.json against the model's fields, every tensor's
+  shape) here, once, before anything compiles.
+  """
+  from flax.core import meta
+
+  from jaxdp.runtime import hf
+  loaded = hf.load_params(init_from, model.cfg)
+  is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+  # The random init's boxed tree (logical axis names): the structure the shardings expect.
+  boxed = jax.eval_shape(model.init_fn, jax.random.PRNGKey(0))
+
+  def init_fn(rng):
+    del rng  # The parameters are the checkpoint's.
+    return jax.tree.map(lambda b, x: b.replace_boxed(jax.numpy.asarray(x)) if is_box(b)
+                        else jax.numpy.asarray(x), boxed, loaded, is_leaf=is_box)
+  return dataclasses.replace(model, init_fn=init_fn)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices: Sequence[jax.Device] | None = None, progress: bool = True,
                        allow_config_change: bool = False,
                        restore_from: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
-  if config.data.path:  # Stored resolved: the saved config names the data from anywhere.
-    config = config.copy_and_resolve_references()
-    config.data.path = os.path.abspath(config.data.path)
+  if config.data.path or config.data.sources or config.data.tokenizer:  # Stored resolved: the saved config names the
+    config = config.copy_and_resolve_references()  # data from anywhere.
+    if config.data.path:
+      config.data.path = os.path.abspath(config.data.path)
+    if config.data.sources:
+      config.data.sources = resolve_sources(config.data.sources)
+    if config.data.tokenizer:
+      config.data.tokenizer = os.path.abspath(config.data.tokenizer)
   config, note = keep_decay_horizon(config, workdir, restore_from)
-  trainer = build(config, devices)
+  # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
+  trainer = build(config, devices, read_init_from=saved_config(workdir, restore_from) is None)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(trainer.dataset.tokenizer, workdir)
@@ -169,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     sinks.append(WandbSink(config.wandb.project, config.wandb.mode, workdir, config.to_dict()))
   flops = observe.model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
                                          trainer.mesh.devices.flat, trainer.train_batch(0))
-  return loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
+  result = loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
                   num_steps=config.num_steps, seed=config.seed,
                   eval_batches=trainer.val_batches, log_every=config.log_every,
                   eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
@@ -180,6 +237,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   tokens_per_step=config.global_batch_size * config.seq_len, record=record,
                   restore_from=restore_from, allow_config_change=allow_config_change,
                   flops_per_device=flops, profile_steps=config.profile_steps, sinks=sinks)
+  report_mixture(trainer, workdir, result)
+  return result
+
+
+def resolve_sources(spec: str) -> str:
+  """config.data.sources with each path made absolute (weights as given)."""
+  from jaxdp.data.mixture import parse_sources
+  parse_sources(spec)  # Raises on a malformed entry before anything is rewritten.
+  entries = [item.strip().rpartition(":") for item in spec.split(",")]
+  return ",".join(f"{os.path.abspath(path)}:{weight}" for path, _, weight in entries)
+
+
+def report_mixture(trainer: Trainer, workdir: str, result: dict[str, Any]) -> None:
+  """With config.data.sources: the realised share of each source over the run's examples (steps
+  0..step-1, exact) goes into `result["data_mixture"]`, a "data_mixture" event of
+  metrics.jsonl and one line on stdout."""
+  examples = int(result.get("step") or 0) * trainer.config.global_batch_size
+  shares = trainer.dataset.realised_mixture(examples)
+  if shares is None:
+    return
+  result["data_mixture"] = shares
+  if jax.process_index() != 0:
+    return
+  from jaxdp.runtime.metrics import MetricsWriter
+  writer = MetricsWriter(workdir)
+  try:
+    writer.write({"event": "data_mixture", "step": result.get("step"), "examples": examples,
+                  "shares": shares, "weights": dict(trainer.dataset.sources)})
+  finally:
+    writer.close()
+  print("data mixture over " + f"{examples:,} examples: " + ", ".join(
+      f"{path} {share:.1%} (weight {weight:.1%})"
+      for (path, weight), share in zip(trainer.dataset.sources, shares.values())), flush=True)
 
 
 def saved_config(workdir: str, restore_from: str | None = None) -> dict | None:
@@ -251,7 +341,8 @@ def load_for_inference(workdir: str, step: int | None = None):
   config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1})
   # The run's own tokenizer copy: no data needed (runs from before it existed read the data).
   tokenizer = load_tokenizer(workdir) or Dataset(config).tokenizer
-  model, dp = build_model(config, tokenizer.vocab_size, jax.local_devices()[:1])
+  model, dp = build_model(config, tokenizer.vocab_size, jax.local_devices()[:1],
+                          read_init_from=False)
   try:
     state, _ = checkpoints.restore(step, dp.abstract_state(model.init_fn, config.seed))
   except CorruptCheckpoint as e:

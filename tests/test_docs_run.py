@@ -1,0 +1,112 @@
+"""Every shell command shown in README.md and docs/ runs: each document's commands are executed in
+order, as its reader would type them, in a fresh folder, shortened by flags where the full command
+would take minutes (fewer steps, a smaller batch, fewer new tokens). A command that cannot run here
+is listed in NOT_RUN with the reason; a new command in the docs fails here until it is run or listed.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                              if f.endswith(".md"))
+
+# Commands (by prefix) shown in the docs that are not run by this test, and why.
+NOT_RUN = {
+    "pip install": "installs the package: the README's two commands are what CI runs "
+                   "(.ci/run) and tests/test_install.py installs a wheel into a fresh venv",
+    "ruff check": "part of the README's test command, which is .ci/run itself",
+    "python -m pytest": "the README's test command, which is .ci/run itself",
+    "tensorboard": "a viewer that serves a web page until stopped (an optional install); the "
+                   "events it reads are checked in tests/test_train_loop.py",
+    "sbatch": "needs a SLURM cluster; the script's environment is simulated in test_distributed",
+    "mpirun": "needs Open MPI across hosts; its environment is simulated in test_distributed",
+    "jaxdp train --coordinator 10.0.0.1": "a real two-host run; the same flags run in test_multihost "
+                                          "through `jaxdp launch`",
+}
+
+# Flags appended per subcommand so that a documented command takes seconds, not minutes. A flag
+# the command already gives is not appended (the documented value stands).
+SHORTER = {
+    "train": ["--config.num_steps=2", "--config.eval_every=0", "--config.eval_steps=1",
+              "--config.global_batch_size=8", "--config.seq_len=32", "--progress=false",
+              "--cpu_devices=2"],
+    "generate": ["--max_new_tokens=4"],
+    "verify": ["--steps=1", "--config.model.n_layer=1", "--config.global_batch_size=8",
+               "--config.seq_len=32"],
+    "plan": ["--cpu_devices=2", "--config.model.n_layer=1"],
+}
+# Flags whose documented value is replaced: verify on 8 emulated devices trains every strategy
+# on 8 devices; the same command on 2 checks what the reader's command checks, in a quarter the time.
+REPLACE = {"verify": ["--cpu_devices=2"]}
+
+
+def shell_commands(path):
+  """(line number, command) of every command in the ```bash blocks of `path`, in order."""
+  text = open(os.path.join(ROOT, path)).read()
+  for match in re.finditer(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+    first = text[:match.start()].count("\n") + 2
+    for offset, line in enumerate(match.group(1).replace("\\\n", " ").splitlines()):
+      line = line.split("  #")[0].strip()
+      for part in re.split(r"&&|\|", line):
+        if part.strip():
+          yield first + offset, part.strip()
+
+
+def shortened(argv):
+  if argv[0] == "launch":
+    split = argv.index("--")
+    return argv[:split + 1] + shortened(argv[split + 1:])[:-1]  # launch gives --cpu_devices.
+  for flag in REPLACE.get(argv[0], []):
+    name = flag.split("=")[0]
+    at = [i for i, a in enumerate(argv) if a == name or a.startswith(name + "=")]
+    for i in reversed(at):
+      del argv[i:i + (1 if "=" in argv[i] else 2)]
+    argv = argv + [flag]
+  given = {a.split("=")[0] for a in argv if a.startswith("--")}
+  return argv + [f for f in SHORTER.get(argv[0], []) if f.split("=")[0] not in given]
+
+
+def inputs(folder):
+  """The files the docs' examples name (my_texts/, books/, notes.txt, chats.jsonl)."""
+  corpus = open(os.path.join(ROOT, "jaxdp", "assets", "tinyshakespeare.txt")).read()[:60000]
+  for sub in ("my_texts", "books"):
+    os.makedirs(os.path.join(folder, sub))
+    for i in range(2):
+      with open(os.path.join(folder, sub, f"part{i}.txt"), "w") as f:
+        f.write(corpus[i * 20000:(i + 1) * 20000])
+  with open(os.path.join(folder, "notes.txt"), "w") as f:
+    f.write(corpus[40000:50000])
+  with open(os.path.join(folder, "chats.jsonl"), "w") as f:
+    for line in corpus[50000:].split("\n\n"):
+      f.write('{"text": %s}\n' % __import__("json").dumps(line))
+
+
+def test_every_documented_command_is_run_or_listed():
+  unlisted = [(doc, n, c) for doc in DOCS for n, c in shell_commands(doc)
+              if not c.startswith("jaxdp ") and not any(c.startswith(p) for p in NOT_RUN)]
+  assert not unlisted, f"shell commands neither run by this test nor listed in NOT_RUN: {unlisted}"
+
+
+DOCS_WITH_JAXDP = [d for d in DOCS if any(c.startswith("jaxdp ") for _, c in shell_commands(d))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", DOCS_WITH_JAXDP)
+def test_documented_commands_run_in_order(doc, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # With conftest's shared compilation cache.
+  env.pop("XLA_FLAGS", None)
+  inputs(str(tmp_path))
+  for line, command in shell_commands(doc):
+    if not command.startswith("jaxdp ") or any(command.startswith(p) for p in NOT_RUN):
+      continue
+    argv = shortened(shlex.split(command)[1:])
+    result = subprocess.run([sys.executable, "-m", "jaxdp.cli.main", *argv], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, (f"{doc}:{line}: `{command}` (run as {argv}) exited "
+                                    f"{result.returncode}:\n{result.stderr[-3000:]}")
