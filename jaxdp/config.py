@@ -306,6 +306,7 @@ DEPENDENT_FIELDS = (
     ("outer_lr", lambda c: c.diloco, "config.diloco=True"),
     ("outer_momentum", lambda c: c.diloco, "config.diloco=True"),
     ("model.n_kv_head", lambda c: c.model.family == "llama", "config.model.family='llama'"),
+    ("wandb.mode", lambda c: c.wandb.project != "", "config.wandb.project"),
 )
 
 

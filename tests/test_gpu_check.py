@@ -54,3 +54,15 @@ def test_usage_errors_exit_2(tmp_path):
   for argv in ([], ["--dry-run"], [str(tmp_path), "--bogus"]):
     proc = subprocess.run(["bash", SCRIPT] + argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "gpu_check.sh" in proc.stderr + proc.stdout, argv
+
+
+def test_a_spent_budget_skips_checks_but_still_writes_every_field(tmp_path):
+  proc = subprocess.run(["python", os.path.join(ROOT, "tools", "gpu_check.py"), str(tmp_path),
+                         "--dry-run", "--budget_s", "1"], capture_output=True, text=True, timeout=60)
+  report = json.loads((tmp_path / "gpu_check.json").read_text())
+  gc = gpu_check_module()
+  assert proc.returncode == 1 and not report["all_green"]
+  for name in gc.CHECKS:
+    check = report["checks"][name]
+    assert check["status"] == "skipped" and "time budget" in check["failures"][0]
+    assert set(check["results"]) == set(gc.FIELDS[name])

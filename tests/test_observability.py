@@ -238,3 +238,11 @@ def test_model_config_pads_any_vocabulary():
   config.model.pad_vocab_to_multiple = 0
   with pytest.raises(JaxdpError, match="config.model.pad_vocab_to_multiple=0 must be"):
     validate(config, 2)
+
+
+def test_wandb_mode_without_a_project_is_reported_as_ignored():
+  from jaxdp.config import ignored_fields
+  config = load_preset("tiny_cpu")
+  config.wandb.mode = "online"
+  assert any("config.wandb.mode='online' has no effect without config.wandb.project" in m
+             for m in ignored_fields(config))

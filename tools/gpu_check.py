@@ -1,6 +1,6 @@
 """One prepared check of jaxdp on a machine with NVIDIA GPU(s): one JSON report and one log.
 
-  python tools/gpu_check.py OUTDIR [--dry-run] [--budget_s 450]
+  python tools/gpu_check.py OUTDIR [--dry-run] [--budget_s 420]
   (tools/gpu_check.sh OUTDIR [--dry-run] [--wheels DIR] installs jaxdp first, then runs this)
 
 Each check runs in its own process (a crash, an out-of-memory or a hang costs that check only,
@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -116,7 +117,8 @@ def check_bench(name: str, dry: bool, outdir: str):
   attention, remat = BENCH_VARIANTS[name]
   gpu = jax.devices()[0].platform == "gpu"
   used = attention if gpu or attention != "cudnn" else "xla"  # cuDNN needs a GPU.
-  skip = "scaling,memory,strategies,comm,loader" + ("" if name == "bench_xla_none" else ",bare")
+  # The bare jitted loop (framework overhead) once, with the first variant, on the GPU only.
+  skip = "scaling,memory,strategies,comm,loader" + ("" if name == "bench_xla_none" and not dry else ",bare")
   if dry:
     argv = ["--config", "tiny_cpu", "--quick", "--steps", "2", "--devices", "1", "--skip", skip,
             "--config.log_every=1", f"--config.attention={used}", f"--config.remat={remat}",
@@ -160,12 +162,13 @@ def _small_config(dry: bool, **fields):
   return c
 
 
-def _train(config, devices, steps: int):
-  """(per-step losses, final state, trainer, seconds per step after the first) of `steps` steps."""
+def _train(config, devices, steps: int, trainer=None):
+  """(per-step losses, final state, trainer, seconds per step after the first, fetched metrics)
+  of `steps` steps of `config` (or of an already built `trainer`)."""
   import jax
 
   from jaxdp.runtime.trainer import build
-  trainer = build(config, devices)
+  trainer = trainer or build(config, devices)
   state = trainer.init_state()
   metrics = []
   state, m = trainer.dp.step(state, trainer.train_batch(0))  # Compiles.
@@ -258,14 +261,17 @@ def check_zero(dry: bool, outdir: str):
   import jax
 
   from jaxdp.analysis.hlo import collective_bytes
+  from jaxdp.runtime.trainer import build
   jax.config.update("jax_default_matmul_precision", "highest")  # As in check_offload.
   devices = _devices(dry)
   steps = 5
   results = {"num_devices": len(devices), "losses": {}, "collectives": {}, "max_rel_diff_vs_dp": {}}
   for strategy in ("dp", "zero1", "zero2", "zero3"):
     config = _small_config(dry, strategy=strategy)
-    losses, state, trainer, per_step, _ = _train(config, devices, steps)
+    trainer = build(config, devices)
+    # Compiled once: the steps below reuse this executable (jit's cache).
     text = trainer.train_step.lower(trainer.abstract_state(), trainer.train_batch(0)).compile().as_text()
+    losses, state, trainer, per_step, _ = _train(config, devices, steps, trainer)
     buffers = collective_bytes(text)["buffers"]
     results["losses"][strategy] = losses
     results["collectives"][strategy] = {op: v["count"] for op, v in buffers.items()}
@@ -369,7 +375,9 @@ def headline(checks: dict) -> dict:
     b = benches[best]
     out.update(best_bench=best, tokens_per_sec=b["tokens_per_sec"], step_time_s=b["step_time_s"],
                mfu_datasheet=b["mfu_datasheet"], mfu_measured_peak=b["mfu_measured_peak"],
-               peak_memory_bytes=b["peak_memory_bytes"])
+               peak_memory_bytes=b["peak_memory_bytes"],
+               # The issue's goal on one H200: MFU >= 50% of the datasheet's dense bf16 peak.
+               mfu_goal_met=None if b["mfu_datasheet"] is None else b["mfu_datasheet"] >= 0.5)
   return out
 
 
@@ -400,13 +408,17 @@ def drive(outdir: str, dry: bool, budget_s: float) -> dict:
       log.write(f"\n===== {name}: {' '.join(cmd)}\n")
       log.flush()
       t0 = time.time()
+      # A dry run's sizes are tiny, but a loaded CI machine compiles slowly: more slack.
+      limit = TIMEOUTS[name] * (3 if dry else 1)
+      # Its own process group: a check that runs past its time is stopped with its children
+      # (a `jaxdp train` or pytest it started), which would otherwise hold the GPU.
+      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                              start_new_session=True)
       try:
-        # A dry run's sizes are tiny, but a loaded CI machine compiles slowly: more slack.
-        limit = TIMEOUTS[name] * (3 if dry else 1)
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=min(limit, left), cwd=REPO)
-        rc = proc.returncode
+        rc = proc.wait(timeout=min(limit, left))
       except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         rc = None
       entry["seconds"] = time.time() - t0
       if os.path.exists(out):
@@ -437,7 +449,7 @@ def main(argv=None) -> int:
   parser.add_argument("outdir", help="folder for gpu_check.json, gpu_check.log and run files")
   parser.add_argument("--dry-run", action="store_true", help="every check on CPU, tiny sizes")
   parser.add_argument("--budget_s", type=float, default=None,
-                      help="stop starting checks after this many seconds (default 450; dry run 1200)")
+                      help="stop starting checks after this many seconds (default 420; dry run 1200)")
   parser.add_argument("--check", default=None, help=argparse.SUPPRESS)  # One check, in-process.
   args = parser.parse_args(argv)
   args.outdir = os.path.abspath(args.outdir)  # The checks run with the checkout as their cwd.
@@ -449,7 +461,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.outdir, "checks", f"{args.check}.json"), "w") as f:
       json.dump(_jsonable(done), f, indent=1)
     return 0
-  budget = args.budget_s or (1200.0 if args.dry_run else 450.0)
+  budget = args.budget_s or (1200.0 if args.dry_run else 420.0)
   report = drive(args.outdir, args.dry_run, budget)
   print(f"gpu_check: {'all green' if report['all_green'] else 'NOT all green'} in "
         f"{report['total_s']:.0f} s; report {os.path.join(args.outdir, 'gpu_check.json')}")

@@ -23,7 +23,7 @@ def compiled_flops(compiled) -> float:
 
   XLA counts the body of a while loop (`lax.scan`: gradient accumulation, scanned remat blocks)
   once, whatever its trip count: such steps need their FLOPs from a loop-free lowering (see
-  jaxdp.runtime.trainer.model_flops_per_device).
+  model_flops_per_device below).
   """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -179,7 +179,7 @@ def model_flops_per_device(config, vocab_size: int, devices: Sequence[jax.Device
   """
   if config.remat == "none" and config.grad_accum_steps <= 2:  # A 1-trip scan is unrolled.
     return None
-  from jaxdp.config import mesh_shape
+  from jaxdp.config import mesh_replica, mesh_shape
   from jaxdp.parallel.mesh import batch_sharding
   from jaxdp.runtime.trainer import build_model
   data, model = mesh_shape(config, len(devices))
@@ -187,8 +187,11 @@ def model_flops_per_device(config, vocab_size: int, devices: Sequence[jax.Device
   variant.remat, variant.grad_accum_steps, variant.strategy = "none", 1, "dp"
   variant.offload_optimizer = False
   variant.mesh.data, variant.mesh.model = 1, 1
-  rows = config.global_batch_size // data
-  lm, dp = build_model(variant, vocab_size, list(devices)[:1])
+  if "replica" in variant.mesh:
+    variant.mesh.replica = 1
+  rows = config.global_batch_size // (data * mesh_replica(config))  # One device's share.
+  # Shapes only: the initial parameters (config.init_from) are not read.
+  lm, dp = build_model(variant, vocab_size, list(devices)[:1], read_init_from=False)
   sharding = batch_sharding(dp.mesh)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, rows) + x.shape[2:], x.dtype,
                                                        sharding=sharding), batch)
