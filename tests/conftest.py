@@ -22,12 +22,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 from jaxdp.config import load_preset  # noqa: E402
 
 
-def pytest_configure(config):
-  # Until pyproject.toml lists it: tests of GPU-only code paths (tests/test_gpu.py), skipped
-  # elsewhere, run by tools/gpu_check.sh with `-m gpu`.
-  config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped on other backends)")
-
-
 @pytest.fixture
 def tiny_config():
   """A fresh, mutable tiny_cpu config (each test may change fields)."""
