@@ -38,12 +38,20 @@ def banner(dp, state, workdir: str, num_steps: int, rows_per_step: int,
 
 def hardware_postfix(line: dict[str, Any]) -> dict[str, str]:
   """The progress line's hardware numbers of a train line: MFU, step time, the share of time
-  waiting for input, peak device memory (GiB)."""
+  waiting for input, peak device memory."""
   shown = {"mfu": f"{line['mfu']:.1%}" if "mfu" in line else None,
            "step": f"{line['step_time_s']:.3g}s" if "step_time_s" in line else None,
            "wait": f"{line['data_wait_fraction']:.1%}" if "data_wait_fraction" in line else None,
-           "mem": f"{line['peak_memory_bytes'] / 2**30:.2f}GiB" if "peak_memory_bytes" in line else None}
+           "mem": byte_size(line["peak_memory_bytes"]) if "peak_memory_bytes" in line else None}
   return {k: v for k, v in shown.items() if v is not None}
+
+
+def byte_size(n: float) -> str:
+  """Bytes for a person: 812KiB, 31.2MiB, 1.50GiB."""
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+    if n >= size:
+      return f"{n / size:.3g}{unit}" if unit == "MiB" else f"{n / size:.2f}{unit}"
+  return f"{n / 2**10:.0f}KiB"
 
 
 def summary(result: dict[str, Any], start_step: int, seconds: float, tokens_per_step: int | None,
