@@ -331,11 +331,12 @@ def _frozen_variance(grad_sum, loss_total, tokens, state_comm: dict, rng, cfg: C
   def compressed():
     loss, tok = lax.pmean((loss_total, tokens), axis_name)
     share = _clip_share(flat_sum / tok, cfg, axis_name)
-    v = (1 - cfg.b1) * share + cfg.b1 * m
+    v = (1 - cfg.b1) * share
     if cfg.keeps_residual:
       v = v + state_comm["residual"][0]
     mean, sent = compressed_mean(v, cfg, rng, axis_name)
-    return unravel(mean), loss, tok, mean, (v - sent) if cfg.keeps_residual else None
+    momentum = cfg.b1 * m + mean
+    return unravel(momentum), loss, tok, momentum, (v - sent) if cfg.keeps_residual else None
 
   grads, loss_total, tokens, momentum, residual = lax.cond(
       count < cfg.compression_warmup_steps, dense, compressed)
