@@ -88,7 +88,9 @@ def run_one(args, optimizer: str, name: str, overrides: dict) -> dict:
           "eval_loss": result["eval_loss"], "final_train_loss": lines[-1]["train_loss"],
           "bytes_steady": steady, "bytes_mean": mean,
           "bytes_warmup_stages": stages[:-1] if len(stages) > 1 else [],
-          "seconds_per_step": tokens_per_step / statistics.median(rates)}
+          "seconds_per_step": tokens_per_step / statistics.median(rates),
+          # B_simple over the run's log lines (absent where it cannot be estimated).
+          "grad_noise_scale_examples": [m.get("grad_noise_scale_examples") for m in lines]}
 
 
 def markdown(rows: list[dict], settings: dict) -> str:

@@ -3,7 +3,7 @@ each strategy's and communication method's step time, and compare with the measu
 
 1. Collectives: all-reduce (psum), reduce-scatter (psum_scatter), all-gather and a ring
    ppermute are compiled over each mesh axis of size > 1 at several message sizes and timed
-   (median of repeats after a warm-up). Each is fitted by least squares to
+   (the fastest of the repeats after a warm-up). Each is fitted by least squares to
        t = alpha + beta * buffer_bytes
    where buffer_bytes is the op's full buffer as `analysis.hlo.collective_bytes` reads it from
    the compiled program (an all-reduce's operand, a reduce-scatter's input, an all-gather's
@@ -11,12 +11,13 @@ each strategy's and communication method's step time, and compare with the measu
 2. A step's prediction is its compute time plus, for every collective in its HLO,
    alpha + beta * buffer (collectives inside loops counted once, as in the byte counts;
    a local-SGD average, which runs every H steps, weighted 1/H).
-   Compute time: the same step compiled on one device over one device's share of the batch
-   (global batch / data devices): what each device computes, without any collective. When the
+   Compute time: the candidate's own step (its strategy, optimizer and compression) compiled on
+   one device over one device's share of the batch (global batch / data devices): what each
+   device computes, collectives of one device being free. When the
    devices are emulated CPU devices of one process, they share the host's cores, so N devices'
    compute takes N / min(N, cores) times as long: that factor is applied and reported.
 3. Each candidate step (the strategies dp, zero1, zero2, zero3, and the communication methods
-   under dp) is run for real and its median step time measured beside the prediction.
+   under dp) is run for real and its step time (fastest repeat) measured beside the prediction.
 
 Timings on a shared CPU are noisy; the report gives every number it used.
 """
@@ -24,7 +25,6 @@ Timings on a shared CPU are noisy; the report gives every number it used.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import Any, Callable, Sequence
 
@@ -51,14 +51,16 @@ METHODS = {  # Communication methods compared under dp: name -> config overrides
 }
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """The fastest of `repeats` timed calls after a warm-up: on a machine shared with other work
+  the minimum is the least disturbed estimate, and every timing here uses the same statistic."""
   jax.block_until_ready(fn())  # Warm-up (and compilation).
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return min(times)
 
 
 def _collective(op: str, axis: str, n: int) -> Callable[[jax.Array], jax.Array]:
@@ -90,7 +92,7 @@ def time_collectives(mesh: Mesh, axis: str, sizes: Sequence[int] = SIZES,
       compiled = mapped.lower(x).compile()
       buffers = hlo.collective_bytes(compiled.as_text())["buffers"]
       rows.append({"buffer_bytes": float(buffers[op]["bytes"] / max(buffers[op]["count"], 1)),
-                   "seconds": _median_seconds(lambda c=compiled, x=x: c(x), repeats)})
+                   "seconds": _seconds(lambda c=compiled, x=x: c(x), repeats)})
     out[op] = rows
   return out
 
@@ -140,7 +142,7 @@ def _step_seconds(config: ml_collections.ConfigDict, devices, repeats: int):
   def one():
     holder["state"], metrics = compiled(holder["state"], batch)
     return metrics["train_loss"]
-  return _median_seconds(one, repeats), compiled.as_text(), trainer
+  return _seconds(one, repeats), compiled.as_text(), trainer
 
 
 def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
@@ -159,15 +161,18 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
       timings[axis] = time_collectives(mesh, axis, sizes, repeats)
       fits[axis] = {op: fit_alpha_beta(rows) for op, rows in timings[axis].items()}
   data_fits = fits.get(parallel.DATA) or next(iter(fits.values()), None)
-  # Compute: one device, one device's share of the batch.
   data = mesh.shape[parallel.DATA]
-  single = ml_collections.ConfigDict(config.to_dict())
-  single.global_batch_size = config.global_batch_size // data
-  single.strategy, single.mesh.data, single.mesh.model = "dp", 1, 1
-  single.allreduce, single.compression, single.sync = "pmean", "none", "every_step"
-  compute_one, _, _ = _step_seconds(single, devices[:1], repeats)
   factor = _concurrency_factor(devices)
-  compute = compute_one * factor
+
+  def compute_seconds(c: ml_collections.ConfigDict) -> float:
+    """The candidate's step on one device over one device's share of the batch: its own
+    arithmetic (model, optimizer, compression), collectives of size one."""
+    single = ml_collections.ConfigDict(c.to_dict())
+    single.global_batch_size = c.global_batch_size // data
+    single.mesh.data, single.mesh.model = 1, 1
+    if single.strategy != "dp" and mesh.shape[parallel.MODEL] > 1:
+      single.strategy = "zero1"
+    return _step_seconds(single, devices[:1], repeats)[0]
   candidates = [(s, {"strategy": s}) for s in strategies
                 if not (s == "dp" and mesh.shape[parallel.MODEL] > 1)]
   candidates += [(f"dp + {name}", dict(overrides, strategy="dp")) for name, overrides in methods.items()
@@ -177,9 +182,12 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     c = ml_collections.ConfigDict(config.to_dict())
     c.update(overrides)
     measured, text, trainer = _step_seconds(c, devices, repeats)
+    compute_one = compute_seconds(c)
+    compute = compute_one * factor
     comm = predicted_comm_seconds(text, data_fits, trainer.dp.comm) if data_fits else 0.0
     predicted = compute + comm
     rows.append({"candidate": name, "predicted_s": predicted, "compute_s": compute,
+                 "compute_one_device_s": compute_one,
                  "comm_s": comm, "measured_s": measured,
                  "error": (predicted - measured) / measured,
                  "bytes_per_step": exchange.bytes_per_step(trainer.dp.comm, text)})
@@ -193,8 +201,7 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
   elif dense and best["comm_s"] < 0.1 * best["compute_s"]:
     reason += "; communication is under 10% of the step, so memory (the table above) decides"
   return {"num_devices": len(devices), "mesh": dict(mesh.shape), "fits": fits,
-          "collective_timings": timings, "compute_one_device_s": compute_one,
-          "compute_concurrency_factor": factor, "candidates": rows,
+          "collective_timings": timings, "compute_concurrency_factor": factor, "candidates": rows,
           "recommendation": {"candidate": best["candidate"], "reason": reason}}
 
 
@@ -204,7 +211,7 @@ def format_measure(result: dict[str, Any]) -> str:
     for op, fit in fits.items():
       lines.append(f"  {axis} {op:<19} alpha {fit['alpha_s'] * 1e6:9.1f} us   bandwidth "
                    f"{fit['bandwidth_bytes_per_s'] / 1e9:8.2f} GB/s")
-  lines.append(f"compute per step: {result['compute_one_device_s'] * 1e3:.2f} ms on one device x "
+  lines.append(f"compute: each candidate's step on one device over one device's share, x "
                f"{result['compute_concurrency_factor']:.2f} (devices sharing the host's cores)")
   lines.append(f"{'candidate':<18}{'predicted':>12}{'compute':>10}{'comm':>10}{'measured':>11}"
                f"{'error':>8}{'bytes/step':>12}")

@@ -23,7 +23,7 @@ COMMAND = c.Command(
         c.boolean("json", False, "Print JSON instead of a table."),
         c.boolean("measure", False, "Time collectives and steps on these devices and predict "
                   "each candidate's step time (runs steps: takes a minute or more)."),
-        c.integer("repeats", 10, "Timed repetitions per measurement (--measure); the median is "
+        c.integer("repeats", 10, "Timed repetitions per measurement (--measure); the fastest is "
                   "used.", min=1),
     ),
 )
