@@ -196,7 +196,9 @@ def resize_comm_state(state_comm: dict, anchor_params, num_devices: int) -> dict
     old mean row: the mean over the new devices equals the old mean, so nothing owed is lost
     or counted twice (a sum-preserving split would scale it by N'/N). Which device owes which
     coordinate is not preserved, and cannot be: the new devices see other rows of the batch.
-  - "stale": the FIFO of averaged gradients, identical on every device; row 0 is copied.
+  - "stale", "count", "powersgd_q", "adam_momentum": identical on every device (a FIFO of
+    averaged gradients, the warm-up's step count, PowerSGD's averaged Q, the averaged Adam
+    momentum); row 0 is copied.
   - "params": every local SGD replica restarts from the anchor (the last average, or DiLoCo's
     outer parameters), which is what replicas hold right after a synchronisation.
   - "opt_state": the inner optimizer state of each replica becomes the mean over the saved
