@@ -70,8 +70,10 @@ def test_metrics_lines_have_the_documented_fields(uninterrupted):
   train = [r for r in records if "train_loss" in r]
   assert [r["step"] for r in train] == list(range(1, 11))
   for r in train:
+    # 2 devices under dp: the gradient noise scale is estimated (docs/communication.md).
     assert set(r) == {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec", "comm_bytes_per_step",
-                      "mfu", "step_time_s", "peak_memory_bytes", "data_wait_fraction"}
+                      "mfu", "step_time_s", "peak_memory_bytes", "data_wait_fraction",
+                      "grad_noise_scale", "grad_noise_scale_examples"}
     assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in evals] == [5, 10]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 
@@ -179,8 +180,13 @@ def write_report(args, rows, dense, params, algorithms) -> None:
             "as 2(N-1) alpha; the parameter server's link carries 2(N-1) whole messages, so it "
             "loses by a factor N on large messages; on small ones latency dominates everything.",
             "", "![accuracy against bytes](communication.png)", ""]
-  with open(os.path.join(args.out, "communication.md"), "w") as f:
-    f.write("\n".join(lines))
+  path = os.path.join(args.out, "communication.md")
+  # Sections other tools or authors maintain (<!-- name:begin --> ... <!-- name:end -->, e.g.
+  # tools/comm_convergence.py's table) are carried over, not overwritten.
+  old = open(path).read() if os.path.exists(path) else ""
+  blocks = [m.group(0) for m in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", old, re.S)]
+  with open(path, "w") as f:
+    f.write("\n".join(lines + [""] + blocks) + ("\n" if blocks else ""))
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
   for r in rows:

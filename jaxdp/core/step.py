@@ -26,7 +26,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from jaxdp.core import precision
+from jaxdp.core import noise, precision
 from jaxdp.core.state import TrainState
 from jaxdp.errors import JaxdpError
 
@@ -74,7 +74,8 @@ def checked_loss(out) -> tuple[jax.Array, jax.Array]:
 
 
 def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array | None,
-                         loss_scale: jax.Array | None = None, compute_dtype: Any = None):
+                         loss_scale: jax.Array | None = None, compute_dtype: Any = None,
+                         micro_sq: bool = False):
   """(grad_sum, loss_sum, weight_sum) over the A micro-batches of `batch` [A, b, ...], locally.
 
   With `compute_dtype` the floating parameters are cast to it before the loss (mixed precision:
@@ -82,6 +83,8 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
   the cast). With `loss_scale` (fp16) the backward pass differentiates the micro-batch's mean
   loss times the scale, so float16 sees the usual gradient magnitudes whatever the batch size;
   the float32 gradients are then turned back into the unscaled gradient of the sum.
+  With `micro_sq` a fourth value is returned: the sum over micro-batches of the squared norm of
+  each one's mean gradient (for the gradient noise scale, jaxdp.core.noise).
   """
   def scaled_loss(params, micro_batch):
     loss, count = checked_loss(loss_fn(precision.cast_floating(params, compute_dtype), micro_batch,
@@ -95,11 +98,14 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
     grads, (loss, count) = grad_fn(params, micro_batch)
     if loss_scale is not None:
       grads = jax.tree.map(lambda g: g * (jnp.maximum(count, 1.0) / loss_scale), grads)
+    if micro_sq:
+      return grads, loss, count, optax.tree.norm(grads, squared=True) / jnp.maximum(count, 1.0) ** 2
     return grads, loss, count
 
   def micro_step(carry, micro_batch):
-    grads, loss, count = micro_grads(micro_batch)
-    return (jax.tree.map(jnp.add, carry[0], grads), carry[1] + loss, carry[2] + count), None
+    out = micro_grads(micro_batch)
+    return (jax.tree.map(jnp.add, carry[0], out[0]),) + tuple(
+        a + b for a, b in zip(carry[1:], out[1:])), None
 
   # The first micro-batch seeds the carry (rather than zeros), so the carry already has the
   # per-device type that shard_map requires of a scan over device-varying values.
@@ -173,10 +179,16 @@ def applied_updates(state: TrainState) -> jax.Array:
 
 
 def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
-                 grad_norm: jax.Array) -> dict[str, jax.Array]:
-  """The scalars every train step reports (the same keys for every strategy and method)."""
+                 grad_norm: jax.Array, noise_terms: tuple | None = None) -> dict[str, jax.Array]:
+  """The scalars every train step reports (the same keys for every strategy and method).
+
+  "gns_g2", "gns_trace": this step's estimates of |G|^2 and tr(Sigma) in the loss's weight units
+  (jaxdp.core.noise); NaN where the step has no second batch size to compare.
+  """
+  g2, trace = noise_terms if noise_terms is not None else (jnp.float32(jnp.nan),) * 2
   metrics = {"train_loss": loss_sum / weight_sum, "grad_norm": grad_norm,
-             "skipped_steps": state.skipped_steps, "consecutive_skips": state.consecutive_skips}
+             "skipped_steps": state.skipped_steps, "consecutive_skips": state.consecutive_skips,
+             "gns_g2": g2, "gns_trace": trace}
   if state.loss_scale is not None and state.loss_scale.dynamic:
     metrics["loss_scale"] = state.loss_scale.scale
   return metrics
@@ -202,18 +214,36 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     # transpose of the implicit replicated->varying cast inserts a psum into every micro-batch's
     # backward pass, instead of the single all-reduce below.
     params = lax.pcast(params, axis_name, to="varying")
-  grad_sum, loss_total, tokens = accumulate_gradients(loss_fn, params, batch, rng, scale,
-                                                      compute_dtype)
+  # The gradient noise scale's small batch: each device's share under the dense all-reduce,
+  # else the accumulation's micro-batches (none: no estimate).
+  by_device = axis_name is not None and exchange is None and lax.axis_size(axis_name) > 1
+  micro = jax.tree.leaves(batch)[0].shape[0]
+  by_micro = not by_device and micro > 1
+  grad_sum, loss_total, tokens, *micro_sq = accumulate_gradients(
+      loss_fn, params, batch, rng, scale, compute_dtype, micro_sq=by_micro)
   state_comm = state.comm
+  noise_terms = None
+  if by_micro:  # Micro-batch mean gradients against their (local) sum.
+    big_sq = optax.tree.norm(grad_sum, squared=True) / jnp.maximum(tokens, 1.0) ** 2
+    noise_terms = noise.noise_terms(micro_sq[0] / micro, big_sq, tokens / micro, tokens)
+    if axis_name is not None:
+      noise_terms = lax.pmean(noise_terms, axis_name)
   if exchange is not None:
     grads, loss_total, tokens, state_comm = exchange(grad_sum, loss_total, tokens, state.comm, rng)
   else:
     if axis_name is not None:
-      # One all-reduce for the whole step: gradient sums, loss sum and token count together.
-      # The mean of sums divided by the mean of counts is the global token-weighted mean.
-      grad_sum, loss_total, tokens = lax.pmean((grad_sum, loss_total, tokens), axis_name)
+      # One all-reduce for the whole step: gradient sums, loss sum and token count together
+      # (and each device's squared gradient norm, 4 bytes, for the noise scale). The mean of
+      # sums divided by the mean of counts is the global token-weighted mean.
+      local_sq = (optax.tree.norm(grad_sum, squared=True) / jnp.maximum(tokens, 1.0) ** 2
+                  if by_device else jnp.float32(0))
+      grad_sum, loss_total, tokens, local_sq = lax.pmean((grad_sum, loss_total, tokens, local_sq),
+                                                         axis_name)
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
   grad_norm = optax.tree.norm(grads)
+  if by_device:  # Mean token count per device: b; the global batch: N b.
+    noise_terms = noise.noise_terms(local_sq, grad_norm ** 2, tokens,
+                                    tokens * lax.axis_size(axis_name))
   # The norm is finite exactly when every gradient is (or it overflows float32, which clipping
   # could not use either): one reduction instead of a pass over every leaf. fp16 overflows of the
   # gradients are expected and handled by the loss scale (see update_if_finite).
@@ -225,7 +255,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
   new_state = update_if_finite(state, finite, optimizer_update, max_consecutive_skips,
                                state.loss_scale if scaling else None, jnp.isfinite(loss_total))
-  metrics = step_metrics(new_state, loss_total, tokens, grad_norm)
+  metrics = step_metrics(new_state, loss_total, tokens, grad_norm, noise_terms)
   if scaling:
     metrics["loss_scale"] = state.loss_scale.scale  # The scale this step ran with.
   return new_state, metrics

@@ -196,7 +196,9 @@ def resize_comm_state(state_comm: dict, anchor_params, num_devices: int) -> dict
     old mean row: the mean over the new devices equals the old mean, so nothing owed is lost
     or counted twice (a sum-preserving split would scale it by N'/N). Which device owes which
     coordinate is not preserved, and cannot be: the new devices see other rows of the batch.
-  - "stale": the FIFO of averaged gradients, identical on every device; row 0 is copied.
+  - "stale", "count", "powersgd_q", "adam_momentum": identical on every device (a FIFO of
+    averaged gradients, the warm-up's step count, PowerSGD's averaged Q, the averaged Adam
+    momentum); row 0 is copied.
   - "params": every local SGD replica restarts from the anchor (the last average, or DiLoCo's
     outer parameters), which is what replicas hold right after a synchronisation.
   - "opt_state": the inner optimizer state of each replica becomes the mean over the saved
@@ -331,11 +333,12 @@ def _frozen_variance(grad_sum, loss_total, tokens, state_comm: dict, rng, cfg: C
   def compressed():
     loss, tok = lax.pmean((loss_total, tokens), axis_name)
     share = _clip_share(flat_sum / tok, cfg, axis_name)
-    v = (1 - cfg.b1) * share + cfg.b1 * m
+    v = (1 - cfg.b1) * share
     if cfg.keeps_residual:
       v = v + state_comm["residual"][0]
     mean, sent = compressed_mean(v, cfg, rng, axis_name)
-    return unravel(mean), loss, tok, mean, (v - sent) if cfg.keeps_residual else None
+    momentum = cfg.b1 * m + mean
+    return unravel(momentum), loss, tok, momentum, (v - sent) if cfg.keeps_residual else None
 
   grads, loss_total, tokens, momentum, residual = lax.cond(
       count < cfg.compression_warmup_steps, dense, compressed)

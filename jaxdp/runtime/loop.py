@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp.config import parse_profile_steps
+from jaxdp.core.noise import NoiseScaleEMA
 from jaxdp.core.state import InitFn, TrainState
 from jaxdp.core.step import applied_updates
 from jaxdp.data.pipeline import prefetch
@@ -511,6 +512,7 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
                       **(watch.start_record() if watch else {})})
   bar = Progress(step, num_steps, progress)
   pending: list[dict] = []
+  noise_scale, noise_noted = NoiseScaleEMA(), False
   last = {"step": step, "time": time.perf_counter()}
   result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
   with StopRequests() as stops, \
@@ -536,6 +538,18 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
                           (step - last["step"]) * per_step / elapsed, comm_bytes,
                           dp.nan_policy == "skip")
         line.update(watch.fields(step - last["step"], elapsed))
+        for m in fetched:
+          noise_scale.update(float(m.get("gns_g2", math.nan)), float(m.get("gns_trace", math.nan)))
+        if noise_scale.available:  # B_simple (McCandlish et al. 2018): loss weights (tokens), rows.
+          line["grad_noise_scale"] = noise_scale.b_simple
+          if tokens_per_step and first_rows:
+            line["grad_noise_scale_examples"] = noise_scale.b_simple * first_rows / tokens_per_step
+        elif not noise_noted:
+          noise_noted = True
+          bar.write("note: grad_noise_scale is unavailable for this run: it compares two batch "
+                    "sizes, each device's share with the global batch (more than one data device "
+                    "with the dense all-reduce) or micro-batches with their sum "
+                    "(grad_accum_steps > 1)")
         run.writer.write(line)
         bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
                    **report.hardware_postfix(line))

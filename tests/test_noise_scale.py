@@ -1,0 +1,79 @@
+"""The gradient noise scale against a closed form: a quadratic loss with known gradient covariance.
+
+Per example e the loss is 0.5 |w - x_e|^2 with x_e ~ N(mu, Sigma), so its gradient w - x_e has
+mean G = w - mu and covariance Sigma: |G|^2 and tr(Sigma), hence B_simple = tr(Sigma) / |G|^2,
+are known exactly. The learning rate is 0, so G stays put while the step's estimators are
+averaged over many batches (each step's estimate is unbiased, so their mean must converge).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdp.core.noise import NoiseScaleEMA, noise_terms
+from jaxdp.parallel import DataParallel
+
+DIM, BATCH, STEPS = 64, 32, 150
+RNG = np.random.default_rng(0)
+MU = RNG.normal(size=DIM).astype(np.float32)
+W0 = (MU + 2.0 * RNG.normal(size=DIM) / math.sqrt(DIM)).astype(np.float32)  # |G|^2 about 4.
+STD = RNG.uniform(0.5, 1.5, size=DIM).astype(np.float32)  # Sigma = diag(STD^2).
+G2 = float(np.sum((W0 - MU) ** 2))
+TRACE = float(np.sum(STD ** 2))
+
+
+def loss_fn(params, batch, rng):
+  del rng
+  return 0.5 * jnp.sum((params["w"] - batch["x"]) ** 2), jnp.float32(batch["x"].shape[0])
+
+
+def estimates(strategy, devices, accum):
+  dp = DataParallel(loss_fn, optax.sgd(0.0), strategy=strategy, devices=jax.devices()[:devices],
+                    grad_accum_steps=accum)
+  state = dp.init_state(lambda rng: {"w": jnp.asarray(W0)})
+  data = np.random.default_rng(1)
+  g2, trace = [], []
+  for _ in range(STEPS):
+    x = (MU + STD * data.normal(size=(BATCH, DIM))).astype(np.float32)
+    state, metrics = dp.step(state, {"x": x})
+    g2.append(float(metrics["gns_g2"]))
+    trace.append(float(metrics["gns_trace"]))
+  return np.array(g2), np.array(trace)
+
+
+def test_noise_terms_are_the_papers_estimators():
+  # Exact expectations plugged in: |G_b|^2 = |G|^2 + tr/b recovers both terms.
+  g2, trace = noise_terms(jnp.float32(4 + 64 / 8), jnp.float32(4 + 64 / 32), 8.0, 32.0)
+  assert float(g2) == pytest.approx(4.0) and float(trace) == pytest.approx(64.0)
+  assert np.isnan(float(noise_terms(jnp.float32(1), jnp.float32(1), 8.0, 8.0)[0]))
+
+
+@pytest.mark.parametrize("strategy,devices,accum", [
+    ("dp", 4, 1),     # Each device's share against the global batch.
+    ("dp", 1, 4),     # One device: the accumulation's micro-batches against their sum.
+    ("zero1", 4, 2),  # A jit strategy: micro-batches of the global batch.
+])
+def test_noise_scale_matches_the_closed_form(strategy, devices, accum):
+  g2, trace = estimates(strategy, devices, accum)
+  print(f"{strategy} x{devices} accum {accum}: |G|^2 {g2.mean():.3f} (true {G2:.3f}), "
+        f"tr {trace.mean():.2f} (true {TRACE:.2f}), B_simple {trace.mean() / g2.mean():.2f} "
+        f"(true {TRACE / G2:.2f})")
+  assert g2.mean() == pytest.approx(G2, rel=0.1)
+  assert trace.mean() == pytest.approx(TRACE, rel=0.1)
+  ema = NoiseScaleEMA(decay=0.98)
+  for a, b in zip(g2, trace):
+    ema.update(a, b)
+  assert ema.b_simple == pytest.approx(TRACE / G2, rel=0.1)
+
+
+def test_no_second_batch_size_gives_nan():
+  g2, trace = estimates("dp", 1, 1)
+  assert np.isnan(g2).all() and np.isnan(trace).all()
+  ema = NoiseScaleEMA()
+  for a, b in zip(g2, trace):
+    ema.update(a, b)
+  assert not ema.available and math.isnan(ema.b_simple)
