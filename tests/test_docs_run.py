@@ -28,6 +28,9 @@ NOT_RUN = {
     "mpirun": "needs Open MPI across hosts; its environment is simulated in test_distributed",
     "jaxdp train --coordinator 10.0.0.1": "a real two-host run; the same flags run in test_multihost "
                                           "through `jaxdp launch`",
+    "jaxdp train --config gpt2_124m --config.attention=cudnn": "needs an NVIDIA GPU (cuDNN "
+        "attention); tools/gpu_check.sh trains gpt2_124m with it, and test_gpt2_preset trains the "
+        "preset on CPU",
     "pip download": "downloads wheels for an offline GPU machine (needs the network)",
     "tools/gpu_check.sh": "needs an NVIDIA GPU; its --dry-run runs in tests/test_gpu_check.py",
 }
