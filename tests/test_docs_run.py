@@ -4,6 +4,7 @@ would take minutes (fewer steps, a smaller batch, fewer new tokens). A command t
 is listed in NOT_RUN with the reason; a new command in the docs fails here until it is run or listed.
 """
 
+import json
 import os
 import re
 import shlex
@@ -31,6 +32,9 @@ NOT_RUN = {
     "jaxdp train --config gpt2_124m --config.attention=cudnn": "needs an NVIDIA GPU (cuDNN "
         "attention); tools/gpu_check.sh trains gpt2_124m with it, and test_gpt2_preset trains the "
         "preset on CPU",
+    "jaxdp plan --config tiny_cpu --cpu_devices 4 --measure": "times collectives for minutes; "
+        "tests/test_measure.py runs `plan --measure` on 4 and 8 devices",
+    "jaxdp plan --config tiny_cpu --cpu_devices 8 --measure": "as above (tests/test_measure.py)",
     "pip download": "downloads wheels for an offline GPU machine (needs the network)",
     "tools/gpu_check.sh": "needs an NVIDIA GPU; its --dry-run runs in tests/test_gpu_check.py",
 }
@@ -38,7 +42,8 @@ NOT_RUN = {
 # Flags appended per subcommand so that a documented command takes seconds, not minutes. A flag
 # the command already gives is not appended (the documented value stands).
 SHORTER = {
-    "train": ["--config.num_steps=2", "--config.eval_every=0", "--config.eval_steps=1",
+    # 16 steps: the docs export step 10 and profile steps 10:15.
+    "train": ["--config.num_steps=16", "--config.eval_every=0", "--config.eval_steps=1",
               "--config.global_batch_size=8", "--config.seq_len=32", "--progress=false",
               "--cpu_devices=2"],
     "generate": ["--max_new_tokens=4"],
@@ -78,7 +83,9 @@ def shortened(argv):
 
 
 def inputs(folder):
-  """The files the docs' examples name (my_texts/, books/, notes.txt, chats.jsonl)."""
+  """The files the docs' examples name: my_texts/, books/, notes.txt, chats.jsonl, a GPT-2-like
+  gpt2/tokenizer.json (trained here, no download), corpus.parquet, token files in fineweb10B/
+  and data/books prepared with that tokenizer."""
   corpus = open(os.path.join(ROOT, "jaxdp", "assets", "tinyshakespeare.txt")).read()[:60000]
   for sub in ("my_texts", "books"):
     os.makedirs(os.path.join(folder, sub))
@@ -89,7 +96,29 @@ def inputs(folder):
     f.write(corpus[40000:50000])
   with open(os.path.join(folder, "chats.jsonl"), "w") as f:
     for line in corpus[50000:].split("\n\n"):
-      f.write('{"text": %s}\n' % __import__("json").dumps(line))
+      f.write('{"text": %s}\n' % json.dumps(line))
+  import numpy as np
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from jaxdp.data import prepare, tokenfiles
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([corpus], trainers.BpeTrainer(
+      vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  os.makedirs(os.path.join(folder, "gpt2"))
+  tokenizer = os.path.join(folder, "gpt2", "tokenizer.json")
+  tok.save(tokenizer)
+  pq.write_table(pa.table({"content": corpus.split("\n\n")}), os.path.join(folder, "corpus.parquet"))
+  os.makedirs(os.path.join(folder, "fineweb10B"))
+  ids = np.asarray(tok.encode(corpus).ids, np.uint16)
+  tokenfiles.write_token_file(os.path.join(folder, "fineweb10B", "fineweb_train_000001.bin"), ids[2000:])
+  tokenfiles.write_token_file(os.path.join(folder, "fineweb10B", "fineweb_val_000000.bin"), ids[:2000])
+  prepare.prepare([os.path.join(folder, "books")], os.path.join(folder, "data", "books"),
+                  tokenizer=tokenizer, progress=False)
 
 
 def test_every_documented_command_is_run_or_listed():
