@@ -127,18 +127,25 @@ def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation():
   np.testing.assert_allclose(np.asarray(approx[0]).reshape(24, 16), best, atol=1e-3)
 
 
-def test_powersgd_bytes_from_hlo_are_the_factors():
-  n, rank = 4, 2
-  cfg = CommConfig(compression="powersgd", compression_rank=rank)
-  state = powersgd_state(cfg, n)
+def exchange_hlo(cfg, grads, state) -> str:
+  """The compiled HLO of reduce_gradients under cfg on len(grads) devices (grads: [n, D])."""
+  n = grads.shape[0]
+
   def fn(g, s):
     out, loss, _, new = reduce_gradients(tree_of(g[0]), g[0].sum(), 1 + g[0, 0] ** 2, s,
                                          jax.random.PRNGKey(0), cfg, "data")
     return jax.flatten_util.ravel_pytree(out)[0][None], loss[None], new
   mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
-  hlo = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P("data")),
-                              out_specs=(P("data"), P("data"), P("data")), check_vma=False)
-                ).lower(jnp.zeros((n, D)), state).compile().as_text()
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P("data")),
+                               out_specs=(P("data"), P("data"), P("data")), check_vma=False)
+                 ).lower(grads, state).compile().as_text()
+
+
+def test_powersgd_bytes_from_hlo_are_the_factors():
+  n, rank = 4, 2
+  cfg = CommConfig(compression="powersgd", compression_rank=rank)
+  state = powersgd_state(cfg, n)
+  hlo = exchange_hlo(cfg, jnp.zeros((n, D)), state)
   got = collective_bytes(hlo)
   factors = rank * (24 + 16) + rank * (6 + 10)  # P and Q of "w" and of "k" viewed [6, 10].
   payload = 4 * (factors + 16 + 2)  # f32 factors, the dense vector, the loss and token count.
@@ -176,14 +183,7 @@ def test_dgc_warmup_sends_each_stages_k_and_its_bytes():
     k = max(1, round(density_at(cfg, t) * D))
     assert int((np.asarray(applied[0]) != 0).sum()) == k, t
   assert np.asarray(state["count"]).tolist() == [steps] * n
-  def fn(g, s):
-    out, loss, _, new = reduce_gradients(tree_of(g[0]), g[0].sum(), 1 + g[0, 0] ** 2, s,
-                                         jax.random.PRNGKey(0), cfg, "data")
-    return jax.flatten_util.ravel_pytree(out)[0][None], loss[None], new
-  mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
-  hlo = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P("data")),
-                              out_specs=(P("data"), P("data"), P("data")), check_vma=False)
-                ).lower(grads, state).compile().as_text()
+  hlo = exchange_hlo(cfg, grads, state)
   scalars = 2 * (n - 1) / n * 8
   want = [(n - 1) * max(1, round(d * D)) * 8 + scalars for d in stages]  # f32 values + s32 indices.
   assert stage_bytes(cfg, hlo) == pytest.approx(want)

@@ -175,14 +175,8 @@ def jaxdp_tokens_per_sec(trainer, train_step, steps: int) -> tuple[float, float]
 
 def fixed_batch_tokens_per_sec(trainer, steps: int) -> float:
   """tokens/s of the compiled step alone on one batch kept on the devices (no loader)."""
-  state = trainer.init_state()
-  batch = trainer.train_batch(0)
-  step = trainer.train_step.lower(state, batch).compile()
-  holder = {"state": state}
-
-  def one():
-    holder["state"], metrics = step(holder["state"], batch)
-    return metrics
+  from jaxdp.analysis.measure import fixed_batch_step
+  one, _ = fixed_batch_step(trainer)
   seconds = timed(one, steps)
   return trainer.config.global_batch_size * trainer.config.seq_len / seconds
 

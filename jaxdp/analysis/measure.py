@@ -132,8 +132,10 @@ def _concurrency_factor(devices: Sequence[jax.Device]) -> float:
   return len(devices) / min(len(devices), cores or 1)
 
 
-def _step_seconds(config: ml_collections.ConfigDict, devices, repeats: int):
-  trainer = build(config, devices)
+def fixed_batch_step(trainer) -> tuple[Callable[[], dict], Any]:
+  """(one, compiled): `one()` runs the trainer's compiled step on its step-0 batch, kept on the
+  devices, carrying the (donated) state from call to call, and returns the step's metrics; the
+  step alone, no loader. `compiled` is the executable (its HLO, memory and cost analyses)."""
   state = trainer.init_state()
   batch = trainer.train_batch(0)
   compiled = trainer.train_step.lower(state, batch).compile()
@@ -141,8 +143,14 @@ def _step_seconds(config: ml_collections.ConfigDict, devices, repeats: int):
 
   def one():
     holder["state"], metrics = compiled(holder["state"], batch)
-    return metrics["train_loss"]
-  return _seconds(one, repeats), compiled.as_text(), trainer
+    return metrics
+  return one, compiled
+
+
+def _step_seconds(config: ml_collections.ConfigDict, devices, repeats: int):
+  trainer = build(config, devices)
+  one, compiled = fixed_batch_step(trainer)
+  return _seconds(lambda: one()["train_loss"], repeats), compiled.as_text(), trainer
 
 
 def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
