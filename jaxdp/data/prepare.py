@@ -50,6 +50,8 @@ ENCODE_PIECE_CHARS = 1 << 16
 ENCODE_BATCH_CHARS = 1 << 21  # Text per encode_batch call: bounds the Python id lists.
 _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 PREPARED_FILES = (TOKENS_FILE, toks.TOKENIZER_FILE, toks.BYTE_FILE, toks.TIKTOKEN_FILE)
+# Every file prepare writes, finished or in progress: what a failed run removes and a rerun clears.
+OWN_FILES = frozenset(PREPARED_FILES) | {TOKENS_FILE + ".tmp", MANIFEST + ".tmp"}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,8 +141,7 @@ def _clear_previous(out: str) -> None:
     return
   manifest_path = os.path.join(out, MANIFEST)
   if not os.path.exists(manifest_path):
-    leftovers = set(PREPARED_FILES) | {TOKENS_FILE + ".tmp", MANIFEST + ".tmp"}
-    if set(os.listdir(out)) <= leftovers:  # An interrupted or failed prepare's own files.
+    if set(os.listdir(out)) <= OWN_FILES:  # An interrupted or failed prepare's own files.
       for name in os.listdir(out):
         os.remove(os.path.join(out, name))
       return
@@ -210,7 +211,7 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
     return _write(files, described, request, out, tokenizer, vocab_size, text_field, chunk_bytes,
                   progress)
   except BaseException:  # Failed or interrupted: leave no half-written files behind.
-    for name in set(PREPARED_FILES) | {TOKENS_FILE + ".tmp", MANIFEST + ".tmp"}:
+    for name in OWN_FILES:
       if os.path.exists(os.path.join(out, name)):
         os.remove(os.path.join(out, name))
     if created and not os.listdir(out):
