@@ -10,6 +10,10 @@ The public API, for notebooks and scripts:
   state, metrics = dp.step(state, global_batch)             # dict of NumPy arrays [B, ...]
   jaxdp.fit(dp, init_fn, batch_of_step, workdir="runs/x", num_steps=1000)
 
+  params, module, tokenizer = jaxdp.load_for_inference("runs/x")   # a built-in model's run
+  ids = list(jaxdp.generate(params, module, tokenizer.encode("ROMEO:"), 64))  # KV cache
+  jaxdp.export_hf("runs/x", "hf/x")   # transformers' from_pretrained("hf/x") loads it
+
 The built-in language models and the command line (`jaxdp train`) are users of this API.
 """
 
@@ -24,13 +28,14 @@ _EXPORTS = {
     "make_optimizer": "jaxdp.core.optimizer", "TrainState": "jaxdp.core.state",
     "example_keys": "jaxdp.core.step", "JaxdpError": "jaxdp.errors",
     "LanguageModel": "jaxdp.models", "ModelConfig": "jaxdp.models", "build_model": "jaxdp.models",
+    "generate": "jaxdp.models.sampling", "export_hf": "jaxdp.runtime.hf",
     "CommConfig": "jaxdp.parallel", "DataParallel": "jaxdp.parallel",
     "example_weights": "jaxdp.parallel", "make_mesh": "jaxdp.parallel",
     "RunRecord": "jaxdp.runtime.loop", "fit": "jaxdp.runtime.loop",
     "read_metrics": "jaxdp.runtime.metrics", "build": "jaxdp.runtime.trainer",
     "load_for_inference": "jaxdp.runtime.trainer", "train_and_evaluate": "jaxdp.runtime.trainer",
 }
-_RENAMED = {"build_model": "build"}
+_RENAMED = {"build_model": "build", "export_hf": "export"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -361,3 +361,10 @@ def test_fit_resumes_an_nnx_model(tmp_path):
   assert resumed["step"] == 6
   # The final log line averages the steps since the resume: 4, 5 and 6.
   np.testing.assert_allclose(resumed["train_loss"], np.mean(ref_losses[3:6]), rtol=RTOL)
+
+
+def test_generation_and_hugging_face_export_are_public_api():
+  from jaxdp.models import sampling
+  from jaxdp.runtime import hf
+  assert jaxdp.generate is sampling.generate and jaxdp.export_hf is hf.export
+  assert {"generate", "export_hf"} <= set(jaxdp.__all__)
