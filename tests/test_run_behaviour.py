@@ -175,3 +175,10 @@ def test_a_run_too_big_for_memory_is_one_line_before_it_runs_and_the_workdir_sta
   assert "remat" in last and "Traceback" not in big.stderr + big.stdout
   fixed = run("train", *TINY, "--config.num_steps=2", "--workdir", workdir)
   assert fixed.returncode == 0, fixed.stderr[-2000:]
+
+
+def test_a_run_refused_at_validation_creates_no_workdir(tmp_path):
+  workdir = tmp_path / "never"
+  refused = run("train", *TINY, "--config.data.packing=doc", "--workdir", str(workdir))
+  assert refused.returncode == 2 and "config.data.packing='doc'" in refused.stderr
+  assert not workdir.exists()

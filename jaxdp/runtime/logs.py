@@ -41,6 +41,9 @@ def to_file(workdir: str) -> str:
     root.removeHandler(old)
   root.addHandler(handler)
   root.setLevel(logging.INFO)
+  # JAX's INFO line that each absent backend (TPU, CUDA) could not start says nothing about the
+  # run, and alone it would create the workdir (for its log) of a run refused at validation.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   try:  # absl installs its own handler on first use; keep it off the terminal too.
     from absl import logging as absl_logging
     absl_logging.get_absl_handler().setStream(open(os.devnull, "w"))  # noqa: SIM115
