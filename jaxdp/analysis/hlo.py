@@ -98,8 +98,9 @@ def _group_size(rest: str, num_partitions: int) -> int:
 
 
 def _sent_bytes(op: str, async_start: bool, shape: str, rest: str,
-                n_all: int) -> tuple[list[float], float]:
-  """(bytes each device 0..n_all-1 sends, the op's full buffer) of one collective.
+                n_all: int) -> tuple[list[float], float, int]:
+  """(bytes each device 0..n_all-1 sends, the op's full buffer, its number of operands) of one
+  collective (XLA's combiners merge many arrays into one tuple-shaped collective).
 
   Bandwidth-optimal algorithms: all-reduce 2(N-1)/N x size (ring), all-gather and all-to-all
   (N-1)/N x the full result, reduce-scatter (N-1) x the result shard; a collective-permute
@@ -116,11 +117,11 @@ def _sent_bytes(op: str, async_start: bool, shape: str, rest: str,
     for source, target in re.findall(r"\{(\d+),(\d+)\}", listed.group(1) if listed else ""):
       if source != target and int(source) < n_all:
         sent[int(source)] += size
-    return sent, size
+    return sent, size, len(arrays)
   n = _group_size(rest, n_all)
   factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
             "reduce-scatter": n - 1}[op]
-  return [size * factor] * n_all, size * n if op == "reduce-scatter" else size
+  return [size * factor] * n_all, size * n if op == "reduce-scatter" else size, len(arrays)
 
 
 def collective_bytes(hlo_text: str) -> dict[str, Any]:
@@ -129,9 +130,9 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
   Returns {"bytes": mean over devices, summing every collective once, "max_device_bytes": the
   busiest device (a parameter server), "conditional_bytes": the part inside conditional
   branches (e.g. a periodic sync; the caller weights it by how often the branch runs),
-  "by_kind": {op: bytes}, "count": number of collectives, "buffers": {op: {"count", "bytes"}}
-  with each op's full buffer (an all-gather's result, a reduce-scatter's input), for accountings
-  such as the ZeRO paper's, "conditionals": [[bytes of branch 0, branch 1, ...], ...] per
+  "by_kind": {op: bytes}, "count": number of collectives, "buffers": {op: {"count", "bytes",
+  "operands"}} with each op's full buffer (an all-gather's result, a reduce-scatter's input), for
+  accountings such as the ZeRO paper's, and its arrays summed over the op's instructions, "conditionals": [[bytes of branch 0, branch 1, ...], ...] per
   conditional instruction holding collectives (branch i is `lax.switch`'s index i; a `lax.cond`
   is [false, true]), for a caller that knows which branch runs when}. Collectives inside loops
   are counted once per appearance, not per iteration.
@@ -161,9 +162,9 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
         ordered.append([name.strip().lstrip("%") for name in names.split(",") if name.strip()])
     instr = _INSTR.match(line)
     if instr:
-      sent, buffer = _sent_bytes(instr.group("op"), bool(instr.group("start")),
-                                 instr.group("shape"), instr.group("rest"), n_all)
-      computations[current].append((sent, buffer, instr.group("op")))
+      sent, buffer, operands = _sent_bytes(instr.group("op"), bool(instr.group("start")),
+                                           instr.group("shape"), instr.group("rest"), n_all)
+      computations[current].append((sent, buffer, operands, instr.group("op")))
   conditional: set[str] = set()
   frontier = list(branches)
   while frontier:  # Everything called from a conditional branch runs only when it does.
@@ -175,10 +176,11 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
   per_device = [0.0] * n_all
   result = {"conditional_bytes": 0.0, "by_kind": {}, "count": 0, "buffers": {}}
   for name, ops in computations.items():
-    for sent, buffer, op in ops:
-      entry = result["buffers"].setdefault(op, {"count": 0, "bytes": 0.0})
+    for sent, buffer, operands, op in ops:
+      entry = result["buffers"].setdefault(op, {"count": 0, "bytes": 0.0, "operands": 0})
       entry["count"] += 1
       entry["bytes"] += buffer
+      entry["operands"] += operands
       mean = sum(sent) / n_all
       per_device = [a + b for a, b in zip(per_device, sent)]
       result["by_kind"][op] = result["by_kind"].get(op, 0.0) + mean
@@ -187,7 +189,7 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
         result["conditional_bytes"] += mean
   result["bytes"] = sum(per_device) / n_all
   result["max_device_bytes"] = max(per_device)
-  own = {name: sum(sum(sent) / n_all for sent, _, _ in ops) for name, ops in computations.items()}
+  own = {name: sum(sum(sent) / n_all for sent, _, _, _ in ops) for name, ops in computations.items()}
 
   def reachable(name: str, seen: set[str]) -> float:
     if name in seen or name not in computations:
@@ -233,7 +235,7 @@ def bytes_by_axes(hlo_text: str, axis_sizes: dict[str, int]) -> dict[str, dict[s
     if not instr:
       continue
     op, rest = instr.group("op"), instr.group("rest")
-    sent, _ = _sent_bytes(op, bool(instr.group("start")), instr.group("shape"), rest, n_all)
+    sent, _, _ = _sent_bytes(op, bool(instr.group("start")), instr.group("shape"), rest, n_all)
     if op == "collective-permute":
       pairs = re.findall(r"\{(\d+),(\d+)\}", rest.split("source_target_pairs=", 1)[-1])
       spanned = {a for s, t in pairs if s != t for a in group_axes([int(s), int(t)], axis_sizes)}

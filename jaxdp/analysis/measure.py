@@ -2,20 +2,32 @@
 each strategy's and communication method's step time, and compare with the measured step.
 
 1. Collectives: all-reduce (psum), reduce-scatter (psum_scatter), all-gather and a ring
-   ppermute are compiled over each mesh axis of size > 1 at several message sizes and timed
-   (the fastest of the repeats after a warm-up). Each is fitted by least squares to
-       t = alpha + beta * buffer_bytes
+   ppermute are compiled over each mesh axis of size > 1 at several message sizes, one array
+   each, and at one size split into several arrays (XLA's combiners merge a step's many
+   gradient arrays into one collective of many operands), and timed (the fastest of the
+   repeats after a warm-up). Each op is fitted by least squares to
+       t = alpha + delta * (operands - 1) + beta * buffer_bytes
    where buffer_bytes is the op's full buffer as `analysis.hlo.collective_bytes` reads it from
    the compiled program (an all-reduce's operand, a reduce-scatter's input, an all-gather's
-   output, a permute's operand): the same quantity the prediction reads from a step's HLO.
+   output, a permute's operand): the same quantities the prediction reads from a step's HLO.
+   Each time is net of a program that moves nothing (its launch and synchronisation), which
+   the step's compute time already holds once: what is fitted is what a collective adds.
+   alpha is measured directly: a program of CHAIN dependent collectives of the smallest size
+   against one, (t_CHAIN - t_1) / (CHAIN - 1), the latency each adds back to back inside a
+   program (a ZeRO-3 step runs about a hundred); delta and beta are then fitted.
+   delta, the cost of each further operand, matters on emulated CPU devices, where an
+   all-reduce of 50 arrays costs several times one of their concatenation.
 2. A step's prediction is its compute time plus, for every collective in its HLO,
-   alpha + beta * buffer (collectives inside loops counted once, as in the byte counts;
-   a local-SGD average, which runs every H steps, weighted 1/H).
+   alpha + delta * (operands - 1) + beta * buffer (collectives inside loops counted once, as in
+   the byte counts; a local-SGD average, which runs every H steps, weighted 1/H).
    Compute time: the candidate's own step (its strategy, optimizer and compression) compiled on
    one device over one device's share of the batch (global batch / data devices): what each
-   device computes, collectives of one device being free. When the
-   devices are emulated CPU devices of one process, they share the host's cores, so N devices'
-   compute takes N / min(N, cores) times as long: that factor is applied and reported.
+   device computes, collectives of one device being free, times a concurrency factor measured
+   once per mesh: the dp step run on the whole mesh with no collective executing (local SGD
+   whose averaging never comes due), over the same step on one device. It is about 1 where each
+   device has its own hardware; for emulated CPU devices sharing the host's cores it holds the
+   sharing and the one launch the devices share. (A mesh with a model axis, where local SGD does
+   not apply, times one copy of the one-device step per device at once instead.)
 3. Each candidate step (the strategies dp, zero1, zero2, zero3, and the communication methods
    under dp) is run for real and its step time (fastest repeat) measured beside the prediction.
 
@@ -24,7 +36,6 @@ Timings on a shared CPU are noisy; the report gives every number it used.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -43,6 +54,8 @@ from jaxdp.runtime.trainer import build
 
 OPS = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute")
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 19, 1 << 21)  # f32 elements per device (4 KiB .. 8 MiB).
+SPLITS = (8, 64)  # Operands of the multi-array probes (a step's gradients are tens of arrays).
+CHAIN = 16  # Dependent collectives in the latency probe (a ZeRO-3 step runs about a hundred).
 METHODS = {  # Communication methods compared under dp: name -> config overrides.
     "ring": {"allreduce": "ring"},
     "topk 1%": {"compression": "topk", "compression_ratio": 0.01},
@@ -73,63 +86,134 @@ def _collective(op: str, axis: str, n: int) -> Callable[[jax.Array], jax.Array]:
   return lambda x: lax.ppermute(x, axis, [(i, (i + 1) % n) for i in range(n)])
 
 
+def _chained(op: str, axis: str, n: int) -> Callable[[jax.Array], jax.Array]:
+  """The op followed by a local reshaping back to its input's shape, so CHAIN of them depend on
+  each other (XLA can neither combine nor drop them)."""
+  fn = _collective(op, axis, n)
+  if op == "reduce-scatter":
+    return lambda x: jnp.tile(fn(x), n)
+  if op == "all-gather":
+    return lambda x: fn(x)[:x.shape[0]]
+  return fn
+
+
 def time_collectives(mesh: Mesh, axis: str, sizes: Sequence[int] = SIZES,
-                     repeats: int = 10) -> dict[str, list[dict[str, float]]]:
-  """{op: [{"buffer_bytes", "seconds"}, ...]} for each op of OPS over `axis` of `mesh`."""
+                     repeats: int = 10, splits: Sequence[int] = SPLITS,
+                     ) -> dict[str, list[dict[str, float]]]:
+  """{op: [{"buffer_bytes", "operands", "seconds", "program_s"}, ...]} for each op of OPS over
+  `axis` of `mesh`: one array of each size in `sizes`, then the middle size split into each
+  count of `splits` arrays (fewer where the size does not allow it).
+
+  "program_s" is the whole program's time; "seconds" is that minus the time of a program that
+  moves nothing (a 1-element array doubled on every device: the launch and synchronisation
+  every program pays), i.e. what the collective adds inside a program, as it does inside a
+  step whose launch the compute time already holds."""
   n = mesh.shape[axis]
   others = tuple(a for a in mesh.axis_names if a != axis)
   spec = P((axis,) + others)  # One row per device.
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  tiny = jax.device_put(jnp.ones((mesh.size, 1), jnp.float32), sharding)
+  empty = jax.jit(jax.shard_map(lambda x: x * 2, mesh=mesh, in_specs=spec, out_specs=spec))
+  launches = []  # Timed before every probe; the least disturbed (fastest) is the launch cost.
+  shapes = [(-(-size // n) * n,) for size in sizes]  # Reduce-scatter needs multiples of n.
+  middle = sizes[len(sizes) // 2]
+  for k in splits:
+    part = max(middle // k // n, 1) * n
+    shapes.append((part,) * k)
   out = {}
   for op in OPS:
     rows = []
-    for size in sizes:
-      size = -(-size // n) * n  # Reduce-scatter needs a multiple of the group size.
+    for parts in shapes:
+      launches.append(_seconds(lambda: empty(tiny), repeats))
       fn = _collective(op, axis, n)
-      mapped = jax.jit(jax.shard_map(lambda x, fn=fn: fn(x[0])[None], mesh=mesh, in_specs=spec,
-                                     out_specs=spec, check_vma=False))
-      x = jax.device_put(jnp.ones((mesh.size, size), jnp.float32),
-                         jax.sharding.NamedSharding(mesh, spec))
-      compiled = mapped.lower(x).compile()
-      buffers = hlo.collective_bytes(compiled.as_text())["buffers"]
-      rows.append({"buffer_bytes": float(buffers[op]["bytes"] / max(buffers[op]["count"], 1)),
-                   "seconds": _seconds(lambda c=compiled, x=x: c(x), repeats)})
+      mapped = jax.jit(jax.shard_map(lambda *xs, fn=fn: tuple(fn(x[0])[None] for x in xs),
+                                     mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+      xs = [jax.device_put(jnp.ones((mesh.size, size), jnp.float32), sharding) for size in parts]
+      compiled = mapped.lower(*xs).compile()
+      buffers = hlo.collective_bytes(compiled.as_text())["buffers"][op]
+      rows.append({"buffer_bytes": float(buffers["bytes"] / max(buffers["count"], 1)),
+                   "operands": float(buffers["operands"] / max(buffers["count"], 1)),
+                   "program_s": _seconds(lambda c=compiled, xs=xs: c(*xs), repeats)})
+    # Latency: CHAIN dependent ops of the smallest size against one; their difference over
+    # CHAIN - 1 is what each collective adds back to back inside a program, as in a step.
+    size = -(-sizes[0] // n) * n
+    x = jax.device_put(jnp.ones((mesh.size, size), jnp.float32), sharding)
+    timed = {}
+    for k in (1, CHAIN):
+      def body(x, k=k, fn=_chained(op, axis, n)):
+        y = x[0]
+        for _ in range(k):
+          y = fn(y)
+        return y[None]
+      compiled = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec,
+                                       check_vma=False)).lower(x).compile()
+      timed[k] = _seconds(lambda c=compiled, x=x: c(x), repeats)
+    rows.append({"buffer_bytes": rows[0]["buffer_bytes"], "operands": 1.0, "chain": CHAIN,
+                 "program_s": timed[CHAIN], "single_program_s": timed[1]})
     out[op] = rows
+  launch = min(launches)
+  for rows in out.values():
+    for row in rows:
+      row["seconds"] = max(row["program_s"] - launch, 1e-7)
   return out
 
 
 def fit_alpha_beta(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-  """Least-squares t = alpha + beta * bytes in relative error (weights 1/t, so the small
-  messages that fix alpha count as much as the large ones that fix beta), alpha and beta clipped
-  at 0: {"alpha_s", "beta_s_per_byte", "bandwidth_bytes_per_s"}."""
+  """Fits t = alpha + delta * (operands - 1) + beta * bytes, each coefficient clipped at 0; rows
+  without "operands" have one. alpha comes from a "chain" row when there is one (a program of
+  `chain` dependent collectives against one, "program_s" and "single_program_s": alpha is their
+  difference over chain - 1), else from the intercept; delta and beta by least squares in
+  relative error (weights 1/t, so small messages count as much as large ones). Returns
+  {"alpha_s", "delta_s_per_operand", "beta_s_per_byte", "bandwidth_bytes_per_s"}."""
+  chains = [r for r in rows if r.get("chain", 1) > 1]
+  rows = [r for r in rows if r.get("chain", 1) <= 1]
   x = np.array([r["buffer_bytes"] for r in rows])
+  k = np.array([r.get("operands", 1.0) - 1.0 for r in rows])
   t = np.array([r["seconds"] for r in rows])
-  beta, alpha = np.polyfit(x, t, 1, w=1.0 / np.maximum(t, 1e-12))
-  alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
-  return {"alpha_s": alpha, "beta_s_per_byte": beta,
+  w = 1.0 / np.maximum(t, 1e-12)
+  extra = [k] if np.any(k > 0) else []
+  if chains:
+    alpha = float(np.median([(r["program_s"] - r["single_program_s"]) / (r["chain"] - 1)
+                             for r in chains]))
+    alpha = max(alpha, 0.0)
+    coef = np.linalg.lstsq(np.stack([x] + extra, 1) * w[:, None], (t - alpha) * w, rcond=None)[0]
+    beta, delta = coef[0], (coef[1] if extra else 0.0)
+  else:
+    coef = np.linalg.lstsq(np.stack([np.ones_like(t), x] + extra, 1) * w[:, None], t * w,
+                           rcond=None)[0]
+    alpha, beta, delta = coef[0], coef[1], (coef[2] if extra else 0.0)
+  alpha, beta, delta = max(float(alpha), 0.0), max(float(beta), 0.0), max(float(delta), 0.0)
+  return {"alpha_s": alpha, "delta_s_per_operand": delta, "beta_s_per_byte": beta,
           "bandwidth_bytes_per_s": 1.0 / beta if beta > 0 else float("inf")}
 
 
 def predicted_comm_seconds(hlo_text: str, fits: dict[str, dict[str, float]],
                            cfg: exchange.CommConfig | None = None) -> float:
-  """Sum over the HLO's collectives of alpha + beta * buffer (all-to-all timed as all-gather);
-  a local-SGD average weighted by how often its branch runs."""
+  """Sum over the HLO's collectives of alpha + delta * (operands - 1) + beta * buffer
+  (all-to-all timed as all-gather); a local-SGD average weighted by how often its branch runs."""
   counted = hlo.collective_bytes(hlo_text)
   total = 0.0
   for op, entry in counted["buffers"].items():
     fit = fits.get(op) or fits["all-gather"]
-    total += entry["count"] * fit["alpha_s"] + entry["bytes"] * fit["beta_s_per_byte"]
+    total += (entry["count"] * fit["alpha_s"] + entry["bytes"] * fit["beta_s_per_byte"]
+              + (entry["operands"] - entry["count"]) * fit.get("delta_s_per_operand", 0.0))
   if cfg is not None and cfg.sync == "local_sgd" and counted["bytes"] > 0:
     always = counted["bytes"] - counted["conditional_bytes"]
     total *= (always + counted["conditional_bytes"] / cfg.sync_every) / counted["bytes"]
   return total
 
 
-def _concurrency_factor(devices: Sequence[jax.Device]) -> float:
-  """How much longer N emulated CPU devices take to compute than one (they share the cores)."""
-  if devices[0].platform != "cpu":
-    return 1.0
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return len(devices) / min(len(devices), cores or 1)
+def concurrency_factor(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+                       repeats: int) -> dict[str, float]:
+  """How much longer a one-device step takes when every device of `devices` runs a copy at once
+  than when one runs alone: {"factor", "one_s", "all_s"}. `config` is a one-device config
+  (mesh 1 x 1). Emulated CPU devices share the host's cores, so their factor is up to N; devices
+  with their own hardware give about 1. Timed on this process's devices only."""
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  steps = [fixed_batch_step(build(config, [d]))[0] for d in local]
+  alone = _seconds(lambda: steps[0]()["train_loss"], repeats)
+  together = _seconds(lambda: [one()["train_loss"] for one in steps], repeats)  # Async dispatch.
+  return {"factor": max(together / alone, 1.0), "one_s": alone, "all_s": together}
 
 
 def fixed_batch_step(trainer) -> tuple[Callable[[], dict], Any]:
@@ -156,7 +240,7 @@ def _step_seconds(config: ml_collections.ConfigDict, devices, repeats: int):
 def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
                  repeats: int = 10, methods: dict[str, dict] | None = None,
                  strategies: Sequence[str] = parallel.ZERO_PARTS.keys(),
-                 sizes: Sequence[int] = SIZES) -> dict[str, Any]:
+                 sizes: Sequence[int] = SIZES, splits: Sequence[int] = SPLITS) -> dict[str, Any]:
   """Fits, per-candidate predicted and measured step seconds, and the recommendation."""
   devices = list(jax.devices() if devices is None else devices)
   config = ml_collections.ConfigDict(config.to_dict())
@@ -166,21 +250,38 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
   fits, timings = {}, {}
   for axis in mesh.axis_names:
     if mesh.shape[axis] > 1:
-      timings[axis] = time_collectives(mesh, axis, sizes, repeats)
+      timings[axis] = time_collectives(mesh, axis, sizes, repeats, splits)
       fits[axis] = {op: fit_alpha_beta(rows) for op, rows in timings[axis].items()}
   data_fits = fits.get(parallel.DATA) or next(iter(fits.values()), None)
-  data = mesh.shape[parallel.DATA]
-  factor = _concurrency_factor(devices)
+  data = mesh.shape[parallel.DATA] * dict(mesh.shape).get(parallel.REPLICA, 1)  # Batch shards.
 
-  def compute_seconds(c: ml_collections.ConfigDict) -> float:
-    """The candidate's step on one device over one device's share of the batch: its own
-    arithmetic (model, optimizer, compression), collectives of size one."""
+  def one_device(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The candidate on one device over one device's share of the batch: its own arithmetic
+    (model, optimizer, compression), collectives of size one."""
     single = ml_collections.ConfigDict(c.to_dict())
     single.global_batch_size = c.global_batch_size // data
-    single.mesh.data, single.mesh.model = 1, 1
+    single.mesh.data, single.mesh.model, single.mesh.replica = 1, 1, 1
     if single.strategy != "dp" and mesh.shape[parallel.MODEL] > 1:
       single.strategy = "zero1"
-    return _step_seconds(single, devices[:1], repeats)[0]
+    return single
+  reference = ml_collections.ConfigDict(config.to_dict())
+  reference.update(strategy="dp", compression="none")
+  if mesh.shape[parallel.MODEL] == 1:
+    # The mesh's compute in one program with no collective running: the dp step as local SGD
+    # that never averages (the averaging branch is not taken), against the same step on one
+    # device over one share. Their ratio is the concurrency factor every candidate's one-device
+    # compute is scaled by (devices sharing cores, and one launch for all of them).
+    local = ml_collections.ConfigDict(reference.to_dict())
+    local.update(sync="local_sgd", sync_every=1 << 30)
+    mesh_s = _step_seconds(local, devices, repeats)[0]
+    one_s = _step_seconds(one_device(reference), devices[:1], repeats)[0]
+    concurrency = {"factor": max(mesh_s / one_s, 1.0), "one_s": one_s, "all_s": mesh_s,
+                   "method": "the dp step without collectives (local SGD that never averages) "
+                             "on the mesh / the dp step on one device over one share"}
+  else:  # Local SGD needs a pure data mesh: time one copy per device at once instead.
+    concurrency = dict(concurrency_factor(one_device(reference), devices, repeats),
+                       method="one copy of the one-device step per device at once / one alone")
+  factor = concurrency["factor"]
   candidates = [(s, {"strategy": s}) for s in strategies
                 if not (s == "dp" and mesh.shape[parallel.MODEL] > 1)]
   candidates += [(f"dp + {name}", dict(overrides, strategy="dp")) for name, overrides in methods.items()
@@ -190,7 +291,7 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     c = ml_collections.ConfigDict(config.to_dict())
     c.update(overrides)
     measured, text, trainer = _step_seconds(c, devices, repeats)
-    compute_one = compute_seconds(c)
+    compute_one = _step_seconds(one_device(c), devices[:1], repeats)[0]
     compute = compute_one * factor
     comm = predicted_comm_seconds(text, data_fits, trainer.dp.comm) if data_fits else 0.0
     predicted = compute + comm
@@ -209,7 +310,8 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
   elif dense and best["comm_s"] < 0.1 * best["compute_s"]:
     reason += "; communication is under 10% of the step, so memory (the table above) decides"
   return {"num_devices": len(devices), "mesh": dict(mesh.shape), "fits": fits,
-          "collective_timings": timings, "compute_concurrency_factor": factor, "candidates": rows,
+          "collective_timings": timings, "compute_concurrency_factor": factor,
+          "compute_concurrency": concurrency, "candidates": rows,
           "recommendation": {"candidate": best["candidate"], "reason": reason}}
 
 
@@ -217,10 +319,12 @@ def format_measure(result: dict[str, Any]) -> str:
   lines = [f"measured on {result['num_devices']} devices, mesh {result['mesh']}"]
   for axis, fits in result["fits"].items():
     for op, fit in fits.items():
-      lines.append(f"  {axis} {op:<19} alpha {fit['alpha_s'] * 1e6:9.1f} us   bandwidth "
+      lines.append(f"  {axis} {op:<19} alpha {fit['alpha_s'] * 1e6:9.1f} us   per further array "
+                   f"{fit.get('delta_s_per_operand', 0.0) * 1e6:7.1f} us   bandwidth "
                    f"{fit['bandwidth_bytes_per_s'] / 1e9:8.2f} GB/s")
   lines.append(f"compute: each candidate's step on one device over one device's share, x "
-               f"{result['compute_concurrency_factor']:.2f} (devices sharing the host's cores)")
+               f"{result['compute_concurrency_factor']:.2f} (measured: "
+               f"{result['compute_concurrency']['method']})")
   lines.append(f"{'candidate':<18}{'predicted':>12}{'compute':>10}{'comm':>10}{'measured':>11}"
                f"{'error':>8}{'bytes/step':>12}")
   for r in result["candidates"]:
