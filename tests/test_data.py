@@ -66,6 +66,25 @@ def test_epochs_are_reshuffled(small_corpus):
   assert sorted(first) == sorted(second) and first != second
 
 
+@pytest.mark.parametrize("packing", ["concat", "document"])
+def test_batched_reads_equal_grains_per_example_chain_across_epochs(small_corpus, packing):
+  from jaxdp.data.packing import example_fn
+  from jaxdp.data.pipeline import ShuffledWindows
+  tokens = load_tokens(small_corpus)
+  tokens[::37] = 0xFF  # End-of-text marks, so document packing has several segments per row.
+  source = WindowSource(tokens, 32)
+  to_example = example_fn(packing, 0xFF)
+  fast = ShuffledWindows(source, seed=3, to_example=to_example)
+  chain = training_examples(source, seed=3, to_example=to_example)
+  ids = np.arange(0, 3 * len(source) + 5, 7).reshape(-1, 1)[: 3 * (len(source) // 7)].reshape(3, -1)
+  got = fast.examples(ids)
+  for k in chain[0]:
+    want = np.stack([chain[int(j)][k] for j in ids.ravel()]).reshape(ids.shape + (-1,))
+    assert got[k].dtype == want.dtype
+    np.testing.assert_array_equal(got[k], want)
+    np.testing.assert_array_equal(fast[int(ids[1, 2])][k], chain[int(ids[1, 2])][k])
+
+
 def test_validation_covers_its_first_eval_steps_batches_once(tiny_config):
   dataset = Dataset(tiny_config)
   batches = dataset.val

@@ -21,24 +21,26 @@ PACKINGS = ("concat", "document")
 
 
 def concat_example(window: np.ndarray) -> dict[str, np.ndarray]:
-  """{inputs, targets int32 [T], weights float32 [T]} of a window of T + 1 tokens."""
-  return {"inputs": window[:-1], "targets": window[1:],
-          "weights": np.ones(len(window) - 1, np.float32)}
+  """{inputs, targets int32 [..., T], weights float32 [..., T]} of windows [..., T + 1]: one
+  window, or a batch of them at once (the loader's fast path)."""
+  return {"inputs": window[..., :-1], "targets": window[..., 1:],
+          "weights": np.ones(window.shape[:-1] + (window.shape[-1] - 1,), np.float32)}
 
 
 def document_fields(inputs: np.ndarray, end_of_text: int) -> tuple[np.ndarray, np.ndarray]:
-  """(segment_ids, positions), int32 [T], of a window's inputs [T] (see the module docstring)."""
-  index = np.arange(len(inputs))
+  """(segment_ids, positions), int32 [..., T], of windows' inputs [..., T] (see the module
+  docstring); each row of a batch on its own."""
+  index = np.arange(inputs.shape[-1])
   starts = inputs == end_of_text
-  if len(inputs):
-    starts[0] = True
-  segment_ids = np.cumsum(starts, dtype=np.int32) - 1
-  positions = index - np.maximum.accumulate(np.where(starts, index, 0))
+  if inputs.shape[-1]:
+    starts[..., 0] = True
+  segment_ids = np.cumsum(starts, axis=-1, dtype=np.int32) - 1
+  positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
   return segment_ids.astype(np.int32), positions.astype(np.int32)
 
 
 def example_fn(packing: str, end_of_text: int | None) -> Callable[[np.ndarray], dict]:
-  """The function window -> example of `packing`."""
+  """The function window(s) [..., T + 1] -> example(s) of `packing`."""
   if packing == "concat":
     return concat_example
   if end_of_text is None:

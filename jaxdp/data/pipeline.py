@@ -142,6 +142,11 @@ class WindowSource:
     # Reads this window only from a memory-mapped stream; ids are int32 whatever the file's dtype.
     return np.asarray(self._tokens[start:start + self._seq_len + 1], dtype=np.int32)
 
+  def windows(self, indices: np.ndarray) -> np.ndarray:
+    """int32 [len(indices), T + 1]: the windows `indices` in one gather (rows = __getitem__)."""
+    starts = np.asarray(indices, np.int64)[:, None] * self._seq_len
+    return np.asarray(self._tokens[starts + np.arange(self._seq_len + 1)], dtype=np.int32)
+
 
 class ConcatWindows:
   """The windows of several sources, one after another (a mixture's validation windows)."""
@@ -164,6 +169,28 @@ def training_examples(source, seed: int, to_example=concat_example) -> grain.Map
   return grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(to_example)
 
 
+class ShuffledWindows:
+  """`training_examples(source, seed, to_example)` with a batched read: example j of both is
+  to_example(source[order[j]]), `order` being grain's shuffle of the window indices (a new
+  permutation every epoch). `examples(ids)` gathers the windows of a whole batch at once and
+  makes them examples in one call, instead of a grain map per example: a tiny model's step
+  (a few ms) otherwise waits on the loader thread's per-example Python, which contends with
+  the step's dispatch for the interpreter (measured in docs/benchmarks.md)."""
+
+  def __init__(self, source: WindowSource, seed: int, to_example=concat_example):
+    self._source = source
+    self._to_example = to_example
+    self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+
+  def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+    return self._to_example(self._source[self._order[j]])
+
+  def examples(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples `ids` (any shape S) as arrays [*S, ...]."""
+    windows = self._source.windows([self._order[int(j)] for j in np.ravel(ids)])
+    return {k: v.reshape(np.shape(ids) + v.shape[1:]) for k, v in self._to_example(windows).items()}
+
+
 class Batches:
   """Global batches laid out [grad_accum_steps, global_batch / grad_accum_steps, ...].
 
@@ -183,9 +210,12 @@ class Batches:
 
   def __call__(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
     ids = self.example_ids(step)[:, rows]
-    examples = [self._examples[int(j)] for j in ids.ravel()]
-    batch = {k: np.stack([e[k] for e in examples]).reshape(ids.shape + (-1,))
-             for k in examples[0]}
+    if hasattr(self._examples, "examples"):  # Batched read (ShuffledWindows).
+      batch = self._examples.examples(ids)
+    else:
+      examples = [self._examples[int(j)] for j in ids.ravel()]
+      batch = {k: np.stack([e[k] for e in examples]).reshape(ids.shape + (-1,))
+               for k in examples[0]}
     batch["ids"] = ids.astype(np.int32)
     return batch
 
@@ -307,7 +337,7 @@ class Dataset:
           training_examples(s, config.seed + i, to_example) for i, s in enumerate(train_sources)])
     else:
       self.mixture = None
-      examples = training_examples(self.train_source, config.seed, to_example)
+      examples = ShuffledWindows(self.train_source, config.seed, to_example)
     self.train = Batches(examples, config.global_batch_size, config.grad_accum_steps)
     # Every validation window once (or the first config.eval_steps batches' worth).
     self.val = EvalBatches(self.val_source, config.global_batch_size, config.eval_steps, to_example)
