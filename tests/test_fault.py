@@ -376,6 +376,49 @@ def test_os_reason_finds_the_os_error_that_a_library_wrapped(tmp_path):
   assert os_reason(ValueError("bad value\ndetails"), str(tmp_path)) == "bad value"
 
 
+def test_after_a_full_disk_the_same_process_resumes_once_space_is_freed(tmpfs, fill):
+  """A notebook's fit that failed (full disk) leaves no lock or open file behind: freeing space
+  and calling it again in the same process resumes the run."""
+  workdir = os.path.join(tmpfs, "run")
+  train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
+  fill(tmpfs)
+  with pytest.raises(JaxdpError, match="No space left on device"):
+    train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
+  os.remove(os.path.join(tmpfs, "filler"))
+  result = train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
+  assert result["step"] == 6
+  assert 6 in Checkpointer(workdir, create=False).all_steps()
+
+
+def test_a_failed_metrics_flush_prints_nothing_when_the_interpreter_exits(tmpfs, fill):
+  """The TensorBoard writer of a run that failed on a full disk does not retry its flush at exit
+  (tensorboardX's atexit hook printed an "Exception ignored ... No space left" traceback)."""
+  script = f"""
+import os
+from jaxdp.runtime.metrics import MetricsWriter
+from jaxdp.errors import JaxdpError
+writer = MetricsWriter({os.path.join(tmpfs, "run")!r})
+with open({os.path.join(tmpfs, "filler")!r}, "wb", buffering=0) as f:
+  try:
+    while True:
+      f.write(bytes(65536))
+  except OSError:
+    pass
+try:
+  for step in range(200):
+    writer.write({{"step": step, "train_loss": 1.0, "note": "x" * 1000}})
+except JaxdpError as e:
+  print("failed:", e)
+writer.close()
+"""
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "failed:" in out.stdout and "No space left" in out.stdout
+  assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("failure", ["full", "read_only"])
 def test_full_or_read_only_workdir_gives_clear_error_and_earlier_checkpoint_restores(tmpfs, fill,
                                                                                     failure):

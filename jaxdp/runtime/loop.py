@@ -421,6 +421,17 @@ class Run:
     self.checkpoints.close()
     self.lock.__exit__()
 
+  def abort(self) -> None:
+    """After an error ended the run: closes the checkpointer and the metric files and releases
+    the workdir lock, each quietly (the error that ended the run is the one to report; a full
+    disk would fail the metric files' last flush again), so a notebook can rerun in the same
+    process once the cause is fixed."""
+    for close in (self.checkpoints.close, self.writer.close, self.lock.__exit__):
+      try:
+        close()
+      except Exception:  # noqa: BLE001 - see the docstring.
+        pass
+
 
 def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch, compiled=None) -> float:
   """Mean bytes each device sends per step, from the collectives of the compiled train step."""
@@ -471,137 +482,141 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   profiler = observe.StepProfiler(parse_profile_steps(profile_steps),
                                   os.path.join(workdir, "profile"))
   run = Run(workdir, dp, record, keep_last=keep_last, keep_every=keep_every, sinks=sinks)
-  cadence = Cadence(num_steps, log_every, eval_every if eval_batches is not None else 0,
-                    checkpoint_every)
-  state = run.restore(dp.abstract_state(init_fn, seed), restore_from=restore_from,
-                      allow_config_change=allow_config_change)
-  restored = state is not None
-  if state is None:
-    state = dp.init_state(init_fn, seed)
-  step = int(state.step)
-  if run.meta.get("stopped_early"):
-    run.writer.close()
+  try:
+    cadence = Cadence(num_steps, log_every, eval_every if eval_batches is not None else 0,
+                      checkpoint_every)
+    state = run.restore(dp.abstract_state(init_fn, seed), restore_from=restore_from,
+                        allow_config_change=allow_config_change)
+    restored = state is not None
+    if state is None:
+      state = dp.init_state(init_fn, seed)
+    step = int(state.step)
+    if run.meta.get("stopped_early"):
+      run.writer.close()
+      run.close()
+      Progress(step, num_steps, progress).write(
+          f"the run in {workdir!r} stopped early at step {step}; nothing to do")
+      return {"step": step, "stop_reason": "early_stopping", "train_loss": None,
+              "eval_loss": run.meta.get("last_eval_loss"), "best_eval_loss": run.meta["best_eval_loss"]}
+    place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
+    started = time.perf_counter()
+    first = place(step) if step < num_steps else None
+    compiled = dp.train_step.lower(state, first).compile() if first is not None else None
+    comm_bytes = comm_bytes_per_step(dp, state, first, compiled) if first is not None else 0.0
+    watch = None if compiled is None else observe.StepWatch(
+        [d for d in dp.mesh.devices.flat if d.process_index == jax.process_index()],
+        dp.compute_dtype or jnp.float32, flops_per_device or observe.compiled_flops(compiled),
+        observe.compiled_peak_bytes(compiled))
+    # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
+    first_rows = 0 if first is None else int(np.prod(jax.tree.leaves(first)[0].shape[:2]))
+    start_step = step
+    bar_out = Progress(step, num_steps, False)  # Plain lines, process 0 only.
+    if step < num_steps:
+      bar_out.write(report.banner(dp, state, workdir, num_steps, first_rows, tokens_per_step,
+                                  record.description, restored) + "\n" + watch.describe())
+    for note in record.notes if jax.process_index() == 0 else ():
+      print(note, file=sys.stderr, flush=True)
+    if step == 0 or restored:
+      run.writer.write({"event": "resume" if restored else "start", "step": step,
+                        "strategy": dp.strategy, "num_devices": dp.mesh.size,
+                        "params": count_params(state.params),
+                        "state_bytes_per_device": state_bytes_per_device(state),
+                        **(watch.start_record() if watch else {})})
+    bar = Progress(step, num_steps, progress)
+    pending: list[dict] = []
+    noise_scale, noise_noted = NoiseScaleEMA(), False
+    last = {"step": step, "time": time.perf_counter()}
+    result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
+    with StopRequests() as stops, \
+         contextlib.closing(prefetch(place, step, num_steps)) as batches, \
+         StepWatchdog(step_timeout_s, step) as watchdog, profiler:
+      for batch in watch.timed(batches) if watch else batches:
+        _test_only_hang(step + 1)
+        profiler.before_step(step)
+        state, metrics = dp.step(state, batch)
+        profiler.after_step(step + 1, metrics)
+        watchdog.dispatched(step + 1, metrics["train_loss"])
+        run.checkpoints.check()  # A failed background save is reported now, not at the next save.
+        pending.append(metrics)
+        step += 1
+        log_step = cadence.log(step)
+        if log_step:
+          fetched = jax.device_get(pending)  # The loop's only host sync between logs.
+          run.note_losses(last["step"] + 1, fetched, state)
+          run.halt_if_not_finite(state)
+          elapsed = time.perf_counter() - last["time"]
+          per_step = tokens_per_step or first_rows
+          line = train_line(fetched, step, None if lr_schedule is None else applied_lr(lr_schedule, state),
+                            (step - last["step"]) * per_step / elapsed, comm_bytes,
+                            dp.nan_policy == "skip")
+          line.update(watch.fields(step - last["step"], elapsed))
+          for m in fetched:
+            noise_scale.update(float(m.get("gns_g2", math.nan)), float(m.get("gns_trace", math.nan)))
+          if noise_scale.available:  # B_simple (McCandlish et al. 2018): loss weights (tokens), rows.
+            line["grad_noise_scale"] = noise_scale.b_simple
+            if tokens_per_step and first_rows:
+              line["grad_noise_scale_examples"] = noise_scale.b_simple * first_rows / tokens_per_step
+          elif not noise_noted:
+            noise_noted = True
+            bar.write("note: grad_noise_scale is unavailable for this run: it compares two batch "
+                      "sizes, each device's share with the global batch (more than one data device "
+                      "with the dense all-reduce) or micro-batches with their sum "
+                      "(grad_accum_steps > 1)")
+          run.writer.write(line)
+          bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
+                     **report.hardware_postfix(line))
+          result["train_loss"] = line["train_loss"]
+          pending, last = [], {"step": step, "time": time.perf_counter()}
+        stop, eval_loss = False, None
+        paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
+        watchdog.pause()  # Nor against the step timeout.
+        new_best = False
+        if eval_batches is not None and cadence.evaluate(step):
+          run.halt_if_not_finite(state, pending, last["step"] + 1)
+          eval_loss = dp.evaluate(state.params, eval_batches())
+          run.writer.write({"step": step, "eval_loss": eval_loss})
+          bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+          result["eval_loss"] = eval_loss
+          run.meta = dict(record_evaluation(run.meta, eval_loss, patience), last_eval_loss=eval_loss)
+          # A new best is checkpointed with its eval_loss, which keeps it (BestN): early stopping
+          # then leaves the best parameters on disk even between checkpoint_every steps.
+          new_best = run.meta["evals_without_improvement"] == 0
+          if run.meta.get("stopped_early"):
+            stop = True
+            result["stop_reason"] = "early_stopping"
+            run.writer.write({"step": step, "event": "early_stopping",
+                              "best_eval_loss": run.meta["best_eval_loss"]})
+            bar.write(f"early stopping at step {step}: no improvement in {patience} evaluations")
+        final = step == num_steps
+        preempted = not stop and not final and stops.should_stop(step, log_step)
+        if cadence.checkpoint(step) or stop or preempted or new_best:
+          run.halt_if_not_finite(state, pending, last["step"] + 1)
+          run.save(state, eval_loss)
+        last["time"] += time.perf_counter() - paused
+        watchdog.resume()
+        if preempted:
+          result["stop_reason"] = "preempted"
+          run.writer.write({"step": step, "event": "preempted", "signal": stops.signal_name})
+          bar.write(f"{stops.signal_name}: stopped after step {step} and saved a checkpoint; "
+                    "run the same command to resume")
+          break
+        if stop:
+          break
+    bar.close()
+    run.checkpoints.wait()
+    saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
+    best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
     run.close()
-    Progress(step, num_steps, progress).write(
-        f"the run in {workdir!r} stopped early at step {step}; nothing to do")
-    return {"step": step, "stop_reason": "early_stopping", "train_loss": None,
-            "eval_loss": run.meta.get("last_eval_loss"), "best_eval_loss": run.meta["best_eval_loss"]}
-  place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
-  started = time.perf_counter()
-  first = place(step) if step < num_steps else None
-  compiled = dp.train_step.lower(state, first).compile() if first is not None else None
-  comm_bytes = comm_bytes_per_step(dp, state, first, compiled) if first is not None else 0.0
-  watch = None if compiled is None else observe.StepWatch(
-      [d for d in dp.mesh.devices.flat if d.process_index == jax.process_index()],
-      dp.compute_dtype or jnp.float32, flops_per_device or observe.compiled_flops(compiled),
-      observe.compiled_peak_bytes(compiled))
-  # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
-  first_rows = 0 if first is None else int(np.prod(jax.tree.leaves(first)[0].shape[:2]))
-  start_step = step
-  bar_out = Progress(step, num_steps, False)  # Plain lines, process 0 only.
-  if step < num_steps:
-    bar_out.write(report.banner(dp, state, workdir, num_steps, first_rows, tokens_per_step,
-                                record.description, restored) + "\n" + watch.describe())
-  for note in record.notes if jax.process_index() == 0 else ():
-    print(note, file=sys.stderr, flush=True)
-  if step == 0 or restored:
-    run.writer.write({"event": "resume" if restored else "start", "step": step,
-                      "strategy": dp.strategy, "num_devices": dp.mesh.size,
-                      "params": count_params(state.params),
-                      "state_bytes_per_device": state_bytes_per_device(state),
-                      **(watch.start_record() if watch else {})})
-  bar = Progress(step, num_steps, progress)
-  pending: list[dict] = []
-  noise_scale, noise_noted = NoiseScaleEMA(), False
-  last = {"step": step, "time": time.perf_counter()}
-  result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
-  with StopRequests() as stops, \
-       contextlib.closing(prefetch(place, step, num_steps)) as batches, \
-       StepWatchdog(step_timeout_s, step) as watchdog, profiler:
-    for batch in watch.timed(batches) if watch else batches:
-      _test_only_hang(step + 1)
-      profiler.before_step(step)
-      state, metrics = dp.step(state, batch)
-      profiler.after_step(step + 1, metrics)
-      watchdog.dispatched(step + 1, metrics["train_loss"])
-      run.checkpoints.check()  # A failed background save is reported now, not at the next save.
-      pending.append(metrics)
-      step += 1
-      log_step = cadence.log(step)
-      if log_step:
-        fetched = jax.device_get(pending)  # The loop's only host sync between logs.
-        run.note_losses(last["step"] + 1, fetched, state)
-        run.halt_if_not_finite(state)
-        elapsed = time.perf_counter() - last["time"]
-        per_step = tokens_per_step or first_rows
-        line = train_line(fetched, step, None if lr_schedule is None else applied_lr(lr_schedule, state),
-                          (step - last["step"]) * per_step / elapsed, comm_bytes,
-                          dp.nan_policy == "skip")
-        line.update(watch.fields(step - last["step"], elapsed))
-        for m in fetched:
-          noise_scale.update(float(m.get("gns_g2", math.nan)), float(m.get("gns_trace", math.nan)))
-        if noise_scale.available:  # B_simple (McCandlish et al. 2018): loss weights (tokens), rows.
-          line["grad_noise_scale"] = noise_scale.b_simple
-          if tokens_per_step and first_rows:
-            line["grad_noise_scale_examples"] = noise_scale.b_simple * first_rows / tokens_per_step
-        elif not noise_noted:
-          noise_noted = True
-          bar.write("note: grad_noise_scale is unavailable for this run: it compares two batch "
-                    "sizes, each device's share with the global batch (more than one data device "
-                    "with the dense all-reduce) or micro-batches with their sum "
-                    "(grad_accum_steps > 1)")
-        run.writer.write(line)
-        bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
-                   **report.hardware_postfix(line))
-        result["train_loss"] = line["train_loss"]
-        pending, last = [], {"step": step, "time": time.perf_counter()}
-      stop, eval_loss = False, None
-      paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
-      watchdog.pause()  # Nor against the step timeout.
-      new_best = False
-      if eval_batches is not None and cadence.evaluate(step):
-        run.halt_if_not_finite(state, pending, last["step"] + 1)
-        eval_loss = dp.evaluate(state.params, eval_batches())
-        run.writer.write({"step": step, "eval_loss": eval_loss})
-        bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
-        result["eval_loss"] = eval_loss
-        run.meta = dict(record_evaluation(run.meta, eval_loss, patience), last_eval_loss=eval_loss)
-        # A new best is checkpointed with its eval_loss, which keeps it (BestN): early stopping
-        # then leaves the best parameters on disk even between checkpoint_every steps.
-        new_best = run.meta["evals_without_improvement"] == 0
-        if run.meta.get("stopped_early"):
-          stop = True
-          result["stop_reason"] = "early_stopping"
-          run.writer.write({"step": step, "event": "early_stopping",
-                            "best_eval_loss": run.meta["best_eval_loss"]})
-          bar.write(f"early stopping at step {step}: no improvement in {patience} evaluations")
-      final = step == num_steps
-      preempted = not stop and not final and stops.should_stop(step, log_step)
-      if cadence.checkpoint(step) or stop or preempted or new_best:
-        run.halt_if_not_finite(state, pending, last["step"] + 1)
-        run.save(state, eval_loss)
-      last["time"] += time.perf_counter() - paused
-      watchdog.resume()
-      if preempted:
-        result["stop_reason"] = "preempted"
-        run.writer.write({"step": step, "event": "preempted", "signal": stops.signal_name})
-        bar.write(f"{stops.signal_name}: stopped after step {step} and saved a checkpoint; "
-                  "run the same command to resume")
-        break
-      if stop:
-        break
-  bar.close()
-  run.checkpoints.wait()
-  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
-  best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
-  run.close()
-  run.writer.close()
-  if result["eval_loss"] is None:
-    result["eval_loss"] = run.meta.get("last_eval_loss")
-  result.update(step=step, best_eval_loss=run.meta["best_eval_loss"], state=state)
-  bar_out.write(report.summary(result, start_step, time.perf_counter() - started, tokens_per_step,
-                               first_rows, best, workdir))
-  return result
+    run.writer.close()
+    if result["eval_loss"] is None:
+      result["eval_loss"] = run.meta.get("last_eval_loss")
+    result.update(step=step, best_eval_loss=run.meta["best_eval_loss"], state=state)
+    bar_out.write(report.summary(result, start_step, time.perf_counter() - started, tokens_per_step,
+                                 first_rows, best, workdir))
+    return result
+  except BaseException:
+    run.abort()  # The workdir lock and files are released for a rerun in this process.
+    raise
 
 
 def _test_only_hang(step: int) -> None:

@@ -80,7 +80,11 @@ class MetricsWriter:
       try:
         events.close()
       except Exception:  # noqa: BLE001 - a failed disk already raised in write(); don't mask it.
-        pass
+        # tensorboardX's atexit hook would retry the failed flush and print a traceback when the
+        # interpreter exits; mark its event writers closed (what did not fit is lost either way).
+        for writer in getattr(events, "all_writers", {}).values():
+          if getattr(writer, "event_writer", None) is not None:
+            writer.event_writer._closed = True  # noqa: SLF001
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
