@@ -8,9 +8,10 @@
   python tools/bench.py --generate 256 [--prompt_len 16] [--config ...] [--out FILE]
 
 Every figure is a measurement of this run (ratios compare numbers taken in the same process):
-  tokens_per_sec, step_time_s      the jaxdp step as the loop (jaxdp.runtime.loop.fit) drives it
-                                   (prefetched real batches, donated state, metrics fetched every
-                                   log_every) on `--devices`
+  tokens_per_sec, step_time_s      jaxdp.runtime.loop.fit itself, as `jaxdp train` runs it
+                                   (prefetched real batches, DataParallel.step, the loop's hooks,
+                                   metrics fetched every log_every), --steps steps after one
+                                   warm-up log window, on `--devices`
                                    devices (default: every accelerator; on a CPU host one emulated
                                    device per core, the data-parallel layout for a CPU);
   overhead_vs_bare_loop            jaxdp step time / a bare jitted loop of the same model, loss,
@@ -149,28 +150,32 @@ def bare_step_fn(module, tx, mesh):
                  out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
 
 
-def jaxdp_tokens_per_sec(trainer, train_step, steps: int) -> tuple[float, float]:
-  """(step seconds, tokens/s) of fit's hot loop (jaxdp.runtime.loop): prefetched batches, metrics
-  fetched every log_every."""
-  import jax
+def jaxdp_tokens_per_sec(trainer, steps: int) -> tuple[float, float]:
+  """(step seconds, tokens/s) of `jaxdp.runtime.loop.fit` itself, as `jaxdp train` runs it:
+  the loader's prefetch thread, `DataParallel.step`, the loop's per-step hooks (watchdog, step
+  watch, checkpoint check) and its metrics fetch every `log_every` steps. fit runs one log
+  window to warm up, then `steps` more (rounded up to whole windows); the time per step is the
+  timed windows' total over their steps, read from metrics.jsonl (evaluation and checkpoints
+  off, so no window holds a pause)."""
+  import io
+  import tempfile
 
-  from jaxdp.data import prefetch
+  import numpy as np
+
+  from jaxdp.runtime import loop
+  from jaxdp.runtime.metrics import read_metrics
   cfg = trainer.config
-  state = trainer.init_state()
-  state, metrics = train_step(state, trainer.train_batch(0))  # warm-up
-  jax.block_until_ready(metrics)
-  pending = []
-  start = time.perf_counter()
-  with contextlib.closing(prefetch(trainer.train_batch, 1, steps + 1)) as batches:
-    for i, batch in enumerate(batches, 1):
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      if i % cfg.log_every == 0:
-        jax.device_get(pending)
-        pending = []
-  jax.block_until_ready((state, pending))
-  seconds = (time.perf_counter() - start) / steps
-  return seconds, cfg.global_batch_size * cfg.seq_len / seconds
+  every = max(1, cfg.log_every)
+  windows = -(-steps // every)
+  tokens_per_step = cfg.global_batch_size * cfg.seq_len
+  with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()), \
+       contextlib.redirect_stderr(io.StringIO()):
+    loop.fit(trainer.dp, trainer.model.init_fn, trainer.train_batch, workdir=workdir,
+             num_steps=(windows + 1) * every, seed=cfg.seed, log_every=every, progress=False,
+             tokens_per_step=tokens_per_step, keep_last=1)
+    rates = [m["tokens_per_sec"] for m in read_metrics(workdir) if "tokens_per_sec" in m][1:]
+  seconds = float(np.mean([tokens_per_step / r for r in rates]))  # Equal windows: a plain mean.
+  return seconds, tokens_per_step / seconds
 
 
 def fixed_batch_tokens_per_sec(trainer, steps: int) -> float:
@@ -271,9 +276,9 @@ def run(args, overrides) -> dict:
   for r in range(rounds):
     if r % 2 and with_bare:
       bare_s = timed(bare_once, steps)
-      step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
+      step_s, _ = jaxdp_tokens_per_sec(trainer, steps)
     else:
-      step_s, _ = jaxdp_tokens_per_sec(trainer, compiled, steps)
+      step_s, _ = jaxdp_tokens_per_sec(trainer, steps)
       bare_s = timed(bare_once, steps) if with_bare else math.nan
     pairs.append((step_s, bare_s))
     for name, group in groups.items():
