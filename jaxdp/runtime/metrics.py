@@ -82,9 +82,15 @@ class MetricsWriter:
       except Exception:  # noqa: BLE001 - a failed disk already raised in write(); don't mask it.
         # tensorboardX's atexit hook would retry the failed flush and print a traceback when the
         # interpreter exits; mark its event writers closed (what did not fit is lost either way).
+        # Its logger thread is stopped too, or it fails on the closed queue at exit.
         for writer in getattr(events, "all_writers", {}).values():
-          if getattr(writer, "event_writer", None) is not None:
-            writer.event_writer._closed = True  # noqa: SLF001
+          event_writer = getattr(writer, "event_writer", None)
+          if event_writer is not None:
+            event_writer._closed = True  # noqa: SLF001
+            try:
+              event_writer._worker.stop()  # noqa: SLF001
+            except Exception:  # noqa: BLE001 - already stopped, or the thread died.
+              pass
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
