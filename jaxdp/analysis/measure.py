@@ -36,6 +36,7 @@ Timings on a shared CPU are noisy; the report gives every number it used.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -264,6 +265,14 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     if single.strategy != "dp" and mesh.shape[parallel.MODEL] > 1:
       single.strategy = "zero1"
     return single
+  one_device_s: dict[str, float] = {}  # One timing per one-device config: dp's is the reference.
+
+  def one_device_seconds(c: ml_collections.ConfigDict) -> float:
+    single = one_device(c)
+    key = json.dumps(single.to_dict(), sort_keys=True, default=str)
+    if key not in one_device_s:
+      one_device_s[key] = _step_seconds(single, devices[:1], repeats)[0]
+    return one_device_s[key]
   reference = ml_collections.ConfigDict(config.to_dict())
   reference.update(strategy="dp", compression="none")
   if mesh.shape[parallel.MODEL] == 1:
@@ -274,7 +283,7 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     local = ml_collections.ConfigDict(reference.to_dict())
     local.update(sync="local_sgd", sync_every=1 << 30)
     mesh_s = _step_seconds(local, devices, repeats)[0]
-    one_s = _step_seconds(one_device(reference), devices[:1], repeats)[0]
+    one_s = one_device_seconds(reference)
     concurrency = {"factor": max(mesh_s / one_s, 1.0), "one_s": one_s, "all_s": mesh_s,
                    "method": "the dp step without collectives (local SGD that never averages) "
                              "on the mesh / the dp step on one device over one share"}
@@ -291,7 +300,7 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     c = ml_collections.ConfigDict(config.to_dict())
     c.update(overrides)
     measured, text, trainer = _step_seconds(c, devices, repeats)
-    compute_one = _step_seconds(one_device(c), devices[:1], repeats)[0]
+    compute_one = one_device_seconds(c)
     compute = compute_one * factor
     comm = predicted_comm_seconds(text, data_fits, trainer.dp.comm) if data_fits else 0.0
     predicted = compute + comm
