@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from jaxdp.core.noise import NoiseScaleEMA, noise_terms
-from jaxdp.parallel import DataParallel
+from jaxdp.parallel import DataParallel, make_mesh
 
 DIM, BATCH, STEPS = 64, 32, 150
 RNG = np.random.default_rng(0)
@@ -31,9 +31,10 @@ def loss_fn(params, batch, rng):
   return 0.5 * jnp.sum((params["w"] - batch["x"]) ** 2), jnp.float32(batch["x"].shape[0])
 
 
-def estimates(strategy, devices, accum):
-  dp = DataParallel(loss_fn, optax.sgd(0.0), strategy=strategy, devices=jax.devices()[:devices],
-                    grad_accum_steps=accum)
+def estimates(strategy, devices, accum, replica=1):
+  where = ({"mesh": make_mesh(jax.devices()[:devices], data=devices // replica, replica=replica)}
+           if replica > 1 else {"devices": jax.devices()[:devices]})
+  dp = DataParallel(loss_fn, optax.sgd(0.0), strategy=strategy, grad_accum_steps=accum, **where)
   state = dp.init_state(lambda rng: {"w": jnp.asarray(W0)})
   data = np.random.default_rng(1)
   g2, trace = [], []
@@ -56,6 +57,8 @@ def test_noise_terms_are_the_papers_estimators():
     ("dp", 4, 1),     # Each device's share against the global batch.
     ("dp", 1, 4),     # One device: the accumulation's micro-batches against their sum.
     ("zero1", 4, 2),  # A jit strategy: micro-batches of the global batch.
+    ("zero2", 4, 1),  # A jit strategy, one micro-batch: each device's rows of the global batch.
+    ("zero3", 2, 1),
 ])
 def test_noise_scale_matches_the_closed_form(strategy, devices, accum):
   g2, trace = estimates(strategy, devices, accum)
@@ -77,3 +80,28 @@ def test_no_second_batch_size_gives_nan():
   for a, b in zip(g2, trace):
     ema.update(a, b)
   assert not ema.available and math.isnan(ema.b_simple)
+
+
+@pytest.mark.parametrize("replica", [1, 2])  # 2: a hybrid mesh, 2 replica groups of 2.
+def test_zero_with_one_micro_batch_measures_each_devices_rows_as_dp_does(replica):
+  # The same 4 devices, the same batches: ZeRO's per-device groups must be dp's per-device shares.
+  zero_g2, zero_trace = estimates("zero3", 4, 1, replica)
+  dp_g2, dp_trace = estimates("dp", 4, 1)
+  np.testing.assert_allclose(zero_g2, dp_g2, rtol=1e-4)
+  np.testing.assert_allclose(zero_trace, dp_trace, rtol=1e-4)
+
+
+def test_grouped_gradients_sum_to_the_whole_batchs_gradient():
+  from jaxdp.core.step import accumulate_gradients
+  x = (MU + STD * np.random.default_rng(2).normal(size=(1, BATCH, DIM))).astype(np.float32)
+  params = {"w": jnp.asarray(W0)}
+  whole = accumulate_gradients(loss_fn, params, {"x": x}, None)
+  grads, loss, count, group_sq = accumulate_gradients(loss_fn, params, {"x": x}, None,
+                                                      micro_sq=True, groups=4)
+  np.testing.assert_allclose(grads["w"], whole[0]["w"], rtol=1e-5)
+  assert float(loss) == pytest.approx(float(whole[1]), rel=1e-6) and float(count) == BATCH
+  rows = x[0].reshape(4, BATCH // 4, DIM)
+  expected = sum(float(np.sum((W0 - r).mean(axis=0) ** 2)) for r in rows)
+  assert float(group_sq) == pytest.approx(expected, rel=1e-5)
+  with pytest.raises(ValueError, match="groups=3"):
+    accumulate_gradients(loss_fn, params, {"x": x}, None, micro_sq=True, groups=3)

@@ -75,7 +75,8 @@ def checked_loss(out) -> tuple[jax.Array, jax.Array]:
 
 def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array | None,
                          loss_scale: jax.Array | None = None, compute_dtype: Any = None,
-                         micro_sq: bool = False):
+                         micro_sq: bool = False, groups: int = 1,
+                         sum_groups: Callable[[Any], Any] | None = None):
   """(grad_sum, loss_sum, weight_sum) over the A micro-batches of `batch` [A, b, ...], locally.
 
   With `compute_dtype` the floating parameters are cast to it before the loss (mixed precision:
@@ -85,6 +86,15 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
   the float32 gradients are then turned back into the unscaled gradient of the sum.
   With `micro_sq` a fourth value is returned: the sum over micro-batches of the squared norm of
   each one's mean gradient (for the gradient noise scale, jaxdp.core.noise).
+
+  With `groups` > 1 (and A = 1) the b rows are split into `groups` equal groups of consecutive
+  rows, differentiated side by side under `jax.vmap` and summed, and the fourth value sums each
+  group's squared mean-gradient norm. Under jit over a mesh whose data axis has `groups` devices
+  each group is one device's rows, so each device's gradient (which the SPMD program computes
+  anyway before its reduce-scatter or all-reduce) becomes a value the step can measure.
+  `sum_groups` maps the groups' gradients [groups, ...] to their sum (default: a sum over the
+  leading axis; jaxdp.parallel passes a hierarchical one on a hybrid mesh). Raises ValueError if
+  b is not a multiple of `groups` or A > 1.
   """
   def scaled_loss(params, micro_batch):
     loss, count = checked_loss(loss_fn(precision.cast_floating(params, compute_dtype), micro_batch,
@@ -106,6 +116,17 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
     out = micro_grads(micro_batch)
     return (jax.tree.map(jnp.add, carry[0], out[0]),) + tuple(
         a + b for a, b in zip(carry[1:], out[1:])), None
+
+  if groups > 1:
+    micro, rows = jax.tree.leaves(batch)[0].shape[:2]
+    if micro != 1 or rows % groups:
+      raise ValueError(f"groups={groups} needs one micro-batch whose rows ({rows}) it divides; "
+                       f"got {micro} micro-batches")
+    # Each group gets the step's rng, as each device does under dp, so the two programs agree.
+    split = jax.tree.map(lambda x: x[0].reshape((groups, rows // groups) + x.shape[2:]), batch)
+    per_group = jax.vmap(micro_grads)(split)
+    sum_groups = sum_groups or (lambda tree: jax.tree.map(lambda g: jnp.sum(g, axis=0), tree))
+    return (sum_groups(per_group[0]),) + tuple(jnp.sum(x) for x in per_group[1:])
 
   # The first micro-batch seeds the carry (rather than zeros), so the carry already has the
   # per-device type that shard_map requires of a scan over device-varying values.
@@ -197,8 +218,17 @@ def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, axis_name: str | None = None,
                exchange: GradientExchange | None = None, max_consecutive_skips: int = 0,
-               compute_dtype: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               compute_dtype: Any = None, noise_groups: int = 1,
+               sum_groups: Callable[[Any], Any] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Returns the new state and scalar metrics (identical on every device).
+
+  `noise_groups`: for the global step under jit (`axis_name` None) over a mesh with that many
+  data-parallel devices: with a single micro-batch, the gradient is computed per device's rows
+  (`accumulate_gradients`'s groups) so the gradient noise scale compares each device's batch
+  with the global one, as under dp's all-reduce; `sum_groups` sums their gradients
+  (`accumulate_gradients`). Ignored with accumulation (the micro-batches serve) or under
+  `axis_name`.
 
   `exchange` (with `axis_name`) replaces the single pmean by another gradient exchange (ring,
   compression, staleness: jaxdp.parallel.exchange); None keeps the single pmean. A non-finite
@@ -215,17 +245,21 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     # backward pass, instead of the single all-reduce below.
     params = lax.pcast(params, axis_name, to="varying")
   # The gradient noise scale's small batch: each device's share under the dense all-reduce,
-  # else the accumulation's micro-batches (none: no estimate).
+  # else the accumulation's micro-batches, else each device's rows of jit's global step (none:
+  # no estimate).
   by_device = axis_name is not None and exchange is None and lax.axis_size(axis_name) > 1
   micro = jax.tree.leaves(batch)[0].shape[0]
-  by_micro = not by_device and micro > 1
+  groups = noise_groups if axis_name is None and micro == 1 else 1
+  by_micro = not by_device and (micro > 1 or groups > 1)
   grad_sum, loss_total, tokens, *micro_sq = accumulate_gradients(
-      loss_fn, params, batch, rng, scale, compute_dtype, micro_sq=by_micro)
+      loss_fn, params, batch, rng, scale, compute_dtype, micro_sq=by_micro, groups=groups,
+      sum_groups=sum_groups)
   state_comm = state.comm
   noise_terms = None
-  if by_micro:  # Micro-batch mean gradients against their (local) sum.
+  if by_micro:  # Micro-batch (or device group) mean gradients against their (local) sum.
+    parts = micro * groups
     big_sq = optax.tree.norm(grad_sum, squared=True) / jnp.maximum(tokens, 1.0) ** 2
-    noise_terms = noise.noise_terms(micro_sq[0] / micro, big_sq, tokens / micro, tokens)
+    noise_terms = noise.noise_terms(micro_sq[0] / parts, big_sq, tokens / parts, tokens)
     if axis_name is not None:
       noise_terms = lax.pmean(noise_terms, axis_name)
   if exchange is not None:

@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
@@ -21,8 +22,16 @@ from jaxdp.core import step as steps
 from jaxdp.core.step import LossFn
 from jaxdp.parallel import local_sgd
 from jaxdp.parallel.exchange import CommConfig, make_exchange
-from jaxdp.parallel.mesh import DATA, batch_axes, batch_sharding, batch_spec, replicated
-from jaxdp.parallel.shardings import Layout, gradient_shardings
+from jaxdp.parallel.mesh import (
+  DATA,
+  REPLICA,
+  batch_axes,
+  batch_sharding,
+  batch_size_of,
+  batch_spec,
+  replicated,
+)
+from jaxdp.parallel.shardings import ZERO_PARTS, Layout, gradient_shardings
 
 
 def _zero_optimizer(tx: optax.GradientTransformation, strategy: str, layout: Layout,
@@ -38,6 +47,28 @@ def _zero_optimizer(tx: optax.GradientTransformation, strategy: str, layout: Lay
       opt_state = jax.device_put(opt_state, layout.tree(opt_state, True, "device"))
     return tx.update(grads, opt_state, params)
   return optax.GradientTransformation(tx.init, update)
+
+
+def _sum_device_groups(strategy: str, layout: Layout) -> Callable | None:
+  """How the jit step sums its per-device gradients [replica x data, ...] (see
+  core.step.accumulate_gradients's groups): None (one sum) except on a hybrid mesh when ZeRO
+  splits the gradients. There each data group is summed first, into ZeRO's shards over "data",
+  and only those shards are then summed over "replica": the hierarchical reduction that keeps
+  the slow link between replica groups to 1/data of the gradient. A single sum over all groups
+  lets XLA all-reduce whole gradients across "replica" instead.
+  """
+  mesh = layout.mesh
+  if REPLICA not in mesh.axis_names or "grads" not in ZERO_PARTS[strategy]:
+    return None
+  replicas = mesh.shape[REPLICA]
+
+  def sum_groups(stacked):
+    within = jax.tree.map(lambda g: g.reshape((replicas, -1) + g.shape[1:]).sum(axis=1), stacked)
+    shards = gradient_shardings(strategy, layout, jax.tree.map(lambda g: g[0], within))
+    within = jax.lax.with_sharding_constraint(
+        within, jax.tree.map(lambda s: NamedSharding(mesh, P(REPLICA, *s.spec)), shards))
+    return jax.tree.map(lambda g: g.sum(axis=0), within)
+  return sum_groups
 
 
 def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
@@ -70,7 +101,9 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
   offload = any(s.memory_kind == "pinned_host" for s in jax.tree.leaves(state_sharding.opt_state))
   body = functools.partial(steps.train_step, loss_fn=loss_fn,
                            tx=_zero_optimizer(tx, strategy, layout, offload), axis_name=None,
-                           max_consecutive_skips=max_consecutive_skips, compute_dtype=compute_dtype)
+                           max_consecutive_skips=max_consecutive_skips, compute_dtype=compute_dtype,
+                           noise_groups=batch_size_of(mesh),
+                           sum_groups=_sum_device_groups(strategy, layout))
   return jax.jit(body, in_shardings=(state_sharding, batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 

@@ -559,9 +559,10 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
           elif not noise_noted:
             noise_noted = True
             bar.write("note: grad_noise_scale is unavailable for this run: it compares two batch "
-                      "sizes, each device's share with the global batch (more than one data device "
-                      "with the dense all-reduce) or micro-batches with their sum "
-                      "(grad_accum_steps > 1)")
+                      "sizes, each device's share with the global batch (more than one data device, "
+                      "under a ZeRO strategy or dp's dense all-reduce: a compressed, stale or local "
+                      "SGD exchange never forms the dense mean) or micro-batches with their sum "
+                      "(set grad_accum_steps > 1)")
           run.writer.write(line)
           bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
                      **report.hardware_postfix(line))
