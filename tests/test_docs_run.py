@@ -42,10 +42,11 @@ NOT_RUN = {
 # Flags appended per subcommand so that a documented command takes seconds, not minutes. A flag
 # the command already gives is not appended (the documented value stands).
 SHORTER = {
-    # 16 steps: the docs export step 10 and profile steps 10:15.
+    # 16 steps: the docs export step 10 and profile steps 10:15. One layer (where the command
+    # does not choose): compiling the default 4-layer model is most of a short run's time.
     "train": ["--config.num_steps=16", "--config.eval_every=0", "--config.eval_steps=1",
               "--config.global_batch_size=8", "--config.seq_len=32", "--progress=false",
-              "--cpu_devices=2"],
+              "--cpu_devices=2", "--config.model.n_layer=1"],
     "generate": ["--max_new_tokens=4"],
     "verify": ["--steps=1", "--config.model.n_layer=1", "--config.global_batch_size=8",
                "--config.seq_len=32"],
@@ -71,7 +72,8 @@ def shell_commands(path):
 def shortened(argv):
   if argv[0] == "launch":
     split = argv.index("--")
-    return argv[:split + 1] + shortened(argv[split + 1:])[:-1]  # launch gives --cpu_devices.
+    return argv[:split + 1] + [a for a in shortened(argv[split + 1:])  # launch gives it.
+                               if not a.startswith("--cpu_devices")]
   for flag in REPLACE.get(argv[0], []):
     name = flag.split("=")[0]
     at = [i for i, a in enumerate(argv) if a == name or a.startswith(name + "=")]

@@ -89,6 +89,21 @@ def test_hardware_numbers_reach_tensorboard_and_the_progress_line(run):
   assert "mfu: " in run["stdout"] and "measured" in run["stdout"] and "timed at start-up" in run["stdout"]
 
 
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  # tensorboardX would import PyTorch (installed here for the export tests) only to accept torch
+  # tensors as images: seconds of every `jaxdp train` start-up. A process that already has torch
+  # keeps it and its writer still works.
+  code = ("import sys\nfrom jaxdp.runtime.metrics import MetricsWriter\n"
+          "w = MetricsWriter(sys.argv[1]); w.write({'step': 1, 'train_loss': 2.5}); w.close()\n"
+          "print('torch' in sys.modules)\n")
+  import subprocess
+  for first, expected in (("", "False"), ("import torch\n", "True")):
+    out = subprocess.run([sys.executable, "-c", first + code, str(tmp_path / expected)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == [expected], out.stderr[-2000:]
+    assert scalars(str(tmp_path / expected))["train_loss"] == {1: 2.5}
+
+
 def test_profile_steps_write_a_trace(run):
   traces = glob.glob(os.path.join(run["workdir"], "profile", "**", "*.xplane.pb"), recursive=True)
   assert traces and os.path.getsize(traces[0]) > 0
