@@ -105,3 +105,20 @@ def test_grouped_gradients_sum_to_the_whole_batchs_gradient():
   assert float(group_sq) == pytest.approx(expected, rel=1e-5)
   with pytest.raises(ValueError, match="groups=3"):
     accumulate_gradients(loss_fn, params, {"x": x}, None, micro_sq=True, groups=3)
+
+
+@pytest.mark.parametrize("devices,comm,names", [
+    (1, None, ["one data device", "grad_accum_steps > 1"]),
+    (4, {"compression": "int8"}, ["compression='int8'", "4 devices", "grad_accum_steps > 1",
+                                  "compression='none'"]),
+    (2, {"sync": "local_sgd", "sync_every": 2}, ["sync='local_sgd'", "2 devices"]),
+])
+def test_the_unavailable_note_names_this_runs_cause_and_the_fix(devices, comm, names):
+  from jaxdp.parallel.exchange import CommConfig
+  from jaxdp.runtime.loop import noise_scale_unavailable
+  dp = DataParallel(loss_fn, optax.sgd(0.0), devices=jax.devices()[:devices],
+                    comm=CommConfig(**comm) if comm else None)
+  line = noise_scale_unavailable(dp)
+  assert line.startswith("note: grad_noise_scale is unavailable: ") and "\n" not in line
+  for name in names:
+    assert name in line, (name, line)

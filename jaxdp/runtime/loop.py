@@ -439,6 +439,20 @@ def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch, compiled=Non
   return bytes_per_step(dp.comm, compiled.as_text())
 
 
+def noise_scale_unavailable(dp: DataParallel) -> str:
+  """The one line saying why this run logs no gradient noise scale, and how to get one."""
+  accumulate = "set grad_accum_steps > 1 (its micro-batches are compared with their sum)"
+  if dp.data_size == 1:
+    return ("note: grad_noise_scale is unavailable: it compares two batch sizes, and this run has "
+            f"one data device and one micro-batch per step; {accumulate}")
+  changed = [f"{name}={getattr(dp.comm, name)!r}" for name, dense in
+             (("allreduce", "pmean"), ("compression", "none"), ("sync", "every_step"))
+             if getattr(dp.comm, name) != dense]
+  return (f"note: grad_noise_scale is unavailable: this run's gradient exchange ({', '.join(changed)}) "
+          f"never forms the dense mean gradient of its {dp.data_size} devices; {accumulate}, or use "
+          "the dense all-reduce (allreduce='pmean', compression='none', sync='every_step')")
+
+
 def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict], *, workdir: str,
         num_steps: int, seed: int = 0,
         eval_batches: Callable[[], Iterable[dict]] | None = None, log_every: int = 10,
@@ -558,11 +572,7 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
               line["grad_noise_scale_examples"] = noise_scale.b_simple * first_rows / tokens_per_step
           elif not noise_noted:
             noise_noted = True
-            bar.write("note: grad_noise_scale is unavailable for this run: it compares two batch "
-                      "sizes, each device's share with the global batch (more than one data device, "
-                      "under a ZeRO strategy or dp's dense all-reduce: a compressed, stale or local "
-                      "SGD exchange never forms the dense mean) or micro-batches with their sum "
-                      "(set grad_accum_steps > 1)")
+            bar.write(noise_scale_unavailable(dp))
           run.writer.write(line)
           bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
                      **report.hardware_postfix(line))
