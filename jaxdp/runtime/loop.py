@@ -32,7 +32,7 @@ from jaxdp.data.pipeline import prefetch
 from jaxdp.errors import JaxdpError
 from jaxdp.models.common import count_params
 from jaxdp.parallel.data_parallel import DataParallel
-from jaxdp.parallel.exchange import bytes_per_step
+from jaxdp.parallel.exchange import CommConfig, bytes_per_step
 from jaxdp.runtime import observe, report, signals
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
 from jaxdp.runtime.lock import WorkdirLock
@@ -445,12 +445,14 @@ def noise_scale_unavailable(dp: DataParallel) -> str:
   if dp.data_size == 1:
     return ("note: grad_noise_scale is unavailable: it compares two batch sizes, and this run has "
             f"one data device and one micro-batch per step; {accumulate}")
-  changed = [f"{name}={getattr(dp.comm, name)!r}" for name, dense in
-             (("allreduce", "pmean"), ("compression", "none"), ("sync", "every_step"))
-             if getattr(dp.comm, name) != dense]
+  # The fields CommConfig.dense reads, against their defaults (the dense all-reduce).
+  dense = CommConfig()
+  names = ("allreduce", "compression", "sync")
+  changed = [f"{n}={getattr(dp.comm, n)!r}" for n in names if getattr(dp.comm, n) != getattr(dense, n)]
+  default = ", ".join(f"{n}={getattr(dense, n)!r}" for n in names)
   return (f"note: grad_noise_scale is unavailable: this run's gradient exchange ({', '.join(changed)}) "
           f"never forms the dense mean gradient of its {dp.data_size} devices; {accumulate}, or use "
-          "the dense all-reduce (allreduce='pmean', compression='none', sync='every_step')")
+          f"the dense all-reduce ({default})")
 
 
 def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict], *, workdir: str,
