@@ -23,17 +23,20 @@ from typing import Any
 # Name -> the module that defines it. Imported on first use, so `import jaxdp` (and every CLI
 # refusal) does not pay for JAX until a name that needs it is touched.
 _EXPORTS = {
-    "load_preset": "jaxdp.config", "cross_entropy_sum": "jaxdp.core.losses",
+    "load_preset": "jaxdp.lm.config", "cross_entropy_sum": "jaxdp.core.losses",
     "OptimizerConfig": "jaxdp.core.optimizer", "learning_rate_schedule": "jaxdp.core.optimizer",
     "make_optimizer": "jaxdp.core.optimizer", "TrainState": "jaxdp.core.state",
     "example_keys": "jaxdp.core.step", "JaxdpError": "jaxdp.errors",
     "LanguageModel": "jaxdp.models", "ModelConfig": "jaxdp.models", "build_model": "jaxdp.models",
-    "generate": "jaxdp.models.sampling", "export_hf": "jaxdp.runtime.hf",
+    "generate": "jaxdp.models.sampling", "export_hf": "jaxdp.lm.hf_export",
     "CommConfig": "jaxdp.parallel", "DataParallel": "jaxdp.parallel",
     "example_weights": "jaxdp.parallel", "make_mesh": "jaxdp.parallel",
     "RunRecord": "jaxdp.runtime.loop", "fit": "jaxdp.runtime.loop",
-    "read_metrics": "jaxdp.runtime.metrics", "build": "jaxdp.runtime.trainer",
-    "load_for_inference": "jaxdp.runtime.trainer", "train_and_evaluate": "jaxdp.runtime.trainer",
+    "FitOptions": "jaxdp.runtime.options", "Hook": "jaxdp.runtime.hooks",
+    "TargetLosses": "jaxdp.runtime.targets",
+    "read_metrics": "jaxdp.runtime.metrics", "build": "jaxdp.lm.builder", "LMRun": "jaxdp.lm.builder",
+    "RunSpec": "jaxdp.lm.spec",
+    "load_for_inference": "jaxdp.lm.run", "train_and_evaluate": "jaxdp.lm.run",
 }
 _RENAMED = {"build_model": "build", "export_hf": "export"}
 

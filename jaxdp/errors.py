@@ -11,13 +11,24 @@ class JaxdpError(Exception):
   """A user-facing error whose message names the offending field or path and how to fix it."""
 
 
+def need(ok: bool, message: str) -> None:
+  """Raises JaxdpError(message) unless `ok`: each check names its field and the fix.
+
+  Raises:
+    JaxdpError: `ok` is false.
+  """
+  if not ok:
+    raise JaxdpError(message)
+
+
 def os_reason(error: BaseException, path: str) -> str:
   """Why a write under `path` failed, in the OS's words.
 
   The first OSError reason in the exception chain (orbax and TensorBoard wrap or lose it);
   else "No space left on device" if the filesystem is nearly full; else the error's first line.
   """
-  seen, hops = error, 0
+  seen: BaseException | None = error
+  hops = 0
   while seen is not None and hops < 20:
     if isinstance(seen, OSError) and seen.strerror:
       return seen.strerror

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from jaxdp.config import load_preset  # noqa: E402
+from jaxdp.lm.config import load_preset  # noqa: E402
 
 # The test command gives whole files to two pytest-xdist workers in collection order
 # (--dist loadfile --no-loadscope-reorder). Longest first, so that the two workers end together
@@ -44,6 +44,35 @@ def pytest_collection_modifyitems(config, items):
 def tiny_config():
   """A fresh, mutable tiny_cpu config (each test may change fields)."""
   return load_preset("tiny_cpu")
+
+
+# The canonical finished tiny run of the CLI: tiny_cpu, 2 steps on 2 emulated devices, every step
+# logged, one eval batch; it ends with an evaluation and a checkpoint at step 2.
+TINY_RUN_FLAGS = ("--config", "tiny_cpu", "--config.num_steps=2", "--config.eval_steps=1",
+                  "--config.log_every=1", "--progress=false", "--cpu_devices", "2")
+
+
+def cli_env() -> dict:
+  """The environment of a CLI subprocess: CPU devices (the command sets how many), and
+  conftest's shared compilation cache."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, CompletedProcess) of `jaxdp train TINY_RUN_FLAGS`, trained once per test session
+  (per xdist worker). Tests that only read a trained run use it as it is; a test that changes it
+  (resumes, trains on, corrupts it) works on a copy (shutil.copytree into its tmp_path)."""
+  import subprocess
+  import sys
+  workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+  done = subprocess.run([sys.executable, "-m", "jaxdp.cli.main", "train", *TINY_RUN_FLAGS,
+                         "--workdir", str(workdir)], capture_output=True, text=True,
+                        env=cli_env(), timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir, done
 
 
 @pytest.fixture

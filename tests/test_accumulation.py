@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.config import load_preset
 from jaxdp.core import step as steps
-from jaxdp.runtime.trainer import build
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset
 
 
 @pytest.fixture(scope="module")

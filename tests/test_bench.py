@@ -45,8 +45,8 @@ def test_quick_bench_reports_every_key_finite_and_positive(bench, tmp_path):
 
 
 def test_bench_rejects_unknown_config_field(bench):
-  from jaxdp.config import load_preset
   from jaxdp.errors import JaxdpError
+  from jaxdp.lm.config import load_preset
   with pytest.raises(JaxdpError, match="unknown config field 'model.widht'"):
     bench.apply_overrides(load_preset("tiny_cpu"), {"model.widht": "3"})
 
@@ -99,3 +99,37 @@ def test_generate_mode_reports_cached_and_uncached_speeds(bench):
   too_long, overrides = bench.parse_args(["--config", "tiny_cpu", "--generate", "20"])
   with pytest.raises(Exception, match="exceed seq_len 32"):
     bench.run_generate(too_long, overrides)
+
+
+def test_compare_torch_reports_both_sides_on_the_same_run(bench, tmp_path):
+  """--compare torch trains the same model on the same batches with jaxdp and the PyTorch
+  reference: both sides' keys are present, their losses agree (same weights, data, AdamW), and
+  the ratios are computed from the two sides' own numbers."""
+  out = tmp_path / "compare.json"
+  assert bench.main(["--compare", "torch", "--steps", "4", "--round_steps", "2",
+                     "--compare_eval_every", "2", "--devices", "2", "--config.model.n_layer=1",
+                     "--config.model.d_model=32", "--config.model.n_head=2", "--config.seq_len=16",
+                     "--config.warmup_steps=2", "--out", str(out)]) == 0
+  import json
+  report = json.loads(out.read_text())
+  compare = report["compare_torch"]
+  for side in ("jaxdp", "torch"):
+    assert compare[side]["tokens_per_sec"] > 0
+    assert [e["step"] for e in compare[side]["eval"]] == [2, 4]
+  assert report["ratio_vs_torch"] == compare["jaxdp"]["tokens_per_sec"] / compare["torch"]["tokens_per_sec"]
+  assert abs(compare["loss_difference_at_end"]) < 1e-4 * compare["torch"]["train_loss_at_end"]
+  for a, b in zip(compare["jaxdp"]["eval"], compare["torch"]["eval"]):
+    assert abs(a["loss"] - b["loss"]) < 1e-4 * b["loss"]
+  # The default target is the reference's final eval loss, which both sides reach at step 4.
+  assert compare["target_loss"] == compare["torch"]["eval"][-1]["loss"]
+  assert compare["torch"]["tokens_to_target"] == compare["jaxdp"]["tokens_to_target"] == 4 * 12 * 16
+  assert report["time_to_target_ratio_vs_torch"] == (compare["torch"]["time_to_target_s"]
+                                                     / compare["jaxdp"]["time_to_target_s"])
+
+
+def test_compare_torch_refuses_a_model_the_reference_does_not_implement(bench):
+  from jaxdp.errors import JaxdpError
+  args, overrides = bench.parse_args(["--compare", "torch", "--steps", "2",
+                                      "--config.model.positions=learned"])
+  with pytest.raises(JaxdpError, match="--compare torch: .*positions"):
+    bench.run_compare(args, overrides)

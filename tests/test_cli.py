@@ -1,7 +1,9 @@
 """The command line: a real run end to end, and one-line errors for bad input.
 
-Every check runs the real CLI in a subprocess. Each subcommand accepts only its own flags, so the
-refusals below (foreign flags, out-of-range numbers) are also the tests of "no silent no-ops".
+Runs and refusals that reach device setup run the real CLI in a subprocess; refusals and help
+answered before any device work run the same `main()` in this process (tests/cli_inprocess.py).
+Each subcommand accepts only its own flags, so the refusals below (foreign flags, out-of-range
+numbers) are also the tests of "no silent no-ops".
 """
 
 import importlib.metadata
@@ -10,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import cli_inprocess
+from conftest import TINY_RUN_FLAGS
 import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
@@ -47,14 +51,14 @@ def with_closed_stdout(*args):
   return process.wait(timeout=300), stderr
 
 
-def test_train_then_generate_from_the_command_line(tmp_path):
-  workdir = str(tmp_path / "run")
-  result = jaxdp("train", "--config", "tiny_cpu", "--workdir", workdir, "--cpu_devices", "2",
-                 "--progress=false", "--config.num_steps=10")
+def test_train_then_generate_from_the_command_line(tiny_run):
+  # The session's canonical `jaxdp train` (conftest.TINY_RUN_FLAGS); generate only reads it.
+  workdir, result = str(tiny_run[0]), tiny_run[1]
+  num_steps = int(next(f for f in TINY_RUN_FLAGS if f.startswith("--config.num_steps=")).split("=")[1])
   assert result.returncode == 0, result.stderr
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert records[0]["num_devices"] == 2
-  assert records[-1] == {"step": 10, "eval_loss": pytest.approx(records[-1]["eval_loss"])}
+  assert records[-1] == {"step": num_steps, "eval_loss": pytest.approx(records[-1]["eval_loss"])}
   out = jaxdp("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--max_new_tokens", "20",
               "--seed", "3", "--cpu_devices", "1")
   assert out.returncode == 0, out.stderr
@@ -64,16 +68,19 @@ def test_train_then_generate_from_the_command_line(tmp_path):
   assert again.stdout == out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.nonsense=1"], "unknown config field 'nonsense'"),
+# needs_devices: refused after device setup, so that CLI runs in a subprocess.
+@pytest.mark.parametrize("args, message, needs_devices", [
+    (["--config.nonsense=1"], "unknown config field 'nonsense'", False),
     (["--config.global_batch_size=10", "--cpu_devices", "4"],
-     "config.global_batch_size=10 is not divisible by data devices x grad_accum_steps = 4 x 1"),
-    (["--config.data.path=/no/such.txt"], "config.data.path='/no/such.txt' does not exist"),
-    (["--config", "no_such_preset"], "no such file or preset"),
-    (["--config.seq_len=abc"], "--config.seq_len=abc"),
+     "config.global_batch_size=10 is not divisible by data devices x grad_accum_steps = 4 x 1",
+     True),
+    (["--config.data.path=/no/such.txt"], "config.data.path='/no/such.txt' does not exist", True),
+    (["--config", "no_such_preset"], "no such file or preset", False),
+    (["--config.seq_len=abc"], "--config.seq_len=abc", False),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-  result = jaxdp("train", "--config", "tiny_cpu", "--workdir", str(tmp_path), *args)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capfd, args, message, needs_devices):
+  args = ["train", "--config", "tiny_cpu", "--workdir", str(tmp_path), *args]
+  result = jaxdp(*args) if needs_devices else cli_inprocess.run(capfd, *args)
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   lines = result.stderr.strip().splitlines()
@@ -117,8 +124,8 @@ HELP_SHOWS = {
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_each_subcommand_prints_its_own_help(command, flag):
-  result = jaxdp(command, flag)
+def test_each_subcommand_prints_its_own_help(capfd, command, flag):
+  result = cli_inprocess.run(capfd, command, flag)
   assert result.returncode == 0 and not result.stderr, result.stderr
   assert result.stdout.startswith(f"usage: jaxdp {command}")
   for text in HELP_SHOWS[command]:
@@ -128,18 +135,18 @@ def test_each_subcommand_prints_its_own_help(command, flag):
     assert others[command] not in result.stdout
 
 
-def test_top_level_help_lists_the_subcommands_and_version_prints_the_version():
-  result = jaxdp("--help")
+def test_top_level_help_lists_the_subcommands_and_version_prints_the_version(capfd):
+  result = cli_inprocess.run(capfd, "--help")
   assert result.returncode == 0
   assert all(f"  {command} " in result.stdout for command in SUBCOMMANDS)
-  result = jaxdp("--version")
+  result = cli_inprocess.run(capfd, "--version")
   assert result.returncode == 0
   assert result.stdout == f"jaxdp {importlib.metadata.version('jaxdp')}\n"
 
 
-def test_help_config_lists_every_field_with_the_value_used_and_its_meaning():
+def test_help_config_lists_every_field_with_the_value_used_and_its_meaning(capfd):
   # The override comes before --config: the order of the two does not matter.
-  result = jaxdp("train", "--config.num_steps=3", "--config", "tiny_cpu", "--help_config")
+  result = cli_inprocess.run(capfd, "train", "--config.num_steps=3", "--config", "tiny_cpu", "--help_config")
   assert result.returncode == 0, result.stderr
   assert "--config.num_steps=3\n" in result.stdout  # The override, not tiny_cpu's 20.
   assert "--config.model.n_layer=2\n      Transformer blocks." in result.stdout  # tiny_cpu's.
@@ -165,11 +172,13 @@ def test_help_config_lists_every_field_with_the_value_used_and_its_meaning():
     ("plan", ["--steps", "3"], ["unknown flag --steps for `jaxdp plan`"]),
     ("verify", ["--json"], ["unknown flag --json for `jaxdp verify`", "a flag of `jaxdp plan`"]),
 ])
-def test_a_flag_of_another_subcommand_is_refused(command, args, messages):
-  assert_refused(jaxdp(command, *args), *messages)
+def test_a_flag_of_another_subcommand_is_refused(capfd, command, args, messages):
+  assert_refused(cli_inprocess.run(capfd, command, *args), *messages)
 
 
-def test_did_you_mean_looks_among_this_subcommands_flags_and_config_fields():
+def test_did_you_mean_looks_among_this_subcommands_flags_and_config_fields(capfd):
+  def jaxdp(*args):
+    return cli_inprocess.run(capfd, *args)
   line = assert_refused(jaxdp("train", "--num_steps", "7"), "did you mean --config.num_steps?")
   assert "--steps" not in line.split("did you mean")[1]  # verify's flag is no suggestion here.
   assert_refused(jaxdp("train", "--config.num_step=7"), "unknown config field 'num_step'",
@@ -199,10 +208,10 @@ def test_did_you_mean_looks_among_this_subcommands_flags_and_config_fields():
     ("train", ["--config.learning_rate=fast"], "--config.learning_rate=fast is not a number"),
     ("train", ["--config.model.tie_embeddings=maybe"], "is not true or false"),
 ])
-def test_a_number_out_of_range_is_refused_before_any_work(tmp_path, command, args, message):
+def test_a_number_out_of_range_is_refused_before_any_work(tmp_path, capfd, command, args, message):
   # A workdir without a checkpoint: generate would fail there, so the range check came first.
   args = [*args, "--workdir", str(tmp_path)] if command == "generate" else args
-  assert_refused(jaxdp(command, *args), message)
+  assert_refused(cli_inprocess.run(capfd, command, *args), message)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -215,8 +224,8 @@ def test_a_number_out_of_range_is_refused_before_any_work(tmp_path, command, arg
      "after '--': unknown flag --steps for `jaxdp train`"),
     (["--workdir", "w", "train"], "flags go after it"),
 ])
-def test_missing_or_extra_arguments_are_refused(args, message):
-  assert_refused(jaxdp(*args), message)
+def test_missing_or_extra_arguments_are_refused(capfd, args, message):
+  assert_refused(cli_inprocess.run(capfd, *args), message)
 
 
 def test_refusals_come_before_jax_is_imported():
@@ -243,11 +252,8 @@ def test_a_closed_stdout_ends_quietly_with_status_141():
   assert (status, stderr) == (141, "")
 
 
-def test_generate_into_a_reader_that_closes_early_prints_no_traceback(tmp_path):
-  workdir = str(tmp_path / "run")
-  result = jaxdp("train", "--config", "tiny_cpu", "--config.num_steps=2", "--workdir", workdir,
-                 "--cpu_devices", "1", "--progress=false")
-  assert result.returncode == 0, result.stderr
+def test_generate_into_a_reader_that_closes_early_prints_no_traceback(tiny_run):
+  workdir = str(tiny_run[0])  # Only read: generate writes nothing into the run.
   status, stderr = with_closed_stdout("generate", "--workdir", workdir, "--max_new_tokens", "50",
                                       "--cpu_devices", "1")
   assert (status, stderr) == (141, "")

@@ -11,15 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdp.analysis.hlo import collective_bytes
-from jaxdp.config import comm_config, load_preset, validate
 from jaxdp.core import step as steps
 from jaxdp.errors import JaxdpError
-from jaxdp.parallel import DataParallel
-from jaxdp.parallel import collectives as comm
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset, validate
+from jaxdp.lm.spec import comm_config
+from jaxdp.parallel import DataParallel, collectives
 from jaxdp.parallel.exchange import CommConfig, bytes_per_step, reduce_gradients
+from jaxdp.parallel.hlo import collective_bytes
 from jaxdp.runtime.checkpoint import Checkpointer
-from jaxdp.runtime.trainer import build
 
 SGD = optax.sgd(0.5)  # Plain SGD: the optimizer error feedback's guarantees are stated for.
 
@@ -33,7 +33,7 @@ def mapped(fn, n, out_specs=P("data")):
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("method", ["ring", "ps"])
 def test_allreduce_equals_psum(n, method):
-  fn = {"ring": comm.ring_allreduce_sum, "ps": comm.ps_allreduce_sum}[method]
+  fn = {"ring": collectives.ring_allreduce_sum, "ps": collectives.ps_allreduce_sum}[method]
   for size in (1, 13, 64, 1001):  # 13 and 1001 are not divisible by 2, 4 or 8.
     x = jax.random.normal(jax.random.PRNGKey(size), (n, size))
     got = mapped(lambda v: fn(v[0], "data")[None], n)(x)
@@ -44,8 +44,8 @@ def test_allreduce_equals_psum(n, method):
 
 def test_topk_keeps_exactly_k_per_device():
   v = jax.random.normal(jax.random.PRNGKey(0), (4, 1000))
-  k = comm.num_kept(0.01, 1000)
-  sent = mapped(lambda x: comm.densify(*comm.topk_select(x[0], k), 1000)[None], 4)(v)
+  k = collectives.num_kept(0.01, 1000)
+  sent = mapped(lambda x: collectives.densify(*collectives.topk_select(x[0], k), 1000)[None], 4)(v)
   assert k == 10
   assert ((np.asarray(sent) != 0).sum(axis=1) == k).all()
   for row, full in zip(np.asarray(sent), np.asarray(v)):  # ...and they are the largest.
@@ -55,10 +55,10 @@ def test_topk_keeps_exactly_k_per_device():
 def test_sparse_mean_is_correct_when_devices_pick_different_indices():
   v = jax.random.normal(jax.random.PRNGKey(1), (4, 50))
   def fn(x):
-    values, indices = comm.topk_select(x[0], 5)
-    return comm.sparse_mean(values, indices, 50, "data")[None]
+    values, indices = collectives.topk_select(x[0], 5)
+    return collectives.sparse_mean(values, indices, 50, "data")[None]
   got = np.asarray(mapped(fn, 4)(v))
-  dense = [np.asarray(comm.densify(*comm.topk_select(row, 5), 50)) for row in v]
+  dense = [np.asarray(collectives.densify(*collectives.topk_select(row, 5), 50)) for row in v]
   picked = [set(np.flatnonzero(d)) for d in dense]
   assert len(set.union(*picked)) > 5, "the test needs devices to pick different indices"
   np.testing.assert_allclose(got[0], np.mean(dense, axis=0), atol=1e-6)
@@ -89,22 +89,22 @@ def test_randomk_error_obeys_bound():
   d, k, seeds = 1000, 100, 4000
   g = jax.random.normal(jax.random.PRNGKey(3), (d,))
   def error(key):
-    idx = comm.randomk_indices(key, d, k)
-    return jnp.sum((comm.densify(g[idx], idx, d) - g) ** 2)
+    idx = collectives.randomk_indices(key, d, k)
+    return jnp.sum((collectives.densify(g[idx], idx, d) - g) ** 2)
   errors = np.asarray(jax.vmap(error)(jax.random.split(jax.random.PRNGKey(4), seeds)))
   bound = (d - k) / d * float(jnp.sum(g ** 2))
   stderr = errors.std() / np.sqrt(seeds)
   print(f"random-k: mean error {errors.mean():.3f}, bound {bound:.3f}, stderr {stderr:.3f}")
   assert errors.mean() <= bound + 3 * stderr
   assert errors.mean() >= bound - 3 * stderr  # It is an equality in expectation.
-  topk_error = float(jnp.sum((comm.densify(*comm.topk_select(g, k), d) - g) ** 2))
+  topk_error = float(jnp.sum((collectives.densify(*collectives.topk_select(g, k), d) - g) ** 2))
   assert topk_error <= bound  # Top-k is never worse than random-k's expectation.
 
 
 @pytest.mark.parametrize("codec,tol", [("bf16", 1e-2), ("int8", 2e-2)])
 def test_quantized_mean_is_close_to_mean(codec, tol):
   v = jax.random.normal(jax.random.PRNGKey(5), (4, 3000))
-  got = mapped(lambda x: comm.quantized_mean(x[0], codec, "data")[0][None], 4)(v)
+  got = mapped(lambda x: collectives.quantized_mean(x[0], codec, "data")[0][None], 4)(v)
   err = np.abs(np.asarray(got[0]) - np.asarray(v.mean(0))).max()
   assert err < tol * np.abs(np.asarray(v)).max()
   assert (np.asarray(got) == np.asarray(got)[0]).all()
@@ -125,7 +125,7 @@ def reduce_bytes(cfg: CommConfig, n: int, d: int) -> float:
 
 def test_counted_bytes_match_collective_payloads():
   n, d = 4, 4096
-  k = comm.num_kept(0.01, d)
+  k = collectives.num_kept(0.01, d)
   scalars = 2 * (n - 1) / n * 8  # The pmean of (loss sum, token count) that rides along.
   expected = {
       CommConfig(): 2 * (n - 1) / n * (4 * d + 8),
@@ -134,7 +134,7 @@ def test_counted_bytes_match_collective_payloads():
       CommConfig(compression="randomk"): 2 * (n - 1) / n * 4 * k + scalars,  # Values only.
       CommConfig(compression="bf16"): 2 * (n - 1) / n * 2 * d + scalars,
       # int8 payload plus one f32 scale per 256 entries, in both phases.
-      CommConfig(compression="int8"): 2 * (n - 1) / n * (d + 4 * d // comm.INT8_CHUNK) + scalars,
+      CommConfig(compression="int8"): 2 * (n - 1) / n * (d + 4 * d // collectives.INT8_CHUNK) + scalars,
   }
   for cfg, want in expected.items():
     got = reduce_bytes(cfg, n, d)

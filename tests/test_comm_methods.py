@@ -10,9 +10,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from jaxdp.analysis.hlo import collective_bytes
-from jaxdp.config import load_preset, validate
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset, validate
 from jaxdp.parallel import powersgd
 from jaxdp.parallel.exchange import (
   CommConfig,
@@ -22,8 +22,8 @@ from jaxdp.parallel.exchange import (
   resize_comm_state,
   stage_bytes,
 )
+from jaxdp.parallel.hlo import collective_bytes
 from jaxdp.runtime.checkpoint import Checkpointer
-from jaxdp.runtime.trainer import build
 
 
 def mapped(fn, n, out_specs=P("data")):

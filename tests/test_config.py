@@ -2,8 +2,8 @@
 
 import pytest
 
-from jaxdp.config import load_preset, validate
 from jaxdp.errors import JaxdpError
+from jaxdp.lm.config import load_preset, validate
 
 
 def test_presets_validate():

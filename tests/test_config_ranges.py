@@ -3,8 +3,8 @@ no effect in the config it is set in is warned about, not silently ignored."""
 
 import pytest
 
-from jaxdp.config import field_names, ignored_fields, load_preset, validate
 from jaxdp.errors import JaxdpError
+from jaxdp.lm.config import field_names, ignored_fields, load_preset, validate
 
 
 def numeric_fields():

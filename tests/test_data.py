@@ -9,7 +9,8 @@ import pytest
 
 from jaxdp.data import ByteTokenizer, Dataset, WindowSource, load_tokens, training_examples
 from jaxdp.errors import JaxdpError
-from jaxdp.runtime.trainer import build
+from jaxdp.lm import build
+from jaxdp.lm.spec import data_spec
 
 
 @pytest.fixture
@@ -21,12 +22,12 @@ def small_corpus(tmp_path):
 
 
 def test_global_batch_is_a_pure_function_of_seed_and_step(tiny_config):
-  a, b = Dataset(tiny_config), Dataset(tiny_config)
+  a, b = Dataset(data_spec(tiny_config)), Dataset(data_spec(tiny_config))
   for step in (0, 7, 1000):
     for key in ("inputs", "targets", "ids"):
       np.testing.assert_array_equal(a.train(step)[key], b.train(step)[key])
   tiny_config.seed = 1
-  assert not np.array_equal(Dataset(tiny_config).train(0)["inputs"], a.train(0)["inputs"])
+  assert not np.array_equal(Dataset(data_spec(tiny_config)).train(0)["inputs"], a.train(0)["inputs"])
 
 
 @pytest.mark.parametrize("num_devices", [1, 2, 4])
@@ -86,13 +87,13 @@ def test_batched_reads_equal_grains_per_example_chain_across_epochs(small_corpus
 
 
 def test_validation_covers_its_first_eval_steps_batches_once(tiny_config):
-  dataset = Dataset(tiny_config)
+  dataset = Dataset(data_spec(tiny_config))
   batches = dataset.val
   assert batches.num_batches == tiny_config.eval_steps
   ids = np.concatenate([batches.example_ids(k).ravel() for k in range(batches.num_batches)])
   np.testing.assert_array_equal(ids, np.arange(tiny_config.eval_steps * tiny_config.global_batch_size))
   tiny_config.eval_steps = 0  # The whole split, each window once, the last batch padded.
-  whole = Dataset(tiny_config).val
+  whole = Dataset(data_spec(tiny_config)).val
   assert whole.num_windows == len(dataset.val_source)
   assert whole.num_batches == -(-len(dataset.val_source) // tiny_config.global_batch_size)
 
@@ -110,10 +111,10 @@ def test_bad_corpus_is_a_clear_error(tiny_config, tmp_path, content, message):
   path.write_bytes(content)
   tiny_config.data.path = str(path)
   with pytest.raises(JaxdpError, match=re.escape(message)):
-    Dataset(tiny_config)
+    Dataset(data_spec(tiny_config))
 
 
 def test_missing_corpus_is_a_clear_error(tiny_config):
   tiny_config.data.path = "/no/such/file.txt"
   with pytest.raises(JaxdpError, match="config.data.path='/no/such/file.txt' does not exist"):
-    Dataset(tiny_config)
+    Dataset(data_spec(tiny_config))

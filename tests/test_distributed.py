@@ -276,7 +276,7 @@ def test_the_kubernetes_example_is_consistent_and_its_train_flags_parse():
   import os
   yaml = pytest.importorskip("yaml")
   from jaxdp.cli import train
-  from jaxdp.config import load_preset
+  from jaxdp.lm.config import load_preset
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                       "k8s", "train.yaml")
   docs = {d["kind"]: d for d in yaml.safe_load_all(open(path))}

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxdp.config import field_names, load_preset
+from jaxdp.lm.config import field_names, load_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,6 +2,10 @@
 order, as its reader would type them, in a fresh folder, shortened by flags where the full command
 would take minutes (fewer steps, a smaller batch, fewer new tokens). A command that cannot run here
 is listed in NOT_RUN with the reason; a new command in the docs fails here until it is run or listed.
+
+One document's commands run in one process (tests/cli_inprocess.py), each through the CLI's own
+`main()`, so the interpreter start, the imports and the compiled steps are paid once per document
+instead of once per command; a command that asks for another device count gets its own process.
 """
 
 import json
@@ -14,6 +18,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "tests", "cli_inprocess.py")
 DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
                               if f.endswith(".md"))
 
@@ -138,11 +143,17 @@ def test_documented_commands_run_in_order(doc, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # With conftest's shared compilation cache.
   env.pop("XLA_FLAGS", None)
   inputs(str(tmp_path))
-  for line, command in shell_commands(doc):
-    if not command.startswith("jaxdp ") or any(command.startswith(p) for p in NOT_RUN):
-      continue
-    argv = shortened(shlex.split(command)[1:])
-    result = subprocess.run([sys.executable, "-m", "jaxdp.cli.main", *argv], cwd=tmp_path,
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, (f"{doc}:{line}: `{command}` (run as {argv}) exited "
-                                    f"{result.returncode}:\n{result.stderr[-3000:]}")
+  runs = [(line, command, shortened(shlex.split(command)[1:]))
+          for line, command in shell_commands(doc)
+          if command.startswith("jaxdp ") and not any(command.startswith(p) for p in NOT_RUN)]
+  listed, results = tmp_path / "commands.json", tmp_path / "results.jsonl"
+  listed.write_text(json.dumps([argv for _, _, argv in runs]))
+  runner = subprocess.run([sys.executable, RUNNER, str(listed), str(results)], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=1800)
+  done = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
+  for (line, command, argv), result in zip(runs, done):
+    assert result["returncode"] == 0, (f"{doc}:{line}: `{command}` (run as {argv}) exited "
+                                       f"{result['returncode']}:\n{result['stderr']}")
+  assert runner.returncode == 0 and len(done) == len(runs), (
+      f"{doc}: the runner exited {runner.returncode} after {len(done)} of {len(runs)} "
+      f"commands:\n{runner.stderr[-3000:]}")

@@ -9,12 +9,13 @@ import optax
 import pytest
 
 from jaxdp import parallel
-from jaxdp.config import load_preset, model_config, optimizer_config
 from jaxdp.core.losses import cross_entropy_sum
 from jaxdp.core.optimizer import make_optimizer
 from jaxdp.data import Dataset
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset
+from jaxdp.lm.spec import data_spec, model_config, optimizer_config
 from jaxdp.models.gpt import GPT
-from jaxdp.runtime.trainer import build
 
 STEPS = 10
 RTOL = 1e-5
@@ -28,7 +29,7 @@ def config():
 @pytest.fixture(scope="module")
 def reference_losses(config):
   """A plain single-device loop, written here without jaxdp.steps: mean loss, grad, update."""
-  dataset = Dataset(config)
+  dataset = Dataset(data_spec(config))
   model = GPT(model_config(config, 256))
   tx = make_optimizer(optimizer_config(config))
   init_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # jaxdp's split of the seed.

@@ -14,14 +14,14 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdp import config as configs
 from jaxdp import models
-from jaxdp.config import load_preset
 from jaxdp.data.pipeline import EvalBatches, WindowSource, builtin_corpus_path
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, restore_checkpoint, train_and_evaluate
+from jaxdp.lm.config import load_preset
+from jaxdp.lm.spec import model_config
 from jaxdp.parallel import DataParallel, example_weights
 from jaxdp.runtime.checkpoint import Checkpointer
-from jaxdp.runtime.trainer import build, restore_checkpoint, train_and_evaluate
 
 # 850 bytes, val_fraction 0.1: 85 validation tokens, (85 - 1) // 8 = 10 windows of 8 tokens.
 SEQ_LEN, CORPUS_BYTES, VAL_WINDOWS = 8, 850, 10
@@ -53,7 +53,7 @@ def validation_windows(corpus):
 
 def exact_mean_loss(config, params, windows):
   """Token-weighted mean cross-entropy over `windows`, each once, by a plain loop."""
-  module = models.build(configs.model_config(config, 256)).module
+  module = models.build(model_config(config, 256)).module
   params = jax.device_get(params)
   total, count = 0.0, 0
   for w in windows:

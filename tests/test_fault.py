@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.config import load_preset
 from jaxdp.core import step as steps
 from jaxdp.core.state import TrainState
 from jaxdp.data import Dataset
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, restore_checkpoint, train_and_evaluate
+from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, fingerprints
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, restore_checkpoint, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"num_steps": 20, "lr_decay_steps": 20, "log_every": 1, "eval_every": 5,

@@ -364,7 +364,7 @@ def test_fit_resumes_an_nnx_model(tmp_path):
 
 
 def test_generation_and_hugging_face_export_are_public_api():
+  from jaxdp.lm import hf_export
   from jaxdp.models import sampling
-  from jaxdp.runtime import hf
-  assert jaxdp.generate is sampling.generate and jaxdp.export_hf is hf.export
+  assert jaxdp.generate is sampling.generate and jaxdp.export_hf is hf_export.export
   assert {"generate", "export_hf"} <= set(jaxdp.__all__)

@@ -8,11 +8,12 @@ import jax
 import pytest
 
 from jaxdp import models
-from jaxdp.config import load_preset, model_config
+from jaxdp.core.tree import count_params
+from jaxdp.lm import train_and_evaluate
+from jaxdp.lm.config import load_preset
+from jaxdp.lm.spec import model_config
 from jaxdp.models import gpt
-from jaxdp.models.common import count_params
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import train_and_evaluate
 
 
 def test_gpt2_124m_has_124m_parameters_with_the_padded_vocabulary():

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.config import load_preset
+from jaxdp.lm import build, train_and_evaluate
+from jaxdp.lm.config import load_preset
 from jaxdp.models.common import attention, reference_attention
 from jaxdp.runtime import observe, peaks
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, train_and_evaluate
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU "

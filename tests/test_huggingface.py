@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import cli_inprocess
 import jax
 import numpy as np
 import pytest
@@ -19,10 +20,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from jaxdp.config import load_preset  # noqa: E402
 from jaxdp.data.prepare import prepare  # noqa: E402
-from jaxdp.runtime import hf  # noqa: E402
-from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate  # noqa: E402
+from jaxdp.lm import build, hf_export, hf_import, load_for_inference, train_and_evaluate  # noqa: E402  # noqa: E402
+from jaxdp.lm.config import load_preset  # noqa: E402
 
 # Trains three tiny runs and compiles train steps on 8 devices: tens of seconds.
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def exported(runs, tmp_path_factory):
   result = cli("export", "--workdir", moved, "--out", str(root / "gpt"))
   assert result.returncode == 0, result.stderr
   assert "exported step 3" in result.stdout
-  hf.export(runs["llama"], str(root / "llama"))
+  hf_export.export(runs["llama"], str(root / "llama"))
   return {"gpt": (moved, str(root / "gpt")), "llama": (runs["llama"], str(root / "llama"))}
 
 
@@ -138,6 +138,12 @@ def tiny_hf_model(family: str, seed: int):
         vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False, max_position_embeddings=64))
+  return perturbed(model)
+
+
+def perturbed(model):
+  """`model` in eval mode with every vector (biases 0, norms 1 at init) moved by random noise
+  from torch's global generator, so that a wrong mapping of them shows."""
   with torch.no_grad():
     for param in model.parameters():
       if param.ndim == 1:
@@ -229,16 +235,18 @@ def test_exporting_a_rotary_gpt_names_the_field(runs, tmp_path):
   assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
-def test_export_refusals(runs, tmp_path):
+def test_export_refusals(runs, tmp_path, capfd):
   assert_refused(cli("export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path)),
                  "has no checkpoints/")
   assert_refused(cli("export", "--workdir", runs["gpt"], "--step", "2", "--out", str(tmp_path)),
                  "--step=2 is not a checkpoint", "its steps: 3")
-  assert_refused(cli("export", "--workdir", runs["gpt"]), "needs --out DIR")
+  # Refused while parsing, before any device work: the same main() in this process.
+  assert_refused(cli_inprocess.run(capfd, "export", "--workdir", runs["gpt"]), "needs --out DIR")
   (tmp_path / "a_file").write_text("")
   assert_refused(cli("export", "--workdir", runs["gpt"], "--out", str(tmp_path / "a_file")),
                  "is a file; give a directory")
-  assert_refused(cli("export", "--workdir", runs["gpt"], "--out", str(tmp_path), "--step=-1"),
+  assert_refused(cli_inprocess.run(capfd, "export", "--workdir", runs["gpt"], "--out", str(tmp_path),
+                                   "--step=-1"),
                  "--step=-1 is out of range")
 
 
@@ -282,10 +290,10 @@ def test_a_moved_workdir_generates_the_same_text_with_and_without_the_cache(expo
 def test_other_ways_of_saving_give_the_same_parameters(hf_dirs, tmp_path, variant):
   """A sharded model.safetensors.index.json, a GPT-2 saved from its base model (tensor names
   without "transformer."), and bfloat16 weights (widened to float32) read as the same tree."""
-  from jaxdp.config import model_config
+  from jaxdp.lm.spec import model_config
   directory, model = hf_dirs["gpt"]
   cfg = model_config(import_config("gpt", directory), 256)
-  reference = hf.load_params(f"hf:{directory}", cfg)
+  reference = hf_import.load_params(f"hf:{directory}", cfg)
   if variant == "sharded":
     model.save_pretrained(str(tmp_path), max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
@@ -295,7 +303,7 @@ def test_other_ways_of_saving_give_the_same_parameters(hf_dirs, tmp_path, varian
   else:
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(tmp_path))  # The fixture's stays.
     reference = jax.tree.map(lambda x: np.asarray(torch.tensor(x).bfloat16().float()), reference)
-  loaded = hf.load_params(f"hf:{tmp_path}", cfg)
+  loaded = hf_import.load_params(f"hf:{tmp_path}", cfg)
   assert jax.tree.structure(loaded) == jax.tree.structure(reference)
   for ours, theirs in zip(jax.tree.leaves(loaded), jax.tree.leaves(reference)):
     assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
@@ -306,11 +314,11 @@ def test_export_never_replaces_files_it_did_not_write(runs, tmp_path):
   mine.mkdir()
   (mine / "tokenizer.json").write_text('{"my": "own tokenizer"}')
   with pytest.raises(Exception, match="already holds tokenizer.json, not written by `jaxdp export`"):
-    hf.export(runs["gpt"], str(mine))
+    hf_export.export(runs["gpt"], str(mine))
   assert (mine / "tokenizer.json").read_text() == '{"my": "own tokenizer"}'
   assert os.listdir(mine) == ["tokenizer.json"]
   again = tmp_path / "again"
-  first = hf.export(runs["gpt"], str(again))
+  first = hf_export.export(runs["gpt"], str(again))
   (again / "notes.txt").write_text("keep")
-  assert hf.export(runs["gpt"], str(again))["files"] == first["files"]  # Its own export: replaced.
+  assert hf_export.export(runs["gpt"], str(again))["files"] == first["files"]  # Its own export: replaced.
   assert "notes.txt" not in first["files"] and (again / "notes.txt").read_text() == "keep"

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from jaxdp import parallel
-from jaxdp.analysis import hlo, verify
-from jaxdp.config import load_preset, validate
+from jaxdp.analysis import verify
 from jaxdp.errors import JaxdpError
-from jaxdp.runtime.trainer import build
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset, validate
+from jaxdp.parallel import hlo
 
 NUM_STEPS = 10
 ZERO = ("zero1", "zero2", "zero3")

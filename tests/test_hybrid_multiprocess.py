@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.config import load_preset
+from jaxdp.lm import train_and_evaluate
+from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import train_and_evaluate
 
 pytestmark = pytest.mark.multiprocess
 

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = """
 import os, jaxdp
-from jaxdp.config import list_presets, load_preset, preset_path
+from jaxdp.lm.config import list_presets, load_preset, preset_path
 from jaxdp.data import builtin_corpus_path
 assert "site-packages" in jaxdp.__file__, jaxdp.__file__
 assert {"default", "tiny_cpu", "llama"} <= set(list_presets()), list_presets()

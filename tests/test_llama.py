@@ -13,11 +13,11 @@ import pytest
 
 from jaxdp import models
 from jaxdp.analysis import verify
-from jaxdp.config import load_preset, validate
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import train_and_evaluate
+from jaxdp.lm.config import load_preset, validate
 from jaxdp.models import common, llama
 from jaxdp.models.common import ModelConfig
-from jaxdp.runtime.trainer import train_and_evaluate
 
 VOCAB, SEQ, D, H = 64, 16, 32, 4  # Head size K = D / H = 8.
 

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.config import validate
 from jaxdp.data import Dataset
 from jaxdp.data.mixture import Mixture, parse_sources, quantise
 from jaxdp.errors import JaxdpError
-from jaxdp.runtime.trainer import build
+from jaxdp.lm import build
+from jaxdp.lm.config import validate
+from jaxdp.lm.spec import data_spec
 
 ALPHABETS = {"lower": b"abcdefghijklmnopqrstuvwxyz", "digits": b"0123456789",
              "upper": b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
@@ -76,7 +77,7 @@ def test_realised_mixture_is_within_1_percent_of_the_weights_over_1000_batches(
   names = list(ALPHABETS)[:len(weights)]
   tiny_config.data.sources = ",".join(f"{corpora[n]}:{w}" for n, w in zip(names, weights))
   tiny_config.global_batch_size = 8
-  dataset = Dataset(tiny_config)
+  dataset = Dataset(data_spec(tiny_config))
   counted = collections.Counter()
   for step in range(1000):
     for row in dataset.train(step)["inputs"].reshape(8, -1):
@@ -90,7 +91,7 @@ def test_realised_mixture_is_within_1_percent_of_the_weights_over_1000_batches(
 
 def test_each_source_sees_every_window_once_per_its_epoch(tiny_config, corpora):
   tiny_config.data.sources = f"{corpora['lower']}:0.6,{corpora['digits']}:0.4"
-  dataset = Dataset(tiny_config)
+  dataset = Dataset(data_spec(tiny_config))
   seen = collections.defaultdict(list)
   for step in range(60):
     for row in dataset.train(step)["inputs"].reshape(tiny_config.global_batch_size, -1):
@@ -113,10 +114,10 @@ def test_mixture_batches_are_the_same_on_1_2_4_devices_and_after_a_restart(tiny_
       reference = got
     for a, b in zip(got, reference):
       np.testing.assert_array_equal(a, b)
-  restarted = Dataset(tiny_config)  # A new process resuming at step 7 needs nothing but 7.
+  restarted = Dataset(data_spec(tiny_config))  # A new process resuming at step 7 needs nothing but 7.
   np.testing.assert_array_equal(restarted.train(7)["inputs"], reference[-1])
   tiny_config.seed = 1
-  assert not np.array_equal(Dataset(tiny_config).train(0)["inputs"], reference[0])
+  assert not np.array_equal(Dataset(data_spec(tiny_config)).train(0)["inputs"], reference[0])
 
 
 def test_sources_with_different_tokenizers_are_refused(tiny_config, corpora, tmp_path):
@@ -125,18 +126,18 @@ def test_sources_with_different_tokenizers_are_refused(tiny_config, corpora, tmp
                progress=False)
   tiny_config.data.sources = f"{corpora['digits']}:0.5,{tmp_path / 'bpe'}:0.5"
   with pytest.raises(JaxdpError, match="has another tokenizer"):
-    Dataset(tiny_config)
+    Dataset(data_spec(tiny_config))
 
 
 @pytest.mark.slow
 def test_training_reports_the_realised_mixture(tiny_config, corpora, tmp_path, capsys):
-  from jaxdp.runtime.trainer import train_and_evaluate
+  from jaxdp.lm import train_and_evaluate
   tiny_config.data.sources = f"{corpora['lower']}:0.75,{corpora['digits']}:0.25"
   tiny_config.num_steps, tiny_config.eval_every, tiny_config.checkpoint_every = 5, 0, 5
   result = train_and_evaluate(tiny_config, str(tmp_path / "run"), devices=jax.devices()[:2],
                               progress=False)
   examples = 5 * tiny_config.global_batch_size
-  assert result["data_mixture"] == Dataset(tiny_config).realised_mixture(examples)
+  assert result["data_mixture"] == Dataset(data_spec(tiny_config)).realised_mixture(examples)
   assert sum(result["data_mixture"].values()) == pytest.approx(1.0)
   events = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
   (event,) = [e for e in events if e.get("event") == "data_mixture"]
@@ -147,8 +148,8 @@ def test_training_reports_the_realised_mixture(tiny_config, corpora, tmp_path, c
 @pytest.mark.slow
 def test_a_mixture_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tiny_config, corpora,
                                                                              tmp_path):
+  from jaxdp.lm import train_and_evaluate
   from jaxdp.runtime.metrics import read_metrics
-  from jaxdp.runtime.trainer import train_and_evaluate
 
   def run(workdir, num_steps):
     tiny_config.data.sources = f"{corpora['lower']}:0.6,{corpora['digits']}:0.4"
@@ -164,7 +165,7 @@ def test_a_mixture_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tiny
   def losses(workdir):
     return [(r["step"], r["train_loss"]) for r in read_metrics(str(workdir)) if "train_loss" in r]
   assert losses(tmp_path / "split") == losses(tmp_path / "full")
-  assert resumed["data_mixture"] == Dataset(tiny_config).realised_mixture(6 * 16)
+  assert resumed["data_mixture"] == Dataset(data_spec(tiny_config)).realised_mixture(6 * 16)
 
 
 def test_a_missing_source_is_named_under_data_sources(tiny_config, corpora):
@@ -172,4 +173,4 @@ def test_a_missing_source_is_named_under_data_sources(tiny_config, corpora):
   tiny_config.data.path = ""
   tiny_config.data.sources = f"{corpora['lower']}:0.7,nosuch/dir:0.3"
   with pytest.raises(JaxdpError, match="config.data.sources: 'nosuch/dir' does not exist"):
-    Dataset(tiny_config)
+    Dataset(data_spec(tiny_config))

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.models.common import ModelConfig, count_params
+from jaxdp.core.tree import count_params
+from jaxdp.models.common import ModelConfig
 from jaxdp.models.gpt import GPT
 
 

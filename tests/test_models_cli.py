@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import cli_inprocess
+from conftest import TINY_RUN_FLAGS
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +18,11 @@ CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 TINY = ["--config.num_steps=2", "--config.eval_steps=1", "--config.log_every=1"]
 LLAMA = ["--config.model.family=llama", "--config.model.n_kv_head=2",
          "--config.model.tie_embeddings=false"]
+
+
+def same_as_tiny_run() -> bool:
+  """The tiny_cpu runs here are conftest's canonical run (conftest.tiny_run) flag for flag."""
+  return set(TINY_RUN_FLAGS) == {"--config", "tiny_cpu", *TINY, "--progress=false", "--cpu_devices", "2"}
 
 
 def jaxdp(*args, cwd=ROOT):
@@ -28,29 +35,38 @@ def jaxdp(*args, cwd=ROOT):
 
 
 @pytest.mark.parametrize("preset", ["tiny_cpu", "configs/tiny_cpu.py"])
-def test_preset_by_name_and_by_checkout_path(preset, tmp_path):
-  jaxdp("train", "--config", preset, *TINY, "--progress=false", "--cpu_devices", "2",
-        "--workdir", str(tmp_path))
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+def test_preset_by_name_and_by_checkout_path(preset, tmp_path, request):
+  if preset == "tiny_cpu":  # By name: the session's canonical run is exactly this command.
+    assert TINY_RUN_FLAGS[:2] == ("--config", preset) and same_as_tiny_run()
+    workdir = request.getfixturevalue("tiny_run")[0]
+  else:
+    workdir = tmp_path
+    jaxdp("train", "--config", preset, *TINY, "--progress=false", "--cpu_devices", "2",
+          "--workdir", str(workdir))
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert any(r.get("step") == 2 and "eval_loss" in r for r in records)
 
 
 @pytest.fixture(scope="module", params=["gpt", "llama"])
 def trained(request, tmp_path_factory):
   family = request.param
+  if family == "gpt" and same_as_tiny_run():  # The session's canonical run: this command.
+    return family, request.getfixturevalue("tiny_run")[0], []
   workdir = tmp_path_factory.mktemp(family)
-  extra = LLAMA if family == "llama" else []
+  extra = LLAMA
   jaxdp("train", "--config", "tiny_cpu", *TINY, *extra, "--progress=false", "--cpu_devices", "2",
         "--workdir", str(workdir))
   return family, workdir, extra
 
 
-def test_generate_and_inspect_work_for_both_families(trained):
+def test_generate_and_inspect_work_for_both_families(trained, capfd):
   family, workdir, _ = trained
   out = jaxdp("generate", "--workdir", str(workdir), "--prompt", "ROMEO:", "--max_new_tokens", "8",
               "--temperature", "0").stdout
   assert out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:")
-  shown = jaxdp("inspect", str(workdir)).stdout
+  inspected = cli_inprocess.run(capfd, "inspect", str(workdir))  # No device work: in-process.
+  assert inspected.returncode == 0, inspected.stderr[-3000:]
+  shown = inspected.stdout
   assert f"model.family={family!r}" in shown
   if family == "llama":
     assert "wq" in shown and "w_gate" in shown and "lm_head" in shown

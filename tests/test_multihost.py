@@ -17,10 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp import config as jaxdp_config
+from jaxdp import parallel
+from jaxdp.lm import config as lm_config
+from jaxdp.lm import train_and_evaluate
 from jaxdp.runtime.launch import free_port
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import train_and_evaluate
 
 pytestmark = pytest.mark.multiprocess
 
@@ -52,7 +53,7 @@ def assert_close(got: dict, want: dict, steps):
 
 
 def tiny_config(strategy, num_steps):
-  c = jaxdp_config.load_preset("tiny_cpu")
+  c = lm_config.load_preset("tiny_cpu")
   c.log_every, c.lr_decay_steps, c.num_steps, c.strategy = 1, TOTAL_STEPS, num_steps, strategy
   return c
 
@@ -88,9 +89,9 @@ def launched(strategy, tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["dp", "zero1"])
 def test_two_processes_train_like_one_process_with_the_same_devices(strategy, tmp_path_factory):
-  if strategy not in jaxdp_config.STRATEGIES:
-    pytest.skip(f"strategy {strategy!r} is not on this branch (jaxdp.config.STRATEGIES="
-                f"{jaxdp_config.STRATEGIES})")
+  if strategy not in parallel.STRATEGIES:
+    pytest.skip(f"strategy {strategy!r} is not on this branch (jaxdp.parallel.STRATEGIES="
+                f"{parallel.STRATEGIES})")
   run, workdir = launched(strategy, tmp_path_factory)
   train, evals = losses(workdir)
   want_train, want_evals = reference(strategy, tmp_path_factory)

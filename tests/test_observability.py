@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 from test_viz import scalars
 
-from jaxdp.config import load_preset, parse_profile_steps, validate
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, model_flops_per_device, train_and_evaluate
+from jaxdp.lm.config import load_preset, validate
 from jaxdp.runtime import observe, peaks
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, train_and_evaluate
+from jaxdp.runtime.profiling import parse_profile_steps
 
 HARDWARE = ("mfu", "step_time_s", "peak_memory_bytes", "data_wait_fraction")
 
@@ -205,7 +206,7 @@ def test_looped_steps_are_counted_without_their_loops():
     trainer = build(config, devices)
     batch = trainer.train_batch(0)
     lowered = trainer.train_step.lower(trainer.abstract_state(), batch)
-    loop_free = observe.model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
+    loop_free = model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
                                                devices, batch)
     # The lowered step's count (XLA's cost analysis before compilation, loops as in the
     # compiled one), as a compile of each would take longer than the whole test.
@@ -244,7 +245,7 @@ def test_padded_vocabulary_changes_nothing_but_the_shapes():
 
 
 def test_model_config_pads_any_vocabulary():
-  from jaxdp.config import model_config
+  from jaxdp.lm.spec import model_config
   config = load_preset("tiny_cpu")
   config.model.pad_vocab_to_multiple = 64
   cfg = model_config(config, 50257)
@@ -256,7 +257,7 @@ def test_model_config_pads_any_vocabulary():
 
 
 def test_wandb_mode_without_a_project_is_reported_as_ignored():
-  from jaxdp.config import ignored_fields
+  from jaxdp.lm.config import ignored_fields
   config = load_preset("tiny_cpu")
   config.wandb.mode = "online"
   assert any("config.wandb.mode='online' has no effect without config.wandb.project" in m

@@ -11,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-import jaxdp.config
 from jaxdp.core.optimizer import (
   OPTIMIZERS,
   SCHEDULES,
@@ -21,6 +20,8 @@ from jaxdp.core.optimizer import (
   make_optimizer,
 )
 from jaxdp.errors import JaxdpError
+import jaxdp.lm.config
+import jaxdp.lm.spec
 import jaxdp.models
 
 # Learning rates that move each rule clearly on a 4x4 quadratic within a few steps.
@@ -258,20 +259,20 @@ def test_optimizer_config_rejects_out_of_range_values():
 
 
 def test_config_maps_to_optimizer_config():
-  config = jaxdp.config.load_preset("tiny_cpu")
+  config = jaxdp.lm.config.load_preset("tiny_cpu")
   config.optimizer, config.schedule, config.decay_exclude = "sgd", "wsd", "wpe, embedding"
-  cfg = jaxdp.config.optimizer_config(config)
+  cfg = jaxdp.lm.spec.optimizer_config(config)
   assert (cfg.name, cfg.schedule, cfg.decay_exclude) == ("sgd", "wsd", ("wpe", "embedding"))
   assert cfg.decay_steps == config.num_steps and cfg.warmup_steps == config.warmup_steps
   assert cfg.grad_clip == config.grad_clip and cfg.momentum == config.momentum
 
 
 def test_validate_optimizer_accepts_the_presets_and_short_runs():
-  config = jaxdp.config.load_preset("tiny_cpu")
-  jaxdp.config.validate_optimizer(config)
+  config = jaxdp.lm.config.load_preset("tiny_cpu")
+  jaxdp.lm.config.validate_optimizer(config)
   config.num_steps = 2  # Shorter than the warmup: it just stays in warmup.
-  jaxdp.config.validate_optimizer(config)
-  jaxdp.config.validate(config, 8)
+  jaxdp.lm.config.validate_optimizer(config)
+  jaxdp.lm.config.validate(config, 8)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -285,8 +286,8 @@ def test_validate_optimizer_accepts_the_presets_and_short_runs():
     ("min_lr_ratio", 1.5, "config.min_lr_ratio=1.5 must be in [0, 1]"),
 ])
 def test_validate_optimizer_names_the_field(field, value, message):
-  config = jaxdp.config.load_preset("tiny_cpu")
+  config = jaxdp.lm.config.load_preset("tiny_cpu")
   config[field] = value
   with pytest.raises(JaxdpError) as error:
-    jaxdp.config.validate_optimizer(config)
+    jaxdp.lm.config.validate_optimizer(config)
   assert message in str(error.value)

@@ -9,6 +9,7 @@ import pytest
 from jaxdp import models
 from jaxdp.data import Dataset
 from jaxdp.data.packing import document_fields
+from jaxdp.lm.spec import data_spec
 from jaxdp.models.common import ModelConfig, reference_attention, segment_mask
 
 EOT = 7
@@ -125,9 +126,9 @@ def test_concat_batches_are_todays_windows_and_document_batches_add_two_fields(t
   path = tmp_path / "corpus.txt"
   path.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, size=6000).astype(np.uint8)))
   tiny_config.data.path = str(path)
-  concat = Dataset(tiny_config)
+  concat = Dataset(data_spec(tiny_config))
   tiny_config.data.packing = "document"
-  document = Dataset(tiny_config)
+  document = Dataset(data_spec(tiny_config))
   # The reference: the file's bytes cut into windows of seq_len + 1 (the tail held out), in the
   # order of grain's per-epoch shuffle, B per step.
   raw = np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32)
@@ -162,7 +163,7 @@ def test_training_with_document_packing_on_2_devices_with_accumulation(tiny_conf
   import json
 
   from jaxdp.data import prepare as prep
-  from jaxdp.runtime.trainer import build
+  from jaxdp.lm import build
   corpus = open(prep.__file__.replace("data/prepare.py", "assets/tinyshakespeare.txt")).read()
   lines = [corpus[i:i + 50 + i % 70] for i in range(0, 60000, 150)]  # Short documents.
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import cli_inprocess
 import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
@@ -91,10 +92,11 @@ def test_bpe_run_keeps_its_tokenizer_after_the_prepared_data_is_gone(corpus, tmp
     ("x = 1\n", "defines no get_config()"),
     ("def get_config():\n  raise ValueError('boom')\n", "get_config() raised ValueError: boom"),
 ])
-def test_a_broken_config_file_is_one_line(tmp_path, text, message):
+def test_a_broken_config_file_is_one_line(tmp_path, capfd, text, message):
   path = tmp_path / "mine.py"
   path.write_text(text)
-  refused(jaxdp("train", "--config", str(path), "--workdir", str(tmp_path / "w"), cwd=tmp_path),
+  # Refused while the flags are read, before any device work: the same main() in this process.
+  refused(cli_inprocess.run(capfd, "train", "--config", str(path), "--workdir", str(tmp_path / "w")),
           message)
 
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from jaxdp import models
-from jaxdp.config import load_preset
 from jaxdp.core import precision
 from jaxdp.core import step as steps
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, train_and_evaluate
+from jaxdp.lm.config import load_preset
 from jaxdp.models import ModelConfig
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, train_and_evaluate
 
 COMPILED = re.compile(r"Finished XLA compilation of (\S+)")
 

@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.config import load_preset
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build
 
 pytestmark = pytest.mark.multiprocess
 

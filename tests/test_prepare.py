@@ -13,8 +13,9 @@ import pytest
 from jaxdp.data import Dataset
 from jaxdp.data import prepare as prep
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, load_for_inference, train_and_evaluate
+from jaxdp.lm.spec import data_spec
 from jaxdp.models.sampling import generate
-from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = open(os.path.join(ROOT, "jaxdp", "assets", "tinyshakespeare.txt"), encoding="utf-8").read()
@@ -136,7 +137,7 @@ def test_missing_paths_and_unsafe_outputs_get_clear_errors(tmp_path, tiny_config
     prep.prepare([str(tmp_path / "text.txt")], str(tmp_path / "busy"), progress=False)
   assert (tmp_path / "busy" / "precious.dat").read_text() == "keep me"
   with pytest.raises(JaxdpError, match="directory without manifest.json; prepare it first"):
-    Dataset(prepared_config(tiny_config, str(tmp_path / "busy")))
+    Dataset(data_spec(prepared_config(tiny_config, str(tmp_path / "busy"))))
 
 
 def test_data_order_from_a_prepared_dir_is_the_same_for_1_2_4_devices_and_after_resume(
@@ -153,7 +154,7 @@ def test_data_order_from_a_prepared_dir_is_the_same_for_1_2_4_devices_and_after_
   for num_devices in (2, 4):
     for got, want in zip(inputs_on(num_devices), reference):
       np.testing.assert_array_equal(got, want)
-  resumed = Dataset(config)  # A restarted process opens the shards afresh and starts at step 6.
+  resumed = Dataset(data_spec(config))  # A restarted process opens the shards afresh and starts at step 6.
   for s, want in zip(steps, reference):
     if s >= 6:
       np.testing.assert_array_equal(resumed.train(s)["inputs"], want)
@@ -162,7 +163,7 @@ def test_data_order_from_a_prepared_dir_is_the_same_for_1_2_4_devices_and_after_
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
   """The tiny model trained 20 steps on the prepared data, on 2 devices."""
-  from jaxdp.config import load_preset
+  from jaxdp.lm.config import load_preset
   config = prepared_config(load_preset("tiny_cpu"), prepared["out"])
   workdir = str(tmp_path_factory.mktemp("run"))
   result = train_and_evaluate(config, workdir, devices=jax.devices()[:2], progress=False)

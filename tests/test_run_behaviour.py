@@ -3,6 +3,7 @@ one run per workdir, signals at any moment, library messages kept off the termin
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,9 +62,8 @@ def test_banner_plain_progress_lines_and_summary(tmp_path):
   assert f"eval_loss {final:.4f}" in again.stdout  # The saved eval loss, not None.
 
 
-def test_library_messages_go_to_the_log_file_not_the_terminal(tmp_path):
-  result = run("train", *TINY, "--config.num_steps=2", "--config.eval_every=0",
-               "--workdir", str(tmp_path))
+def test_library_messages_go_to_the_log_file_not_the_terminal(tiny_run):
+  result = tiny_run[1]  # The session's canonical `jaxdp train` run (2 steps, an eval, a save).
   assert result.returncode == 0, result.stderr
   assert "absl" not in result.stderr and "WARNING" not in result.stderr, result.stderr
 
@@ -152,9 +152,9 @@ def test_a_truncated_checkpoint_is_one_warning_line_and_the_run_resumes(tmp_path
   assert "resuming at step 2" in resumed.stdout
 
 
-def test_resuming_with_another_optimizer_is_refused_not_restarted(tmp_path):
-  workdir = str(tmp_path)
-  assert run("train", *TINY, "--config.num_steps=2", "--workdir", workdir).returncode == 0
+def test_resuming_with_another_optimizer_is_refused_not_restarted(tiny_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)  # A finished 2-step tiny_cpu run, as `run` trains it.
   changed = run("train", *TINY, "--config.num_steps=4", "--config.optimizer=sgd",
                 "--workdir", workdir)
   assert changed.returncode == 2 and "optimizer ('adamw' -> 'sgd')" in changed.stderr, changed.stderr

@@ -129,4 +129,4 @@ def test_prefill_and_decode_steps_give_the_full_forward_logits(decisive_model):
   np.testing.assert_allclose(np.concatenate(got), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
   assert int(variables[CACHE]["block_0"]["attn"]["index"]) == 16
   assert variables[CACHE]["block_1"]["attn"]["k"].shape == (1, 16, model.cfg.kv_heads,
-                                                            model.cfg.head_dim)
+                                                            model.cfg.head_size)

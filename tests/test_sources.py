@@ -15,6 +15,7 @@ from jaxdp.data import Dataset, tokenfiles
 from jaxdp.data import prepare as prep
 from jaxdp.data.tokenizers import END_OF_TEXT, ByteTokenizer, HFTokenizer
 from jaxdp.errors import JaxdpError
+from jaxdp.lm.spec import data_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = open(os.path.join(ROOT, "jaxdp", "assets", "tinyshakespeare.txt"), encoding="utf-8").read()
@@ -112,9 +113,9 @@ def test_bin_token_file_is_read_directly_and_equals_the_prepared_stream(formats,
   np.testing.assert_array_equal(tokens, want)
   shutil.copy(tokenizer_json, tmp_path / "tokenizer.json")  # Found beside the .bin.
   tiny_config.data.path = str(path)
-  from_bin = Dataset(tiny_config)
+  from_bin = Dataset(data_spec(tiny_config))
   tiny_config.data.path = formats["parquet"]
-  from_prepared = Dataset(tiny_config)
+  from_prepared = Dataset(data_spec(tiny_config))
   assert from_bin.tokenizer.vocab_size == from_prepared.tokenizer.vocab_size == 400
   for step in (0, 3):
     for key in ("inputs", "targets"):
@@ -132,9 +133,9 @@ def test_bin_folder_takes_val_files_as_the_validation_split(tmp_path, tokenizer_
   tokenfiles.write_token_file(str(folder / "data_val_000000.bin"), stream[2 * third:])
   tiny_config.data.path = str(folder)
   with pytest.raises(JaxdpError, match="config.data.tokenizer"):
-    Dataset(tiny_config)
+    Dataset(data_spec(tiny_config))
   tiny_config.data.tokenizer = tokenizer_json
-  dataset = Dataset(tiny_config)
+  dataset = Dataset(data_spec(tiny_config))
   seq = tiny_config.seq_len
   assert len(dataset.train_source) == (2 * third - 1) // seq  # Both train shards, as one stream.
   window = (third - 3) // seq  # A window that crosses the shard boundary.
@@ -211,9 +212,9 @@ def test_a_tiktoken_file_without_tiktoken_installed_gets_a_clear_error(tmp_path,
 
 @pytest.mark.slow
 def test_tokenizer_json_prepare_train_generate_and_a_moved_workdir(formats, tmp_path):
-  from jaxdp.config import load_preset
+  from jaxdp.lm import load_for_inference, train_and_evaluate
+  from jaxdp.lm.config import load_preset
   from jaxdp.models.sampling import generate
-  from jaxdp.runtime.trainer import load_for_inference, train_and_evaluate
   config = load_preset("tiny_cpu")
   config.data.path = formats["jsonl"]
   config.num_steps, config.eval_every, config.checkpoint_every = 4, 0, 4
@@ -269,8 +270,8 @@ def test_token_ids_beyond_the_tokenizer_are_refused_at_start_naming_data_tokeniz
   tiny_config.data.path, tiny_config.data.tokenizer = str(path), tokenizer_json
   with pytest.raises(JaxdpError, match=r"hold id 499, but the tokenizer .* has \d+ ids; set "
                                        "config.data.tokenizer"):
-    Dataset(tiny_config)
+    Dataset(data_spec(tiny_config))
   assert pipeline.largest_id(tokens, chunk=1000) == 499  # Found across chunks.
   tokens[4321] = 7
   tokenfiles.write_token_file(str(path), tokens)
-  assert len(Dataset(tiny_config).train_source) > 0  # Every id within the vocabulary: accepted.
+  assert len(Dataset(data_spec(tiny_config)).train_source) > 0  # Every id within the vocabulary: accepted.

@@ -11,9 +11,9 @@ import pytest
 
 import jaxdp
 from jaxdp.analysis import verify
-from jaxdp.config import load_preset
 from jaxdp.errors import JaxdpError
-from jaxdp.runtime.trainer import build
+from jaxdp.lm import build
+from jaxdp.lm.config import load_preset
 
 NUM_STEPS = 5
 LOSS_RTOL = 1e-5

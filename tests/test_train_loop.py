@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.config import load_preset
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, train_and_evaluate
+from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, train_and_evaluate
 
 
 def config(**overrides):

@@ -20,14 +20,14 @@ import optax
 import pytest
 
 import jaxdp
-from jaxdp.config import load_preset
 from jaxdp.core import precision
 from jaxdp.core import step as steps
 from jaxdp.core.state import TrainState
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import build, train_and_evaluate
+from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
-from jaxdp.runtime.trainer import build, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK, WARMUP, MIN_RATIO = 3e-3, 5, 0.1  # tiny_cpu's learning rate, warmup and min_lr_ratio.

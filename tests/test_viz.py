@@ -12,8 +12,8 @@ from tensorboardX.proto import event_pb2
 from jaxdp.analysis.viz import loss_figure, save_loss_plot
 from jaxdp.cli.main import main
 from jaxdp.errors import JaxdpError
+from jaxdp.lm import train_and_evaluate
 from jaxdp.runtime.metrics import MetricsWriter, read_metrics
-from jaxdp.runtime.trainer import train_and_evaluate
 
 
 def read_events(workdir: str) -> list:
@@ -46,7 +46,7 @@ def scalars(workdir: str) -> dict[str, dict[int, float]]:
 def runs(tmp_path_factory):
   """A real tiny run of 10 steps on 2 devices, and a second run's metrics written through
   MetricsWriter (its losses 10% higher): plot reads only metrics.jsonl, so one training suffices."""
-  from jaxdp.config import load_preset
+  from jaxdp.lm.config import load_preset
   config = load_preset("tiny_cpu")
   config.num_steps, config.eval_every = 10, 5
   real = str(tmp_path_factory.mktemp("runs") / "tiny")

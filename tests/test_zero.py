@@ -10,10 +10,10 @@ import pytest
 
 from jaxdp import parallel
 from jaxdp.analysis import plan, verify
-from jaxdp.config import load_preset, validate
 from jaxdp.core import step as steps
 from jaxdp.errors import JaxdpError
-from jaxdp.runtime.trainer import build, load_for_inference, train_and_evaluate
+from jaxdp.lm import build, load_for_inference, train_and_evaluate
+from jaxdp.lm.config import load_preset, validate
 
 NUM_STEPS = 10
 ZERO = ("zero1", "zero2", "zero3")

@@ -76,9 +76,9 @@ def main(argv=None) -> int:
   import jax
   if jax.config.jax_platforms in (None, "", "cpu") and args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-  from jaxdp.config import load_preset
+  from jaxdp.lm import train_and_evaluate
+  from jaxdp.lm.config import load_preset
   from jaxdp.runtime.metrics import read_metrics
-  from jaxdp.runtime.trainer import train_and_evaluate
 
   thresholds = [float(t) for t in args.thresholds.split(",")]
   results = {}

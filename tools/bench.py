@@ -6,6 +6,8 @@
   python tools/bench.py --loader_data PREPARED_DIR,TOKENS.bin [--loader_batch 512]
                         [--loader_seq_len 1024] [--step_tokens_per_sec R] [--steps N]
   python tools/bench.py --generate 256 [--prompt_len 16] [--config ...] [--out FILE]
+  python tools/bench.py --compare torch [--steps 2000] [--round_steps 100] [--target_loss L]
+                        [--devices N] [--torch_compile auto|on|off] [--config.FIELD=VALUE ...]
 
 Every figure is a measurement of this run (ratios compare numbers taken in the same process):
   tokens_per_sec, step_time_s      jaxdp.runtime.loop.fit itself, as `jaxdp train` runs it
@@ -32,6 +34,11 @@ Every figure is a measurement of this run (ratios compare numbers taken in the s
                                    precision.
   --generate N                     instead of the above: greedy tokens/s of N new tokens with the
                                    key/value cache and without it, and the speed-up, on one device.
+  --compare torch                  instead: the same GPT, init, AdamW, batches and data trained by
+                                   jaxdp and by a PyTorch reference (tools/torch_reference.py) in
+                                   interleaved rounds on the same threads: tokens/s of each,
+                                   ratio_vs_torch, losses, time and tokens to a target eval loss,
+                                   time_to_target_ratio_vs_torch (tools/compare_torch.py).
 On a CPU host the "devices" are emulated: they share the host's cores, so scaling efficiency
 measures overhead, not a real speed-up.
 """
@@ -48,6 +55,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # compare_torch, torch_reference
 
 
 def parse_args(argv):
@@ -71,6 +79,16 @@ def parse_args(argv):
   parser.add_argument("--generate", type=int, default=0, metavar="N",
                       help="instead: time greedy generation of N new tokens, cached vs uncached")
   parser.add_argument("--prompt_len", type=int, default=16, help="--generate: prompt tokens")
+  parser.add_argument("--compare", default="", choices=("", "torch"),
+                      help="instead: train the baby config (tools/compare_torch.py) with jaxdp and "
+                           "with a PyTorch reference of the same model, interleaved, and compare")
+  parser.add_argument("--round_steps", type=int, default=100, help="--compare: steps per timed round")
+  parser.add_argument("--compare_eval_every", type=int, default=100,
+                      help="--compare: steps between evaluations (time to target is read at them)")
+  parser.add_argument("--target_loss", type=float, default=None,
+                      help="--compare: eval loss target (default: the reference's final eval loss)")
+  parser.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
+                      help="--compare: torch.compile the reference (auto: on GPU only)")
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -83,8 +101,8 @@ def parse_args(argv):
 
 def apply_overrides(config, overrides: dict[str, str]):
   """--config.FIELD=VALUE, with VALUE parsed as a Python literal (else kept as a string)."""
-  from jaxdp.config import field_names
   from jaxdp.errors import JaxdpError
+  from jaxdp.lm.config import field_names
   valid = set(field_names(config))
   for name, text in overrides.items():
     if name not in valid:
@@ -197,12 +215,13 @@ def run(args, overrides) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxdp.config import STRATEGIES, load_preset
   from jaxdp.core.precision import compute_dtype
+  from jaxdp.core.tree import count_params
   from jaxdp.errors import JaxdpError
-  from jaxdp.models.common import count_params
+  from jaxdp.lm import build, model_flops_per_device
+  from jaxdp.lm.config import load_preset
+  from jaxdp.parallel.choices import STRATEGIES
   from jaxdp.runtime import observe
-  from jaxdp.runtime.trainer import build
 
   def config_with(**fields):
     config = apply_overrides(load_preset(args.config), overrides)
@@ -301,8 +320,8 @@ def run(args, overrides) -> dict:
   # FLOPs: from the compiled step's HLO (one device's program, times the devices: each runs the
   # model on its rows), and from the formula.
   # A looped step (accumulation, remat scan) is counted on its loop-free lowering (see
-  # jaxdp.runtime.observe.model_flops_per_device): XLA counts a loop body once.
-  per_device = observe.model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
+  # jaxdp.lm.builder.model_flops_per_device): XLA counts a loop body once.
+  per_device = model_flops_per_device(config, trainer.dataset.tokenizer.vocab_size,
                                               step_devices, batch)
   report["flops_per_step_hlo"] = (per_device or observe.compiled_flops(compiled)) * n_step
   report["flops_per_token_hlo"] = report["flops_per_step_hlo"] / report["tokens_per_step"]
@@ -413,14 +432,15 @@ def loader_report(args, overrides) -> dict:
   training runs on a prefetch thread) on each --loader_data path at --loader_batch x
   --loader_seq_len tokens per step, and the headroom over --step_tokens_per_sec when given
   (loader tokens/s / step tokens/s: above 1 the loader keeps up on one thread)."""
-  from jaxdp.config import load_preset
   from jaxdp.data import Dataset
+  from jaxdp.lm.config import load_preset
+  from jaxdp.lm.spec import data_spec
   report = {"loader_batch": args.loader_batch, "loader_seq_len": args.loader_seq_len, "paths": {}}
   for path in args.loader_data.split(","):
     config = apply_overrides(load_preset(args.config), overrides)
     config.data.path, config.global_batch_size = path, args.loader_batch
     config.seq_len, config.grad_accum_steps = args.loader_seq_len, 1
-    dataset = Dataset(config)
+    dataset = Dataset(data_spec(config))
     dataset.train(0)  # Opens and touches the files once: first-access costs are not the rate.
     n = args.steps or 20
     start = time.perf_counter()
@@ -443,11 +463,11 @@ def run_generate(args, overrides) -> dict:
   import jax
   import numpy as np
 
-  from jaxdp import config as configs
   from jaxdp import models
-  from jaxdp.config import load_preset
   from jaxdp.data.pipeline import load_corpus
   from jaxdp.errors import JaxdpError
+  from jaxdp.lm.config import load_preset
+  from jaxdp.lm.spec import model_config
   from jaxdp.models.sampling import generate
 
   config = apply_overrides(load_preset(args.config), overrides)
@@ -457,7 +477,7 @@ def run_generate(args, overrides) -> dict:
                      f"{config.seq_len}: past it the window slides and nothing is cached; pass "
                      f"--config.seq_len={prompt_len + n}")
   tokens, tokenizer = load_corpus(config.data.path)
-  model = models.build(configs.model_config(config, tokenizer.vocab_size))
+  model = models.build(model_config(config, tokenizer.vocab_size))
   device = jax.devices()[0]
   params = jax.device_put(nn.unbox(jax.jit(model.init_fn)(jax.random.PRNGKey(config.seed))),
                           device)
@@ -519,6 +539,39 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
+def run_compare(args, overrides) -> dict:
+  """--compare torch: the baby config (BABY, then --config.FIELD overrides) through
+  tools/compare_torch.py on `--devices` devices (default: one per core on CPU, every GPU)."""
+  import compare_torch
+  import jax
+
+  from jaxdp.errors import JaxdpError
+  from jaxdp.lm.config import load_preset
+  config = load_preset(args.config)
+  apply_overrides(config, {k: repr(v) for k, v in compare_torch.BABY.items()})
+  apply_overrides(config, overrides)
+  if args.steps:
+    config.num_steps = args.steps
+  devices = jax.devices()
+  n = args.devices or (min(os.cpu_count() or 1, len(devices)) if devices[0].platform == "cpu"
+                       else len(devices))
+  if n > len(devices) or config.global_batch_size % n:
+    raise JaxdpError(f"--devices {n}: need at most {len(devices)} devices, dividing "
+                     f"global_batch_size {config.global_batch_size}; pick another --devices")
+  if args.round_steps < 1 or args.compare_eval_every < 1:
+    raise JaxdpError("--round_steps and --compare_eval_every must be >= 1")
+  compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
+  try:
+    report = compare_torch.compare(config, devices[:n], round_steps=args.round_steps,
+                                   eval_every=args.compare_eval_every, target_loss=args.target_loss,
+                                   torch_compile=compile_flag)
+  except ValueError as e:
+    raise JaxdpError(f"--compare torch: {e}") from None
+  return {"compare_torch": report, "host_cores": os.cpu_count(), "platform": devices[0].platform,
+          "ratio_vs_torch": report["ratio_vs_torch"],
+          "time_to_target_ratio_vs_torch": report["time_to_target_ratio_vs_torch"]}
+
+
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   import jax
@@ -529,6 +582,14 @@ def main(argv=None) -> int:
     if args.loader_data:
       report = loader_report(args, overrides)
       print(json.dumps(report, indent=1))
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(report, f, indent=1)
+      return 0
+    if args.compare:
+      report = run_compare(args, overrides)
+      import compare_torch
+      print(compare_torch.table(report["compare_torch"]))
       if args.out:
         with open(args.out, "w") as f:
           json.dump(report, f, indent=1)

@@ -63,10 +63,10 @@ OPTIMIZERS = {"adamw": {}, "sgd": {"optimizer": "sgd", "learning_rate": 0.3, "mo
 def run_one(args, optimizer: str, name: str, overrides: dict) -> dict:
   import jax
 
-  from jaxdp.config import load_preset
+  from jaxdp.lm import build, train_and_evaluate
+  from jaxdp.lm.config import load_preset
   from jaxdp.parallel.exchange import bytes_per_step, mean_bytes_per_step, stage_bytes
   from jaxdp.runtime.metrics import read_metrics
-  from jaxdp.runtime.trainer import build, train_and_evaluate
 
   config = load_preset(args.config)
   config.num_steps = args.steps

@@ -89,11 +89,11 @@ def main() -> None:
   from jax.sharding import PartitionSpec as P
   import numpy as np
 
-  from jaxdp.analysis.hlo import collective_bytes
-  from jaxdp.config import load_preset
-  from jaxdp.parallel import collectives as comm
+  from jaxdp.lm import train_and_evaluate
+  from jaxdp.lm.config import load_preset
+  from jaxdp.parallel import collectives
+  from jaxdp.parallel.hlo import collective_bytes
   from jaxdp.runtime.metrics import read_metrics
-  from jaxdp.runtime.trainer import train_and_evaluate
 
   rows = []
   for name, overrides in METHODS:
@@ -124,8 +124,8 @@ def main() -> None:
     mapped = jax.jit(jax.shard_map(lambda x: fn(x[0])[None], mesh=mesh, in_specs=P("data"),
                                    out_specs=P("data"), check_vma=False))
     return collective_bytes(mapped.lower(jnp.zeros((args.devices, params))).compile().as_text())
-  algorithms = {"ring": measured(lambda v: comm.ring_allreduce_sum(v, "data")),
-                "ps": measured(lambda v: comm.ps_allreduce_sum(v, "data")),
+  algorithms = {"ring": measured(lambda v: collectives.ring_allreduce_sum(v, "data")),
+                "ps": measured(lambda v: collectives.ps_allreduce_sum(v, "data")),
                 "naive": measured(lambda v: jax.lax.all_gather(v, "data").sum(0))}
   write_report(args, rows, dense, params, algorithms)
 
@@ -144,7 +144,7 @@ def write_report(args, rows, dense, params, algorithms) -> None:
       f"Preset `{args.config}` ({params} parameters, AdamW as configured), {args.steps} steps, "
       f"{n} emulated CPU devices, same seed and data for every method. Validation loss over 8 "
       "batches at the end. Bytes per step: mean bytes each device sends per optimizer step, "
-      "counted from the collectives of the compiled train step (`jaxdp.analysis.hlo.collective_bytes`): "
+      "counted from the collectives of the compiled train step (`jaxdp.parallel.hlo.collective_bytes`): "
       "all-reduce 2(N-1)/N x payload, all-gather and all-to-all (N-1)/N x result, "
       "collective-permute its operand from each source. Local SGD's parameter average runs in a "
       "conditional branch, weighted 1/H. tokens/s on a shared 2-core CPU is indicative only.", "",

@@ -25,7 +25,7 @@ HEADER = """# Configuration reference
 
 Every field below can be set on the command line with `--config.FIELD=VALUE` (for example
 `--config.model.n_layer=6`), or in a preset file (`--config PRESET|PATH`; presets live in
-`jaxdp/configs/`, e.g. `tiny_cpu`). In Python: `jaxdp.config.load_preset("default")` returns the
+`jaxdp/configs/`, e.g. `tiny_cpu`). In Python: `jaxdp.lm.config.load_preset("default")` returns the
 ConfigDict. Unknown field names are rejected with the list of valid ones.
 """
 

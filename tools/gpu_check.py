@@ -22,6 +22,9 @@ budget; every result is recorded and a failure never stops the run. Checks:
   generate           `jaxdp generate` from a short run: its tokens/s line (KV-cache decoding
                      where the installed jaxdp has it) and tokens per wall second
   pytest_gpu         the `gpu`-marked tests (tests/test_gpu.py)
+  compare_torch      tools/bench.py --compare torch: the baby GPT (4 layers, 128 wide, context 64,
+                     batch 12) trained by jaxdp and by its PyTorch reference (CUDA, torch.compile)
+                     on the same batches: tokens/s of each, ratio_vs_torch, time to target loss
 
 --dry-run runs every check on CPU with tiny sizes (the report is complete, "dry_run": true): CI
 runs it so the script cannot rot. Report: OUTDIR/gpu_check.json; log: OUTDIR/gpu_check.log.
@@ -47,8 +50,8 @@ sys.path.insert(0, REPO)
 BENCH_VARIANTS = {"bench_xla_none": ("xla", "none"), "bench_cudnn_none": ("cudnn", "none"),
                   "bench_xla_block": ("xla", "block")}
 # In the order they run: the headline numbers first, so a short budget still records them.
-CHECKS = ("environment", "bench_xla_none", "bench_cudnn_none", "precisions", "offload", "zero",
-          "generate", "pytest_gpu", "bench_xla_block")
+CHECKS = ("environment", "bench_xla_none", "bench_cudnn_none", "compare_torch", "precisions",
+          "offload", "zero", "generate", "pytest_gpu", "bench_xla_block")
 BENCH_FIELDS = ("attention", "attention_used", "remat", "params", "tokens_per_step", "tokens_per_sec",
                 "step_time_s", "compile_time_s", "mfu_datasheet", "mfu_measured_peak",
                 "datasheet_peak_flops", "measured_peak_flops", "peak_matmul", "flops_per_token_hlo",
@@ -67,9 +70,12 @@ FIELDS = {
     "generate": ("train_steps", "new_tokens", "tokens_per_sec", "tokens_per_sec_line", "cache",
                  "tokens_per_wall_sec", "wall_s"),
     "pytest_gpu": ("returncode", "passed", "failed", "skipped", "errors", "summary"),
+    "compare_torch": ("steps", "torch_device", "torch_compile", "jaxdp_tokens_per_sec",
+                      "torch_tokens_per_sec", "ratio_vs_torch", "time_to_target_ratio_vs_torch",
+                      "target_loss", "loss_difference_at_end"),
 }
 TIMEOUTS = {"environment": 60, "precisions": 120, "offload": 120, "zero": 120, "generate": 150,
-            "pytest_gpu": 180, **{name: 150 for name in BENCH_VARIANTS}}
+            "pytest_gpu": 180, "compare_torch": 150, **{name: 150 for name in BENCH_VARIANTS}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +111,38 @@ def check_environment(dry: bool, outdir: str):
              "device_memory_bytes": (stats or {}).get("bytes_limit"), "packages": packages,
              "jaxdp_path": os.path.dirname(jaxdp.__file__)}
   failures = [] if dry or device.platform == "gpu" else [f"no GPU: jax sees {device.platform}"]
+  return results, failures
+
+
+def check_compare_torch(dry: bool, outdir: str):
+  """tools/bench.py --compare torch on the first GPU: the baby GPT trained by jaxdp and by the
+  PyTorch reference (CUDA, torch.compile where it works), interleaved."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "tools", "bench.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  steps = 4 if dry else 1000
+  argv = ["--compare", "torch", "--steps", str(steps), "--devices", "1",
+          "--round_steps", "2" if dry else "100", "--compare_eval_every", "2" if dry else "200"]
+  if dry:
+    argv += ["--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2",
+             "--config.seq_len=16"]
+  args, overrides = bench.parse_args(argv)
+  report = bench.run_compare(args, overrides)
+  compare = report["compare_torch"]
+  import compare_torch
+  print(compare_torch.table(compare), flush=True)
+  results = {"steps": steps, "torch_device": compare["torch_device"],
+             "torch_compile": compare["torch_compile"],
+             "jaxdp_tokens_per_sec": compare["jaxdp"]["tokens_per_sec"],
+             "torch_tokens_per_sec": compare["torch"]["tokens_per_sec"],
+             "ratio_vs_torch": report["ratio_vs_torch"],
+             "time_to_target_ratio_vs_torch": report["time_to_target_ratio_vs_torch"],
+             "target_loss": compare["target_loss"],
+             "loss_difference_at_end": compare["loss_difference_at_end"], "argv": argv}
+  failures = []
+  if not abs(compare["loss_difference_at_end"]) < 1e-2 * abs(compare["torch"]["train_loss_at_end"]):
+    failures.append(f"jaxdp and the reference disagree on the loss: {compare['loss_difference_at_end']}")
   return results, failures
 
 
@@ -151,7 +189,7 @@ def check_bench(name: str, dry: bool, outdir: str):
 
 
 def _small_config(dry: bool, **fields):
-  from jaxdp.config import load_preset
+  from jaxdp.lm.config import load_preset
   c = load_preset("tiny_cpu")
   if not dry:  # A model that keeps a GPU busy for a moment, compiled in seconds.
     c.model.n_layer, c.model.d_model, c.model.n_head, c.seq_len = 4, 256, 4, 256
@@ -167,7 +205,7 @@ def _train(config, devices, steps: int, trainer=None):
   of `steps` steps of `config` (or of an already built `trainer`)."""
   import jax
 
-  from jaxdp.runtime.trainer import build
+  from jaxdp.lm import build
   trainer = trainer or build(config, devices)
   state = trainer.init_state()
   metrics = []
@@ -260,8 +298,8 @@ def check_offload(dry: bool, outdir: str):
 def check_zero(dry: bool, outdir: str):
   import jax
 
-  from jaxdp.analysis.hlo import collective_bytes
-  from jaxdp.runtime.trainer import build
+  from jaxdp.lm import build
+  from jaxdp.parallel.hlo import collective_bytes
   jax.config.update("jax_default_matmul_precision", "highest")  # As in check_offload.
   devices = _devices(dry)
   steps = 5

@@ -7,7 +7,7 @@ each strategy's and communication method's step time, and compare with the measu
    gradient arrays into one collective of many operands), and timed (the fastest of the
    repeats after a warm-up). Each op is fitted by least squares to
        t = alpha + delta * (operands - 1) + beta * buffer_bytes
-   where buffer_bytes is the op's full buffer as `analysis.hlo.collective_bytes` reads it from
+   where buffer_bytes is the op's full buffer as `parallel.hlo.collective_bytes` reads it from
    the compiled program (an all-reduce's operand, a reduce-scatter's input, an all-gather's
    output, a permute's operand): the same quantities the prediction reads from a step's HLO.
    Each time is net of a program that moves nothing (its launch and synchronisation), which
@@ -49,9 +49,8 @@ import ml_collections
 import numpy as np
 
 from jaxdp import parallel
-from jaxdp.analysis import hlo
-from jaxdp.parallel import exchange
-from jaxdp.runtime.trainer import build
+from jaxdp.lm import build
+from jaxdp.parallel import exchange, hlo
 
 OPS = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute")
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 19, 1 << 21)  # f32 elements per device (4 KiB .. 8 MiB).
@@ -325,6 +324,9 @@ def measure_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
 
 
 def format_measure(result: dict[str, Any]) -> str:
+  """The `jaxdp plan --measure` report of `measure_plan`'s result: link fits, then one line per
+  candidate (predicted, compute, comm and measured step times in ms; bytes per step).
+  """
   lines = [f"measured on {result['num_devices']} devices, mesh {result['mesh']}"]
   for axis, fits in result["fits"].items():
     for op, fit in fits.items():

@@ -21,12 +21,12 @@ import jax
 import ml_collections
 
 from jaxdp import parallel
-from jaxdp.analysis import hlo
-from jaxdp.config import STRATEGIES
 from jaxdp.core import step as steps
-from jaxdp.models.common import count_params
+from jaxdp.core.tree import count_params
+from jaxdp.lm import build
+from jaxdp.parallel import hlo
+from jaxdp.parallel.choices import STRATEGIES
 from jaxdp.runtime.loop import state_bytes_per_device
-from jaxdp.runtime.trainer import build
 
 # How many times its buffer each collective moves, in the paper's accounting.
 BUFFER_PASSES = {"all-reduce": 2, "reduce-scatter": 1, "all-gather": 1, "collective-permute": 1,

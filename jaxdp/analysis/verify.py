@@ -17,9 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdp.config import model_hidden
 from jaxdp.core import step as steps
-from jaxdp.runtime.trainer import Trainer, build
+from jaxdp.lm.builder import LMRun, build
+from jaxdp.lm.config import model_hidden
 
 # Float32 sums in another order differ in the last bits: losses agree to ~1e-6. Parameters drift
 # further because Adam divides by sqrt(nu): an element with a tiny second moment turns a last-bit
@@ -72,7 +72,7 @@ def case_config(config: ml_collections.ConfigDict, case: Case) -> ml_collections
   return config
 
 
-def run_trainer(trainer: Trainer, num_steps: int) -> tuple[list[float], Any, Any]:
+def run_trainer(trainer: LMRun, num_steps: int) -> tuple[list[float], Any, Any]:
   """(losses of steps 0..num_steps-1, final state, trainer) from a fresh state."""
   state = trainer.init_state()
   metrics = []
@@ -93,6 +93,7 @@ def run_reference(config: ml_collections.ConfigDict, device: jax.Device, num_ste
 
 def run_case(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], case: Case,
              num_steps: int):
+  """(losses, final state, trainer) of `num_steps` steps of `case` on `devices` (see run_trainer)."""
   trainer = build(case_config(config, case), devices)
   if case.compile_step is not None:
     trainer.dp.train_step = case.compile_step(trainer.dp.layout, trainer.model.loss_fn,
@@ -101,6 +102,9 @@ def run_case(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], c
 
 
 def relative_differences(losses, state, ref_losses, ref_state) -> dict[str, float]:
+  """{"loss": max over steps of |loss - ref| / |ref|, "params": max over arrays of
+  max|p - ref| / max|ref|} (dimensionless).
+  """
   loss = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
   leaves = zip(jax.tree.leaves(jax.device_get(state.params)),
                jax.tree.leaves(jax.device_get(ref_state.params)))

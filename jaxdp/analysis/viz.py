@@ -1,7 +1,8 @@
 """Loss curves of one or several runs from their metrics.jsonl: `jaxdp plot`.
 
 Pure up to the figure: `loss_figure` returns a matplotlib Figure (no pyplot, no global state);
-`save_loss_plot` writes it as a PNG.
+`save_loss_plot` writes it as a PNG. Targets reached (config.target_losses) are starred on the eval
+panel at the step of the evaluation that first reached them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ CURVES = (("train_loss", "train loss"), ("eval_loss", "eval loss"))
 
 
 def run_label(workdir: str) -> str:
+  """A run's name in the legend: the workdir's last path component."""
   return os.path.basename(os.path.normpath(workdir)) or workdir
 
 
@@ -37,6 +39,12 @@ def loss_curves(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
   return curves
 
 
+def target_marks(workdir: str) -> list[tuple[int, float]]:
+  """(step, target) of each "target_reached" event of the run (runtime/targets.py), in order."""
+  return [(r["step"], r["target"]) for r in read_metrics(workdir)
+          if r.get("event") == "target_reached"]
+
+
 def loss_figure(workdirs: Sequence[str], labels: Sequence[str] | None = None):
   """A figure with a train-loss and an eval-loss panel, one line per run, labelled by run."""
   from matplotlib.figure import Figure
@@ -48,10 +56,15 @@ def loss_figure(workdirs: Sequence[str], labels: Sequence[str] | None = None):
   curves = [loss_curves(w) for w in workdirs]
   figure = Figure(figsize=(11, 4), layout="constrained")
   for axes, (field, title) in zip(figure.subplots(1, len(CURVES)), CURVES):
-    for label, run in zip(labels, curves):
+    for label, run, workdir in zip(labels, curves, workdirs):
       steps, values = run[field]
       if steps:
-        axes.plot(steps, values, marker="o" if len(steps) < 3 else None, label=label)
+        line, = axes.plot(steps, values, marker="o" if len(steps) < 3 else None, label=label)
+        if field == "eval_loss":  # Where each target eval loss was first reached.
+          for step, target in target_marks(workdir):
+            axes.plot([step], [target], marker="*", markersize=12, color=line.get_color())
+            axes.annotate(f"{target:g}", (step, target), textcoords="offset points", xytext=(4, 4),
+                          fontsize=8, color=line.get_color())
     axes.set_title(title)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats/token)")

@@ -9,13 +9,14 @@ to another subcommand is refused instead of silently ignored. Nothing here impor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import difflib
 import os
 import re
 import textwrap
 import types
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from jaxdp.errors import JaxdpError
 
@@ -63,6 +64,7 @@ class Flag:
                        f"{self.range_text()}")
 
   def full_help(self) -> str:
+    """The help text with the valid range appended (the range that `check` enforces)."""
     text = self.help
     if self.range_text():
       text += f" Valid: {self.range_text()}."
@@ -77,6 +79,7 @@ class Flag:
     return f"--{self.name}={self.metavar}"
 
   def shown_default(self) -> str:
+    """The default as `--help` shows it: default_text, else the value (blank strings quoted)."""
     if self.default_text is not None:
       return self.default_text
     if self.kind == "bool":
@@ -94,6 +97,7 @@ def _number(x: float) -> str:
 
 def string(name: str, default: str | None, help: str, *, metavar: str = "TEXT",
            required: bool = False, default_text: str | None = None) -> Flag:
+  """A string flag."""
   return Flag(name, "string", default, help, metavar=metavar, required=required,
               default_text=default_text)
 
@@ -101,6 +105,7 @@ def string(name: str, default: str | None, help: str, *, metavar: str = "TEXT",
 def integer(name: str, default: int | None, help: str, *, metavar: str = "N",
             min: int | None = None, max: int | None = None, required: bool = False,
             default_text: str | None = None) -> Flag:
+  """An integer flag, valid in [min, max] (either bound optional)."""
   return Flag(name, "integer", default, help, metavar=metavar, min=min, max=max,
               required=required, default_text=default_text)
 
@@ -108,15 +113,18 @@ def integer(name: str, default: int | None, help: str, *, metavar: str = "N",
 def real(name: str, default: float | None, help: str, *, metavar: str = "X",
          min: float | None = None, max: float | None = None, min_open: bool = False,
          default_text: str | None = None) -> Flag:
+  """A float flag, valid in [min, max] ((min, max] with `min_open`; either bound optional)."""
   return Flag(name, "float", default, help, metavar=metavar, min=min, max=max,
               min_open=min_open, default_text=default_text)
 
 
 def boolean(name: str, default: bool, help: str) -> Flag:
+  """A boolean flag (--NAME / --noNAME)."""
   return Flag(name, "bool", default, help)
 
 
 def enum(name: str, default: str, choices: Sequence[str], help: str) -> Flag:
+  """A flag that takes one of `choices`."""
   return Flag(name, "enum", default, help, choices=tuple(choices))
 
 
@@ -142,9 +150,11 @@ class Command:
   no_config_hint: str = ""  # Why --config is refused here and what to do instead.
 
   def flag_names(self) -> set[str]:
+    """Every flag name this subcommand accepts (config flags included when it takes a config)."""
     return {f.name for f in self.flags} | ({"config", "help_config"} if self.config else set())
 
   def usage(self) -> str:
+    """The `usage:` line of `jaxdp NAME --help`, wrapped to the help width."""
     parts = [f"jaxdp {self.name}"]
     if self.config:
       parts.append("[--config PRESET|PATH] [--config.FIELD=VALUE ...]")
@@ -196,7 +206,8 @@ class Command:
     argv, launched = list(argv), []
     if self.passthrough and "--" in argv:
       argv, launched = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    config, config_path, fields = None, None, []
+    config: Any = None
+    config_path, fields = "", list[str]()  # Set, and read, only when the command takes a config.
     if self.config:
       config_path, argv = _take_config_arg(argv)
       config, fields = _load_config(config_path)
@@ -315,8 +326,9 @@ def _value_message(line: str) -> str:
 
 def _define(flag: Flag, values: Any) -> None:
   from absl import flags as absl_flags
-  define = {"string": absl_flags.DEFINE_string, "integer": absl_flags.DEFINE_integer,
-            "float": absl_flags.DEFINE_float, "bool": absl_flags.DEFINE_bool}
+  define: dict[str, Callable[..., Any]] = {
+      "string": absl_flags.DEFINE_string, "integer": absl_flags.DEFINE_integer,
+      "float": absl_flags.DEFINE_float, "bool": absl_flags.DEFINE_bool}
   if flag.kind == "enum":
     absl_flags.DEFINE_enum(flag.name, flag.default, list(flag.choices), flag.help,
                            flag_values=values)
@@ -331,7 +343,7 @@ def _take_config_arg(argv: list[str]) -> tuple[str, list[str]]:
   may come before or after `--config` (config_flags alone refuses an override before it).
   Given twice, the last one counts, as for any flag.
   """
-  from jaxdp.config import preset_path
+  from jaxdp.lm.config import preset_path
   found: list[str] = []
   rest: list[str] = []
   i = 0
@@ -356,7 +368,7 @@ def _take_config_arg(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def _load_config(path: str) -> tuple[Any, list[str]]:
-  from jaxdp.config import field_names, load_preset
+  from jaxdp.lm.config import field_names, load_preset
   config = load_preset(path)
   return config, field_names(config)
 
@@ -400,7 +412,7 @@ def _config_help() -> str:
   text = ("A preset name or a config file path (a Python file with get_config()); the run is "
           "defined by it and the --config.FIELD overrides.")
   try:
-    from jaxdp.config import list_presets
+    from jaxdp.lm.config import list_presets
     text += f" Presets: {', '.join(list_presets())}."
   except Exception:  # noqa: BLE001 - a broken preset folder must not break --help.
     pass

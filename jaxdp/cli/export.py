@@ -14,8 +14,10 @@ COMMAND = c.Command(
         "Converts the checkpoint --step (the latest by default) of the run in --workdir into a "
         "directory that transformers loads with AutoModelForCausalLM.from_pretrained(DIR) and "
         "AutoTokenizer.from_pretrained(DIR): a gpt model (learned positions) as GPT-2, a llama "
-        "model as Llama. Needs only the workdir (its checkpoint and tokenizer copy), not the "
-        "data."),
+        "model as Llama, or as Qwen2, Qwen3 or Mistral by config.model.variant. Weights past "
+        "--max_shard_size go into model-0000k-of-0000n.safetensors shards with "
+        "model.safetensors.index.json. Needs only the workdir (its checkpoint and tokenizer "
+        "copy), not the data."),
     no_config_hint="the model and its config come from the checkpoint in --workdir",
     flags=(
         c.string("workdir", "runs/default", "Run directory written by `jaxdp train`.",
@@ -24,14 +26,21 @@ COMMAND = c.Command(
                   default_text="the latest"),
         c.string("out", None, "Directory to write the Hugging Face model into (created if "
                  "missing; an earlier export there is replaced, other files are never).", metavar="DIR", required=True),
+        c.string("max_shard_size", "5GB", "Largest weights file; a larger model is written in "
+                 "shards of at most this size (GB is 10^9 bytes, GiB 2^30; a tensor larger than "
+                 "it gets a shard of its own).", metavar="SIZE"),
+        c.enum("dtype", "float32", ("float32", "bfloat16"), "Type of the exported tensors: "
+               "float32 is exact, bfloat16 rounds to nearest (half the bytes)."),
     ),
 )
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Writes the run's checkpoint (--step, default the latest) as a Hugging Face folder; exit 0."""
   c.setup_devices(1)  # One CPU device: the conversion is host work.
-  from jaxdp.runtime.hf import export
-  result = export(args.workdir, args.out, args.step)
-  print(f"exported step {result['step']} of {args.workdir} ({result['family']}) to {args.out}: "
+  from jaxdp.lm.hf_export import export
+  result = export(args.workdir, args.out, args.step, max_shard_size=args.max_shard_size,
+                  dtype=args.dtype)
+  print(f"exported step {result['step']} of {args.workdir} ({result['architecture']}) to {args.out}: "
         f"{', '.join(result['files'])}")
   return 0

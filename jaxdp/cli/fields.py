@@ -48,11 +48,11 @@ def parse_fields(source: str, filename: str = "<config>", strict: bool = True) -
     name = _dotted(node.targets[0])
     if name is None:
       continue
-    value = ast.get_source_segment(source, node.value)
+    value = ast.get_source_segment(source, node.value) or ""  # None only without positions.
     if value.endswith("ConfigDict()"):
       fields.append({"name": name, "section": True, "line": node.lineno})
       continue
-    doc = comments.get(node.end_lineno, "")
+    doc = comments.get(node.end_lineno or node.lineno, "")
     if not doc and strict:
       raise UndocumentedFieldError(f"{filename}:{node.lineno}: field {name!r} has no comment; "
                                    "document it with a trailing `# ...` on the same line")
@@ -64,7 +64,7 @@ def parse_fields(source: str, filename: str = "<config>", strict: bool = True) -
 
 def default_preset_source() -> tuple[str, str]:
   """(path, text) of the default preset, whose comments document every field."""
-  from jaxdp.config import preset_path
+  from jaxdp.lm.config import preset_path
   path = preset_path("default")
   with open(path) as f:
     return path, f.read()
@@ -88,7 +88,7 @@ def describe(config: Any, config_path: str, command: str) -> str:
   Fields come in the default preset's order, one block per section (top level first); fields
   the default preset lacks come last in their section.
   """
-  from jaxdp.config import field_names
+  from jaxdp.lm.config import field_names
   docs = field_docs()
   order = {name: i for i, name in enumerate(docs)}
   names = sorted(field_names(config), key=lambda n: (order.get(n, len(order)), n))

@@ -37,9 +37,10 @@ COMMAND = c.Command(
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Streams a continuation of --prompt to stdout and the tokens/s line to stderr; exit 0."""
   c.setup_devices(args.cpu_devices)
+  from jaxdp.lm import load_for_inference
   from jaxdp.models.sampling import generate
-  from jaxdp.runtime.trainer import load_for_inference
   params, model, tokenizer = load_for_inference(args.workdir)
   sys.stdout.write(args.prompt)
   tokens, shown = [], 0

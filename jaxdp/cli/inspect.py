@@ -19,6 +19,7 @@ COMMAND = c.Command(
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Prints each checkpoint of a workdir: step, metadata, config and arrays; exit 0."""
   from jaxdp.runtime.checkpoint import describe
   path = args.positional[0]
   steps = describe(path)
@@ -41,7 +42,7 @@ def run(args: types.SimpleNamespace) -> int:
 
 
 def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-  out = []
+  out: list[tuple[str, object]] = []
   for key, value in tree.items():
     out += _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
   return out

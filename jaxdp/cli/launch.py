@@ -38,6 +38,7 @@ def check_train_args(launched: list[str]) -> None:
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Starts --nprocs local `jaxdp train` processes; returns the exit status launch reports."""
   from jaxdp.runtime.launch import check_command, launch
   check_command(args.nprocs, args.launched)  # `train` after `--`, no flags that launch sets.
   check_train_args(args.launched)

@@ -19,11 +19,24 @@ import sys
 import traceback
 import types
 
-from jaxdp.cli import command, export, fields, generate, inspect, launch, plan, plot, prepare, train, verify
+from jaxdp.cli import (
+  command,
+  evaluate,
+  export,
+  fields,
+  generate,
+  inspect,
+  launch,
+  plan,
+  plot,
+  prepare,
+  train,
+  verify,
+)
 from jaxdp.errors import JaxdpError
 
 MODULES: dict[str, types.ModuleType] = {m.COMMAND.name: m for m in (
-    train, generate, launch, prepare, plot, inspect, plan, verify, export)}
+    train, generate, evaluate, launch, prepare, plot, inspect, plan, verify, export)}
 COMMANDS = tuple(MODULES)
 BROKEN_PIPE_STATUS = 141
 

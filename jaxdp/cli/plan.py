@@ -30,6 +30,7 @@ COMMAND = c.Command(
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Prints each strategy's memory and traffic for the config (--json, --measure); exit 0."""
   c.setup_devices(args.cpu_devices)
   from jaxdp.analysis.plan import format_table, plan
   result = plan(args.config)

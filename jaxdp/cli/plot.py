@@ -18,6 +18,7 @@ COMMAND = c.Command(
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Saves the loss curves of the given runs to --out and prints the file written; exit 0."""
   from jaxdp.analysis.viz import save_loss_plot
   print(f"wrote {save_loss_plot(args.positional, args.out)}")
   return 0

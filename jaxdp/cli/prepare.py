@@ -36,6 +36,7 @@ COMMAND = c.Command(
 
 
 def run(args: types.SimpleNamespace) -> int:
+  """Tokenises the inputs into a prepared directory (--out) and prints a summary; exit 0."""
   from jaxdp.data.prepare import prepare
   out = args.out
   manifest = prepare(args.positional, out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,

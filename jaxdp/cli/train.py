@@ -65,7 +65,7 @@ def run(args: types.SimpleNamespace) -> int:
   if args.multiprocess:
     print(group.describe(), flush=True)
   signals.check("while the process group was forming")
-  from jaxdp.runtime.trainer import train_and_evaluate
+  from jaxdp.lm import train_and_evaluate
   result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
                               allow_config_change=args.allow_config_change,
                               restore_from=args.restore_from)

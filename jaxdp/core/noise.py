@@ -44,6 +44,7 @@ class NoiseScaleEMA:
     self.decay, self.g2, self.trace, self.weight = decay, 0.0, 0.0, 0.0
 
   def update(self, g2: float, trace: float) -> None:
+    """Folds in one step's estimates (host floats, from `noise_terms`); skips non-finite ones."""
     if not (math.isfinite(g2) and math.isfinite(trace)):
       return
     self.g2 = self.decay * self.g2 + (1 - self.decay) * g2
@@ -52,6 +53,7 @@ class NoiseScaleEMA:
 
   @property
   def available(self) -> bool:
+    """Whether at least one finite estimate has been folded in."""
     return self.weight > 0
 
   @property

@@ -1,6 +1,6 @@
 """The optimizer of a run as one optax chain: clipping, the update rule, its schedule and
 decoupled weight decay, built from a typed `OptimizerConfig` (the ConfigDict stays at the edge:
-jaxdp.config.optimizer_config turns it into this).
+jaxdp.lm.spec.optimizer_config turns it into this).
 
 Every rule has the same shape: a direction d from the gradients, then decoupled weight decay on
 the parameters the decay mask selects, then the learning rate of the schedule:
@@ -14,20 +14,24 @@ rule so that `weight_decay` means the same thing whichever optimizer is chosen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdp.core.tree import path_names
 from jaxdp.errors import JaxdpError
 
 # optax ships Muon in optax.contrib (0.2.5 on); a later release may promote it to optax.muon.
 _CONTRIB = getattr(optax, "contrib", None)
-_MUON = getattr(optax, "muon", None) or getattr(_CONTRIB, "muon", None)
-_MUON_DIMS = getattr(optax, "MuonDimensionNumbers", None) or getattr(_CONTRIB, "MuonDimensionNumbers", None)
+# Any: optax's own callables when this version has them, else None (see OPTIMIZERS).
+_MUON: Any = getattr(optax, "muon", None) or getattr(_CONTRIB, "muon", None)
+_MUON_DIMS: Any = (getattr(optax, "MuonDimensionNumbers", None)
+                   or getattr(_CONTRIB, "MuonDimensionNumbers", None))
 OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor") + (("muon",) if _MUON is not None else ())
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -66,7 +70,7 @@ class OptimizerConfig:
   freeze_variance_after: int = 0
 
   def __post_init__(self):
-    # The ranges jaxdp.config.validate_optimizer checks, for users who build this directly:
+    # The ranges jaxdp.lm.config.validate_optimizer checks, for users who build this directly:
     # a negative grad_clip, say, must not silently mean "no clipping".
     muon = "" if _MUON is not None else f" (optax {optax.__version__} has no Muon)"
     for field, ok, need in (
@@ -137,17 +141,8 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 def _path_names(path: tuple) -> list[str]:
   """Lower-case names of a key path, without the trailing "value" of an NNX Variable."""
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)).lower())
-        break
-    else:
-      names.append(str(key).lower())
-  if len(names) > 1 and names[-1] == "value":
-    names.pop()
-  return names
+  names = [name.lower() for name in path_names(path)]
+  return names[:-1] if len(names) > 1 and names[-1] == "value" else names
 
 
 def _is_norm(name: str) -> bool:

@@ -12,16 +12,23 @@ under the run's nan_policy (see core.step.update_if_finite).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from jaxdp.core.choices import PRECISIONS  # noqa: F401  (precision's public list)
+
 MIN_LOSS_SCALE = 1.0  # The floor of the dynamic scale: an overflow there cannot be halved away.
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
-def compute_dtype(precision: str):
+def compute_dtype(precision: str) -> Any:
+  """The activation/matmul dtype of `precision` ("fp32", "bf16" or "fp16"): a jnp dtype.
+
+  Raises KeyError for any other name (config validation refuses those first).
+  """
   return COMPUTE_DTYPES[precision]
 
 
@@ -32,8 +39,14 @@ class LossScale:
   good_steps: jax.Array  # int32: finite steps since the scale last changed.
   period: int = flax.struct.field(pytree_node=False, default=0)  # 0: static scale, never skips.
 
+  if TYPE_CHECKING:
+    # flax.struct.dataclass attaches dataclasses.replace at run time; declared for the type checker.
+    def replace(self, **changes: Any) -> LossScale:
+      """A copy with the named fields changed (`dataclasses.replace`)."""
+
   @property
   def dynamic(self) -> bool:
+    """Whether the scale adapts (fp16 with period > 0) rather than staying a static 1."""
     return self.period > 0
 
 

@@ -6,7 +6,8 @@ examples into the seeded stream), so restoring `step` restores the input exactly
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -22,6 +23,13 @@ InitFn = Callable[[jax.Array], Any]
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything one optimizer step reads and writes: a pytree, checkpointed whole.
+
+  Where it lives is the strategy's choice (parallel/shardings.py): dp replicates it, the ZeRO
+  stages (Rajbhandari et al. 2020) split `opt_state` (zero1, zero2) and also `params` (zero3)
+  over the "data" mesh axis. `comm` holds per-device exchange state (error-feedback residuals,
+  PowerSGD's Q, ...). Fields are updated functionally with `state.replace(...)`.
+  """
   step: jax.Array  # int32 scalar: optimizer steps taken.
   params: Any  # Model parameters (float32 master copy).
   opt_state: Any  # Optimizer state (e.g. AdamW moments, schedule count).
@@ -34,6 +42,11 @@ class TrainState:
   # Per-device communication state (jaxdp/parallel/exchange.py): leaves [num_devices, ...]
   # sharded over "data"; empty for the dense default.
   comm: Any = flax.struct.field(default_factory=dict)
+
+  if TYPE_CHECKING:
+    # flax.struct.dataclass attaches dataclasses.replace at run time; declared for the type checker.
+    def replace(self, **changes: Any) -> TrainState:
+      """A copy with the named fields changed (`dataclasses.replace`)."""
 
 
 def init_state(init_fn: InitFn, tx: optax.GradientTransformation, seed: int,

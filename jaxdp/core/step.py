@@ -19,7 +19,8 @@ Batches are dicts of arrays laid out [A, b, ...]: A micro-batches (grad_accum_st
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 from jax import lax
@@ -41,6 +42,7 @@ class LossFn(Protocol):
   """(params, micro-batch [b, ...], rng or None) -> (loss_sum, weight_sum), float32 scalars."""
 
   def __call__(self, params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Sums (not means) over the rows of `batch`; `rng` is None during evaluation."""
     ...
 
 
@@ -216,7 +218,7 @@ def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
-               tx: optax.GradientTransformation, axis_name: str | None = None,
+               tx: optax.GradientTransformation, axis_name: str | tuple[str, ...] | None = None,
                exchange: GradientExchange | None = None, max_consecutive_skips: int = 0,
                compute_dtype: Any = None, noise_groups: int = 1,
                sum_groups: Callable[[Any], Any] | None = None
@@ -236,8 +238,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   overflows.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  scaling = state.loss_scale is not None and state.loss_scale.dynamic  # fp16 only.
-  scale = state.loss_scale.scale if scaling else None
+  dynamic_scale = state.loss_scale if state.loss_scale is not None and state.loss_scale.dynamic else None
+  scaling = dynamic_scale is not None  # fp16 only.
+  scale = dynamic_scale.scale if dynamic_scale is not None else None
   params = state.params
   if axis_name is not None:
     # Differentiate a per-device view of the replicated parameters: otherwise shard_map's
@@ -288,14 +291,14 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     return optax.apply_updates(state.params, updates), opt_state, state_comm
 
   new_state = update_if_finite(state, finite, optimizer_update, max_consecutive_skips,
-                               state.loss_scale if scaling else None, jnp.isfinite(loss_total))
+                               dynamic_scale, jnp.isfinite(loss_total))
   metrics = step_metrics(new_state, loss_total, tokens, grad_norm, noise_terms)
-  if scaling:
-    metrics["loss_scale"] = state.loss_scale.scale  # The scale this step ran with.
+  if dynamic_scale is not None:
+    metrics["loss_scale"] = dynamic_scale.scale  # The scale this step ran with.
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, loss_fn: LossFn, axis_name: str | None = None,
+def eval_step(params, batch: Batch, *, loss_fn: LossFn, axis_name: str | tuple[str, ...] | None = None,
               compute_dtype: Any = None) -> dict[str, jax.Array]:
   """{"loss_sum", "count"} over a batch [A, b, ...] (no randomness); the caller divides after
   summing batches."""

@@ -34,7 +34,7 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
   """
   if not spec or not spec.strip():
     return []
-  entries = []
+  entries: list[tuple[str, float]] = []
   for item in spec.split(","):
     path, sep, weight = item.strip().rpartition(":")
     try:
@@ -49,9 +49,9 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
                        "the sum of its weights")
     entries.append((path, value))
   total = sum(w for _, w in entries)
-  for path, weight in entries:
-    if weight / total < 1 / RESOLUTION:
-      raise JaxdpError(f"config.data.sources: {path!r} has weight {weight / total:.5f} of the "
+  for path, value in entries:
+    if value / total < 1 / RESOLUTION:
+      raise JaxdpError(f"config.data.sources: {path!r} has weight {value / total:.5f} of the "
                        f"total, below the resolution 1/{RESOLUTION}; raise it or leave it out")
   return [(path, w / total) for path, w in entries]
 

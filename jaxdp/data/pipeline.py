@@ -10,20 +10,21 @@ who computes a row, not which rows are in a step. Resuming at step `s` needs not
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 import hashlib
 import importlib.resources
 import json
 import os
 import queue
 import threading
-from typing import Callable, Iterator
 
 import grain
 import numpy as np
 
 from jaxdp.data import mixture as mixtures
 from jaxdp.data import tokenfiles
-from jaxdp.data.packing import PACKINGS, concat_example, example_fn
+from jaxdp.data.packing import concat_example, example_fn
+from jaxdp.data.spec import DataSpec
 from jaxdp.data.tokenizers import ByteTokenizer
 from jaxdp.errors import JaxdpError
 
@@ -31,6 +32,7 @@ BUILTIN_CORPUS = "tinyshakespeare"
 
 
 def builtin_corpus_path() -> str:
+  """The installed path of the built-in corpus (tinyshakespeare.txt, about 1 MB of text)."""
   return str(importlib.resources.files("jaxdp") / "assets" / "tinyshakespeare.txt")
 
 
@@ -65,7 +67,7 @@ def open_data(path: str, tokenizer: str = ""):
   return load_tokens(path), None, ByteTokenizer()
 
 
-def largest_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+def largest_id(tokens: np.ndarray | tokenfiles.ConcatTokens, chunk: int = 1 << 26) -> int:
   """The largest token id of a (memory-mapped) stream, read in chunks of `chunk` ids (bounded
   memory; a token file written with another tokenizer would otherwise index past the embedding)."""
   if not len(tokens):
@@ -130,7 +132,7 @@ def check_windows(part, name: str, seq_len: int) -> None:
 class WindowSource:
   """Random-access grain source: window i is tokens[i*T : i*T + T + 1] (inputs plus next token)."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray | tokenfiles.ConcatTokens, seq_len: int):
     self._tokens = tokens
     self._seq_len = seq_len
 
@@ -142,8 +144,10 @@ class WindowSource:
     # Reads this window only from a memory-mapped stream; ids are int32 whatever the file's dtype.
     return np.asarray(self._tokens[start:start + self._seq_len + 1], dtype=np.int32)
 
-  def windows(self, indices: np.ndarray) -> np.ndarray:
+  def windows(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
     """int32 [len(indices), T + 1]: the windows `indices` in one gather (rows = __getitem__)."""
+    if isinstance(self._tokens, tokenfiles.ConcatTokens):  # Several .bin shards: slices only.
+      return np.stack([self[int(i)] for i in np.ravel(indices)]).reshape(-1, self._seq_len + 1)
     starts = np.asarray(indices, np.int64)[:, None] * self._seq_len
     return np.asarray(self._tokens[starts + np.arange(self._seq_len + 1)], dtype=np.int32)
 
@@ -205,10 +209,13 @@ class Batches:
     self._accum = grad_accum_steps
 
   def example_ids(self, step: int) -> np.ndarray:
+    """int64 [A, global_batch / A]: the global example indices of step `step`'s batch, in order."""
     ids = step * self._batch + np.arange(self._batch)
     return ids.reshape(self._accum, self._batch // self._accum)
 
   def __call__(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    """The batch of step `step`, its `rows` only: each example's arrays as [A, len(rows), ...], plus
+    "ids" int32 [A, len(rows)] (global example indices, which key per-example randomness)."""
     ids = self.example_ids(step)[:, rows]
     if hasattr(self._examples, "examples"):  # Batched read (ShuffledWindows).
       batch = self._examples.examples(ids)
@@ -249,6 +256,9 @@ class EvalBatches:
     return (k * self._batch + np.arange(self._batch))[None]
 
   def __call__(self, k: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    """Evaluation batch `k`, its `rows` only: arrays [1, len(rows), ...] with padding rows' weights 0.
+
+    Raises IndexError for k outside [0, num_batches)."""
     ids = self.example_ids(k)[:, rows]
     real = ids < self.num_windows
     first = self._to_example(self._source[0])  # The shapes and dtypes of a row; padding copies them.
@@ -294,22 +304,23 @@ def _same_tokenizer(a, b) -> bool:
 
 
 class Dataset:
-  """The training and validation streams of one config: config.data.path, or the weighted
-  mixture config.data.sources (data/mixture.py), with config.data.packing (data/packing.py)."""
+  """The training and validation streams of a DataSpec: its path, or the weighted mixture of its
+  sources (data/mixture.py), packed by its packing (data/packing.py).
 
-  def __init__(self, config, tokenizer=None):
-    data = config.data
-    packing = data.get("packing", "concat")
-    if packing not in PACKINGS:
-      raise JaxdpError(f"config.data.packing={packing!r} is not one of {', '.join(PACKINGS)}")
-    specs = mixtures.parse_sources(data.get("sources", ""))
-    self.sources = specs or [(data.path, 1.0)]
+  Raises:
+    JaxdpError: data that does not exist, cannot be read or is too short for seq_len, sources
+      with different tokenizers (each message names the config.data field).
+  """
+
+  def __init__(self, spec: DataSpec, tokenizer=None):
+    specs = mixtures.parse_sources(spec.sources)
+    self.sources = specs or [(spec.path, 1.0)]
     if specs:
       for path, _ in specs:
         if not os.path.exists(path):
           raise JaxdpError(f"config.data.sources: {path!r} does not exist; give a directory written "
                            "by `jaxdp prepare`, a .bin token file (or folder) or a UTF-8 text file")
-    opened = [open_data(path, data.get("tokenizer", "")) for path, _ in self.sources]
+    opened = [open_data(path, spec.tokenizer) for path, _ in self.sources]
     self.tokenizer = tokenizer or opened[0][2]
     for (path, _), (_, _, tok) in zip(self.sources[1:], opened[1:]):
       if not _same_tokenizer(tok, opened[0][2]):
@@ -318,32 +329,33 @@ class Dataset:
     digests = [corpus_digest(path) for path, _ in self.sources]
     self.digest = digests[0] if not specs else hashlib.sha256(json.dumps(
         [[d, w] for d, (_, w) in zip(digests, self.sources)]).encode()).hexdigest()
-    to_example = example_fn(packing, getattr(self.tokenizer, "end_of_text", None))
+    to_example = example_fn(spec.packing, getattr(self.tokenizer, "end_of_text", None))
     train_sources, val_sources = [], []
     for train, val in ((o[0], o[1]) for o in opened):
       if val is None:
-        train, val = split_tokens(train, data.val_fraction, config.seq_len)
+        train, val = split_tokens(train, spec.val_fraction, spec.seq_len)
       else:
-        check_windows(train, "training", config.seq_len)
-        check_windows(val, "validation", config.seq_len)
-      train_sources.append(WindowSource(train, config.seq_len))
-      val_sources.append(WindowSource(val, config.seq_len))
+        check_windows(train, "training", spec.seq_len)
+        check_windows(val, "validation", spec.seq_len)
+      train_sources.append(WindowSource(train, spec.seq_len))
+      val_sources.append(WindowSource(val, spec.seq_len))
     self.train_sources = train_sources
     self.train_source = train_sources[0] if not specs else ConcatWindows(train_sources)
     self.val_source = val_sources[0] if not specs else ConcatWindows(val_sources)
     if specs:
       self.mixture = mixtures.Mixture([w for _, w in self.sources])
       examples = mixtures.MixedExamples(self.mixture, [
-          training_examples(s, config.seed + i, to_example) for i, s in enumerate(train_sources)])
+          training_examples(s, spec.seed + i, to_example) for i, s in enumerate(train_sources)])
     else:
       self.mixture = None
-      examples = ShuffledWindows(self.train_source, config.seed, to_example)
-    self.train = Batches(examples, config.global_batch_size, config.grad_accum_steps)
-    # Every validation window once (or the first config.eval_steps batches' worth).
-    self.val = EvalBatches(self.val_source, config.global_batch_size, config.eval_steps, to_example)
+      examples = ShuffledWindows(self.train_source, spec.seed, to_example)
+    self.train = Batches(examples, spec.global_batch_size, spec.grad_accum_steps)
+    # Every validation window once (or the first eval_steps batches' worth).
+    self.val = EvalBatches(self.val_source, spec.global_batch_size, spec.eval_steps, to_example)
 
   @property
   def examples_per_epoch(self) -> int:
+    """Training windows in one pass over the training split (all sources of a mixture)."""
     return len(self.train_source)
 
   def realised_mixture(self, num_examples: int) -> dict[str, float] | None:

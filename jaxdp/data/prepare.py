@@ -17,25 +17,25 @@ and options finds the manifest and does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import hashlib
 import json
 import os
 import re
 import sys
 import time
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from jaxdp.data import sources
 from jaxdp.data import tokenizers as toks
 from jaxdp.data.tokenizers import (  # noqa: F401 - re-exported: the names callers know.
-    END_OF_TEXT,
-    TOKENIZER_FILE,
-    BPETokenizer,
-    ByteTokenizer,
-    HFTokenizer,
-    train_bpe,
+  END_OF_TEXT,
+  TOKENIZER_FILE,
+  BPETokenizer,
+  ByteTokenizer,
+  HFTokenizer,
+  train_bpe,
 )
 from jaxdp.errors import JaxdpError, os_reason
 
@@ -55,11 +55,13 @@ OWN_FILES = frozenset(PREPARED_FILES) | {TOKENS_FILE + ".tmp", MANIFEST + ".tmp"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+  """The narrowest unsigned dtype holding ids < vocab_size: uint8, uint16 or uint32."""
   return np.dtype(np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16
                   else np.uint32)
 
 
 def sha256_file(path: str) -> str:
+  """Hex sha256 of the file at `path`, read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,6 +100,7 @@ class Progress:
       self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing")
 
   def update(self, tokens: int, text_bytes: int) -> None:
+    """Counts `tokens` more tokens from `text_bytes` bytes of input and reports when due."""
     self.tokens += tokens
     if self._bar is not None:
       self._bar.update(text_bytes)
@@ -108,9 +111,11 @@ class Progress:
             flush=True)
 
   def rate(self) -> float:
+    """Tokens per second since the start (wall clock)."""
     return self.tokens / max(time.monotonic() - self._start, 1e-9)
 
   def close(self) -> None:
+    """Closes the bar and prints the total (when enabled)."""
     if self._bar is not None:
       self._bar.close()
     if self._enabled:
@@ -304,11 +309,11 @@ def _encode(tok, path: str, text_field: str,
 
 # ---- Reading a prepared directory -------------------------------------------------------------
 
-def is_prepared(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, MANIFEST))
-
-
 def read_manifest(path: str) -> dict:
+  """The manifest of a prepared directory, as a dict.
+
+  Raises JaxdpError when the directory has no manifest, or one of another format or version.
+  """
   manifest_path = os.path.join(path, MANIFEST)
   if not os.path.isfile(manifest_path):
     raise JaxdpError(f"config.data.path={path!r} is a directory without {MANIFEST}; prepare it "

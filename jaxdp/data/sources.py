@@ -17,10 +17,10 @@ anyway (so the tokens equal those of the whole file for byte-level BPE tokenizer
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterator, Sequence
 import hashlib
 import json
 import os
-from typing import Iterator, Sequence
 
 from jaxdp.errors import JaxdpError
 

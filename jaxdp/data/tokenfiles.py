@@ -14,8 +14,8 @@ file does. The tokenizer is config.data.tokenizer, else a tokenizer.json beside 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
-from typing import Sequence
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class ConcatTokens:
   def __len__(self) -> int:
     return self._stop - self._start
 
-  def __getitem__(self, key: slice) -> "ConcatTokens":
+  def __getitem__(self, key: slice) -> ConcatTokens:
     start, stop, step = key.indices(len(self))
     if step != 1:
       raise ValueError("ConcatTokens supports contiguous slices only")

@@ -9,10 +9,10 @@ text), `encode_batch(texts)`, `decode(ids)` and `save(folder)`; `load(folder)` r
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import json
 import os
 import shutil
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -39,12 +39,15 @@ class ByteTokenizer:
   end_of_text = 0xFF
 
   def encode(self, text: str) -> np.ndarray:
+    """Text -> int32 ids [n], one per UTF-8 byte."""
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """`encode` of each text: a list of int32 [n_i]."""
     return [self.encode(t) for t in texts]
 
   def decode(self, ids) -> str:
+    """Ids (any int array or sequence) -> text; invalid UTF-8 becomes U+FFFD, 0xFF "<|endoftext|>"."""
     ids = [int(i) for i in np.asarray(ids).ravel()]
     parts, start = [], 0
     for i, token in enumerate(ids + [self.end_of_text]):
@@ -54,6 +57,7 @@ class ByteTokenizer:
     return END_OF_TEXT.join(parts)
 
   def save(self, folder: str) -> str:
+    """Writes byte.json into `folder` (which must exist); returns its path."""
     path = os.path.join(folder, BYTE_FILE)
     with open(path, "w") as f:
       json.dump({"kind": "byte", "vocab_size": self.vocab_size}, f)
@@ -82,7 +86,8 @@ class HFTokenizer:
     return self._tokenizer
 
   @classmethod
-  def from_file(cls, path: str, name: str = "hf") -> "HFTokenizer":
+  def from_file(cls, path: str, name: str = "hf") -> HFTokenizer:
+    """Loads a tokenizer.json; raises JaxdpError when the file cannot be read as one."""
     import tokenizers
     try:
       tokenizer = tokenizers.Tokenizer.from_file(path)
@@ -92,6 +97,7 @@ class HFTokenizer:
     return cls(tokenizer, name)
 
   def encode(self, text: str) -> np.ndarray:
+    """Text -> int32 ids [n] (no BOS or other template tokens)."""
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -100,10 +106,12 @@ class HFTokenizer:
             for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids) -> str:
+    """Ids (any int array or sequence) -> text, special tokens included."""
     return self._tokenizer.decode([int(i) for i in np.asarray(ids).ravel()],
                                   skip_special_tokens=False)
 
   def save(self, folder: str) -> str:
+    """Writes tokenizer.json into `folder` (which must exist); returns its path."""
     path = os.path.join(folder, TOKENIZER_FILE)
     self._tokenizer.save(path)
     return path
@@ -144,15 +152,19 @@ class TiktokenTokenizer:
     self.vocab_size = self.end_of_text + 1
 
   def encode(self, text: str) -> np.ndarray:
+    """Text -> int32 ids [n]; special tokens spelled in the text are encoded as text."""
     return np.asarray(self._encoding.encode_ordinary(text), np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """`encode` of each text (tiktoken's threaded batch): a list of int32 [n_i]."""
     return [np.asarray(e, np.int32) for e in self._encoding.encode_ordinary_batch(list(texts))]
 
   def decode(self, ids) -> str:
+    """Ids (any int array or sequence) -> text."""
     return self._encoding.decode([int(i) for i in np.asarray(ids).ravel()])
 
   def save(self, folder: str) -> str:
+    """Copies the .tiktoken file into `folder` as tokenizer.tiktoken; returns its path."""
     path = os.path.join(folder, TIKTOKEN_FILE)
     shutil.copyfile(self._path, path)
     return path

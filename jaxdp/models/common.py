@@ -7,8 +7,9 @@ Shapes: B batch, T sequence, D d_model, H query heads, G key/value heads, K head
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Literal, cast
 
 import flax.linen as nn
 import jax
@@ -40,9 +41,16 @@ class ModelConfig:
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
   remat: str = "none"  # Activation rematerialisation of each block: "none", "block" or "full".
   valid_vocab_size: int = 0  # Ids the tokenizer uses; the rest of vocab_size is padding. 0: all.
+  # Variants of the llama family (Qwen2/2.5, Qwen3, Mistral); gpt needs their defaults.
+  head_dim: int = 0  # Head size K independent of d_model / n_head (Qwen3); 0 means d_model // n_head.
+  qkv_bias: bool = False  # Biases on the q, k, v projections (Qwen2), not on the output one.
+  qk_norm: bool = False  # RMSNorm over each head's q and k before rotary positions (Qwen3).
+  sliding_window: int = 0  # Each query sees its last `sliding_window` positions, itself included; 0: all.
+  variant: str = ""  # The Hugging Face class export writes: "" is the family's own (models.hf).
 
   @property
   def kv_heads(self) -> int:
+    """Key/value heads G: n_kv_head, or n_head (plain multi-head attention) when it is 0."""
     return self.n_kv_head or self.n_head
 
   @property
@@ -52,8 +60,10 @@ class ModelConfig:
     return self.norm_eps or (1e-6 if self.family == "gpt" else 1e-5)
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_head
+  def head_size(self) -> int:
+    """Head size K: head_dim, or d_model // n_head when it is 0 (config validation then requires
+    n_head to divide d_model)."""
+    return self.head_dim or self.d_model // self.n_head
 
 
 def logical(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
@@ -75,7 +85,8 @@ class Linear(nn.Module):
   use_bias: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., in] -> [..., features] in `dtype`."""
     kernel = self.param("kernel", logical(init, self.names), (self.features, x.shape[-1]))  # [out, in]
     y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
@@ -103,31 +114,48 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
   return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def reference_attention(q, k, v, mask: jax.Array | None = None):
+def causal_mask(queries: jax.Array, keys: jax.Array, window: int = 0) -> jax.Array:
+  """bool [Q, S]: query at position queries[i] may see the key at keys[j] (int32 [Q], [S]): an
+  earlier or the same position, and with `window` > 0 one of the query's last `window` positions
+  (itself included; Mistral's sliding window, transformers' `kv_idx > q_idx - sliding_window`)."""
+  visible = keys[None, :] <= queries[:, None]
+  if window > 0:
+    visible &= queries[:, None] - keys[None, :] < window
+  return visible
+
+
+def reference_attention(q, k, v, mask: jax.Array | None = None, window: int = 0):
   """softmax(q k^T / sqrt(K) + causal mask) v, written out: the fallback and the test oracle.
 
   q [B, T, H, K]; k, v [B, T, G, K] with G dividing H (grouped-query attention: query head h
   reads key/value head h // (H / G)); `mask` bool [B, 1, T, T] (e.g. `segment_mask`), or None,
-  is combined with the causal mask.
+  is combined with the causal mask, restricted to the last `window` positions when > 0.
   """
   t, h, g = q.shape[1], q.shape[2], k.shape[2]
   k, v = jnp.repeat(k, h // g, axis=2), jnp.repeat(v, h // g, axis=2)  # [B, T, H, K]
   scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
-  causal = jnp.tril(jnp.ones((t, t), bool))
+  causal = causal_mask(jnp.arange(t), jnp.arange(t), window)
   mask = causal if mask is None else causal & mask
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqs,bshk->bqhk", probs, v)
 
 
-def attention(q, k, v, implementation: str, mask: jax.Array | None = None) -> jax.Array:
+def attention(q, k, v, implementation: str, mask: jax.Array | None = None,
+              window: int = 0) -> jax.Array:
   """Causal attention [B, T, H, K] by `implementation`: "reference" (einsum) or a
   jax.nn.dot_product_attention kernel ("xla", "cudnn"), which handles G < H itself. `mask` bool
-  [B, 1, T, T] or None further restricts which keys a query sees (document packing)."""
+  [B, 1, T, T] or None further restricts which keys a query sees (document packing); `window` > 0
+  to the query's last `window` positions (see `causal_mask`)."""
   if implementation == "reference":
-    return reference_attention(q, k, v, mask)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                      implementation=implementation)
+    return reference_attention(q, k, v, mask, window)
+  # The config admits only "xla" and "cudnn" past this point (lm/config.py); JAX refuses others.
+  kernel = cast(Literal["xla", "cudnn"], implementation)
+  # JAX's (left, right) window admits keys i - left .. i + right: left = window - 1 keeps
+  # `window` positions with the query's own, on both kernels (cuDNN takes it as left + 1).
+  local = (window - 1, 0) if window > 0 else None
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel,
+                                      local_window_size=local)
 
 
 # ---- Decoding from a key/value cache ---------------------------------------------------------
@@ -142,7 +170,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
   """An empty cache of `length` positions for a model of `cfg` (both families): per block,
   keys and values [batch, length, G, K] in the compute dtype and the next position "index"
   (int32), and the model's own "index" (for learned positions)."""
-  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+  shape = (batch, length, cfg.kv_heads, cfg.head_size)
 
   def layer():  # Distinct arrays per block: the decode step donates (reuses) each buffer.
     return {"attn": {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, cfg.dtype),
@@ -165,10 +193,11 @@ def advance(module: nn.Module, tokens: int) -> None:
 
 
 def cached_attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
-                     offset: jax.Array) -> jax.Array:
+                     offset: jax.Array, window: int = 0) -> jax.Array:
   """Causal attention of q [B, T, H, K] (positions offset..offset+T-1) over the cache of
   `module` after writing k, v [B, T, G, K] into it at `offset` (lax.dynamic_update_slice, so
-  one compiled step serves every position); masked positions are the empty cache slots."""
+  one compiled step serves every position); masked positions are the empty cache slots and,
+  with `window` > 0, those before each query's last `window` positions."""
   cache_k = jax.lax.dynamic_update_slice(module.get_variable(CACHE, "k"),
                                          k.astype(module.get_variable(CACHE, "k").dtype),
                                          (0, offset, 0, 0))
@@ -179,7 +208,7 @@ def cached_attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array
   module.put_variable(CACHE, "v", cache_v)
   advance(module, q.shape[1])
   length = cache_k.shape[1]
-  visible = jnp.arange(length)[None, :] <= offset + jnp.arange(q.shape[1])[:, None]  # [T, S]
+  visible = causal_mask(offset + jnp.arange(q.shape[1]), jnp.arange(length), window)  # [T, S]
   return jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
                                       mask=visible[None, None])
 
@@ -191,7 +220,7 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_savea
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: dict, x: jax.Array,
+def remat_scan(block: type[nn.Module], cfg: ModelConfig, params: Mapping[str, Any], x: jax.Array,
                deterministic: bool, dropout_key: jax.Array | None, *extra) -> jax.Array:
   """The blocks as one `lax.scan` over their stacked parameters, each step under jax.checkpoint.
 
@@ -261,8 +290,3 @@ def mask_padded_vocab(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
     return logits
   valid = jnp.arange(cfg.vocab_size) < cfg.valid_vocab_size
   return jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
-
-
-def count_params(params) -> int:
-  """Number of scalars in a parameter tree."""
-  return sum(x.size for x in jax.tree.leaves(params))

@@ -31,10 +31,13 @@ from jaxdp.models.common import (
 
 
 class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with a fused [D, 3, H, K] qkv kernel and biases."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool, mask=None, positions=None):
+    """x [B, T, D] -> [B, T, D]; `mask` bool [B, 1, T, T] or None, `positions` int32 [B, T] or None
+    (rotary positions; a decoding cache supplies its own)."""
     cfg = self.cfg
     head = cfg.d_model // cfg.n_head
     qkv = nn.DenseGeneral((3, cfg.n_head, head), dtype=cfg.dtype, name="qkv",
@@ -58,10 +61,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+  """Two-layer GELU MLP, D -> F = mlp_ratio * D -> D, with dropout on its output."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
+    """x [B, T, D] -> [B, T, D]."""
     cfg = self.cfg
     h = Linear(int(cfg.mlp_ratio * cfg.d_model), ("mlp", "embed"), dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
     h = nn.gelu(h)
@@ -70,10 +75,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+  """One pre-norm residual block: x + attn(LN(x)), then x + mlp(LN(x))."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool, mask=None, positions=None):
+    """x [B, T, D] -> [B, T, D]; `mask` and `positions` as in CausalSelfAttention."""
     x = x + CausalSelfAttention(self.cfg, name="attn")(layer_norm(self.cfg, "ln1")(x), deterministic,
                                                        mask, positions)
     x = x + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln2")(x), deterministic)
@@ -81,12 +88,14 @@ class Block(nn.Module):
 
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  """A LayerNorm over D with epsilon `cfg.eps`, in the compute dtype, its parameters named "embed"."""
   return nn.LayerNorm(epsilon=cfg.eps, dtype=cfg.dtype, name=name,
                       scale_init=logical(nn.initializers.ones, ("embed",)),
                       bias_init=logical(nn.initializers.zeros, ("embed",)))
 
 
 class GPT(nn.Module):
+  """The GPT-2 style decoder of `cfg` (family "gpt"); see the module docstring."""
   cfg: ModelConfig
 
   @nn.compact

@@ -1,7 +1,8 @@
 """The built-in models as Hugging Face checkpoints and back: pure mappings, no file access.
 
 `to_hf(params, cfg)` gives the `config.json` dict and the tensors (name -> float32 array) of
-the equivalent `transformers` model: `gpt` as `GPT2LMHeadModel`, `llama` as `LlamaForCausalLM`.
+the equivalent `transformers` model: `gpt` as `GPT2LMHeadModel`, `llama` as `LlamaForCausalLM`
+or, by cfg.variant, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `MistralForCausalLM`.
 `check_hf_config(hf, cfg)` says which jaxdp field differs from a checkpoint's config.json, and
 `from_hf(tensors, cfg)` turns the checkpoint's tensors into jaxdp's parameter tree.
 
@@ -17,6 +18,12 @@ modeling_llama.py, and jaxdp's gpt.py, llama.py, common.py):
   `rotate_half` convention with the same inverse frequencies theta^(-2i/K), so q/k weights map
   unpermuted (Meta's original interleaved checkpoints are already permuted by HF's converter).
 - Llama's weights are [out, in] like jaxdp's; q/k/v/o are flattened over (heads, head_dim).
+- The variants (transformers' modeling_qwen2.py, modeling_qwen3.py, modeling_mistral.py): Qwen2
+  adds biases to q_proj, k_proj, v_proj (never o_proj); Qwen3 applies q_norm and k_norm, RMSNorms
+  of one [head_dim] weight over each head, after the projection and before rotary, and takes
+  head_dim from config.json; Mistral (and Qwen with use_sliding_window) masks keys with
+  kv_idx <= q_idx - sliding_window (transformers' sliding_window_overlay), jaxdp's
+  `sliding_window`. A Qwen checkpoint whose layers mix sliding and full attention is refused.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ from typing import Any
 import numpy as np
 
 from jaxdp.errors import JaxdpError
+from jaxdp.models.choices import HF_CLASSES, check_variant
 from jaxdp.models.common import ModelConfig
 from jaxdp.models.llama import mlp_hidden
 
 # Tensors a checkpoint may hold that carry no parameter (buffers of older transformers).
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+# config.model.variant -> (transformers architecture, model_type); "" is plain Llama.
+ARCHITECTURES = {variant: (name, variant or "llama") for variant, name in HF_CLASSES.items()}
+VARIANT_OF_TYPE = {model_type: variant for variant, (_, model_type) in ARCHITECTURES.items()}
 
 
 def _np(x) -> np.ndarray:
@@ -64,15 +76,28 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False}
   if cfg.family == "llama":
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-            "hidden_size": cfg.d_model, "intermediate_size": mlp_hidden(cfg),
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-            "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
-            "rms_norm_eps": cfg.eps, "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "pretraining_tp": 1}
+    check_variant(cfg.family, cfg.variant, head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias,
+                  qk_norm=cfg.qk_norm, sliding_window=cfg.sliding_window)
+    architecture, model_type = ARCHITECTURES[cfg.variant]
+    out = {"architectures": [architecture], "model_type": model_type, **common,
+           "hidden_size": cfg.d_model, "intermediate_size": mlp_hidden(cfg),
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
+           "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
+           "rms_norm_eps": cfg.eps, "rope_theta": cfg.rope_theta,
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "attention_dropout": 0.0}
+    window = cfg.sliding_window or None
+    if cfg.variant == "":
+      out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif cfg.variant == "mistral":
+      out.update(sliding_window=window)
+    else:  # Qwen: every layer slides (max_window_layers 0) or none does.
+      out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
+                 layer_types=[("sliding" if window else "full") + "_attention"] * cfg.n_layer)
+      if cfg.variant == "qwen3":
+        out.update(attention_bias=False)
+    return out
   raise JaxdpError(f"config.model.family={cfg.family!r} has no Hugging Face export")
 
 
@@ -112,6 +137,10 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
       for name in ("q", "k", "v"):
         w = _np(a[f"w{name}"])  # [heads, K, D]
         out[o + f"self_attn.{name}_proj.weight"] = w.reshape(-1, d)
+        if cfg.qkv_bias:
+          out[o + f"self_attn.{name}_proj.bias"] = _np(a[f"b{name}"]).reshape(-1)  # [heads * K]
+        if cfg.qk_norm and name != "v":
+          out[o + f"self_attn.{name}_norm.weight"] = _np(a[f"{name}_norm"]["scale"])
       out[o + "self_attn.o_proj.weight"] = _np(a["wo"]).reshape(d, -1)  # [D, H, K] -> [D, H*K]
       for name, hf in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
         out[o + f"mlp.{hf}.weight"] = _np(p["mlp"][name])
@@ -159,30 +188,76 @@ def hf_fields(hf: dict) -> tuple[str, dict[str, Any]]:
                    "model.positions": "learned", "model.tie_embeddings": True,
                    "model.norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
                    "max_seq_len": hf.get("n_positions", hf.get("n_ctx"))}
-  if kind == "llama":
-    for field in ("attention_bias", "mlp_bias"):
-      if hf.get(field):
-        raise JaxdpError(f"the checkpoint's {field}=true: jaxdp's llama has no biases")
-    if hf.get("hidden_act", "silu") != "silu":
-      raise JaxdpError(f"the checkpoint's hidden_act={hf['hidden_act']!r} is not SwiGLU's silu")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or \
-        (hf.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default":
-      raise JaxdpError(f"the checkpoint's rope scaling {rope_type!r} is not plain rotary positions")
-    d, h = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // h) or d % h:
-      raise JaxdpError(f"the checkpoint's head_dim={hf.get('head_dim')} is not hidden_size / "
-                       f"num_attention_heads = {d}/{h}, which jaxdp's llama needs")
-    kv = hf.get("num_key_value_heads") or h
-    return "llama", {"model.n_layer": hf["num_hidden_layers"], "model.n_head": h,
-                     "model.d_model": d, "model.n_kv_head": 0 if kv == h else kv,
-                     "intermediate_size": hf["intermediate_size"],
-                     "model.rope_theta": hf_rope_theta(hf),
-                     "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-                     "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6))}
-  raise JaxdpError(f"the checkpoint's model_type={kind!r} is not gpt2 or llama, the two "
-                   "architectures jaxdp imports")
+  if kind in VARIANT_OF_TYPE:
+    return "llama", _llama_fields(hf, kind)
+  raise JaxdpError(f"the checkpoint's model_type={kind!r} is not one of gpt2, "
+                   f"{', '.join(VARIANT_OF_TYPE)}, the architectures jaxdp imports")
+
+
+def _llama_fields(hf: dict, kind: str) -> dict[str, Any]:
+  """hf_fields of the llama family's checkpoints (model_type llama, qwen2, qwen3, mistral)."""
+  # Options of the four classes that jaxdp's llama lacks, as (field, the value it has).
+  lacking = {"llama": (("attention_bias", False), ("mlp_bias", False)),
+             "qwen3": (("attention_bias", False),)}.get(kind, ())
+  for field, ok in lacking:
+    if bool(hf.get(field, ok)) != ok:
+      raise JaxdpError(f"the checkpoint's {field}={hf[field]} has no jaxdp equivalent (biases "
+                       f"on {'every attention projection' if field == 'attention_bias' else 'the MLP'})")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise JaxdpError(f"the checkpoint's hidden_act={hf['hidden_act']!r} is not SwiGLU's silu")
+  if float(hf.get("attention_dropout") or 0.0) != 0.0:
+    raise JaxdpError(f"the checkpoint's attention_dropout={hf['attention_dropout']} has no "
+                     "jaxdp equivalent (dropout on attention probabilities)")
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = scaling.get("rope_type", scaling.get("type")) or \
+      (hf.get("rope_parameters") or {}).get("rope_type", "default")
+  if rope_type != "default":
+    field = "rope_scaling" if scaling else "rope_parameters"  # transformers < 5, and 5.
+    raise JaxdpError(f"the checkpoint's {field} {rope_type!r} is not plain rotary positions")
+  partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                  hf.get("partial_rotary_factor", 1.0))
+  if float(partial) != 1.0:
+    raise JaxdpError(f"the checkpoint's partial_rotary_factor={partial} has no jaxdp equivalent "
+                     "(rotary positions on every head dimension)")
+  d, h = hf["hidden_size"], hf["num_attention_heads"]
+  head = hf.get("head_dim") or d // h
+  if head == d // h and d % h:
+    raise JaxdpError(f"the checkpoint's hidden_size={d} is not a multiple of "
+                     f"num_attention_heads={h}, and it gives no head_dim")
+  kv = hf.get("num_key_value_heads") or h
+  return {"model.variant": VARIANT_OF_TYPE[kind], "model.n_layer": hf["num_hidden_layers"],
+          "model.n_head": h, "model.d_model": d, "model.n_kv_head": 0 if kv == h else kv,
+          "head_size": head, "intermediate_size": hf["intermediate_size"],
+          "model.qkv_bias": kind == "qwen2", "model.qk_norm": kind == "qwen3",
+          "model.sliding_window": _sliding_window(hf, kind),
+          "model.rope_theta": hf_rope_theta(hf),
+          "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+          "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6))}
+
+
+def _sliding_window(hf: dict, kind: str) -> int:
+  """The sliding window every layer of the checkpoint uses, 0 for none; as transformers reads it:
+  Mistral's sliding_window applies to every layer; Qwen's only with use_sliding_window, to the
+  layers layer_types names (by default those from max_window_layers on); Llama has none.
+
+  Raises:
+    JaxdpError: a Qwen checkpoint whose layers mix sliding and full attention.
+  """
+  if kind == "mistral":
+    return int(hf.get("sliding_window") or 0)
+  if kind == "llama" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+    return 0
+  n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+  types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                    for i in range(n)]
+  if set(types) == {"full_attention"}:
+    return 0
+  if set(types) == {"sliding_attention"}:
+    return int(hf["sliding_window"])
+  why = (f"{types.count('sliding_attention')} of {n} sliding" if hf.get("layer_types")
+         else f"use_sliding_window with max_window_layers={first} of {n} layers")
+  raise JaxdpError(f"the checkpoint's layer_types mix sliding and full attention ({why}); jaxdp's "
+                   "sliding_window applies to every layer")
 
 
 def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
@@ -208,9 +283,11 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
           "model.n_kv_head": 0 if cfg.kv_heads == cfg.n_head else cfg.kv_heads,
           "model.positions": cfg.positions, "model.tie_embeddings": cfg.tie_embeddings,
           "model.rope_theta": cfg.rope_theta, "model.norm_eps": cfg.eps,
-          "model.mlp_ratio": cfg.mlp_ratio}
+          "model.mlp_ratio": cfg.mlp_ratio, "model.variant": cfg.variant,
+          "model.qkv_bias": cfg.qkv_bias, "model.qk_norm": cfg.qk_norm,
+          "model.sliding_window": cfg.sliding_window}
   for field, value in fields.items():
-    if field in ("max_seq_len", "intermediate_size"):
+    if field in ("max_seq_len", "intermediate_size", "head_size"):
       continue
     if field == "model.norm_eps" and not np.isclose(value, have[field], rtol=1e-6, atol=0):
       raise JaxdpError(f"config.model.norm_eps={have[field]:g} but {where} uses {value:g}; set "
@@ -223,20 +300,24 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
     raise JaxdpError(f"config.seq_len={cfg.seq_len} is longer than {where}'s n_positions="
                      f"{fields['max_seq_len']} learned positions; set --config.seq_len="
                      f"{fields['max_seq_len']} or less")
+  if family == "llama" and cfg.head_size != fields["head_size"]:
+    raise JaxdpError(f"config.model.head_dim={cfg.head_dim} gives heads of {cfg.head_size} but "
+                     f"{where} has head_dim={fields['head_size']}; set --config.model.head_dim="
+                     f"{fields['head_size']}")
   if family == "llama" and mlp_hidden(cfg) != fields["intermediate_size"]:
     width, exact = fields["intermediate_size"], 1.5 * fields["intermediate_size"] / cfg.d_model
     # The roundest ratio that gives the width (Llama's own rounding makes several do).
     fits = [r for r in (round(exact), round(exact * 2) / 2, round(exact, 3), exact)
             if r > 0 and mlp_hidden(dataclasses.replace(cfg, mlp_ratio=r)) == width]
     fix = f"set --config.model.mlp_ratio={fits[0]:g}" if fits else "no mlp_ratio gives that width"
-    raise JaxdpError(f"config.model.mlp_ratio={cfg.mlp_ratio} gives an MLP of {mlp_hidden(cfg)} "
+    raise JaxdpError(f"config.model.mlp_ratio={cfg.mlp_ratio:g} gives an MLP of {mlp_hidden(cfg)} "
                      f"but {where} has intermediate_size={width}; {fix}")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """The transformers tensor names and shapes a checkpoint of `cfg`'s model holds."""
-  d, k, f = cfg.d_model, cfg.head_dim, (int(cfg.mlp_ratio * cfg.d_model) if cfg.family == "gpt"
-                                        else mlp_hidden(cfg))
+  d, k, f = cfg.d_model, cfg.head_size, (int(cfg.mlp_ratio * cfg.d_model) if cfg.family == "gpt"
+                                         else mlp_hidden(cfg))
   if cfg.family == "gpt":
     shapes = {"transformer.wte.weight": (cfg.vocab_size, d), "transformer.ln_f.weight": (d,),
               "transformer.ln_f.bias": (d,)}
@@ -262,6 +343,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                    o + "self_attn.o_proj.weight": (d, cfg.n_head * k),
                    o + "mlp.gate_proj.weight": (f, d), o + "mlp.up_proj.weight": (f, d),
                    o + "mlp.down_proj.weight": (d, f)})
+    if cfg.qkv_bias:
+      shapes.update({o + "self_attn.q_proj.bias": (cfg.n_head * k,),
+                     o + "self_attn.k_proj.bias": (g * k,), o + "self_attn.v_proj.bias": (g * k,)})
+    if cfg.qk_norm:
+      shapes.update({o + "self_attn.q_norm.weight": (k,), o + "self_attn.k_norm.weight": (k,)})
   return shapes
 
 
@@ -289,7 +375,7 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
   for name, shape in shapes.items():
     if name not in tensors:
       raise JaxdpError(f"{where} has no tensor {name!r}, which config.model needs; is it a "
-                       f"{'GPT-2' if cfg.family == 'gpt' else 'Llama'} checkpoint of this size?")
+                       f"{'GPT-2' if cfg.family == 'gpt' else ARCHITECTURES[cfg.variant][0]} checkpoint of this size?")
     if tuple(tensors[name].shape) != shape:
       raise JaxdpError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                        f"config.model needs {list(shape)}")
@@ -300,7 +386,7 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
     raise JaxdpError(f"{where} has tensor {extra[0]!r} that jaxdp's {cfg.family} has no place "
                      f"for ({len(extra)} such); it is another architecture or variant")
   t = {k: _np(v) for k, v in tensors.items()}
-  d, h, k, g = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.kv_heads
+  d, h, k, g = cfg.d_model, cfg.n_head, cfg.head_size, cfg.kv_heads
   if cfg.family == "gpt":
     if "transformer.wpe.weight" not in t or t["transformer.wpe.weight"].shape[1] != d \
         or t["transformer.wpe.weight"].shape[0] < cfg.seq_len:
@@ -340,4 +426,12 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
                  "wo": t[o + "self_attn.o_proj.weight"].reshape(d, h, k)},
         "mlp": {"w_gate": t[o + "mlp.gate_proj.weight"], "w_up": t[o + "mlp.up_proj.weight"],
                 "w_down": t[o + "mlp.down_proj.weight"]}}
+    attn = params[f"block_{i}"]["attn"]
+    if cfg.qkv_bias:
+      attn.update(bq=t[o + "self_attn.q_proj.bias"].reshape(h, k),
+                  bk=t[o + "self_attn.k_proj.bias"].reshape(g, k),
+                  bv=t[o + "self_attn.v_proj.bias"].reshape(g, k))
+    if cfg.qk_norm:
+      attn.update(q_norm={"scale": t[o + "self_attn.q_norm.weight"]},
+                  k_norm={"scale": t[o + "self_attn.k_norm.weight"]})
   return params

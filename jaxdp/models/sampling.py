@@ -12,9 +12,10 @@ Tokens are yielded as they are drawn, for streaming output.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
 import functools
-from typing import Iterator
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -53,7 +54,8 @@ _SAMPLING = ("temperature", "top_k", "top_p")
 @functools.partial(jax.jit, static_argnames=("model",) + _SAMPLING)
 def _next_token(params, window, length, key, *, model: nn.Module, temperature: float, top_k: int,
                 top_p: float):
-  logits = model.apply({"params": params}, window)[0, length - 1]  # [V]
+  # Without `mutable`, apply returns the model's output alone (flax types it as a union).
+  logits = cast(jax.Array, model.apply({"params": params}, window))[0, length - 1]  # [V]
   return _pick(logits, key, temperature, top_k, top_p)
 
 
@@ -85,8 +87,12 @@ def decoding_model(model: nn.Module) -> nn.Module:
 def generate(params, model: nn.Module, prompt: np.ndarray, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, cache: bool = True) -> Iterator[int]:
-  """Yields `max_new_tokens` token ids continuing `prompt` (temperature 0 is greedy).
+  """Yields `max_new_tokens` token ids (Python ints) continuing `prompt` (temperature 0 is greedy).
 
+  `params` are the model's parameters (the float32 tree `init_fn` makes; no batch or device axis);
+  `model` a built-in module (GPT, Llama) whose `cfg.seq_len` bounds the attended window; `prompt`
+  token ids [P] (an empty prompt starts from id 0). `top_k` 0 and `top_p` 1.0 disable those
+  filters; token i is drawn with the key fold_in(PRNGKey(seed), i).
   `cache`: decode from a key/value cache (prefill once, then one position per token); False
   recomputes the whole window for every token. Same tokens either way (see the module doc).
   """
@@ -109,10 +115,10 @@ def generate(params, model: nn.Module, prompt: np.ndarray, max_new_tokens: int, 
                                   **sampling)
     else:
       state = None  # The window slides from here on: positions move, the cache cannot serve.
-      window = context[-seq_len:]
+      recent = context[-seq_len:]
       padded = np.zeros((1, seq_len), np.int32)
-      padded[0, :len(window)] = window
-      token = _next_token(params, padded, len(window), step_key, **sampling)
+      padded[0, :len(recent)] = recent
+      token = _next_token(params, padded, len(recent), step_key, **sampling)
     token = int(token)
     context.append(token)
     yield token

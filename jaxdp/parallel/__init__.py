@@ -1,44 +1,40 @@
 """Data parallelism over a device mesh: meshes, shardings, compiled steps, gradient exchange,
 local SGD, and `DataParallel`, the public entry point for any model.
 
-Imports nothing of jaxdp's runtime: only jaxdp.core, jaxdp.errors and HLO byte counting.
+Imports nothing of jaxdp's runtime: only jaxdp.core and jaxdp.errors. Names are imported on
+first use, so jaxdp.parallel.choices (strategies, NaN policies, exchange rules) is read without
+loading JAX.
 """
 
-from jaxdp.parallel.compile import (
-                                    compile_eval_step,
-                                    compile_train_step,
-                                    pmap_train_step,
-                                    replicate,
-                                    split_for_pmap,
-                                    unreplicate,
-)
-from jaxdp.parallel.data_parallel import DataParallel, example_weights
-from jaxdp.parallel.exchange import CommConfig
-from jaxdp.parallel.mesh import (
-                                    BATCH_SPEC,
-                                    DATA,
-                                    MODEL,
-                                    REPLICA,
-                                    batch_axes,
-                                    batch_sharding,
-                                    make_mesh,
-                                    process_rows,
-                                    put_batch,
-                                    replicated,
-)
-from jaxdp.parallel.shardings import (
-                                    DEFAULT_RULES,
-                                    ZERO_PARTS,
-                                    Layout,
-                                    check_offload,
-                                    gradient_shardings,
-                                    path_names,
-                                    replicated_report,
-                                    state_shardings,
-)
+import importlib
+from typing import Any
 
-__all__ = ["BATCH_SPEC", "CommConfig", "DATA", "DEFAULT_RULES", "DataParallel", "Layout", "MODEL",
-           "REPLICA", "ZERO_PARTS", "batch_axes", "batch_sharding", "check_offload", "compile_eval_step",
-           "compile_train_step", "example_weights", "gradient_shardings", "make_mesh",
-           "path_names", "pmap_train_step", "process_rows", "put_batch", "replicate",
-           "replicated", "replicated_report", "split_for_pmap", "state_shardings", "unreplicate"]
+from jaxdp.parallel.choices import NAN_POLICIES as NAN_POLICIES
+from jaxdp.parallel.choices import STRATEGIES as STRATEGIES
+
+# Name -> the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(("DataParallel", "example_weights"), "jaxdp.parallel.data_parallel"),
+    "CommConfig": "jaxdp.parallel.exchange",
+    **dict.fromkeys(("BATCH_SPEC", "DATA", "MODEL", "REPLICA", "batch_axes", "batch_sharding",
+                     "make_mesh", "process_rows", "put_batch", "replicated"), "jaxdp.parallel.mesh"),
+    **dict.fromkeys(("DEFAULT_RULES", "ZERO_PARTS", "Layout", "check_offload", "gradient_shardings",
+                     "replicated_report", "state_shardings"), "jaxdp.parallel.shardings"),
+    "path_names": "jaxdp.core.tree",
+    **dict.fromkeys(("compile_eval_step", "compile_train_step", "pmap_train_step", "replicate",
+                     "split_for_pmap", "unreplicate"), "jaxdp.parallel.steps"),
+}
+
+__all__ = sorted([*_EXPORTS, "NAN_POLICIES", "STRATEGIES"])
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'jaxdp.parallel' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -11,7 +11,7 @@ Pure functions meant to run inside `jax.shard_map` over a mesh axis (named by `a
     `shared_index_mean`: random-k with a seed shared by all devices, so only values travel);
   - `quantized_mean`: int8 (per-chunk scale) or bf16 all-reduce as an all-to-all reduce-scatter
     of encoded chunks, an f32 sum, and an all-gather of the re-encoded reduced chunks.
-Their bytes are counted from the compiled program by `jaxdp.analysis.hlo`.
+Their bytes are counted from the compiled program by `jaxdp.parallel.hlo`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _pad_to_rows(flat: jax.Array, rows: int, multiple: int = 1) -> jax.Array:
   return jnp.pad(flat, (0, rows * cols - flat.size)).reshape(rows, cols)
 
 
-def ring_allreduce_sum(x: jax.Array, axis_name: str) -> jax.Array:
+def ring_allreduce_sum(x: jax.Array, axis_name: str | tuple[str, ...]) -> jax.Array:
   """Sum of `x` over `axis_name` by ring reduce-scatter + ring all-gather (2(N-1) ppermutes).
 
   After the reduce-scatter device i holds the full sum of chunk (i+1) mod N; each chunk's sum is
@@ -55,7 +55,7 @@ def ring_allreduce_sum(x: jax.Array, axis_name: str) -> jax.Array:
   return buf.reshape(-1)[:x.size].reshape(x.shape)
 
 
-def ps_allreduce_sum(x: jax.Array, axis_name: str) -> jax.Array:
+def ps_allreduce_sum(x: jax.Array, axis_name: str | tuple[str, ...]) -> jax.Array:
   """Sum over `axis_name` via a server (device 0): N-1 sends in, N-1 sends out, all through it."""
   n = lax.axis_size(axis_name)
   me = lax.axis_index(axis_name)
@@ -68,7 +68,7 @@ def ps_allreduce_sum(x: jax.Array, axis_name: str) -> jax.Array:
   return result
 
 
-def allreduce_mean(tree: Any, axis_name: str, method: str) -> Any:
+def allreduce_mean(tree: Any, axis_name: str | tuple[str, ...], method: str) -> Any:
   """Mean of a pytree over `axis_name` by "pmean" (XLA all-reduce), "ring" or "ps"."""
   if method == "pmean":
     return lax.pmean(tree, axis_name)
@@ -83,13 +83,18 @@ def num_kept(ratio: float, size: int) -> int:
 
 
 def topk_select(v: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(values, int32 indices) of the k largest-magnitude entries of a flat vector."""
+  """(values, int32 indices) of the k largest-magnitude entries of a flat vector [d].
+
+  Top-k sparsification as in Stich et al. 2018 ("Sparsified SGD with Memory") and Deep Gradient
+  Compression (Lin et al. 2018); their error feedback lives in exchange.reduce_gradients.
+  """
   _, indices = lax.top_k(jnp.abs(v), k)
   return v[indices], indices.astype(jnp.int32)
 
 
 def randomk_indices(key: jax.Array, size: int, k: int) -> jax.Array:
-  """k distinct indices of [0, size), uniform; the same key gives the same indices everywhere."""
+  """k distinct int32 indices of [0, size), uniform (random-k, Stich et al. 2018); the same key
+  gives the same indices on every device."""
   return jax.random.choice(key, size, (k,), replace=False).astype(jnp.int32)
 
 
@@ -98,7 +103,8 @@ def densify(values: jax.Array, indices: jax.Array, size: int) -> jax.Array:
   return jnp.zeros((size,), values.dtype).at[indices.reshape(-1)].add(values.reshape(-1))
 
 
-def sparse_mean(values: jax.Array, indices: jax.Array, size: int, axis_name: str) -> jax.Array:
+def sparse_mean(values: jax.Array, indices: jax.Array, size: int,
+                axis_name: str | tuple[str, ...]) -> jax.Array:
   """Mean over devices of sparse vectors whose indices differ per device.
 
   Values and indices are all-gathered ([N, k] each) and scatter-added, so an index picked by
@@ -109,7 +115,7 @@ def sparse_mean(values: jax.Array, indices: jax.Array, size: int, axis_name: str
   return densify(all_values, all_indices, size) / lax.axis_size(axis_name)
 
 
-def shared_index_mean(values: jax.Array, indices: jax.Array, size: int, axis_name: str,
+def shared_index_mean(values: jax.Array, indices: jax.Array, size: int, axis_name: str | tuple[str, ...],
                       method: str) -> jax.Array:
   """Mean of sparse vectors that share `indices` on every device: only the values travel."""
   return densify(allreduce_mean(values, axis_name, method), indices, size)
@@ -128,13 +134,15 @@ def encode(x: jax.Array, codec: str) -> tuple[jax.Array, jax.Array]:
 
 
 def decode(payload: jax.Array, scales: jax.Array, codec: str) -> jax.Array:
+  """The inverse of `encode`: (payload, scales) -> float32 [..., c] (int8: payload times its
+  chunk's scale; bf16: the uint16 bits read back as bfloat16)."""
   if codec == "bf16":
     return lax.bitcast_convert_type(payload, jnp.bfloat16).astype(jnp.float32)
   blocks = payload.astype(jnp.float32).reshape(payload.shape[:-1] + (-1, INT8_CHUNK))
   return (blocks * scales[..., None]).reshape(payload.shape)
 
 
-def quantized_mean(v: jax.Array, codec: str, axis_name: str) -> tuple[jax.Array, jax.Array]:
+def quantized_mean(v: jax.Array, codec: str, axis_name: str | tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
   """(mean over devices, this device's decoded contribution) of a flat f32 vector.
 
   Reduce-scatter is an all-to-all of encoded chunks (each device receives every device's copy

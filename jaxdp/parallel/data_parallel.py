@@ -15,7 +15,9 @@ communication method and NaN policy are this object's choices, never the model's
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +25,12 @@ from jax.sharding import Mesh
 import numpy as np
 import optax
 
-from jaxdp.core.precision import COMPUTE_DTYPES, PRECISIONS, initial_loss_scale
+from jaxdp.core.precision import COMPUTE_DTYPES, initial_loss_scale
 from jaxdp.core.state import InitFn, TrainState, init_state
 from jaxdp.core.step import LossFn
 from jaxdp.errors import JaxdpError
-from jaxdp.parallel import compile as compiled
-from jaxdp.parallel import shardings
+from jaxdp.parallel import shardings, steps
+from jaxdp.parallel.choices import check_step
 from jaxdp.parallel.exchange import CommConfig, with_comm_state
 from jaxdp.parallel.mesh import (
   DATA,
@@ -40,14 +42,6 @@ from jaxdp.parallel.mesh import (
   process_rows,
   put_batch,
 )
-
-STRATEGIES = ("dp", "zero1", "zero2", "zero3")
-NAN_POLICIES = ("halt", "skip")
-
-
-def _choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise JaxdpError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 class DataParallel:
@@ -84,9 +78,6 @@ class DataParallel:
                logical_axis_rules: Sequence[tuple[str, str | None]] = shardings.DEFAULT_RULES,
                max_consecutive_skips: int = 10, loss_scale_init: float = 2.0 ** 15,
                loss_scale_period: int = 200, offload_optimizer: bool = False):
-    _choice("strategy", strategy, STRATEGIES)
-    _choice("precision", precision, PRECISIONS)
-    _choice("nan_policy", nan_policy, NAN_POLICIES)
     if grad_accum_steps < 1:
       raise JaxdpError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
     if mesh is not None and devices is not None:
@@ -101,19 +92,9 @@ class DataParallel:
                        "('replica', 'data', 'model'); build it with "
                        "jaxdp.make_mesh(devices, data, model, replica)")
     self.comm = comm or CommConfig()
-    if REPLICA in self.mesh.axis_names and not self.comm.dense:
-      raise JaxdpError("a mesh with a 'replica' axis supports only the dense all-reduce; use "
-                       "CommConfig() (pmean, no compression, every step) or replica=1")
-    if not self.comm.dense and strategy != "dp":
-      raise JaxdpError(f"strategy={strategy!r} supports only the dense all-reduce; use "
-                       "strategy='dp' with a communication method")
-    if self.comm.sync == "local_sgd" and precision == "fp16":
-      raise JaxdpError("comm sync='local_sgd' has no loss scaling; use precision='fp32' or 'bf16'")
-    if self.mesh.shape[MODEL] > 1 and strategy == "dp":
-      raise JaxdpError(f"mesh model={self.mesh.shape[MODEL]} needs a jit strategy (zero1, zero2, "
-                       "zero3); strategy='dp' is data parallel only")
-    if offload_optimizer and strategy == "dp":
-      raise JaxdpError("offload_optimizer=True needs a ZeRO strategy (zero1, zero2, zero3)")
+    check_step(strategy=strategy, precision=precision, nan_policy=nan_policy,
+               comm=dataclasses.asdict(self.comm), mesh_model=self.mesh.shape[MODEL],
+               mesh_replica=self.mesh.shape.get(REPLICA, 1), offload_optimizer=offload_optimizer)
     self.loss_fn, self.tx, self.strategy = loss_fn, tx, strategy
     self.grad_accum_steps, self.precision, self.nan_policy = grad_accum_steps, precision, nan_policy
     self.param_dims, self.rules = param_dims, tuple(logical_axis_rules)
@@ -124,8 +105,8 @@ class DataParallel:
     self._prepared: tuple | None = None  # (init_fn, seed) the layout and steps were built for.
     self.layout: shardings.Layout | None = None
     self.state_sharding = None
-    self.train_step: Callable | None = None
-    self.eval_step: Callable | None = None
+    self.train_step: jax.stages.Wrapped | None = None
+    self.eval_step: jax.stages.Wrapped | None = None
     # XLA:CPU's emulated devices abort (a collective's rendezvous times out) when hundreds of
     # steps are queued without waiting; on CPU the step waits for the one two steps back,
     # which keeps the next step's dispatch overlapped with the current one.
@@ -165,10 +146,10 @@ class DataParallel:
     abstract = jax.eval_shape(lambda: self._fresh_state(init_fn, seed))
     self.state_sharding = shardings.state_shardings(self.strategy, self.layout, abstract,
                                                     self.offload_optimizer)
-    self.train_step = compiled.compile_train_step(
+    self.train_step = steps.compile_train_step(
         self.strategy, self.layout, self.loss_fn, self.tx, self.state_sharding, self.comm,
         self.max_consecutive_skips, self.compute_dtype)
-    self.eval_step = compiled.compile_eval_step(self.strategy, self.layout, self.loss_fn,
+    self.eval_step = steps.compile_eval_step(self.strategy, self.layout, self.loss_fn,
                                                 self.compute_dtype)
     self._prepared = (init_fn, seed, abstract)
     return abstract
@@ -217,7 +198,7 @@ class DataParallel:
     if len(set(sizes.values())) != 1 or None in sizes.values():
       raise JaxdpError(f"every array of the batch needs the same leading batch dimension; got "
                        f"{sizes}")
-    rows = next(iter(sizes.values()))
+    rows = next(size for size in sizes.values() if size is not None)
     total = rows if global_batch_size is None else global_batch_size
     a = self.grad_accum_steps if micro_batches is None else micro_batches
     if total % (self.data_size * a):
@@ -283,9 +264,10 @@ class DataParallel:
     runtime (a long allocator trace) or, on CPU, push the host into swap or the OOM killer.
     """
     signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
-    if signature in self._memory_checked:
+    train_step = self.train_step
+    if train_step is None or signature in self._memory_checked:  # None: step() refuses first.
       return
-    analysis = self.train_step.lower(state, batch).compile().memory_analysis()
+    analysis = train_step.lower(state, batch).compile().memory_analysis()
     self._memory_checked.add(signature)
     need = step_memory_bytes(analysis)
     limit, where = device_memory_limit(self.mesh)
@@ -311,7 +293,7 @@ class DataParallel:
                          "parameters comes from init_fn's annotations)")
       shapes = {shardings._param_key(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_leaves_with_path(params)}
-      self.eval_step = compiled.compile_eval_step(
+      self.eval_step = steps.compile_eval_step(
           self.strategy, shardings.Layout(self.mesh, {}, shapes, self.rules), self.loss_fn,
           self.compute_dtype)
     totals = [self.eval_step(params, b if self._placed(b) else self.put_batch(b, micro_batches=1))

@@ -34,16 +34,35 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
 
-from jaxdp.analysis.hlo import collective_bytes
-from jaxdp.errors import JaxdpError
-from jaxdp.parallel import collectives as comm
-from jaxdp.parallel import powersgd
+from jaxdp.parallel import collectives, powersgd
+from jaxdp.parallel.choices import check_comm, is_dense
+from jaxdp.parallel.hlo import collective_bytes
 
 RANDOMK_KEY = 0x7FFFFFFF  # Folded into the step key for random-k indices: no example id reaches it.
 
 
 @dataclasses.dataclass(frozen=True)
 class CommConfig:
+  """How devices exchange gradients (or parameters) each step; the default is dense `pmean`.
+
+  - `allreduce`: "pmean" (XLA's all-reduce), "ring" or "ps" (parameter server), written with
+    `ppermute` in parallel/collectives.py so their traffic shows in the HLO.
+  - `compression`: "none", "topk" / "randomk" (keep `compression_ratio` of the entries; Stich et
+    al. 2018, Lin et al. 2018 "Deep Gradient Compression"), "int8" / "bf16" (quantised
+    all-reduce), "powersgd" (rank `compression_rank`, Vogels et al. 2019). With `error_feedback`
+    each device keeps what compression dropped and adds it to the next step's gradient;
+    `momentum_correction` > 0 is DGC's local momentum with factor masking; `local_grad_clip`
+    DGC's per-device clipping.
+  - `sync`: "every_step", "local_sgd" (average parameters every `sync_every` steps, Stich 2019;
+    with `diloco` an outer Nesterov step of `outer_lr`/`outer_momentum` on the averaged delta,
+    Douillard et al. 2023) or "stale" (apply the mean gradient of `staleness` steps ago).
+  - `compression_optimizer="frozen_variance"`: 1-bit Adam (Tang et al. 2021), which exchanges
+    compressed Adam momentum after `compression_warmup_steps` dense steps.
+
+  Raises JaxdpError (at construction) for a choice not in its list of jaxdp.parallel.choices, a
+  value out of range or a combination that cannot work (`choices.check_comm`, the same rules
+  the built-in app's config validation applies to its fields).
+  """
   allreduce: str = "pmean"
   compression: str = "none"
   compression_ratio: float = 0.01
@@ -67,26 +86,21 @@ class CommConfig:
   grad_clip: float = 0.0
 
   def __post_init__(self):
-    if self.compression_optimizer not in ("none", "frozen_variance"):
-      raise JaxdpError(f"CommConfig.compression_optimizer={self.compression_optimizer!r} is not one "
-                       "of none, frozen_variance")
-    if self.frozen_variance and (self.compression == "powersgd" or self.compression_warmup_steps < 1):
-      raise JaxdpError("CommConfig.compression_optimizer='frozen_variance' needs an elementwise "
-                       "compression (topk, randomk, int8, bf16) and compression_warmup_steps >= 1")
-    if self.compression_rank < 1:
-      raise JaxdpError(f"CommConfig.compression_rank={self.compression_rank} must be >= 1")
+    check_comm(dataclasses.asdict(self))
 
   @property
   def dense(self) -> bool:
     """True for the default path: one XLA all-reduce of the gradients every step."""
-    return self.allreduce == "pmean" and self.compression == "none" and self.sync == "every_step"
+    return is_dense(self.allreduce, self.compression, self.sync)
 
   @property
   def keeps_residual(self) -> bool:
+    """Whether devices keep an error-feedback residual (any compression with error_feedback)."""
     return self.compression != "none" and self.error_feedback
 
   @property
   def frozen_variance(self) -> bool:
+    """Whether the exchange runs 1-bit Adam's compressed momentum (needs a compression)."""
     return self.compression != "none" and self.compression_optimizer == "frozen_variance"
 
   @property
@@ -98,6 +112,7 @@ class CommConfig:
 
   @property
   def counts_steps(self) -> bool:
+    """Whether the comm state keeps a step "count" (a warm-up that must know where it is)."""
     return self.compression_warmup_steps > 0 and (self.frozen_variance or len(self.stages) > 1)
 
 
@@ -246,37 +261,41 @@ def resize_notes(names, saved_devices: int, num_devices: int) -> list[str]:
 
 
 def mine(tree):
-  return jax.tree.map(lambda x: x[0], tree)  # Inside shard_map each device sees its row [1, ...].
+  """This device's row of per-device leaves: [1, ...] -> [...] (inside shard_map each device sees
+  its own row)."""
+  return jax.tree.map(lambda x: x[0], tree)
 
 
 def as_rows(tree):
+  """The inverse of `mine`: [...] -> [1, ...], this device's row of a per-device leaf."""
   return jax.tree.map(lambda x: x[None], tree)
 
 
-def compressed_mean(v: jax.Array, cfg: CommConfig, key: jax.Array, axis_name: str,
+def compressed_mean(v: jax.Array, cfg: CommConfig, key: jax.Array, axis_name: str | tuple[str, ...],
                     density: float | None = None) -> tuple[jax.Array, jax.Array]:
   """(mean over devices of the compressed vectors, this device's transmitted vector), for the
   elementwise compressors (topk, randomk at `density`, default cfg.compression_ratio; int8, bf16)."""
   d = v.size
   if cfg.compression in ("int8", "bf16"):
-    return comm.quantized_mean(v, cfg.compression, axis_name)
-  k = comm.num_kept(cfg.compression_ratio if density is None else density, d)
+    return collectives.quantized_mean(v, cfg.compression, axis_name)
+  k = collectives.num_kept(cfg.compression_ratio if density is None else density, d)
   if cfg.compression == "topk":
-    values, indices = comm.topk_select(v, k)
-    return comm.sparse_mean(values, indices, d, axis_name), comm.densify(values, indices, d)
-  indices = comm.randomk_indices(jax.random.fold_in(key, RANDOMK_KEY), d, k)
+    values, indices = collectives.topk_select(v, k)
+    return collectives.sparse_mean(values, indices, d, axis_name), collectives.densify(values, indices, d)
+  indices = collectives.randomk_indices(jax.random.fold_in(key, RANDOMK_KEY), d, k)
   values = v[indices]
-  return (comm.shared_index_mean(values, indices, d, axis_name, cfg.allreduce),
-          comm.densify(values, indices, d))
+  return (collectives.shared_index_mean(values, indices, d, axis_name, cfg.allreduce),
+          collectives.densify(values, indices, d))
 
 
-def _compress(v: jax.Array, cfg: CommConfig, key: jax.Array, axis_name: str, state_comm: dict,
-              shapes) -> tuple[jax.Array, jax.Array, dict]:
+def _compress(v: jax.Array, cfg: CommConfig, key: jax.Array, axis_name: str | tuple[str, ...],
+              state_comm: dict, shapes) -> tuple[jax.Array, jax.Array, dict]:
   """(mean, sent, new state entries) of flat `v` by cfg.compression, warm-up stages included.
 
   PowerSGD's "sent" is the applied low-rank matrix P Q^T on compressed matrices (the error is
-  this device's v minus it, as in Vogels et al. 2019, Algorithm 2) and v itself on the rest. DGC's stages are branches of a `lax.switch` on
-  the step count, each with its static k, so a step moves only its stage's bytes.
+  this device's v minus it, as in Vogels et al. 2019, Algorithm 2) and v itself on the rest.
+  DGC's stages are branches of a `lax.switch` on the step count, each with its static k, so a
+  step moves only its stage's bytes.
   """
   if cfg.compression == "powersgd":
     blocks = powersgd.plan_blocks(shapes, cfg.compression_rank)
@@ -293,7 +312,7 @@ def _compress(v: jax.Array, cfg: CommConfig, key: jax.Array, axis_name: str, sta
   return (*lax.switch(index, branches, v), {})
 
 
-def _clip_share(v: jax.Array, cfg: CommConfig, axis_name: str) -> jax.Array:
+def _clip_share(v: jax.Array, cfg: CommConfig, axis_name: str | tuple[str, ...]) -> jax.Array:
   """DGC's local gradient clipping: this device's share v (whose mean over the N devices is the
   gradient) scaled to norm <= C sqrt(N), C = cfg.local_grad_clip: N independent shares of that
   norm average to about C, the threshold a global clip would apply (Lin et al. 2018, sec. 3.2)."""
@@ -305,7 +324,7 @@ def _clip_share(v: jax.Array, cfg: CommConfig, axis_name: str) -> jax.Array:
 
 
 def _frozen_variance(grad_sum, loss_total, tokens, state_comm: dict, rng, cfg: CommConfig,
-                     axis_name: str):
+                     axis_name: str | tuple[str, ...]):
   """1-bit Adam's exchange (Tang et al. 2021, Algorithm 1) for core.optimizer.frozen_variance_adam.
 
   Warm-up (count < compression_warmup_steps): the dense step's own pmean of (gradient sums,
@@ -349,7 +368,7 @@ def _frozen_variance(grad_sum, loss_total, tokens, state_comm: dict, rng, cfg: C
 
 
 def reduce_gradients(grad_sum, loss_total: jax.Array, tokens: jax.Array, state_comm: dict,
-                     rng: jax.Array, cfg: CommConfig, axis_name: str):
+                     rng: jax.Array, cfg: CommConfig, axis_name: str | tuple[str, ...]):
   """Per-device sums -> (gradients to apply, mean loss sum, mean token count, new comm state).
 
   Without compression the whole (grad_sum, loss, tokens) tuple is averaged by `cfg.allreduce`.
@@ -363,7 +382,7 @@ def reduce_gradients(grad_sum, loss_total: jax.Array, tokens: jax.Array, state_c
     grads, loss_total, tokens, state_comm = _frozen_variance(grad_sum, loss_total, tokens,
                                                              state_comm, rng, cfg, axis_name)
   elif cfg.compression == "none":
-    grad_sum, loss_total, tokens = comm.allreduce_mean((grad_sum, loss_total, tokens), axis_name,
+    grad_sum, loss_total, tokens = collectives.allreduce_mean((grad_sum, loss_total, tokens), axis_name,
                                                        cfg.allreduce)
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
   else:
@@ -393,7 +412,7 @@ def reduce_gradients(grad_sum, loss_total: jax.Array, tokens: jax.Array, state_c
   return grads, loss_total, tokens, state_comm
 
 
-def make_exchange(cfg: CommConfig | None, axis_name: str):
+def make_exchange(cfg: CommConfig | None, axis_name: str | tuple[str, ...]):
   """The gradient exchange of `cfg` for core.step.train_step, or None for the single pmean."""
   if cfg is None or cfg.dense:
     return None

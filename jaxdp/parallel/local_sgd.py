@@ -17,12 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxdp.core.step import LossFn, accumulate_gradients, step_metrics, update_if_finite
-from jaxdp.parallel import collectives as comm
-from jaxdp.parallel import exchange as sync
+from jaxdp.parallel import collectives, exchange
 
 
 def local_sgd_step(state, batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
-                   axis_name: str, cfg: sync.CommConfig, max_consecutive_skips: int = 0,
+                   axis_name: str | tuple[str, ...], cfg: exchange.CommConfig, max_consecutive_skips: int = 0,
                    compute_dtype: Any = None):
   """One local optimizer step per device; every `sync_every` steps, parameters are averaged.
 
@@ -31,7 +30,7 @@ def local_sgd_step(state, batch, *, loss_fn: LossFn, tx: optax.GradientTransform
   loss or gradients are not finite on any device is dropped on every device (one scalar
   all-reduce decides), under the same NaN policy as the synchronous step.
   """
-  local = sync.mine(state.comm)
+  local = exchange.mine(state.comm)
   rng = jax.random.fold_in(state.rng, state.step)
   grad_sum, loss_total, tokens = accumulate_gradients(loss_fn, local["params"], batch, rng,
                                                       compute_dtype=compute_dtype)
@@ -43,7 +42,7 @@ def local_sgd_step(state, batch, *, loss_fn: LossFn, tx: optax.GradientTransform
   loss_total, tokens, grad_norm, finite_share = lax.pmean(
       (loss_total, tokens, local_norm, local_finite.astype(jnp.float32)), axis_name)
   finite = finite_share == 1.0
-  outer = sync.outer_optimizer(cfg)
+  outer = exchange.outer_optimizer(cfg)
 
   def local_update():
     updates, opt_state = tx.update(grads, local["opt_state"], local["params"])
@@ -51,7 +50,7 @@ def local_sgd_step(state, batch, *, loss_fn: LossFn, tx: optax.GradientTransform
 
     def synchronise(operand):
       anchor, outer_state, params = operand
-      average = comm.allreduce_mean(params, axis_name, cfg.allreduce)
+      average = collectives.allreduce_mean(params, axis_name, cfg.allreduce)
       if outer is None:
         return average, outer_state, average
       delta = jax.tree.map(jnp.subtract, anchor, average)  # The outer "gradient".
@@ -61,7 +60,7 @@ def local_sgd_step(state, batch, *, loss_fn: LossFn, tx: optax.GradientTransform
 
     anchor, outer_state, params = lax.cond((state.step + 1) % cfg.sync_every == 0, synchronise,
                                            lambda o: o, (state.params, state.opt_state, params))
-    return anchor, outer_state, sync.as_rows({"params": params, "opt_state": opt_state})
+    return anchor, outer_state, exchange.as_rows({"params": params, "opt_state": opt_state})
 
   new_state = update_if_finite(state, finite, local_update, max_consecutive_skips)
   return new_state, step_metrics(new_state, loss_total, tokens, grad_norm)

@@ -12,7 +12,7 @@ micro-batches kept whole.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -32,6 +32,8 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, data: int = 0, model:
   data <= 0 takes all devices left after `model` and `replica`. Devices are laid out in the
   order given (jax.devices(): process by process), "model" innermost: with data x model equal to
   the devices of one process, each "data" group is one host and "replica" runs across hosts.
+  Devices beyond replica x data x model are left out. Raises ValueError (numpy's reshape) when
+  replica x data x model exceeds the devices given, and ZeroDivisionError for model or replica 0.
   """
   devices = list(jax.devices() if devices is None else devices)
   data = len(devices) // (model * replica) if data <= 0 else data
@@ -53,14 +55,17 @@ def batch_size_of(mesh: Mesh) -> int:
 
 
 def batch_spec(mesh: Mesh) -> P:
+  """PartitionSpec of a batch [A, b, ...]: micro-batches whole, rows split over `batch_axes`."""
   return P(None, batch_axes(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that keeps a whole copy of the array on every device of `mesh`."""
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The NamedSharding of a batch [A, b, ...] on `mesh` (see `batch_spec`)."""
   return NamedSharding(mesh, batch_spec(mesh))
 
 
@@ -71,7 +76,8 @@ def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
   the mesh gets the rows its devices compute; on one process this is every row.
   """
   index_map = batch_sharding(mesh).addressable_devices_indices_map((1, global_rows))
-  rows = {r for index in index_map.values() for r in range(*index[1].indices(global_rows))}
+  rows = {r for index in index_map.values() if index is not None
+          for r in range(*index[1].indices(global_rows))}
   return np.array(sorted(rows), dtype=np.int64)
 
 

@@ -24,9 +24,9 @@ Every function runs inside `jax.shard_map` over `axis_name`; Q lives in the comm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import math
-from typing import Sequence
 
 import jax
 from jax import lax
@@ -86,7 +86,7 @@ def orthonormalise(p: jax.Array) -> jax.Array:
 
 
 def compress_mean(flat: jax.Array, q_flat: jax.Array, blocks: Sequence[Block], rank: int,
-                  axis_name: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  axis_name: str | tuple[str, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(applied, sent, new Q): the rank-r approximation of the mean over devices of `flat` [d]
   (f32), identical on every device; what this device is credited with sending (P Q^T on the
   compressed blocks, as in the paper's error feedback; its own values on the dense ones, which
@@ -103,7 +103,8 @@ def compress_mean(flat: jax.Array, q_flat: jax.Array, blocks: Sequence[Block], r
     mats.append(flat[b.start:b.start + b.n * b.m].reshape(b.n, b.m))
     qs.append(q_flat[offset:offset + b.m * r].reshape(b.m, r))
     offset += b.m * r
-  pieces, sent = [None] * len(blocks), [None] * len(blocks)
+  pieces: list[jax.Array] = []
+  sent: list[jax.Array] = []
   new_q = q_flat
   if low:
     ps = [m @ q for m, q in zip(mats, qs)]
@@ -116,9 +117,9 @@ def compress_mean(flat: jax.Array, q_flat: jax.Array, blocks: Sequence[Block], r
   if dense:
     rest = lax.pmean(_pack([flat[b.start:b.start + b.n * b.m] for b in dense]), axis_name)
     rest = iter(_unpack(rest, [(b.n * b.m,) for b in dense]))
-  for i, b in enumerate(blocks):
-    pieces[i] = (next(approx) if b.low_rank else next(rest)).reshape(-1)
-    sent[i] = pieces[i] if b.low_rank else flat[b.start:b.start + b.n * b.m]
+  for b in blocks:
+    pieces.append((next(approx) if b.low_rank else next(rest)).reshape(-1))
+    sent.append(pieces[-1] if b.low_rank else flat[b.start:b.start + b.n * b.m])
   if not pieces:
     return flat, flat, new_q
   return jnp.concatenate(pieces), jnp.concatenate(sent), new_q

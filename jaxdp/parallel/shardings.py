@@ -14,13 +14,15 @@ shared. Two independent choices make an array's PartitionSpec:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from jaxdp.core.tree import path_names
 from jaxdp.errors import JaxdpError
 from jaxdp.parallel.mesh import DATA, MODEL, replicated
 
@@ -40,11 +42,6 @@ Names = tuple[str | None, ...]
 # param_dims given to DataParallel: a pytree shaped like the params whose leaves are Names (or
 # None for "no annotation"), or a function (path names, shape) -> Names | None.
 ParamDims = Any | Callable[[tuple[str, ...], tuple[int, ...]], Names | None]
-
-
-def path_names(path) -> tuple[str, ...]:
-  """A pytree key path as plain strings (dict keys, attribute names, sequence indices)."""
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _is_boxed(x) -> bool:
@@ -124,6 +121,8 @@ def mesh_axes(names: Names | None, ndim: int, mesh: Mesh,
     raise JaxdpError(f"a parameter of rank {ndim} is annotated with {len(names)} logical axis "
                      f"names {names}; give one name (or None) per dimension")
   for d, name in enumerate(names):
+    if name is None:  # An unnamed dimension stays whole.
+      continue
     axis = table.get(name, name if name in mesh.axis_names else None)
     if axis is not None and mesh.shape[axis] > 1:
       spec[d] = axis
@@ -155,6 +154,8 @@ class Layout:
           "DataParallel(param_dims=...)), or set mesh.model=1")
 
   def names(self, path) -> Names | None:
+    """Logical names of the array at `path` (a parameter, or optimizer state ending in a
+    parameter's path); None when unannotated."""
     key = _param_key(path)
     for start in range(len(key)):
       suffix = key[start:]

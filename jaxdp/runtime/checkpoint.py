@@ -25,10 +25,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxdp.core.tree import path_names
 from jaxdp.errors import JaxdpError, os_reason
 from jaxdp.parallel import exchange
 
 INVALID_DIR = "checkpoints.invalid"  # Checkpoints that failed validation are moved here, not deleted.
+
+
+def step_directory(restore_from: str) -> tuple[str, int] | None:
+  """(checkpoint directory, step) of a `--restore_from` checkpoint step directory
+  (".../checkpoints/<step>", a trailing slash allowed), or None when its name is not a step."""
+  path = os.path.abspath(restore_from.rstrip("/"))
+  name = os.path.basename(path)
+  return (os.path.dirname(path), int(name)) if name.isdigit() else None
 
 
 class CorruptCheckpoint(Exception):
@@ -57,27 +66,13 @@ def _fingerprints(tree) -> Any:
   return jax.tree.map(one, tree)
 
 
-def _path_names(path) -> tuple[str, ...]:
-  """A key path as names, the same for a state, its abstract twin and orbax metadata."""
-  def name(key):
-    for attr in ("name", "key", "idx"):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-  return tuple(name(k) for k in path)
-
-
 def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{path as names: shape} of the arrays of a state, of its abstract twin or of orbax metadata."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
   # An NNX Variable is a leaf here (it has .shape) but orbax's metadata names its array
   # ".../value": the same array, so the trailing "value" is dropped from both.
-  return {_strip_value(_path_names(path)): tuple(leaf.shape) for path, leaf in leaves
+  return {path_names(path, drop_value=True): tuple(leaf.shape) for path, leaf in leaves
           if hasattr(leaf, "shape")}
-
-
-def _strip_value(names: tuple[str, ...]) -> tuple[str, ...]:
-  return names[:-1] if names and names[-1] == "value" else names
 
 
 def fingerprints(state) -> dict[str, int]:
@@ -129,9 +124,11 @@ class Checkpointer:
                        "pick a writable directory") from e
 
   def all_steps(self) -> list[int]:
+    """The steps of the finished checkpoints, ascending."""
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
+    """The newest finished checkpoint's step, or None when there is none."""
     return self._manager.latest_step()
 
   def pin(self, steps) -> None:
@@ -169,6 +166,7 @@ class Checkpointer:
         f"writable --workdir, then resume (earlier checkpoints are intact: steps {kept or 'none'})")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
+    """The JSON record saved with `step` (config, data position, fingerprints, ...); no array is read."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
@@ -285,6 +283,7 @@ class Checkpointer:
     return self._manager.item_metadata(step)["state"]
 
   def wait(self) -> None:
+    """Blocks until the pending save is written; raises JaxdpError if it (or an earlier one) failed."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
@@ -292,6 +291,7 @@ class Checkpointer:
     self.check()
 
   def close(self) -> None:
+    """Releases orbax's manager (call `wait` first to be sure the last save landed)."""
     self._manager.close()
 
 
@@ -339,7 +339,7 @@ def _replicated_like(sharding):
 def _with_saved_shapes(abstract_state, saved: dict):
   """`abstract_state` whose leaves at the paths of `saved` take the saved shape, replicated."""
   def leaf(path, x):
-    shape = saved.get(_path_names(path))
+    shape = saved.get(path_names(path))
     if shape is None:
       return x
     return jax.ShapeDtypeStruct(shape, x.dtype, sharding=_replicated_like(x.sharding))
@@ -353,9 +353,3 @@ def _resize_comm(state, abstract_state):
   num_devices = jax.tree.leaves(abstract_state.comm)[0].shape[0]
   resize = jax.jit(lambda c, p: exchange.resize_comm_state(c, p, num_devices), out_shardings=out)
   return state.replace(comm=resize(state.comm, state.params))
-
-
-def abstract_with_shardings(abstract_state, shardings):
-  """ShapeDtypeStructs that tell orbax where each restored array must live."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_state, shardings)

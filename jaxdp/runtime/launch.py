@@ -35,6 +35,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago (for the coordinator)."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -49,6 +50,9 @@ def child_command(command: Sequence[str], process_id: int, nprocs: int, port: in
 
 
 def check_command(nprocs: int, command: Sequence[str]) -> None:
+  """Raises JaxdpError unless nprocs >= 1 and `command` is a `train` command line without the
+  flags that launch sets itself (SET_BY_LAUNCH).
+  """
   if nprocs < 1:
     raise JaxdpError(f"--nprocs={nprocs} must be >= 1")
   if not command or command[0] != "train":

@@ -1,11 +1,12 @@
-"""The training loop for any model: `fit(dp, init_fn, train_batches, ...)`.
+"""The training loop for any model: `fit(dp, init_fn, train_batches, workdir=..., num_steps=...)`.
 
-Evaluation, early stopping, orbax checkpoints with bitwise resume, metrics (JSONL and
-TensorBoard), a progress bar, SIGTERM/SIGINT handling and a step watchdog, given a
-`DataParallel`, an `init_fn(rng) -> params` and a data source whose batch for step `s` is a
-function of `(seed, s)` only (so resuming at step `s` needs nothing but `s`). The loop itself
-only sequences small named pieces: `Run` (checkpoints, resume, halting), `Cadence` (when to
-log, evaluate, checkpoint), `train_line` and `record_evaluation`.
+Given a `DataParallel`, an `init_fn(rng) -> params` and a data source whose batch for step `s`
+is a function of `(seed, s)` only (so resuming at step `s` needs nothing but `s`), `fit` restores
+or initialises the state, compiles the step and runs a small loop; everything else a run does
+(the train line, evaluation and early stopping, checkpoints, preemption, the step watchdog, the
+progress bar, hardware numbers, the gradient noise scale, the profiler) is a hook
+(runtime/hooks.py for the interface, runtime/loop_hooks.py for these). `Run` holds the run's
+checkpoints and metrics: restore, save, and the halt on a non-finite state.
 """
 
 from __future__ import annotations
@@ -14,48 +15,33 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdp.config import parse_profile_steps
-from jaxdp.core.noise import NoiseScaleEMA
 from jaxdp.core.state import InitFn, TrainState
-from jaxdp.core.step import applied_updates
+from jaxdp.core.tree import count_params
 from jaxdp.data.pipeline import prefetch
 from jaxdp.errors import JaxdpError
-from jaxdp.models.common import count_params
 from jaxdp.parallel.data_parallel import DataParallel
-from jaxdp.parallel.exchange import CommConfig, bytes_per_step
-from jaxdp.runtime import observe, report, signals
-from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint
+from jaxdp.parallel.exchange import bytes_per_step
+from jaxdp.runtime import report
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+from jaxdp.runtime.fieldpath import dotted_get
+from jaxdp.runtime.hooks import Hook, LoopContext, overriding
 from jaxdp.runtime.lock import WorkdirLock
-from jaxdp.runtime.metrics import MetricsWriter, Progress, read_metrics
-from jaxdp.runtime.watchdog import StepWatchdog
-
-
-@dataclasses.dataclass(frozen=True)
-class Cadence:
-  """When the loop logs, evaluates and checkpoints (every N steps; 0 = only at the end)."""
-  num_steps: int
-  log_every: int = 10
-  eval_every: int = 0
-  checkpoint_every: int = 0
-
-  def log(self, step: int) -> bool:
-    return step % self.log_every == 0 or step == self.num_steps
-
-  def evaluate(self, step: int) -> bool:
-    return bool(self.eval_every and step % self.eval_every == 0) or step == self.num_steps
-
-  def checkpoint(self, step: int) -> bool:
-    return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.num_steps
+from jaxdp.runtime.loop_hooks import Cadence as Cadence
+from jaxdp.runtime.loop_hooks import HardwareStats, TrainLog, builtin_hooks
+from jaxdp.runtime.loop_hooks import StopRequests as StopRequests
+from jaxdp.runtime.loop_hooks import applied_lr as applied_lr
+from jaxdp.runtime.loop_hooks import noise_scale_unavailable as noise_scale_unavailable
+from jaxdp.runtime.loop_hooks import record_evaluation as record_evaluation
+from jaxdp.runtime.loop_hooks import train_line as train_line
+from jaxdp.runtime.metrics import MetricsWriter, read_metrics
+from jaxdp.runtime.options import FitOptions, fit_options
 
 
 def state_bytes_per_device(state) -> int:
@@ -66,6 +52,7 @@ def state_bytes_per_device(state) -> int:
 
 
 def warn(message: str) -> None:
+  """Prints `jaxdp: warning: MESSAGE` to stderr, on process 0 only."""
   if jax.process_index() == 0:
     print(f"jaxdp: warning: {message}", file=sys.stderr, flush=True)
 
@@ -80,9 +67,7 @@ def changed_fields(saved: dict, current: dict, fields: Sequence[str],
   absent = object()
 
   def get(tree, dotted):
-    for part in dotted.split("."):
-      tree = tree.get(part, absent) if isinstance(tree, dict) else absent
-    return tree
+    return dotted_get(tree, dotted, absent)
 
   def old(name):
     value = get(saved, name)
@@ -91,68 +76,14 @@ def changed_fields(saved: dict, current: dict, fields: Sequence[str],
           for name in fields if old(name) != get(current, name)]
 
 
-def train_line(fetched: list[dict], step: int, lr: float | None, tokens_per_sec: float,
-               comm_bytes: float, count_skips: bool) -> dict[str, Any]:
-  """The metrics line of the steps in `fetched` (host values): means of loss (finite steps only)
-  and gradient norm; fp16's loss scale and the skip count when they matter."""
-  finite_losses = [m["train_loss"] for m in fetched if math.isfinite(m["train_loss"])]
-  line = {"step": step,
-          "train_loss": float(np.mean(finite_losses)) if finite_losses else math.nan,
-          "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-          "tokens_per_sec": tokens_per_sec,
-          "comm_bytes_per_step": comm_bytes}
-  if lr is not None:
-    line["lr"] = lr
-  if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
-    line["loss_scale"] = float(fetched[-1]["loss_scale"])
-  if count_skips or "loss_scale" in fetched[-1]:
-    line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
-  return line
-
-
-def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
-  """The early-stopping record after an evaluation; sets "stopped_early" once `patience`
-  evaluations in a row have not improved on the best (patience 0 never stops)."""
-  if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
-    return dict(meta, best_eval_loss=eval_loss, evals_without_improvement=0)
-  meta = dict(meta, evals_without_improvement=meta["evals_without_improvement"] + 1)
-  if patience and meta["evals_without_improvement"] >= patience:
-    meta["stopped_early"] = True
-  return meta
-
-
-class StopRequests:
-  """SIGTERM/SIGINT/SIGUSR1 are recorded (runtime/signals.py); the loop finishes its step,
-  checkpoints and returns. A second signal exits at once.
-
-  With several processes, all stop after the same step, whichever process got the signal
-  (`signals.agreed_stop`: JAX's preemption service, or an all-gather at log steps).
-  """
-
-  def __init__(self):
-    self._previous = {}
-    self._name: str | None = None
-
-  @property
-  def signal_name(self) -> str | None:
-    return self._name or signals.pending()
-
-  def __enter__(self) -> "StopRequests":
-    if threading.current_thread() is threading.main_thread():
-      wanted, forward = signals.for_the_loop()
-      self._previous = {sig: signal.getsignal(sig) for sig in wanted}
-      signals.install(wanted, forward)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self.signal_name is not None:
-      signals.clear()  # Acted on: the run stopped and saved.
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def should_stop(self, step: int, log_step: bool) -> bool:
-    self._name = signals.agreed_stop(step, log_step)
-    return self._name is not None
+@dataclasses.dataclass(frozen=True)
+class HaltAdvice:
+  """The command-line settings a halt's advice names (the built-in app's `--config.` flags):
+  a run that gives them is told to go on at a 10x lower `learning_rate`, and, when its
+  `grad_clip` is 0 (off), to turn clipping on. Without one the advice is phrased for `fit`'s
+  caller, in words."""
+  learning_rate: float  # The run's (peak) learning rate.
+  grad_clip: float | None = None  # The run's clipping norm; 0 means off.
 
 
 @dataclasses.dataclass
@@ -166,6 +97,7 @@ class RunRecord:
   notes: tuple[str, ...] = ()  # Lines shown after the banner, once the run has started or resumed.
   examples_per_step: int = 0  # Global batch size, for examples_seen.
   defaults: dict = dataclasses.field(default_factory=dict)  # Run-defining field -> its default.
+  advice: HaltAdvice | None = None  # What a halt advises to change, as command-line flags.
 
 
 def check_record(saved: dict, record: RunRecord, where: str, allow_config_change: bool) -> None:
@@ -189,13 +121,13 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
   replaced by the one before it. A mismatching config is refused, never skipped. None means
   start afresh."""
   if restore_from:
+    found = step_directory(restore_from)
     path = os.path.abspath(restore_from.rstrip("/"))
-    name = os.path.basename(path)
-    if not name.isdigit() or not os.path.isdir(path):
+    if found is None or not os.path.isdir(path):
       raise JaxdpError(f"--restore_from={restore_from!r} is not a checkpoint step directory; "
                        f"give e.g. WORKDIR/checkpoints/<step> (see `jaxdp inspect WORKDIR`)")
-    step = int(name)
-    same_dir = os.path.dirname(path) == checkpoints.directory
+    directory, step = found
+    same_dir = directory == checkpoints.directory
     later = [s for s in checkpoints.all_steps() if s > step or not same_dir]
     if later:
       raise JaxdpError(f"--restore_from={restore_from!r}: --workdir already has checkpoints at "
@@ -243,13 +175,6 @@ def _all_finite(tree) -> jax.Array:
 def params_finite(state: TrainState) -> bool:
   """Whether every parameter of `state` is finite (one reduction on the devices)."""
   return bool(jax.device_get(_all_finite(state.params)))
-
-
-def applied_lr(lr_schedule: Callable[[int], Any], state: TrainState) -> float:
-  """The learning rate of the last update the optimizer applied (0 until one is): the schedule
-  at the optimizer's own count, which dropped steps (fp16 overflows, skipped NaNs) do not move."""
-  applied = int(jax.device_get(applied_updates(state)))
-  return float(lr_schedule(applied - 1)) if applied > 0 else 0.0
 
 
 class Run:
@@ -376,7 +301,6 @@ class Run:
     """Saves `good` (the state before `bad_step`, if given and finite), keeps the last sane
     checkpoint, and raises JaxdpError saying how to go on: from that checkpoint, with a 10x
     lower learning rate."""
-    cfg = self.record.config
     policy = self.dp.nan_policy
     resume = self.last_sane_checkpoint(before=bad_step if good is None else int(good.step))
     if resume is not None:
@@ -394,8 +318,8 @@ class Run:
     if good is not None:
       event["skipped_steps"] = int(good.skipped_steps)
     self.writer.write(event)
-    lr = cfg.get("learning_rate")
-    lower = f"{lr / 10:.3g}" if isinstance(lr, (int, float)) else None
+    flags = self.record.advice
+    lower = f"{flags.learning_rate / 10:.3g}" if flags is not None else None
     if resume is not None:
       path = os.path.join(self.checkpoints.directory, str(resume))
       after, lowest = self.health[resume]
@@ -409,7 +333,7 @@ class Run:
              else "start afresh with a 10x lower learning rate")
       advice = f"no checkpoint of this run was followed by a sane train loss: {how}"
     parts = [f"{cause}step {bad_step} (config.nan_policy={policy!r})", saved, advice]
-    if cfg.get("grad_clip") == 0:
+    if flags is not None and flags.grad_clip == 0:
       parts.append("gradient clipping is off: a fresh run with --config.grad_clip=1.0 also "
                    "guards against loss spikes")
     if policy == "halt":
@@ -417,6 +341,9 @@ class Run:
     raise JaxdpError("; ".join(parts))
 
   def close(self) -> None:
+    """Waits for the last checkpoint save, closes the checkpointer and releases the workdir lock;
+    raises JaxdpError if that save failed.
+    """
     self.checkpoints.wait()
     self.checkpoints.close()
     self.lock.__exit__()
@@ -439,201 +366,173 @@ def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch, compiled=Non
   return bytes_per_step(dp.comm, compiled.as_text())
 
 
-def noise_scale_unavailable(dp: DataParallel) -> str:
-  """The one line saying why this run logs no gradient noise scale, and how to get one."""
-  accumulate = "set grad_accum_steps > 1 (its micro-batches are compared with their sum)"
-  if dp.data_size == 1:
-    return ("note: grad_noise_scale is unavailable: it compares two batch sizes, and this run has "
-            f"one data device and one micro-batch per step; {accumulate}")
-  # The fields CommConfig.dense reads, against their defaults (the dense all-reduce).
-  dense = CommConfig()
-  names = ("allreduce", "compression", "sync")
-  changed = [f"{n}={getattr(dp.comm, n)!r}" for n in names if getattr(dp.comm, n) != getattr(dense, n)]
-  default = ", ".join(f"{n}={getattr(dense, n)!r}" for n in names)
-  return (f"note: grad_noise_scale is unavailable: this run's gradient exchange ({', '.join(changed)}) "
-          f"never forms the dense mean gradient of its {dp.data_size} devices; {accumulate}, or use "
-          f"the dense all-reduce ({default})")
-
-
-def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict], *, workdir: str,
-        num_steps: int, seed: int = 0,
-        eval_batches: Callable[[], Iterable[dict]] | None = None, log_every: int = 10,
-        eval_every: int = 0, checkpoint_every: int = 0, patience: int = 0, keep_last: int = 3,
-        keep_every: int = 0, step_timeout_s: float = 0.0, progress: bool = True,
-        lr_schedule: Callable[[int], Any] | None = None, tokens_per_step: int | None = None,
-        record: RunRecord | None = None, restore_from: str | None = None,
-        allow_config_change: bool = False, flops_per_device: float | None = None,
-        profile_steps: str = "", sinks: Sequence[Any] = ()) -> dict[str, Any]:
+def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
+        options: FitOptions | None = None, *, workdir: str,
+        eval_batches: Callable[[], Iterable[dict]] | None = None,
+        lr_schedule: Callable[[int], Any] | None = None, record: RunRecord | None = None,
+        sinks: Sequence[Any] = (), hooks: Sequence[Hook] = (), **option_fields: Any) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` to `num_steps`; returns {"step", "train_loss",
-  "eval_loss", "best_eval_loss", "stop_reason" ("num_steps", "early_stopping", "preempted"),
-  "state" (the final TrainState; absent when the run had already stopped early)}.
+  "eval_loss", "best_eval_loss", "stop_reason" ("num_steps", "early_stopping", "preempted", or
+  what a hook gave `ctx.stop`), "state" (the final TrainState; absent when the run had already
+  stopped early)}.
 
   Args:
     dp: the DataParallel (loss, optimizer, strategy, mesh) to train with.
     init_fn: init_fn(rng) -> params, for a fresh start and as the checkpoint's target shapes.
     train_batches: step -> the global batch of that step (dict of arrays [B, ...], or the
       output of dp.put_batch); must depend only on the step (and the run's seed).
+    options: num_steps, seed, log_every, eval_every, checkpoint_every, patience, keep_last,
+      keep_every, step_timeout_s, progress, tokens_per_step, flops_per_device, profile_steps,
+      restore_from, allow_config_change (see FitOptions). Each may also be given as a keyword
+      (`fit(..., num_steps=100, log_every=5)`), which replaces the one in `options`.
+    workdir: the run's directory: checkpoints/, metrics.jsonl, TensorBoard events.
     eval_batches: () -> iterable of evaluation batches; None: no evaluation. The eval loss is
       sum(loss_sum) / sum(weight_sum) over the batches, so for an exact mean they should hold
       each evaluation example exactly once (no wrap-around: a repeated example counts twice).
       A partial last batch must be padded up to a row count divisible by the data devices, the
       padding rows masked by zero weights, e.g. `jaxdp.example_weights(batch_size, real_rows)`
       multiplied into the batch's weights; zero-weight rows contribute nothing.
-    tokens_per_step: for the tokens/s of the log (default: the global batch's rows, so the
-      log's tokens_per_sec is then examples per second).
+    lr_schedule: lr_schedule(i), the learning rate of update i, makes each train line log `lr`,
+      the rate of the last update the optimizer applied (see `applied_lr`).
     record: the config and data fingerprint stored in checkpoints and checked on resume.
-    flops_per_device: FLOPs of one step on one device, for the log's mfu (default: the compiled
-      step's cost_analysis(), which counts a lax.scan body once: give it for looped steps).
-    profile_steps: "START:STOP" writes a jax.profiler trace of those steps to WORKDIR/profile.
     sinks: more metric sinks (e.g. runtime.wandb_sink.WandbSink), given every metrics record.
+    hooks: `jaxdp.Hook`s called at each step, log, evaluation point and the run's start and end
+      (see runtime/hooks.py for the contract), after the loop's own.
   Raises:
-    JaxdpError: a checkpoint of another config or data, a non-finite halt, a failed save.
+    JaxdpError: a checkpoint of another config or data, a non-finite halt, a failed save, a bad
+      FitOptions value.
+    TypeError: a keyword that is no FitOptions field, or no num_steps.
 
-  `lr_schedule(i)` (the learning rate of update i) makes each train line log `lr`, the rate of
-  the last update the optimizer applied (see `applied_lr`). An evaluation that is a new best is
-  checkpointed with its eval_loss, so the best parameters are kept. A halt names the last
-  checkpoint with a sane train loss after it (kept on disk) and how to go on from it.
+  An evaluation that is a new best is checkpointed with its eval_loss, so the best parameters
+  are kept. A halt names the last checkpoint with a sane train loss after it (kept on disk) and
+  how to go on from it.
   """
+  began = time.perf_counter()
+  options = fit_options(options, option_fields)
   record = record or RunRecord()
-  profiler = observe.StepProfiler(parse_profile_steps(profile_steps),
-                                  os.path.join(workdir, "profile"))
-  run = Run(workdir, dp, record, keep_last=keep_last, keep_every=keep_every, sinks=sinks)
+  run = Run(workdir, dp, record, keep_last=options.keep_last, keep_every=options.keep_every,
+            sinks=sinks)
   try:
-    cadence = Cadence(num_steps, log_every, eval_every if eval_batches is not None else 0,
-                      checkpoint_every)
-    state = run.restore(dp.abstract_state(init_fn, seed), restore_from=restore_from,
-                        allow_config_change=allow_config_change)
+    state = run.restore(dp.abstract_state(init_fn, options.seed), restore_from=options.restore_from,
+                        allow_config_change=options.allow_config_change)
     restored = state is not None
     if state is None:
-      state = dp.init_state(init_fn, seed)
-    step = int(state.step)
+      state = dp.init_state(init_fn, options.seed)
+    ctx = LoopContext(dp=dp, options=options, workdir=workdir, record=record, state=state,
+                      restored=restored, run=run, eval_batches=eval_batches, lr_schedule=lr_schedule)
+    ctx.started = began
     if run.meta.get("stopped_early"):
-      run.writer.close()
-      run.close()
-      Progress(step, num_steps, progress).write(
-          f"the run in {workdir!r} stopped early at step {step}; nothing to do")
-      return {"step": step, "stop_reason": "early_stopping", "train_loss": None,
-              "eval_loss": run.meta.get("last_eval_loss"), "best_eval_loss": run.meta["best_eval_loss"]}
-    place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
-    started = time.perf_counter()
-    first = place(step) if step < num_steps else None
-    compiled = dp.train_step.lower(state, first).compile() if first is not None else None
-    comm_bytes = comm_bytes_per_step(dp, state, first, compiled) if first is not None else 0.0
-    watch = None if compiled is None else observe.StepWatch(
-        [d for d in dp.mesh.devices.flat if d.process_index == jax.process_index()],
-        dp.compute_dtype or jnp.float32, flops_per_device or observe.compiled_flops(compiled),
-        observe.compiled_peak_bytes(compiled))
-    # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
-    first_rows = 0 if first is None else int(np.prod(jax.tree.leaves(first)[0].shape[:2]))
-    start_step = step
-    bar_out = Progress(step, num_steps, False)  # Plain lines, process 0 only.
-    if step < num_steps:
-      bar_out.write(report.banner(dp, state, workdir, num_steps, first_rows, tokens_per_step,
-                                  record.description, restored) + "\n" + watch.describe())
-    for note in record.notes if jax.process_index() == 0 else ():
-      print(note, file=sys.stderr, flush=True)
-    if step == 0 or restored:
-      run.writer.write({"event": "resume" if restored else "start", "step": step,
-                        "strategy": dp.strategy, "num_devices": dp.mesh.size,
-                        "params": count_params(state.params),
-                        "state_bytes_per_device": state_bytes_per_device(state),
-                        **(watch.start_record() if watch else {})})
-    bar = Progress(step, num_steps, progress)
-    pending: list[dict] = []
-    noise_scale, noise_noted = NoiseScaleEMA(), False
-    last = {"step": step, "time": time.perf_counter()}
-    result = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
-    with StopRequests() as stops, \
-         contextlib.closing(prefetch(place, step, num_steps)) as batches, \
-         StepWatchdog(step_timeout_s, step) as watchdog, profiler:
-      for batch in watch.timed(batches) if watch else batches:
-        _test_only_hang(step + 1)
-        profiler.before_step(step)
-        state, metrics = dp.step(state, batch)
-        profiler.after_step(step + 1, metrics)
-        watchdog.dispatched(step + 1, metrics["train_loss"])
-        run.checkpoints.check()  # A failed background save is reported now, not at the next save.
-        pending.append(metrics)
-        step += 1
-        log_step = cadence.log(step)
-        if log_step:
-          fetched = jax.device_get(pending)  # The loop's only host sync between logs.
-          run.note_losses(last["step"] + 1, fetched, state)
-          run.halt_if_not_finite(state)
-          elapsed = time.perf_counter() - last["time"]
-          per_step = tokens_per_step or first_rows
-          line = train_line(fetched, step, None if lr_schedule is None else applied_lr(lr_schedule, state),
-                            (step - last["step"]) * per_step / elapsed, comm_bytes,
-                            dp.nan_policy == "skip")
-          line.update(watch.fields(step - last["step"], elapsed))
-          for m in fetched:
-            noise_scale.update(float(m.get("gns_g2", math.nan)), float(m.get("gns_trace", math.nan)))
-          if noise_scale.available:  # B_simple (McCandlish et al. 2018): loss weights (tokens), rows.
-            line["grad_noise_scale"] = noise_scale.b_simple
-            if tokens_per_step and first_rows:
-              line["grad_noise_scale_examples"] = noise_scale.b_simple * first_rows / tokens_per_step
-          elif not noise_noted:
-            noise_noted = True
-            bar.write(noise_scale_unavailable(dp))
-          run.writer.write(line)
-          bar.update(step - last["step"], loss=line["train_loss"], tok_s=line["tokens_per_sec"],
-                     **report.hardware_postfix(line))
-          result["train_loss"] = line["train_loss"]
-          pending, last = [], {"step": step, "time": time.perf_counter()}
-        stop, eval_loss = False, None
-        paused = time.perf_counter()  # Evaluation and checkpointing do not count against tokens/s.
-        watchdog.pause()  # Nor against the step timeout.
-        new_best = False
-        if eval_batches is not None and cadence.evaluate(step):
-          run.halt_if_not_finite(state, pending, last["step"] + 1)
-          eval_loss = dp.evaluate(state.params, eval_batches())
-          run.writer.write({"step": step, "eval_loss": eval_loss})
-          bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
-          result["eval_loss"] = eval_loss
-          run.meta = dict(record_evaluation(run.meta, eval_loss, patience), last_eval_loss=eval_loss)
-          # A new best is checkpointed with its eval_loss, which keeps it (BestN): early stopping
-          # then leaves the best parameters on disk even between checkpoint_every steps.
-          new_best = run.meta["evals_without_improvement"] == 0
-          if run.meta.get("stopped_early"):
-            stop = True
-            result["stop_reason"] = "early_stopping"
-            run.writer.write({"step": step, "event": "early_stopping",
-                              "best_eval_loss": run.meta["best_eval_loss"]})
-            bar.write(f"early stopping at step {step}: no improvement in {patience} evaluations")
-        final = step == num_steps
-        preempted = not stop and not final and stops.should_stop(step, log_step)
-        if cadence.checkpoint(step) or stop or preempted or new_best:
-          run.halt_if_not_finite(state, pending, last["step"] + 1)
-          run.save(state, eval_loss)
-        last["time"] += time.perf_counter() - paused
-        watchdog.resume()
-        if preempted:
-          result["stop_reason"] = "preempted"
-          run.writer.write({"step": step, "event": "preempted", "signal": stops.signal_name})
-          bar.write(f"{stops.signal_name}: stopped after step {step} and saved a checkpoint; "
-                    "run the same command to resume")
-          break
-        if stop:
-          break
-    bar.close()
-    run.checkpoints.wait()
-    saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
-    best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
-    run.close()
-    run.writer.close()
-    if result["eval_loss"] is None:
-      result["eval_loss"] = run.meta.get("last_eval_loss")
-    result.update(step=step, best_eval_loss=run.meta["best_eval_loss"], state=state)
-    bar_out.write(report.summary(result, start_step, time.perf_counter() - started, tokens_per_step,
-                                 first_rows, best, workdir))
-    return result
+      return _already_stopped(ctx)
+    return _train(ctx, train_batches, list(hooks))
   except BaseException:
     run.abort()  # The workdir lock and files are released for a rerun in this process.
     raise
 
 
-def _test_only_hang(step: int) -> None:
-  """Test-only hook (tests/test_multihost.py): JAXDP_TEST_HANG_AT_STEP="PROCESS:STEP" makes that
-  process stall before that step, as a stuck peer would, for the watchdog to catch."""
-  if os.environ.get("JAXDP_TEST_HANG_AT_STEP") == f"{jax.process_index()}:{step}":
-    time.sleep(3600)
+def _already_stopped(ctx: LoopContext) -> dict[str, Any]:
+  run = ctx.run
+  run.writer.close()
+  run.close()
+  ctx.say(f"the run in {ctx.workdir!r} stopped early at step {ctx.step}; nothing to do")
+  return {"step": ctx.step, "stop_reason": "early_stopping", "train_loss": None,
+          "eval_loss": run.meta.get("last_eval_loss"), "best_eval_loss": run.meta["best_eval_loss"]}
+
+
+def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: list[Hook]) -> dict[str, Any]:
+  """The loop: compile, announce, then steps until num_steps or a hook's stop; see hooks.py."""
+  dp, run, num_steps = ctx.dp, ctx.run, ctx.options.num_steps
+  place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
+  started = time.perf_counter()
+  first = place(ctx.step) if ctx.step < num_steps else None
+  comm_bytes = 0.0
+  if first is not None:
+    ctx.compiled = dp.train_step.lower(ctx.state, first).compile()
+    comm_bytes = comm_bytes_per_step(dp, ctx.state, first, ctx.compiled)
+    # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
+    ctx.rows_per_step = int(math.prod(jax.tree.leaves(first)[0].shape[:2]))
+  log = TrainLog(comm_bytes)
+  hooks = builtin_hooks(ctx, user_hooks, log)
+  _announce(ctx, hooks)
+  before, after = overriding(hooks, "before_step"), overriding(hooks, "after_step")
+  on_log, at_boundary = overriding(hooks, "on_log"), overriding(hooks, "at_boundary")
+  pause, resume = overriding(hooks, "on_pause"), overriding(hooks, "on_resume")
+  cadence = Cadence(num_steps, ctx.options.log_every)
+  try:
+    for hook in overriding(hooks, "on_start"):
+      hook.on_start(ctx)
+    with contextlib.closing(prefetch(place, ctx.step, num_steps)) as batches:
+      for hook in overriding(hooks, "wrap_batches"):
+        batches = hook.wrap_batches(ctx, batches)
+      for batch in batches:
+        for hook in before:
+          hook.before_step(ctx, ctx.step)
+        ctx.state, metrics = dp.step(ctx.state, batch)
+        ctx.step += 1
+        ctx.eval_loss, ctx.checkpoint_requested = None, False
+        for hook in after:
+          hook.after_step(ctx, ctx.step, metrics)
+        ctx.log_step = cadence.log(ctx.step)
+        if ctx.log_step:
+          line, window = log.window(ctx)
+          for hook in on_log:
+            hook.on_log(ctx, line, window)
+          run.writer.write(line)
+          ctx.result["train_loss"] = line["train_loss"]
+        paused = time.perf_counter()
+        for hook in pause:
+          hook.on_pause(ctx)
+        for hook in at_boundary:
+          hook.at_boundary(ctx, ctx.step)
+        seconds = time.perf_counter() - paused
+        for hook in resume:
+          hook.on_resume(ctx, seconds)
+        if ctx.stop_reason is not None:
+          break
+  except BaseException:
+    _close(ctx, hooks, quietly=True)
+    raise
+  _close(ctx, hooks)
+  result = ctx.result
+  if result["eval_loss"] is None:
+    result["eval_loss"] = run.meta.get("last_eval_loss")
+  result.update(step=ctx.step, best_eval_loss=run.meta["best_eval_loss"], state=ctx.state)
+  for hook in overriding(hooks, "on_end"):
+    hook.on_end(ctx, result)
+  run.checkpoints.wait()
+  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
+  best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
+  run.close()
+  run.writer.close()
+  ctx.say(report.summary(result, ctx.start_step, time.perf_counter() - started,
+                         ctx.options.tokens_per_step, ctx.rows_per_step, best, ctx.workdir))
+  return result
+
+
+def _announce(ctx: LoopContext, hooks: list[Hook]) -> None:
+  """The start banner (with the hardware line), the record's notes and the start record."""
+  watch = next((h.watch for h in hooks if isinstance(h, HardwareStats)), None)
+  if ctx.step < ctx.options.num_steps:
+    ctx.say(report.banner(ctx.dp, ctx.state, ctx.workdir, ctx.options.num_steps, ctx.rows_per_step,
+                          ctx.options.tokens_per_step, ctx.record.description, ctx.restored)
+            + ("\n" + watch.describe() if watch else ""))
+  for note in ctx.record.notes if jax.process_index() == 0 else ():
+    print(note, file=sys.stderr, flush=True)
+  if ctx.step == 0 or ctx.restored:
+    ctx.write({"event": "resume" if ctx.restored else "start", "step": ctx.step,
+               "strategy": ctx.dp.strategy, "num_devices": ctx.dp.mesh.size,
+               "params": count_params(ctx.state.params),
+               "state_bytes_per_device": state_bytes_per_device(ctx.state),
+               **(watch.start_record() if watch else {})})
+
+
+def _close(ctx: LoopContext, hooks: list[Hook], quietly: bool = False) -> None:
+  """Every hook's close, in reverse order. `quietly` (an error already ends the run): a failing
+  close does not replace that error."""
+  error = None
+  for hook in reversed(overriding(hooks, "close")):
+    try:
+      hook.close(ctx)
+    except Exception as e:  # noqa: BLE001 - raised below, after the other hooks closed.
+      error = error or e
+  if error is not None and not quietly:
+    raise error

@@ -70,6 +70,9 @@ class MetricsWriter:
                          "disk space or pick a writable --workdir") from e
 
   def write(self, record: dict[str, Any]) -> None:
+    """Appends `record` to metrics.jsonl and TensorBoard (numbers as scalars at its step, events
+    as text) and to every sink; process 0 only. Raises JaxdpError when the workdir is not writable.
+    """
     if not self._active:
       return
     record = {k: _plain(v) for k, v in record.items()}
@@ -91,6 +94,7 @@ class MetricsWriter:
                        f"({os_reason(e, self.path)}); free disk space or pick a writable --workdir") from e
 
   def close(self) -> None:
+    """Closes the sinks and the TensorBoard writer; a second call does nothing."""
     sinks, self._sinks = self._sinks, []
     for sink in sinks:
       sink.close()
@@ -140,6 +144,7 @@ class Progress:
       self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
   def update(self, steps: int, **postfix) -> None:
+    """Advances by `steps` steps, showing `postfix` (name -> value) beside the count."""
     self._step += steps
     if self._bar is not None:
       if postfix:  # Before update(), which redraws: the bar shows this step's values.
@@ -150,11 +155,13 @@ class Progress:
       print(f"step {self._step}/{self._total}" + (f": {values}" if values else ""), flush=True)
 
   def write(self, line: str) -> None:
+    """Prints `line` above the bar (or plainly without one), on process 0 only."""
     if self._bar is not None:
       self._bar.write(line)
     elif jax.process_index() == 0:
       print(line, flush=True)
 
   def close(self) -> None:
+    """Closes the bar, if one is shown."""
     if self._bar is not None:
       self._bar.close()

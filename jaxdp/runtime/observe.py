@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 import jax
 
 from jaxdp.runtime.peaks import Peak, step_peak
+from jaxdp.runtime.profiling import parse_profile_steps  # noqa: F401  (observe's public name)
 
 
 def compiled_flops(compiled) -> float:
@@ -92,6 +93,9 @@ class StepWatch:
     self.waited = 0.0
 
   def peak_memory_bytes(self) -> int:
+    """Peak device memory in bytes: the allocator's peak when memory_stats has it, else the
+    compiled step's memory analysis.
+    """
     if self.memory_source == "memory_stats":
       found = allocator_peak_bytes(self.devices)
       if found is not None:
@@ -153,6 +157,7 @@ class StepProfiler:
     self.stop()  # A run that ends (or fails) inside the window still closes its trace.
 
   def stop(self, outputs: Any = None) -> None:
+    """Ends the trace (if one is running) once `outputs` are ready, so the last step is in it."""
     if self.active:
       jax.block_until_ready(outputs)
       jax.profiler.stop_trace()
@@ -164,36 +169,3 @@ def lowered_flops(lowered) -> float:
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
-
-
-def model_flops_per_device(config, vocab_size: int, devices: Sequence[jax.Device],
-                           batch: dict) -> float | None:
-  """FLOPs per device of one optimizer step of a built-in model's `config`, counted on a loop-free
-  lowering of the same step, or None when the compiled step itself has no loop to miscount.
-
-  Gradient accumulation (a lax.scan over micro-batches 2..A) and remat (a scan over the blocks)
-  put the step's work in while loops, whose body XLA's cost analysis counts once. The count here
-  lowers (without compiling) the step of one device's whole share of the batch, on one device,
-  without accumulation or remat: the model's FLOPs, recomputation excluded, as MFU defines them.
-  `batch` is the run's first placed batch [A, b, ...] (shapes and dtypes only are used).
-  """
-  if config.remat == "none" and config.grad_accum_steps <= 2:  # A 1-trip scan is unrolled.
-    return None
-  from jaxdp.config import mesh_replica, mesh_shape
-  from jaxdp.parallel.mesh import batch_sharding
-  from jaxdp.runtime.trainer import build_model
-  data, model = mesh_shape(config, len(devices))
-  variant = config.copy_and_resolve_references()
-  variant.remat, variant.grad_accum_steps, variant.strategy = "none", 1, "dp"
-  variant.offload_optimizer = False
-  variant.mesh.data, variant.mesh.model = 1, 1
-  if "replica" in variant.mesh:
-    variant.mesh.replica = 1
-  rows = config.global_batch_size // (data * mesh_replica(config))  # One device's share.
-  # Shapes only: the initial parameters (config.init_from) are not read.
-  lm, dp = build_model(variant, vocab_size, list(devices)[:1], read_init_from=False)
-  sharding = batch_sharding(dp.mesh)
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, rows) + x.shape[2:], x.dtype,
-                                                       sharding=sharding), batch)
-  abstract = dp.abstract_state(lm.init_fn, config.seed)
-  return lowered_flops(dp.train_step.lower(abstract, shapes)) / model

@@ -75,4 +75,7 @@ def summary(result: dict[str, Any], start_step: int, seconds: float, tokens_per_
   if best is not None:
     lines.append(f"  best checkpoint: {os.path.join(os.path.abspath(workdir), 'checkpoints', str(best[0]))}"
                  f" (eval_loss {best[1]:.4f})")
+  for hit in result.get("targets_reached", ()):  # runtime/targets.py
+    lines.append(f"  target eval_loss {hit['target']:g}: step {hit['step']}, {_count(hit['tokens'])} "
+                 f"{unit}, {hit['productive_s']:.1f} s of training ({hit['wall_s']:.1f} s wall)")
   return "\n".join(lines)

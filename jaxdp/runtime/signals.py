@@ -113,6 +113,7 @@ def agreed_stop(step: int, log_step: bool) -> str | None:
 
 
 def installed() -> bool:
+  """Whether the signal handlers are installed (by `install`)."""
   return _installed
 
 
@@ -122,6 +123,7 @@ def pending() -> str | None:
 
 
 def clear() -> None:
+  """Forgets a pending signal (after it was acted on)."""
   global _pending, _announced
   _pending, _announced = None, False
 

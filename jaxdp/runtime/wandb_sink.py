@@ -57,4 +57,5 @@ class WandbSink:
       self.run.log(scalars, step=int(step))
 
   def close(self) -> None:
+    """Finishes the W&B run (uploads what is left, unless offline)."""
     self.run.finish()

@@ -57,10 +57,12 @@ class StepWatchdog:
         self._pending.append((step, result))
 
   def pause(self) -> None:
+    """Stops the clock while the host works outside the step (evaluation, a checkpoint)."""
     with self._lock:
       self._paused = True
 
   def resume(self) -> None:
+    """Restarts the clock after `pause`; the time paused does not count."""
     with self._lock:
       self._paused = False
       if self._since is not None:

@@ -1,4 +1,12 @@
-"""Loading presets and checking a config against the devices it will run on."""
+"""The language-model app's presets (jaxdp.configs) and the checks of a config against the
+devices it will run on.
+
+Each choice list and each rule a lower layer owns is imported from it (parallel.choices,
+models.choices, data.spec, runtime.profiling) and worded with config.* names here; what is
+checked only here is how the app's fields combine. Imports no JAX: the command line reads
+presets and refuses bad values without loading it. jaxdp.lm.spec turns a valid config into
+typed values.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +16,13 @@ import os
 
 import ml_collections
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, need
+from jaxdp.lm.spec import COMM_FIELDS, data_spec, mesh_replica, mesh_shape, model_config
+from jaxdp.models.choices import ATTENTION, FAMILIES, POSITIONS, REMATS
+from jaxdp.parallel.choices import check_comm, check_step
+from jaxdp.runtime.fieldpath import dotted_get
+from jaxdp.runtime.profiling import parse_profile_steps
 
-STRATEGIES = ("dp", "zero1", "zero2", "zero3")
-ATTENTION = ("xla", "cudnn", "reference")
-POSITIONS = ("rope", "learned")
-NAN_POLICIES = ("halt", "skip")
-PRECISIONS = ("fp32", "bf16", "fp16")
-REMATS = ("none", "block", "full")
-ALLREDUCE = ("pmean", "ring", "ps")
-COMPRESSION = ("none", "topk", "randomk", "int8", "bf16", "powersgd")
-COMPRESSION_OPTIMIZERS = ("none", "frozen_variance")
-SYNC = ("every_step", "local_sgd", "stale")
-FAMILIES = ("gpt", "llama")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -98,76 +100,6 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
   return names
 
 
-def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
-  return config.num_steps if config.lr_decay_steps is None else config.lr_decay_steps
-
-
-# The ConfigDict stays here, at the edge: these turn it into the typed values the core takes.
-
-def optimizer_config(config: ml_collections.ConfigDict):
-  """The run's OptimizerConfig (jaxdp.core.optimizer).
-
-  Fields added after a run was saved default to their old behaviour (AdamW, cosine), so a
-  config from an earlier version still loads.
-  """
-  from jaxdp.core.optimizer import OptimizerConfig
-  exclude = tuple(n.strip() for n in config.get("decay_exclude", "").split(",") if n.strip())
-  return OptimizerConfig(name=config.get("optimizer", "adamw"), learning_rate=config.learning_rate,
-                         schedule=config.get("schedule", "cosine"), warmup_steps=config.warmup_steps,
-                         decay_steps=lr_decay_steps(config),
-                         decay_fraction=config.get("decay_fraction", 0.2),
-                         min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
-                         decay_exclude=exclude, b1=config.b1, b2=config.b2,
-                         momentum=config.get("momentum", 0.9),
-                         nesterov=bool(config.get("nesterov", False)), grad_clip=config.grad_clip,
-                         freeze_variance_after=freeze_variance_after(config))
-
-
-def freeze_variance_after(config: ml_collections.ConfigDict) -> int:
-  """Updates before Adam's variance freezes (compression_optimizer='frozen_variance'); 0: never."""
-  if config.get("compression_optimizer", "none") != "frozen_variance" or config.compression == "none":
-    return 0
-  return max(1, config.compression_warmup_steps)
-
-
-def comm_config(config: ml_collections.ConfigDict):
-  """The run's CommConfig (jaxdp.parallel.exchange): how devices exchange gradients."""
-  import dataclasses
-
-  from jaxdp.parallel.exchange import CommConfig
-  # Fields newer than a saved run's config take their default (the behaviour it was run with).
-  return CommConfig(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(CommConfig)})
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int):
-  """The run's ModelConfig (jaxdp.models) for a tokenizer of `vocab_size` ids."""
-  from jaxdp.core.precision import COMPUTE_DTYPES
-  from jaxdp.models import ModelConfig
-  m = config.model
-  multiple = m.get("pad_vocab_to_multiple", 1)
-  padded = -(-vocab_size // multiple) * multiple
-  return ModelConfig(vocab_size=padded, valid_vocab_size=vocab_size, seq_len=config.seq_len, n_layer=m.n_layer,
-                     n_head=m.n_head, d_model=m.d_model, family=m.get("family", "gpt"),
-                     mlp_ratio=m.mlp_ratio, n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout,
-                     positions=m.positions, rope_theta=m.get("rope_theta", 10000.0),
-                     tie_embeddings=m.get("tie_embeddings", True), norm_eps=m.get("norm_eps", 0.0),
-                     attention=config.attention,
-                     dtype=COMPUTE_DTYPES[config.precision], remat=config.get("remat", "none"))
-
-
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """(data, model) sizes of the device mesh; config.mesh.data <= 0 means all devices left after
-  mesh.model and mesh.replica (see mesh_replica)."""
-  model = config.mesh.model
-  data = num_devices // (model * mesh_replica(config)) if config.mesh.data <= 0 else config.mesh.data
-  return data, model
-
-
-def mesh_replica(config: ml_collections.ConfigDict) -> int:
-  """config.mesh.replica, 1 for configs saved before the field existed."""
-  return int(config.mesh.get("replica", 1))
-
-
 def model_hidden(config: ml_collections.ConfigDict) -> int:
   """The MLP hidden width of the config's model family."""
   from jaxdp.models import llama
@@ -176,28 +108,22 @@ def model_hidden(config: ml_collections.ConfigDict) -> int:
   return int(config.model.d_model * config.model.mlp_ratio)
 
 
-def need(ok: bool, message: str) -> None:
-  """Raises JaxdpError(message) unless `ok`: every check below names its field and the fix."""
-  if not ok:
-    raise JaxdpError(message)
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> None:
   """Raises JaxdpError naming the first field that cannot work on `num_devices` devices.
 
   `platform` ("cpu", "gpu", "tpu"), when given, also checks fields that need particular hardware.
   """
-  need(config.strategy in STRATEGIES,
-       f"config.strategy={config.strategy!r} is not one of {', '.join(STRATEGIES)}")
-  need(config.nan_policy in NAN_POLICIES,
-       f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
+  validate_comm(config)
+  # The step's own rules, worded with config.* names (parallel.choices.check_step).
+  check_step(strategy=config.strategy, precision=config.precision, nan_policy=config.nan_policy,
+             comm={name: config[name] for name in COMM_FIELDS}, mesh_model=config.mesh.model,
+             mesh_replica=mesh_replica(config), offload_optimizer=config.offload_optimizer,
+             where="config.", comm_where="config.")
   need(config.attention in ATTENTION,
        f"config.attention={config.attention!r} is not one of {', '.join(ATTENTION)}")
   need(platform is None or config.attention != "cudnn" or platform == "gpu",
        f"config.attention='cudnn' needs a GPU but the devices are {platform}; use "
        "config.attention=xla (the same math, portable)")
-  need(config.precision in PRECISIONS,
-       f"config.precision={config.precision!r} is not one of {', '.join(PRECISIONS)}")
   need(platform != "cpu" or config.precision != "fp16" or config.attention != "xla",
        "config.precision='fp16' with config.attention='xla' fails on CPU (XLA:CPU has no "
        "f16 x f16 -> f32 dot); use config.attention=reference, or config.precision=bf16")
@@ -250,23 +176,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(replica * data * model == num_devices,
        f"{hybrid}config.mesh.data={config.mesh.data} x config.mesh.model={model} != {num_devices} "
        "devices; set config.mesh.data=0 to use all remaining devices")
-  dense = config.allreduce == "pmean" and config.compression == "none" and config.sync == "every_step"
-  need(replica == 1 or dense,
-       f"config.mesh.replica={replica} supports only the dense all-reduce; set "
-       "config.allreduce='pmean', config.compression='none', config.sync='every_step', or "
-       "config.mesh.replica=1")
   if model > 1:
-    need(config.strategy != "dp",
-         f"config.mesh.model={model} needs a jit strategy (zero1, zero2, zero3); "
-         "config.strategy='dp' is data parallel only")
     hidden = model_hidden(config)
     kv = config.model.n_kv_head or config.model.n_head
     need(config.model.n_head % model == 0 and hidden % model == 0 and kv % model == 0,
          f"config.mesh.model={model} must divide config.model.n_head={config.model.n_head}, the "
          f"key/value heads {kv} and the MLP hidden size {hidden}")
-  need(not (config.offload_optimizer and config.strategy == "dp"),
-       "config.offload_optimizer=True needs a ZeRO strategy; set config.strategy=zero1, zero2 or zero3")
-  validate_comm(config)
   validate_observability(config)
   per_step = replica * data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
@@ -279,7 +194,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
 
 def validate_init_from(config: ml_collections.ConfigDict) -> None:
   """config.init_from: "" or "hf:DIR" (the checkpoint itself is read, and checked against
-  config.model field by field, when the run starts: jaxdp.runtime.hf)."""
+  config.model field by field, when the run starts: jaxdp.lm.hf_import)."""
   value = config.get("init_from", "")
   need(isinstance(value, str) and (value == "" or (value.startswith("hf:") and len(value) > 3)),
        f"config.init_from={value!r} must be '' (random init) or 'hf:DIR', a local Hugging Face "
@@ -313,22 +228,15 @@ DEPENDENT_FIELDS = (
 def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
   """Warnings for fields set away from their default that have no effect in this config."""
   default = _exec_config(preset_path("default"))
-
-  def get(c, dotted):
-    for part in dotted.split("."):
-      c = c[part]
-    return c
-  return [f"config.{name}={get(config, name)!r} has no effect without {needs}"
+  return [f"config.{name}={dotted_get(config, name)!r} has no effect without {needs}"
           for name, applies, needs in DEPENDENT_FIELDS
-          if get(config, name) != get(default, name) and not applies(config)]
+          if dotted_get(config, name) != dotted_get(default, name) and not applies(config)]
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
   """The data fields' choices and forms (the paths themselves are checked when opened)."""
   from jaxdp.data.mixture import parse_sources
-  from jaxdp.data.packing import PACKINGS
-  need(config.data.packing in PACKINGS,
-       f"config.data.packing={config.data.packing!r} is not one of {', '.join(PACKINGS)}")
+  data_spec(config)  # DataSpec refuses a packing that is not one of data.packing.PACKINGS.
   need(isinstance(config.data.sources, str), "config.data.sources must be a string like "
        "'a:0.7,b:0.3'")
   if parse_sources(config.data.sources):  # Raises on a malformed entry.
@@ -354,24 +262,6 @@ def validate_model_family(config: ml_collections.ConfigDict) -> None:
          "positions only; set config.model.positions=rope")
     need(m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
          f"config.model.n_kv_head={m.n_kv_head} must divide config.model.n_head={m.n_head}")
-
-
-def parse_profile_steps(text: str) -> tuple[int, int] | None:
-  """config.profile_steps "START:STOP" -> (START, STOP); "" -> None (no trace).
-
-  Raises:
-    JaxdpError: not two integers with 0 <= START < STOP.
-  """
-  if text == "":
-    return None
-  parts = str(text).split(":")
-  try:
-    start, stop = (int(p) for p in parts) if len(parts) == 2 else (-1, -1)
-  except ValueError:
-    start, stop = -1, -1
-  need(0 <= start < stop, f"config.profile_steps={text!r} must be 'START:STOP' with 0 <= START < "
-       "STOP (e.g. '10:15' traces the 5 steps after step 10), or '' for no trace")
-  return start, stop
 
 
 def validate_observability(config: ml_collections.ConfigDict) -> None:
@@ -422,51 +312,11 @@ def validate_optimizer(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_comm(config: ml_collections.ConfigDict) -> None:
-  """The communication fields (jaxdp/parallel/exchange.py): choices, ranges and combinations that work."""
-  for name, choices in (("allreduce", ALLREDUCE), ("compression", COMPRESSION), ("sync", SYNC)):
-    need(config[name] in choices, f"config.{name}={config[name]!r} is not one of {', '.join(choices)}")
-  need(0 < config.compression_ratio <= 1,
-       f"config.compression_ratio={config.compression_ratio} must be in (0, 1]")
-  need(0 <= config.momentum_correction < 1,
-       f"config.momentum_correction={config.momentum_correction} must be in [0, 1)")
-  need(config.compression_rank >= 1,
-       f"config.compression_rank={config.compression_rank} must be >= 1 (the rank of PowerSGD's factors)")
-  need(config.compression_warmup_steps >= 0,
-       f"config.compression_warmup_steps={config.compression_warmup_steps} must be >= 0 (0: no warm-up)")
-  need(config.local_grad_clip >= 0,
-       f"config.local_grad_clip={config.local_grad_clip} must be >= 0 (0: no local clipping)")
-  need(config.compression_optimizer in COMPRESSION_OPTIMIZERS,
-       f"config.compression_optimizer={config.compression_optimizer!r} is not one of "
-       f"{', '.join(COMPRESSION_OPTIMIZERS)}")
+  """The communication fields: how they combine with the optimizer, then the exchange's own
+  rules (parallel.choices.check_comm, worded with config.* names). How they combine with the
+  strategy, precision and mesh is parallel.choices.check_step's (see `validate`)."""
   if config.compression_optimizer == "frozen_variance" and config.compression != "none":
     need(config.get("optimizer", "adamw") == "adamw",
          f"config.compression_optimizer='frozen_variance' freezes Adam's variance; set "
          f"config.optimizer=adamw (got {config.get('optimizer')!r}) or compression_optimizer=none")
-    need(config.compression != "powersgd",
-         "config.compression_optimizer='frozen_variance' compresses the momentum elementwise; use "
-         "config.compression=topk, randomk, int8 or bf16 with it")
-    need(config.compression_warmup_steps >= 1,
-         "config.compression_optimizer='frozen_variance' needs config.compression_warmup_steps >= 1 "
-         "(the dense steps that estimate Adam's variance; 1-bit Adam uses 15-25% of the run)")
-    need(config.sync == "every_step",
-         f"config.compression_optimizer='frozen_variance' needs config.sync='every_step' (got "
-         f"{config.sync!r})")
-  need(config.momentum_correction == 0 or config.compression in ("topk", "randomk"),
-       f"config.momentum_correction={config.momentum_correction} needs config.compression="
-       f"'topk' or 'randomk' (got {config.compression!r}); set it to 0")
-  need(config.sync_every >= 1, f"config.sync_every={config.sync_every} must be >= 1")
-  need(config.staleness >= 0, f"config.staleness={config.staleness} must be >= 0")
-  need(config.sync != "local_sgd" or config.compression == "none",
-       f"config.sync='local_sgd' averages parameters uncompressed; set config.compression='none' "
-       f"(got {config.compression!r})")
-  need(config.sync != "local_sgd" or config.precision != "fp16",
-       "config.sync='local_sgd' has no loss scaling; use config.precision='fp32' or 'bf16'")
-  need(not config.diloco or config.sync == "local_sgd",
-       f"config.diloco=True needs config.sync='local_sgd' (got {config.sync!r})")
-  need(config.outer_lr > 0, f"config.outer_lr={config.outer_lr} must be positive")
-  need(0 <= config.outer_momentum < 1,
-       f"config.outer_momentum={config.outer_momentum} must be in [0, 1)")
-  dense = config.allreduce == "pmean" and config.compression == "none" and config.sync == "every_step"
-  need(dense or config.strategy == "dp",
-       f"config.strategy={config.strategy!r} supports only the dense all-reduce; set "
-       "config.allreduce='pmean', config.compression='none', config.sync='every_step'")
+  check_comm({name: config[name] for name in COMM_FIELDS}, "config.")

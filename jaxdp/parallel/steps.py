@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from jaxdp.core import step as steps
+from jaxdp.core import step
 from jaxdp.core.step import LossFn
 from jaxdp.parallel import local_sgd
 from jaxdp.parallel.exchange import CommConfig, make_exchange
@@ -74,7 +74,7 @@ def _sum_device_groups(strategy: str, layout: Layout) -> Callable | None:
 def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
                        tx: optax.GradientTransformation, state_sharding: Any,
                        comm_cfg: CommConfig | None = None, max_consecutive_skips: int = 0,
-                       compute_dtype: Any = None) -> Callable:
+                       compute_dtype: Any = None) -> jax.stages.Wrapped:
   """(state, batch [A, b, ...]) -> (state, metrics), jitted with the state donated."""
   comm_cfg = comm_cfg or CommConfig()
   mesh = layout.mesh
@@ -86,7 +86,7 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
                                cfg=comm_cfg, max_consecutive_skips=max_consecutive_skips,
                                compute_dtype=compute_dtype)
     else:
-      body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=axes,
+      body = functools.partial(step.train_step, loss_fn=loss_fn, tx=tx, axis_name=axes,
                                exchange=make_exchange(comm_cfg, axes),
                                max_consecutive_skips=max_consecutive_skips,
                                compute_dtype=compute_dtype)
@@ -99,7 +99,7 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
                            out_specs=(state_spec, P()), check_vma=comm_cfg.dense)
     return jax.jit(mapped, donate_argnums=0)
   offload = any(s.memory_kind == "pinned_host" for s in jax.tree.leaves(state_sharding.opt_state))
-  body = functools.partial(steps.train_step, loss_fn=loss_fn,
+  body = functools.partial(step.train_step, loss_fn=loss_fn,
                            tx=_zero_optimizer(tx, strategy, layout, offload), axis_name=None,
                            max_consecutive_skips=max_consecutive_skips, compute_dtype=compute_dtype,
                            noise_groups=batch_size_of(mesh),
@@ -109,16 +109,16 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
 
 
 def compile_eval_step(strategy: str, layout: Layout, loss_fn: LossFn,
-                      compute_dtype: Any = None) -> Callable:
+                      compute_dtype: Any = None) -> jax.stages.Wrapped:
   """(params, batch [A, b, ...]) -> {"loss_sum", "count"} summed over the global batch."""
   mesh = layout.mesh
   if strategy == "dp":
-    body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=batch_axes(mesh),
+    body = functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=batch_axes(mesh),
                              compute_dtype=compute_dtype)
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), batch_spec(mesh)),
                                  out_specs=P()))
   # The parameters keep the shardings they arrive with (zero3: split; jit gathers them on use).
-  body = functools.partial(steps.eval_step, loss_fn=loss_fn, axis_name=None,
+  body = functools.partial(step.eval_step, loss_fn=loss_fn, axis_name=None,
                            compute_dtype=compute_dtype)
   return jax.jit(body, out_shardings=replicated(mesh))
 
@@ -126,7 +126,10 @@ def compile_eval_step(strategy: str, layout: Layout, loss_fn: LossFn,
 # The classic API: the same per-device body under jax.pmap. Arrays carry a leading device axis.
 
 def pmap_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
-  body = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, axis_name=DATA)
+  """core.step.train_step under jax.pmap over "data": (state, batch) -> (state, metrics) with
+  state leaves [N, ...] (`replicate`) and batch [N, A, b / N, ...] (`split_for_pmap`); the state
+  is donated."""
+  body = functools.partial(step.train_step, loss_fn=loss_fn, tx=tx, axis_name=DATA)
   return jax.pmap(body, axis_name=DATA, donate_argnums=0)
 
 
@@ -136,6 +139,7 @@ def replicate(tree, num_devices: int):
 
 
 def unreplicate(tree):
+  """The first device's copy of every leaf: [N, ...] -> [...] (the inverse of `replicate`)."""
   return jax.tree.map(lambda x: x[0], tree)
 
 

@@ -1,0 +1,181 @@
+"""Training a built-in language model from a config: `train_and_evaluate(config, workdir)`.
+
+`jaxdp.lm.builder.build` makes the run's pieces; `fit` (jaxdp.runtime.loop) trains them. Running
+`train_and_evaluate` again on the same workdir resumes from the latest checkpoint, bitwise as if
+never stopped. `load_for_inference` reads a run's checkpoint back for sampling or export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from jaxdp.core.optimizer import learning_rate_schedule
+from jaxdp.core.state import TrainState
+from jaxdp.data.pipeline import Dataset
+from jaxdp.data.prepare import load_tokenizer, save_tokenizer
+from jaxdp.errors import JaxdpError
+from jaxdp.lm.builder import LMRun, build, build_model_and_dp, model_flops_per_device
+from jaxdp.lm.spec import data_spec, run_spec
+from jaxdp.runtime import loop
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Sequence[jax.Device] | None = None, progress: bool = True,
+                       allow_config_change: bool = False,
+                       restore_from: str | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
+  if config.data.path or config.data.sources or config.data.tokenizer:
+    # Stored resolved: the saved config names the data from anywhere.
+    config = config.copy_and_resolve_references()
+    if config.data.path:
+      config.data.path = os.path.abspath(config.data.path)
+    if config.data.sources:
+      config.data.sources = resolve_sources(config.data.sources)
+    if config.data.tokenizer:
+      config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+  config, note = keep_decay_horizon(config, workdir, restore_from)
+  # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
+  built = build(config, devices, read_init_from=saved_config(workdir, restore_from) is None)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    save_tokenizer(built.dataset.tokenizer, workdir)
+  record = dataclasses.replace(built.record(), notes=(note,) if note else ())
+  sinks = []
+  if config.wandb.project and jax.process_index() == 0:
+    from jaxdp.runtime.wandb_sink import WandbSink
+    sinks.append(WandbSink(config.wandb.project, config.wandb.mode, workdir, config.to_dict()))
+  spec = built.spec
+  flops = model_flops_per_device(config, built.dataset.tokenizer.vocab_size,
+                                 built.mesh.devices.flat, built.train_batch(0))
+  options = dataclasses.replace(spec.fit, progress=progress, flops_per_device=flops,
+                                restore_from=restore_from, allow_config_change=allow_config_change)
+  result = loop.fit(built.dp, built.model.init_fn, built.train_batch, workdir=workdir,
+                    eval_batches=built.val_batches, lr_schedule=learning_rate_schedule(spec.optimizer),
+                    record=record, sinks=sinks,
+                    **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+  report_mixture(built, workdir, result)
+  return result
+
+
+def resolve_sources(spec: str) -> str:
+  """config.data.sources with each path made absolute (weights as given)."""
+  from jaxdp.data.mixture import parse_sources
+  parse_sources(spec)  # Raises on a malformed entry before anything is rewritten.
+  entries = [item.strip().rpartition(":") for item in spec.split(",")]
+  return ",".join(f"{os.path.abspath(path)}:{weight}" for path, _, weight in entries)
+
+
+def report_mixture(built: LMRun, workdir: str, result: dict[str, Any]) -> None:
+  """With config.data.sources: the realised share of each source over the run's examples (steps
+  0..step-1, exact) goes into `result["data_mixture"]`, a "data_mixture" event of
+  metrics.jsonl and one line on stdout."""
+  examples = int(result.get("step") or 0) * built.spec.data.global_batch_size
+  shares = built.dataset.realised_mixture(examples)
+  if shares is None:
+    return
+  result["data_mixture"] = shares
+  if jax.process_index() != 0:
+    return
+  from jaxdp.runtime.metrics import MetricsWriter
+  writer = MetricsWriter(workdir)
+  try:
+    writer.write({"event": "data_mixture", "step": result.get("step"), "examples": examples,
+                  "shares": shares, "weights": dict(built.dataset.sources)})
+  finally:
+    writer.close()
+  print("data mixture over " + f"{examples:,} examples: " + ", ".join(
+      f"{path} {share:.1%} (weight {weight:.1%})"
+      for (path, weight), share in zip(built.dataset.sources, shares.values())), flush=True)
+
+
+def saved_config(workdir: str, restore_from: str | None = None) -> dict | None:
+  """The config stored with the checkpoint a run would resume from (`restore_from`, else the
+  latest readable one in `workdir`), or None when there is none."""
+  if restore_from:
+    found = step_directory(restore_from)
+    if found is None:
+      return None  # A --restore_from that the restore itself refuses.
+    directory, steps = found[0], [found[1]]
+  else:
+    directory, steps = os.path.join(workdir, "checkpoints"), None
+  if not os.path.isdir(directory):
+    return None  # Nothing to resume.
+  checkpoints = Checkpointer("", create=False, directory=directory)
+  try:
+    for step in steps if steps else reversed(checkpoints.all_steps()):
+      try:
+        return checkpoints.restore_meta(step).get("config")
+      except Exception:  # noqa: BLE001  # Unreadable: the restore reports it (or falls back).
+        continue
+    return None
+  finally:
+    checkpoints.close()
+
+
+def keep_decay_horizon(config: ml_collections.ConfigDict, workdir: str,
+                       restore_from: str | None = None) -> tuple[ml_collections.ConfigDict, str | None]:
+  """(`config` with the learning-rate horizon of the checkpoint it resumes from, the note to
+  show once the resume succeeded, or None).
+
+  With config.lr_decay_steps None the schedule decays over num_steps, as it was when the run
+  started: a resume with another num_steps (extending a finished run, say) keeps that horizon,
+  says so on one line, and records it as config.lr_decay_steps; set lr_decay_steps to change it.
+  """
+  if config.lr_decay_steps is not None:
+    return config, None
+  saved = saved_config(workdir, restore_from)
+  if not saved:
+    return config, None
+  horizon = saved.get("lr_decay_steps") or saved.get("num_steps")
+  if not horizon or horizon == config.num_steps:
+    return config, None
+  config = config.copy_and_resolve_references()
+  config.lr_decay_steps = int(horizon)
+  return config, (f"jaxdp: note: config.lr_decay_steps is unset, so the learning rate keeps the "
+                  f"checkpoint's horizon, step {horizon}, not num_steps={config.num_steps}; set "
+                  f"--config.lr_decay_steps={config.num_steps} to decay over the new num_steps "
+                  "instead")
+
+
+def restore_checkpoint(checkpoints: Checkpointer, built: LMRun, *,
+                       restore_from: str | None = None,
+                       allow_config_change: bool = False) -> tuple[TrainState, dict] | None:
+  """(state, meta) of the checkpoint a run of `built` would resume from (see loop.restore)."""
+  return loop.restore(checkpoints, built.abstract_state(), built.record(),
+                      restore_from=restore_from, allow_config_change=allow_config_change)
+
+
+def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
+  """(params, model module, tokenizer) of a checkpoint in `workdir` (the latest by default), on
+  one device: params the unboxed float32 tree, the module a Flax Linen module of the run's
+  model (`module.cfg` its ModelConfig), the tokenizer the run's own.
+
+  Raises:
+    JaxdpError: `workdir` has no checkpoint, or the checkpoint cannot be read back exactly.
+  """
+  checkpoints = Checkpointer(workdir, create=False)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise JaxdpError(f"--workdir={workdir!r} has no checkpoint; train first with "
+                     f"`jaxdp train --workdir {workdir}`")
+  config = ml_collections.ConfigDict(checkpoints.restore_meta(step)["config"])
+  # Whatever strategy and mesh trained it, inference runs on one device.
+  config.strategy, config.offload_optimizer = "dp", False
+  config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1})
+  # The run's own tokenizer copy: no data needed (runs from before it existed read the data).
+  tokenizer = load_tokenizer(workdir) or Dataset(data_spec(config)).tokenizer
+  devices = jax.local_devices()[:1]
+  spec = run_spec(config, len(devices), tokenizer.vocab_size)
+  model, dp = build_model_and_dp(spec, devices, read_init_from=False)
+  try:
+    state, _ = checkpoints.restore(step, dp.abstract_state(model.init_fn, spec.seed))
+  except CorruptCheckpoint as e:
+    raise JaxdpError(f"--workdir={workdir!r}: checkpoint {e}") from None
+  checkpoints.close()
+  return state.params, model.module, tokenizer
