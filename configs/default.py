@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 10  # Steps between train metric lines (metrics are fetched from the device only then).
   c.eval_every = 100  # Steps between evaluations on the validation split; 0 disables periodic evaluation.
   c.eval_steps = 8  # Evaluation covers the first eval_steps x global_batch_size validation windows (all of them if fewer), each once, a partial last batch padded with zero-weight rows; 0 evaluates the whole validation split.
+  c.eval_tasks = ""  # Downstream tasks scored at each evaluation, after the validation loss: "KIND:FILE" joined by commas, hellaswag:FILE.jsonl (multiple choice in HellaSwag's JSONL: acc, acc_norm) or text:FILE (loss, perplexity, bits per byte); metrics named FILE_STEM/METRIC in metrics.jsonl (docs/evaluation.md); "" disables.
   c.patience = 0  # Early stopping: stop after this many evaluations without improvement; 0 disables.
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
   c.keep_last = 3  # Most recent checkpoints kept on disk (the best by validation loss, and the last one followed by a sane train loss, are kept as well).
@@ -62,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.precision = "fp32"  # Compute precision: "fp32", "bf16" (bf16 activations, fp32 params and optimizer) or "fp16" (same, with dynamic loss scaling).
   c.loss_scale_init = 2.0 ** 15  # fp16: initial loss scale (halved on every overflowing step, which is skipped; at 1 it cannot fall further, and an overflow there falls under nan_policy).
   c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
-  c.init_from = ""  # Initial parameters of a fresh run: "" (random, from seed) or "hf:DIR", a local Hugging Face GPT-2 (family gpt, positions learned) or Llama checkpoint (config.json + model.safetensors) whose architecture config.model must match; a resumed run keeps its checkpoint.
+  c.init_from = ""  # Initial parameters of a fresh run: "" (random, from seed) or "hf:DIR", a local Hugging Face GPT-2 (family gpt, positions learned), Llama, Qwen2/2.5, Qwen3 or Mistral checkpoint (config.json + model.safetensors or its shards) whose architecture config.model must match; a resumed run keeps its checkpoint.
+  c.target_losses = ""  # Eval losses to report the time to, e.g. "2.0,1.8,1.6": the first evaluation at or below each logs a "target_reached" line (step, tokens, wall and productive seconds) to metrics.jsonl and the run's summary; needs evaluation (eval_every, or the final one); "" disables.
   c.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of the steps after step START up to step STOP into WORKDIR/profile (TensorBoard's profile plugin, Perfetto); "" disables.
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 
@@ -87,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.n_layer = 4  # Transformer blocks.
   c.model.n_head = 4  # Attention heads per block.
   c.model.d_model = 128  # Residual stream width; must be divisible by n_head.
-  c.model.mlp_ratio = 4  # MLP hidden width as a multiple of d_model.
+  c.model.mlp_ratio = 4.0  # MLP hidden width as a multiple of d_model (a float: Qwen2.5-0.5B's is 4864 * 1.5 / 896).
   c.model.dropout = 0.0  # Dropout rate on attention output, MLP output and embeddings.
   c.model.positions = "rope"  # Position encoding: "rope" (rotary) or "learned" (absolute embeddings; gpt only).
   c.model.rope_theta = 10000.0  # Base of the rotary frequencies (larger suits longer contexts).
@@ -95,4 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pad_vocab_to_multiple = 1  # Round the tokenizer's vocabulary up to a multiple of this (e.g. 64: GPT-2's 50257 -> 50304) for faster matmuls; padded ids get -inf logits.
   c.model.tie_embeddings = True  # Output head shares the input embedding matrix (gpt: always True).
   c.model.norm_eps = 0.0  # Epsilon of every LayerNorm/RMSNorm; 0 means the family default (gpt 1e-6, llama 1e-5); GPT-2 checkpoints use 1e-5.
+  c.model.variant = ""  # llama: the Hugging Face class imported and exported: "" (Llama), "qwen2" (needs qkv_bias), "qwen3" (needs qk_norm) or "mistral".
+  c.model.head_dim = 0  # llama: head size independent of d_model / n_head (Qwen3: 128); 0 means d_model / n_head.
+  c.model.qkv_bias = False  # llama: biases on the q, k and v projections (Qwen2/2.5; needs variant qwen2).
+  c.model.qk_norm = False  # llama: RMSNorm over each head's q and k before rotary positions (Qwen3; needs variant qwen3).
+  c.model.sliding_window = 0  # llama: each query attends to its last this many positions, itself included (Mistral, Qwen with use_sliding_window); 0 means all.
   return c

@@ -17,7 +17,8 @@ from conftest import TINY_RUN_FLAGS
 import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
-SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify", "export")
+SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify", "export",
+               "evaluate")
 
 
 def _env():
@@ -76,6 +77,7 @@ def test_train_then_generate_from_the_command_line(tiny_run):
      True),
     (["--config.data.path=/no/such.txt"], "config.data.path='/no/such.txt' does not exist", True),
     (["--config", "no_such_preset"], "no such file or preset", False),
+    (["--config", "README.md"], "'README.md' is not a Python file", False),
     (["--config.seq_len=abc"], "--config.seq_len=abc", False),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capfd, args, message, needs_devices):
@@ -117,6 +119,8 @@ HELP_SHOWS = {
     "inspect": ["CHECKPOINT_DIR"],
     "plan": ["--[no]json  (default: false)", "--cpu_devices=N  (default:", "--help_config"],
     "verify": ["--steps=K  (default: 3)", "Valid: K >= 1.", "--help_config"],
+    "evaluate": ["--workdir=DIR  (default: runs/default)", "--task=KIND:FILE[,...]  (default: none)",
+                 "--text=FILE[,...]  (default: none)", "Valid: N >= 1.", "docs/evaluation.md"],
     "export": ["--out=DIR  (required)", "--step=S  (default: the latest)", "Valid: S >= 0.",
                "--workdir=DIR  (default: runs/default)"],
 }

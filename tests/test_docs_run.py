@@ -103,7 +103,7 @@ def inputs(folder):
     f.write(corpus[40000:50000])
   with open(os.path.join(folder, "chats.jsonl"), "w") as f:
     for line in corpus[50000:].split("\n\n"):
-      f.write('{"text": %s}\n' % json.dumps(line))
+      f.write(json.dumps({"text": line}) + "\n")
   import numpy as np
   import pyarrow as pa
   import pyarrow.parquet as pq

@@ -14,6 +14,7 @@ from test_viz import scalars
 
 from jaxdp.errors import JaxdpError
 from jaxdp.lm import evaluate
+from jaxdp.lm.eval_checkpoint import evaluate_workdir
 from jaxdp.lm.run import load_for_inference
 from jaxdp.models.common import lm_loss
 from jaxdp.parallel import DataParallel
@@ -96,7 +97,7 @@ def test_hellaswag_accuracy_equals_a_plain_per_item_computation_on_1_and_4_devic
   tasks = evaluate.parse_tasks(f"hellaswag:{run['hellaswag']}")
   for n in (1, 4):
     # 12 rows a batch: 200 rows make 17 batches, the last padded with 4 zero rows.
-    step, metrics = evaluate.evaluate_workdir(run["workdir"], tasks, devices=jax.devices()[:n],
+    step, metrics = evaluate_workdir(run["workdir"], tasks, devices=jax.devices()[:n],
                                               batch_size=12, write=False)
     assert step == 3
     assert metrics == {"hs_val/acc": acc, "hs_val/acc_norm": acc_norm, "hs_val/items": 50}, n
@@ -139,7 +140,7 @@ def test_bits_per_byte_is_the_eval_loss_in_bits_over_the_bytes(run):
             for k, v in prepared.rows.items()}
   eval_loss = dp.evaluate(jax.device_get(params), [padded])
   np.testing.assert_allclose(eval_loss, loss, rtol=1e-5)
-  _, metrics = evaluate.evaluate_workdir(run["workdir"], evaluate.parse_tasks(f"text:{run['text']}"),
+  _, metrics = evaluate_workdir(run["workdir"], evaluate.parse_tasks(f"text:{run['text']}"),
                                          devices=jax.devices()[:4], write=False)
   assert metrics["notes/tokens"] == tokens and metrics["notes/bytes"] == size
   np.testing.assert_allclose(metrics["notes/loss"], eval_loss, rtol=1e-5)
@@ -153,7 +154,7 @@ def test_a_jsonl_text_file_is_one_document_per_line(run, tmp_path):
   documents = ["first document, über", "the second one"]
   path = tmp_path / "docs.jsonl"
   path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-  _, metrics = evaluate.evaluate_workdir(run["workdir"], evaluate.parse_tasks(f"text:{path}"),
+  _, metrics = evaluate_workdir(run["workdir"], evaluate.parse_tasks(f"text:{path}"),
                                          devices=jax.devices()[:2], write=False)
   losses = [plain_text_loss(params, module, tokenizer, d) for d in documents]
   tokens = sum(c for _, c in losses)
@@ -166,7 +167,7 @@ def test_config_eval_tasks_are_scored_at_each_evaluation_of_the_loop(run):
   checkpoint of the same step (parameters whole on every device)."""
   records = {r["step"]: r for r in read_metrics(run["workdir"]) if "hs_val/acc" in r}
   assert sorted(records) == [2, 3]
-  _, expected = evaluate.evaluate_workdir(
+  _, expected = evaluate_workdir(
       run["workdir"], evaluate.parse_tasks(f"hellaswag:{run['hellaswag']},text:{run['text']}"),
       step=3, devices=jax.devices()[:4], write=False)
   assert records[3].keys() - {"step"} == expected.keys()
@@ -177,7 +178,7 @@ def test_config_eval_tasks_are_scored_at_each_evaluation_of_the_loop(run):
 def test_the_command_prints_and_appends_the_scores_to_metrics_and_tensorboard(run, capfd):
   expected = {}
   for spec in (f"hellaswag:{run['hellaswag']}", f"text:{run['text']}"):
-    expected.update(evaluate.evaluate_workdir(run["workdir"], evaluate.parse_tasks(spec),
+    expected.update(evaluate_workdir(run["workdir"], evaluate.parse_tasks(spec),
                                               write=False)[1])
   result = cli_inprocess.run(capfd, "evaluate", "--workdir", run["workdir"], "--task",
                              f"hellaswag:{run['hellaswag']}", "--text", run["text"],
@@ -264,3 +265,22 @@ def test_help_shows_the_flags(capfd):
   for text in ("--task=KIND:FILE[,...]", "--text=FILE[,...]", "--step=N  (default: the latest)",
                "--batch_size=N", "docs/evaluation.md"):
     assert text in result.stdout, text
+
+
+def test_config_eval_tasks_is_checked_before_the_first_step(tmp_path, tiny_config):
+  from jaxdp.lm import train_and_evaluate
+  from jaxdp.lm.config import validate
+  tiny_config.eval_tasks = "mmlu:x.jsonl"
+  with pytest.raises(JaxdpError, match=r"config.eval_tasks: 'mmlu:x.jsonl' is not KIND:FILE"):
+    validate(tiny_config, 8, "cpu")
+  tiny_config.eval_tasks = "text:/no/such.txt"
+  with pytest.raises(JaxdpError, match=r"config.eval_tasks: '/no/such.txt': no such file"):
+    validate(tiny_config, 8, "cpu")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 5}\n')
+  tiny_config.eval_tasks = f"hellaswag:{bad}"
+  workdir = tmp_path / "run"
+  with pytest.raises(JaxdpError, match=r"config.eval_tasks: .*bad.jsonl line 1: \"label\" 5 is "
+                                       r"out of range"):
+    train_and_evaluate(tiny_config, str(workdir), devices=jax.devices()[:2], progress=False)
+  assert not (workdir / "checkpoints").exists()

@@ -104,3 +104,25 @@ def test_the_plot_stars_each_target_where_it_was_reached(tmp_path, evals):
   eval_axes = loss_figure([str(workdir)]).axes[1]
   starred = [line for line in eval_axes.get_lines() if line.get_marker() == "*"]
   assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in starred] == [(steps[1], evals[steps[1]])]
+
+
+def test_config_target_losses_reach_the_built_in_run_metrics_and_summary(tmp_path, tiny_config, capsys):
+  """config.target_losses through train_and_evaluate: a target every evaluation reaches is logged
+  once, at the first evaluation; one no evaluation reaches is not logged."""
+  from jaxdp.lm.run import train_and_evaluate
+  tiny_config.num_steps, tiny_config.eval_every, tiny_config.log_every = 6, 3, 3
+  tiny_config.target_losses = "100,0.001"
+  workdir = str(tmp_path / "run")
+  result = train_and_evaluate(tiny_config, workdir, devices=jax.devices()[:2], progress=False)
+  lines = [r for r in read_metrics(workdir) if r.get("event") == "target_reached"]
+  assert [(line["target"], line["step"]) for line in lines] == [(100.0, 3)]
+  assert lines[0]["tokens"] == 3 * tiny_config.global_batch_size * tiny_config.seq_len
+  assert result["targets_reached"] == lines
+  assert "target eval_loss 100: step 3," in capsys.readouterr().out
+
+
+def test_a_bad_config_target_is_refused_by_validation(tiny_config):
+  from jaxdp.lm.config import validate
+  tiny_config.target_losses = "2.0,x"
+  with pytest.raises(JaxdpError, match=r"config.target_losses='2.0,x': 'x' is not a number"):
+    validate(tiny_config, 2)

@@ -26,9 +26,10 @@ size (D / H), F MLP hidden, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class GPTShape:
   eps: float = 1e-6
 
   @classmethod
-  def of(cls, cfg: Any) -> "GPTShape":
+  def of(cls, cfg: Any) -> GPTShape:
     """The reference's shape of a jaxdp `ModelConfig`.
 
     Raises:

@@ -36,9 +36,11 @@ Timings on a shared CPU are noisy; the report gives every number it used.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+import functools
 import json
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 from jax import lax
@@ -49,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from jaxdp import parallel
+from jaxdp.errors import JaxdpError
 from jaxdp.lm import build
 from jaxdp.parallel import exchange, hlo
 
@@ -56,7 +59,7 @@ OPS = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute")
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 19, 1 << 21)  # f32 elements per device (4 KiB .. 8 MiB).
 SPLITS = (8, 64)  # Operands of the multi-array probes (a step's gradients are tens of arrays).
 CHAIN = 16  # Dependent collectives in the latency probe (a ZeRO-3 step runs about a hundred).
-METHODS = {  # Communication methods compared under dp: name -> config overrides.
+METHODS: dict[str, dict[str, Any]] = {  # Communication methods compared under dp: name -> config overrides.
     "ring": {"allreduce": "ring"},
     "topk 1%": {"compression": "topk", "compression_ratio": 0.01},
     "int8": {"compression": "int8"},
@@ -130,10 +133,15 @@ def time_collectives(mesh: Mesh, axis: str, sizes: Sequence[int] = SIZES,
                                      mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
       xs = [jax.device_put(jnp.ones((mesh.size, size), jnp.float32), sharding) for size in parts]
       compiled = mapped.lower(*xs).compile()
-      buffers = hlo.collective_bytes(compiled.as_text())["buffers"][op]
+      text = compiled.as_text()
+      if text is None:
+        raise JaxdpError(f"plan --measure: the {jax.default_backend()} backend gives no text of its "
+                         "compiled programs, so collective bytes cannot be counted; measure on "
+                         "CPU or GPU")
+      buffers = hlo.collective_bytes(text)["buffers"][op]
       rows.append({"buffer_bytes": float(buffers["bytes"] / max(buffers["count"], 1)),
                    "operands": float(buffers["operands"] / max(buffers["count"], 1)),
-                   "program_s": _seconds(lambda c=compiled, xs=xs: c(*xs), repeats)})
+                   "program_s": _seconds(functools.partial(compiled, *xs), repeats)})
     # Latency: CHAIN dependent ops of the smallest size against one; their difference over
     # CHAIN - 1 is what each collective adds back to back inside a program, as in a step.
     size = -(-sizes[0] // n) * n
@@ -147,7 +155,7 @@ def time_collectives(mesh: Mesh, axis: str, sizes: Sequence[int] = SIZES,
         return y[None]
       compiled = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec,
                                        check_vma=False)).lower(x).compile()
-      timed[k] = _seconds(lambda c=compiled, x=x: c(x), repeats)
+      timed[k] = _seconds(functools.partial(compiled, x), repeats)
     rows.append({"buffer_bytes": rows[0]["buffer_bytes"], "operands": 1.0, "chain": CHAIN,
                  "program_s": timed[CHAIN], "single_program_s": timed[1]})
     out[op] = rows

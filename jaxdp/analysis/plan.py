@@ -15,7 +15,8 @@ per-device. Ops inside loops (grad_accum_steps > 1) are counted once.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections

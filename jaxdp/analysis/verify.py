@@ -9,9 +9,10 @@ warmup_steps=0, so that the compared steps move the parameters at the full learn
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections

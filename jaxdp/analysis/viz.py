@@ -7,8 +7,8 @@ panel at the step of the evaluation that first reached them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
-from typing import Sequence
 
 from jaxdp.errors import JaxdpError
 from jaxdp.runtime.metrics import read_metrics

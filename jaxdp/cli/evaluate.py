@@ -60,8 +60,9 @@ def run(args: types.SimpleNamespace) -> int:
     (evaluate.read_choices if task.kind == "hellaswag" else evaluate.read_documents)(task)
   c.setup_devices(args.cpu_devices)
   import jax
-  step, metrics = evaluate.evaluate_workdir(args.workdir, tasks, step=args.step,
-                                            batch_size=args.batch_size)
+
+  from jaxdp.lm.eval_checkpoint import evaluate_workdir
+  step, metrics = evaluate_workdir(args.workdir, tasks, step=args.step, batch_size=args.batch_size)
   print(f"jaxdp evaluate: {args.workdir} step {step} on {len(jax.devices())} devices")
   for line in evaluate.summary(tasks, metrics):
     print(f"  {line}")

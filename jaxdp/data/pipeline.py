@@ -10,13 +10,14 @@ who computes a row, not which rows are in a step. Resuming at step `s` needs not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 import hashlib
 import importlib.resources
 import json
 import os
 import queue
 import threading
+from typing import Any
 
 import grain
 import numpy as np
@@ -342,13 +343,14 @@ class Dataset:
     self.train_sources = train_sources
     self.train_source = train_sources[0] if not specs else ConcatWindows(train_sources)
     self.val_source = val_sources[0] if not specs else ConcatWindows(val_sources)
+    self.mixture: mixtures.Mixture | None = None
+    examples: mixtures.MixedExamples | ShuffledWindows
     if specs:
       self.mixture = mixtures.Mixture([w for _, w in self.sources])
       examples = mixtures.MixedExamples(self.mixture, [
           training_examples(s, spec.seed + i, to_example) for i, s in enumerate(train_sources)])
     else:
-      self.mixture = None
-      examples = ShuffledWindows(self.train_source, spec.seed, to_example)
+      examples = ShuffledWindows(train_sources[0], spec.seed, to_example)  # = self.train_source
     self.train = Batches(examples, spec.global_batch_size, spec.grad_accum_steps)
     # Every validation window once (or the first eval_steps batches' worth).
     self.val = EvalBatches(self.val_source, spec.global_batch_size, spec.eval_steps, to_example)
@@ -367,7 +369,8 @@ class Dataset:
     return {path: float(n) / num_examples for (path, _), n in zip(self.sources, taken)}
 
 
-def prefetch(make: Callable[[int], object], start: int, stop: int, depth: int = 2) -> Iterator:
+def prefetch(make: Callable[[int], Any], start: int, stop: int,
+             depth: int = 2) -> Generator[Any, None, None]:
   """Yields make(start), ..., make(stop-1), computing up to `depth` ahead on a thread.
 
   `make` typically builds the batch and puts it on the devices, so the next step's input is

@@ -8,8 +8,9 @@ jaxdp.lm.run trains them with `fit`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
 import warnings
 
 import jax
@@ -70,22 +71,27 @@ class LMRun:
 
   @property
   def mesh(self) -> Mesh:
+    """The device mesh the steps run on (dp.mesh)."""
     return self.dp.mesh
 
   @property
   def tx(self) -> optax.GradientTransformation:
+    """The optax optimizer built from the config (dp.tx)."""
     return self.dp.tx
 
   @property
   def state_sharding(self) -> Any:
+    """The train state's shardings (dp.state_sharding)."""
     return self.dp.state_sharding
 
   @property
   def train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The compiled step, (state, batch [A, b, ...]) -> (state, metrics) (DataParallel.train_step)."""
     return self.dp.train_step
 
   @property
   def eval_step(self) -> Callable[[Any, dict], dict]:
+    """The compiled evaluation, (params, batch) -> {"loss_sum", "count"} (DataParallel.eval_step)."""
     return self.dp.eval_step
 
   def init_state(self) -> TrainState:

@@ -18,10 +18,11 @@ import ml_collections
 
 from jaxdp.errors import JaxdpError, need
 from jaxdp.lm.spec import COMM_FIELDS, data_spec, mesh_replica, mesh_shape, model_config
-from jaxdp.models.choices import ATTENTION, FAMILIES, POSITIONS, REMATS
+from jaxdp.models.choices import ATTENTION, FAMILIES, POSITIONS, REMATS, check_variant
 from jaxdp.parallel.choices import check_comm, check_step
 from jaxdp.runtime.fieldpath import dotted_get
 from jaxdp.runtime.profiling import parse_profile_steps
+from jaxdp.runtime.targets import parse_targets
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -38,13 +39,19 @@ def preset_path(name_or_path: str) -> str:
 
 
 def list_presets() -> list[str]:
-  folder = os.path.dirname(importlib.import_module("jaxdp.configs").__file__)
+  """The names of the presets that ship with jaxdp (jaxdp/configs), sorted."""
+  package_file = importlib.import_module("jaxdp.configs").__file__
+  assert package_file is not None  # A regular package: configs/__init__.py.
+  folder = os.path.dirname(package_file)
   return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
 def _exec_config(path: str) -> ml_collections.ConfigDict:
   """get_config() of the config file at `path`; any failure is one JaxdpError naming the file."""
   spec = importlib.util.spec_from_file_location(f"_jaxdp_config_{abs(hash(path))}", path)
+  if spec is None or spec.loader is None:  # No loader for the file's suffix (e.g. README.md).
+    raise JaxdpError(f"--config {path!r} is not a Python file; give a preset name "
+                     f"({', '.join(list_presets())}) or a .py file defining get_config()")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
@@ -149,12 +156,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   need(0 < config.data.val_fraction < 1,
        f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
   validate_data(config)
-  need(config.model.d_model % config.model.n_head == 0,
+  head_dim = config.model.get("head_dim", 0)
+  need(head_dim or config.model.d_model % config.model.n_head == 0,
        f"config.model.d_model={config.model.d_model} is not divisible by config.model.n_head="
-       f"{config.model.n_head}; pick d_model a multiple of n_head")
+       f"{config.model.n_head}; pick d_model a multiple of n_head (or set config.model.head_dim)")
   if config.model.positions == "rope":
-    need((config.model.d_model // config.model.n_head) % 2 == 0,
-         "config.model.positions='rope' needs an even head size (d_model / n_head)")
+    need((head_dim or config.model.d_model // config.model.n_head) % 2 == 0,
+         "config.model.positions='rope' needs an even head size (config.model.head_dim, or "
+         "d_model / n_head when it is 0)")
   code = config.get("preempt_exit_code", 75)
   need(code == 0 or 4 <= code <= 255,
        f"config.preempt_exit_code={code} must be 0 or in [4, 255] (1-3 mean failure, bad input "
@@ -262,11 +271,29 @@ def validate_model_family(config: ml_collections.ConfigDict) -> None:
          "positions only; set config.model.positions=rope")
     need(m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
          f"config.model.n_kv_head={m.n_kv_head} must divide config.model.n_head={m.n_head}")
+  # The llama variants' fields (models.choices owns the rule; configs saved before them lack them).
+  check_variant(m.family, m.get("variant", ""), head_dim=m.get("head_dim", 0),
+                qkv_bias=m.get("qkv_bias", False), qk_norm=m.get("qk_norm", False),
+                sliding_window=m.get("sliding_window", 0))
+
+
+def validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
+  """config.eval_tasks: "" or KIND:FILE[,KIND:FILE] (jaxdp.lm.evaluate), each file present; their
+  contents are read and checked when the run starts, before the first step."""
+  from jaxdp.lm.evaluate import parse_tasks
+  value = config.get("eval_tasks", "")
+  need(isinstance(value, str), f"config.eval_tasks={value!r} must be a string, e.g. "
+       "'hellaswag:hellaswag_val.jsonl,text:valid.txt', or '' for none")
+  for task in parse_tasks(value, "config.eval_tasks"):
+    need(os.path.isfile(task.path), f"config.eval_tasks: {task.path!r}: no such file; give the "
+         "path of an existing file")
 
 
 def validate_observability(config: ml_collections.ConfigDict) -> None:
   """Profiling, experiment tracking and vocabulary padding fields."""
   parse_profile_steps(config.profile_steps)
+  parse_targets(config.target_losses, field="config.target_losses")
+  validate_eval_tasks(config)
   need(isinstance(config.wandb.project, str),
        f"config.wandb.project={config.wandb.project!r} must be a project name, or '' for no W&B")
   need(config.wandb.mode in WANDB_MODES,

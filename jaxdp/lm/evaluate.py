@@ -17,11 +17,12 @@ Metrics are named NAME/METRIC, NAME being the file's name without its extension.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class Task:
 
   @property
   def spec(self) -> str:
+    """The task as written on the command line: KIND:PATH."""
     return f"{self.kind}:{self.path}"
 
 
@@ -345,67 +347,6 @@ def summary(tasks: Sequence[Task], metrics: dict[str, float]) -> list[str]:
   return lines
 
 
-def evaluate_workdir(workdir: str, tasks: Sequence[Task], *, step: int | None = None,
-                     batch_size: int | None = None, devices: Sequence[Any] | None = None,
-                     write: bool = True) -> tuple[int, dict[str, float]]:
-  """Scores `tasks` with the checkpoint of `workdir` (the latest, or `step`) on `devices` (all by
-  default), the rows split over them; appends {"step": step, "NAME/METRIC": ...} to the run's
-  metrics.jsonl and TensorBoard events when `write`. Returns (step, metrics).
-
-  batch_size: rows per global batch (default: the run's config.global_batch_size), rounded up to
-  a multiple of the devices.
-
-  Raises:
-    JaxdpError: no checkpoint (or no such step) in `workdir`, or a task's file is unreadable or
-      malformed.
-  """
-  import jax
-  import optax
-
-  from jaxdp.lm.run import load_for_inference
-  from jaxdp.models.common import lm_loss
-  from jaxdp.parallel import DataParallel
-  from jaxdp.parallel.scoring import replicate
-  from jaxdp.runtime.checkpoint import Checkpointer
-
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise JaxdpError(f"--workdir={workdir!r} has no checkpoints; train first with "
-                     f"`jaxdp train --workdir {workdir}`")
-  checkpoints = Checkpointer(workdir, create=False)
-  try:
-    steps = checkpoints.all_steps()
-    if step is None:
-      step = checkpoints.latest_step()
-    elif step not in steps:
-      raise JaxdpError(f"--step={step}: {workdir!r} has no checkpoint at that step; its "
-                       f"checkpoints: {', '.join(map(str, steps)) or 'none'}")
-    config = checkpoints.restore_meta(step)["config"] if step is not None else {}
-  finally:
-    checkpoints.close()
-  params, module, tokenizer = load_for_inference(workdir, step)
-  assert step is not None  # load_for_inference refused a workdir without one.
-  prepared = prepare(tasks, tokenizer, module.cfg.seq_len)
-  devices = list(jax.devices() if devices is None else devices)
-  dp = DataParallel(lm_loss(module), optax.identity(), devices=devices)
-  rows = batch_size or int(config.get("global_batch_size") or 8 * len(devices))
-  metrics = score(dp, replicate(jax.device_get(params), dp.mesh), prepared,
-                  round_up(rows, dp.data_size))
-  if write:
-    write_metrics(workdir, step, metrics)
-  return step, metrics
-
-
-def write_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
-  """Appends one record {"step", "NAME/METRIC": ...} to metrics.jsonl and TensorBoard (a scalar
-  per metric at `step`); process 0 only."""
-  from jaxdp.runtime.metrics import MetricsWriter
-  writer = MetricsWriter(workdir)
-  try:
-    writer.write({"step": step, **metrics})
-  finally:
-    writer.close()
-
-
 def is_evaluation_step(step: int, eval_every: int, num_steps: int) -> bool:
   """The loop's evaluation points: every `eval_every` steps (0: never) and the last step."""
   return bool(eval_every and step % eval_every == 0) or step == num_steps
@@ -426,6 +367,7 @@ class EvalTasks(Hook):
     self.prepared, self.batch_size = list(prepared), batch_size
 
   def at_boundary(self, ctx: LoopContext, step: int) -> None:
+    """At an evaluation step: scores every task, writes their metrics and one summary line each."""
     options = ctx.options
     if not self.prepared or not is_evaluation_step(step, options.eval_every, options.num_steps):
       return

@@ -7,9 +7,10 @@ never stopped. `load_for_inference` reads a run's checkpoint back for sampling o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -20,9 +21,12 @@ from jaxdp.data.pipeline import Dataset
 from jaxdp.data.prepare import load_tokenizer, save_tokenizer
 from jaxdp.errors import JaxdpError
 from jaxdp.lm.builder import LMRun, build, build_model_and_dp, model_flops_per_device
+from jaxdp.lm.evaluate import loop_hooks as eval_task_hooks
 from jaxdp.lm.spec import data_spec, run_spec
 from jaxdp.runtime import loop
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+from jaxdp.runtime.hooks import Hook
+from jaxdp.runtime.targets import TargetLosses
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -30,9 +34,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False,
                        restore_from: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
-  if config.data.path or config.data.sources or config.data.tokenizer:
-    # Stored resolved: the saved config names the data from anywhere.
+  if config.data.path or config.data.sources or config.data.tokenizer or config.get("eval_tasks"):
+    # Stored resolved: the saved config names the data (and task files) from anywhere.
     config = config.copy_and_resolve_references()
+    if config.get("eval_tasks"):
+      config.eval_tasks = resolve_tasks(config.eval_tasks)
     if config.data.path:
       config.data.path = os.path.abspath(config.data.path)
     if config.data.sources:
@@ -46,19 +52,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(built.dataset.tokenizer, workdir)
   record = dataclasses.replace(built.record(), notes=(note,) if note else ())
-  sinks = []
-  if config.wandb.project and jax.process_index() == 0:
-    from jaxdp.runtime.wandb_sink import WandbSink
-    sinks.append(WandbSink(config.wandb.project, config.wandb.mode, workdir, config.to_dict()))
   spec = built.spec
+  sinks = []
+  if spec.wandb.project and jax.process_index() == 0:
+    from jaxdp.runtime.wandb_sink import WandbSink
+    sinks.append(WandbSink(spec.wandb.project, spec.wandb.mode, workdir, record.config))
+  hooks: list[Hook] = [TargetLosses(spec.target_losses)] if spec.target_losses else []
+  # After the validation loss's hook: scores at the same evaluation points (files read now).
+  hooks += eval_task_hooks(config, built.dataset.tokenizer, built.model.cfg.seq_len,
+                           spec.data.global_batch_size)
   flops = model_flops_per_device(config, built.dataset.tokenizer.vocab_size,
-                                 built.mesh.devices.flat, built.train_batch(0))
+                                 list(built.mesh.devices.flat), built.train_batch(0))
   options = dataclasses.replace(spec.fit, progress=progress, flops_per_device=flops,
                                 restore_from=restore_from, allow_config_change=allow_config_change)
-  result = loop.fit(built.dp, built.model.init_fn, built.train_batch, workdir=workdir,
+  result = loop.fit(built.dp, built.model.init_fn, built.train_batch, options, workdir=workdir,
                     eval_batches=built.val_batches, lr_schedule=learning_rate_schedule(spec.optimizer),
-                    record=record, sinks=sinks,
-                    **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+                    record=record, sinks=sinks, hooks=hooks)
   report_mixture(built, workdir, result)
   return result
 
@@ -69,6 +78,14 @@ def resolve_sources(spec: str) -> str:
   parse_sources(spec)  # Raises on a malformed entry before anything is rewritten.
   entries = [item.strip().rpartition(":") for item in spec.split(",")]
   return ",".join(f"{os.path.abspath(path)}:{weight}" for path, _, weight in entries)
+
+
+def resolve_tasks(spec: str) -> str:
+  """config.eval_tasks with each task's file made absolute (kinds as given), so a resume from
+  another directory reads the same files."""
+  from jaxdp.lm.evaluate import parse_tasks
+  tasks = parse_tasks(spec, "config.eval_tasks")  # Raises on a malformed entry first.
+  return ",".join(f"{task.kind}:{os.path.abspath(task.path)}" for task in tasks)
 
 
 def report_mixture(built: LMRun, workdir: str, result: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import ml_collections
 
 from jaxdp.data.spec import DataSpec
 from jaxdp.runtime.options import FitOptions
+from jaxdp.runtime.targets import parse_targets
 
 if TYPE_CHECKING:  # The typed values' modules import JAX: only the builders below load them.
   from jaxdp.core.optimizer import OptimizerConfig
@@ -47,6 +48,13 @@ class StepSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSpec:
+  """Weights & Biases logging of the run (runtime/wandb_sink.py); project "" is off."""
+  project: str = ""
+  mode: str = "offline"  # One of lm.config.WANDB_MODES.
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
   """Everything a built-in model's run reads from its config, typed.
 
@@ -60,6 +68,8 @@ class RunSpec:
     fit: the loop's length and cadences (its per-call fields keep their defaults).
     data: what the pipeline reads and how it batches it.
     init_from: "" (random init) or "hf:DIR", the initial parameters of a fresh run.
+    target_losses: eval losses whose first crossing is logged (runtime/targets.py), high to low.
+    wandb: the W&B sink's project and mode.
   """
   seed: int
   model: ModelConfig
@@ -70,6 +80,8 @@ class RunSpec:
   fit: FitOptions
   data: DataSpec
   init_from: str = ""
+  target_losses: tuple[float, ...] = ()
+  wandb: WandbSpec = WandbSpec()
 
 
 def data_spec(config: ml_collections.ConfigDict) -> DataSpec:
@@ -155,6 +167,10 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
                      n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout, positions=m.positions,
                      rope_theta=m.get("rope_theta", 10000.0),
                      tie_embeddings=m.get("tie_embeddings", True), norm_eps=m.get("norm_eps", 0.0),
+                     # Configs saved before the llama variants existed lack these fields.
+                     head_dim=m.get("head_dim", 0), qkv_bias=m.get("qkv_bias", False),
+                     qk_norm=m.get("qk_norm", False), sliding_window=m.get("sliding_window", 0),
+                     variant=m.get("variant", ""),
                      attention=config.attention, dtype=COMPUTE_DTYPES[config.precision],
                      remat=config.get("remat", "none"))
 
@@ -212,4 +228,7 @@ def run_spec(config: ml_collections.ConfigDict, num_devices: int, vocab_size: in
                  optimizer=optimizer_config(config), comm=comm_config(config),
                  mesh=mesh_spec(config, num_devices), step=step_spec(config),
                  fit=fit_options(config), data=data_spec(config),
-                 init_from=config.get("init_from", ""))
+                 init_from=config.get("init_from", ""),
+                 target_losses=parse_targets(config.get("target_losses", ""), "config.target_losses"),
+                 wandb=WandbSpec(config.wandb.project, config.wandb.mode) if "wandb" in config
+                 else WandbSpec())

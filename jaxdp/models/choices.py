@@ -1,22 +1,25 @@
 """The built-in models' named choices, importable without JAX or Flax (the command line refuses a
 bad value before it loads them). jaxdp.models and the config validation read them from here."""
 
+from typing import Any
+
 FAMILIES = ("gpt", "llama")  # Model families (jaxdp.models.registry builds each).
 POSITIONS = ("rope", "learned")  # Position encodings: rotary, or learned absolute embeddings.
 ATTENTION = ("xla", "cudnn", "reference")  # Attention kernels (models.common.attention).
 REMATS = ("none", "block", "full")  # Activation rematerialisation of each block.
 # llama-family variants: the Hugging Face class each is exported as ("" is LlamaForCausalLM) and
 # the fields that make the architecture, {field: required value}, or None where any value fits.
-VARIANTS = {"": {"qkv_bias": False, "qk_norm": False, "sliding_window": 0},
-            "qwen2": {"qkv_bias": True, "qk_norm": False, "sliding_window": None},
-            "qwen3": {"qkv_bias": False, "qk_norm": True, "sliding_window": None},
-            "mistral": {"qkv_bias": False, "qk_norm": False, "sliding_window": None}}
+VARIANTS: dict[str, dict[str, bool | int | None]] = {
+    "": {"qkv_bias": False, "qk_norm": False, "sliding_window": 0},
+    "qwen2": {"qkv_bias": True, "qk_norm": False, "sliding_window": None},
+    "qwen3": {"qkv_bias": False, "qk_norm": True, "sliding_window": None},
+    "mistral": {"qkv_bias": False, "qk_norm": False, "sliding_window": None}}
 VARIANT_OF = {"qkv_bias": "qwen2", "qk_norm": "qwen3", "sliding_window": "mistral"}
 HF_CLASSES = {"": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "mistral": "MistralForCausalLM"}
 
 
-def check_variant(family: str, variant: str, **fields: object) -> None:
+def check_variant(family: str, variant: str, **fields: Any) -> None:
   """Refuses llama-variant fields that the family or `variant` does not have.
 
   `fields`: the values of config.model.head_dim, qkv_bias, qk_norm and sliding_window.

@@ -279,13 +279,14 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
     raise JaxdpError(f"the run's tokenizer has {tokens} ids but {where} has vocab_size="
                      f"{hf_vocab}; prepare the data with the checkpoint's tokenizer "
                      "(`jaxdp prepare --tokenizer DIR/tokenizer.json`) so the ids mean the same")
-  have = {"model.n_layer": cfg.n_layer, "model.n_head": cfg.n_head, "model.d_model": cfg.d_model,
-          "model.n_kv_head": 0 if cfg.kv_heads == cfg.n_head else cfg.kv_heads,
-          "model.positions": cfg.positions, "model.tie_embeddings": cfg.tie_embeddings,
-          "model.rope_theta": cfg.rope_theta, "model.norm_eps": cfg.eps,
-          "model.mlp_ratio": cfg.mlp_ratio, "model.variant": cfg.variant,
-          "model.qkv_bias": cfg.qkv_bias, "model.qk_norm": cfg.qk_norm,
-          "model.sliding_window": cfg.sliding_window}
+  have: dict[str, Any] = {
+      "model.n_layer": cfg.n_layer, "model.n_head": cfg.n_head, "model.d_model": cfg.d_model,
+      "model.n_kv_head": 0 if cfg.kv_heads == cfg.n_head else cfg.kv_heads,
+      "model.positions": cfg.positions, "model.tie_embeddings": cfg.tie_embeddings,
+      "model.rope_theta": cfg.rope_theta, "model.norm_eps": cfg.eps,
+      "model.mlp_ratio": cfg.mlp_ratio, "model.variant": cfg.variant,
+      "model.qkv_bias": cfg.qkv_bias, "model.qk_norm": cfg.qk_norm,
+      "model.sliding_window": cfg.sliding_window}
   for field, value in fields.items():
     if field in ("max_seq_len", "intermediate_size", "head_size"):
       continue
@@ -390,8 +391,8 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
   if cfg.family == "gpt":
     if "transformer.wpe.weight" not in t or t["transformer.wpe.weight"].shape[1] != d \
         or t["transformer.wpe.weight"].shape[0] < cfg.seq_len:
-      shape = list(t["transformer.wpe.weight"].shape) if "transformer.wpe.weight" in t else None
-      raise JaxdpError(f"{where}: tensor 'transformer.wpe.weight' has shape {shape}, config "
+      found = list(t["transformer.wpe.weight"].shape) if "transformer.wpe.weight" in t else None
+      raise JaxdpError(f"{where}: tensor 'transformer.wpe.weight' has shape {found}, config "
                        f"needs at least [{cfg.seq_len}, {d}] (config.seq_len x d_model)")
     params: dict = {"wte": {"embedding": t["transformer.wte.weight"]},
                     # Positions past seq_len are never used by a window of seq_len tokens.

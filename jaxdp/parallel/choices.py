@@ -8,7 +8,8 @@ this module does not import JAX (the command line refuses a bad value before loa
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from jaxdp.errors import need
 

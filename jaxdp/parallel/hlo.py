@@ -29,11 +29,14 @@ def _array_bytes(shape_text: str) -> list[int]:
   return sizes
 
 
-def _iota(text: str) -> list[int] | None:
-  """Device ids of an iota expression "[2,4]T(1,0)" (arange reshaped, transposed, flattened)."""
+def _iota(text: str) -> list[int]:
+  """Device ids of an iota expression "[2,4]T(1,0)" (arange reshaped, transposed, flattened).
+
+  Raises ValueError for any other text (callers pass what their own pattern matched).
+  """
   match = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
   if match is None:
-    return None
+    raise ValueError(f"not an HLO iota expression: {text!r}")
   dims = [int(d) for d in match.group(1).split(",")]
   perm = [int(p) for p in match.group(2).split(",")] if match.group(2) else list(range(len(dims)))
   count = 1
@@ -139,7 +142,8 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
   """
   header = re.search(r"num_partitions=(\d+)", hlo_text)
   n_all = int(header.group(1)) if header else 1
-  computations: dict[str, list[tuple[list[float], str]]] = {}
+  # Per computation, each collective: (bytes sent by each device, full buffer bytes, operands, op).
+  computations: dict[str, list[tuple[list[float], float, int, str]]] = {}
   callees: dict[str, set[str]] = {}
   branches: set[str] = set()
   ordered: list[list[str]] = []  # Each conditional's branches, in index order.
@@ -174,7 +178,7 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     conditional.add(name)
     frontier += list(callees[name])
   per_device = [0.0] * n_all
-  result = {"conditional_bytes": 0.0, "by_kind": {}, "count": 0, "buffers": {}}
+  result: dict[str, Any] = {"conditional_bytes": 0.0, "by_kind": {}, "count": 0, "buffers": {}}
   for name, ops in computations.items():
     for sent, buffer, operands, op in ops:
       entry = result["buffers"].setdefault(op, {"count": 0, "bytes": 0.0, "operands": 0})

@@ -12,8 +12,9 @@ row's score never depends on the rows batched with it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ def row_losses(dp: Any, params: Any, rows: dict[str, np.ndarray], *,
   if not rows or len(set(sizes.values())) != 1 or None in sizes.values():
     raise JaxdpError(f"rows must be a non-empty dict of arrays with one leading dimension; got "
                      f"{sizes}")
-  n = next(iter(sizes.values()))
+  n = next(size for size in sizes.values() if size is not None)
   if n == 0:
     raise JaxdpError("rows: no rows to score")
   step = _compiled(dp.loss_fn, mesh, dp.compute_dtype)

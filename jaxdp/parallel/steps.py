@@ -9,8 +9,9 @@ jaxdp.parallel.shardings; XLA derives the collectives (reduce-scatter / all-gath
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from jax.sharding import NamedSharding

@@ -15,6 +15,7 @@ naming the address.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import errno
 import os
@@ -22,7 +23,6 @@ import re
 import socket
 import sys
 import threading
-from typing import Mapping
 
 from jaxdp.errors import JaxdpError
 
@@ -227,12 +227,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   import jax
   # Cross-process collectives on CPU (tests, CPU clusters); GPUs use NCCL regardless.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  coordinator = group.coordinator
+  assert coordinator is not None, "resolve() gives every multi-process group a coordinator"
   if group.process_id == 0:
-    check_port_free(group.coordinator)
+    check_port_free(coordinator)
 
   def give_up() -> None:
     reason = ("the coordinator answers, but not every process joined"
-              if _reachable(group.coordinator) else "nothing answers at that address")
+              if _reachable(coordinator) else "nothing answers at that address")
     print(f"jaxdp: error: process {group.process_id} of {group.num_processes} could not join the "
           f"run at coordinator {group.coordinator} within --init_timeout_s={timeout_s:g} ({reason}); "
           "check that every process was started with the same --coordinator and --num_processes "

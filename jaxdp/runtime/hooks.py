@@ -41,9 +41,10 @@ part ways in the next collective.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # Only for annotations: this module imports no JAX.
   from jaxdp.core.state import TrainState
@@ -134,6 +135,7 @@ class LoopContext:
     self.result: dict[str, Any] = {"stop_reason": "num_steps", "train_loss": None, "eval_loss": None}
     self.printer: Callable[[str], None] = _plain_print
     self.unlogged: Callable[[], tuple[list, int]] = lambda: ([], self.step + 1)
+    self._cadence: Any = None  # loop_hooks.cadence's Cadence, made on first use.
 
   def stop(self, reason: str) -> None:
     """Ends the run after this step (checkpointed); `reason` becomes result["stop_reason"]."""

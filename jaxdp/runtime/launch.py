@@ -14,6 +14,7 @@ the same step too, and the launcher exits with their status.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from typing import IO
 
 from jaxdp.errors import JaxdpError
 
@@ -78,10 +79,11 @@ class _Process:
     self.reader.start()
 
   def _copy(self) -> None:
+    assert self.popen.stdout is not None  # Popen(stdout=PIPE) gives it a pipe.
     for raw in self.popen.stdout:
       # A progress bar redraws itself with "\r"; keep only its last state.
-      line = raw.decode("utf-8", errors="replace").rstrip("\n").split("\r")
-      line = next((part for part in reversed(line) if part.strip()), "")
+      parts = raw.decode("utf-8", errors="replace").rstrip("\n").split("\r")
+      line = next((part for part in reversed(parts) if part.strip()), "")
       self.tail.append(line)
       with self._lock:
         self._out.write(f"[{self.index}] {line}\n")

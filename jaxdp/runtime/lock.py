@@ -33,7 +33,7 @@ class WorkdirLock:
     self.enabled = enabled
     self._fd: int | None = None
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> WorkdirLock:
     if not self.enabled:
       return self
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)

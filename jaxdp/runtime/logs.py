@@ -46,7 +46,8 @@ def to_file(workdir: str) -> str:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   try:  # absl installs its own handler on first use; keep it off the terminal too.
     from absl import logging as absl_logging
-    absl_logging.get_absl_handler().setStream(open(os.devnull, "w"))  # noqa: SIM115
+    # ABSLHandler writes through its PythonHandler; it has no setStream of its own.
+    absl_logging.get_absl_handler().python_handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
     absl_logging.use_python_logging(quiet=True)
   except Exception:  # noqa: BLE001 - absl missing or changed: Python logging still goes to file.
     pass

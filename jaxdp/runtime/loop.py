@@ -11,13 +11,14 @@ checkpoints and metrics: restore, save, and the halt on a non-finite state.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -362,7 +363,11 @@ class Run:
 
 def comm_bytes_per_step(dp: DataParallel, state: TrainState, batch, compiled=None) -> float:
   """Mean bytes each device sends per step, from the collectives of the compiled train step."""
-  compiled = compiled or dp.train_step.lower(state, batch).compile()
+  if compiled is None:
+    if dp.train_step is None:
+      raise JaxdpError("comm_bytes_per_step: the DataParallel has no compiled step yet; call "
+                       "dp.init_state(init_fn, seed) (or dp.abstract_state) first")
+    compiled = dp.train_step.lower(state, batch).compile()
   return bytes_per_step(dp.comm, compiled.as_text())
 
 
@@ -446,6 +451,7 @@ def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: l
   first = place(ctx.step) if ctx.step < num_steps else None
   comm_bytes = 0.0
   if first is not None:
+    assert dp.train_step is not None  # fit initialised or restored the state, which compiles it.
     ctx.compiled = dp.train_step.lower(ctx.state, first).compile()
     comm_bytes = comm_bytes_per_step(dp, ctx.state, first, ctx.compiled)
     # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
@@ -460,7 +466,8 @@ def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: l
   try:
     for hook in overriding(hooks, "on_start"):
       hook.on_start(ctx)
-    with contextlib.closing(prefetch(place, ctx.step, num_steps)) as batches:
+    with contextlib.closing(prefetch(place, ctx.step, num_steps)) as prefetched:
+      batches: Iterator[Any] = prefetched
       for hook in overriding(hooks, "wrap_batches"):
         batches = hook.wrap_batches(ctx, batches)
       for batch in batches:

@@ -6,13 +6,14 @@ the step watchdog and the profiler. `fit` installs the ones a run needs, in the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ class Cadence:
 
 def cadence(ctx: LoopContext) -> Cadence:
   """The run's Cadence (made once per context: hooks ask every step)."""
-  found = getattr(ctx, "_cadence", None)
+  found = ctx._cadence  # noqa: SLF001
   if found is None:
     o = ctx.options
     found = ctx._cadence = Cadence(o.num_steps, o.log_every,  # noqa: SLF001
@@ -144,8 +145,9 @@ class ProgressBar(Hook):
 
   def on_log(self, ctx: LoopContext, line: dict[str, Any], window: LogWindow) -> None:
     """Advances the bar to this step, showing loss, tokens/s and the hardware fields."""
-    self.bar.update(window.steps, loss=line["train_loss"], tok_s=line["tokens_per_sec"],
-                    **report.hardware_postfix(line))
+    if self.bar is not None:  # Opened in on_start.
+      self.bar.update(window.steps, loss=line["train_loss"], tok_s=line["tokens_per_sec"],
+                      **report.hardware_postfix(line))
 
   def close(self, ctx: LoopContext) -> None:
     """Closes the bar and gives `ctx.say` its previous printer back."""
@@ -358,15 +360,18 @@ class Watchdog(Hook):
 
   def after_step(self, ctx: LoopContext, step: int, metrics: dict[str, Any]) -> None:
     """Times the step until its train_loss is ready."""
-    self.watchdog.dispatched(step, metrics["train_loss"])
+    if self.watchdog is not None:  # Made in on_start.
+      self.watchdog.dispatched(step, metrics["train_loss"])
 
   def on_pause(self, ctx: LoopContext) -> None:
     """Stops the watchdog's clock during evaluation and checkpoints."""
-    self.watchdog.pause()
+    if self.watchdog is not None:
+      self.watchdog.pause()
 
   def on_resume(self, ctx: LoopContext, seconds: float) -> None:
     """Restarts the watchdog's clock."""
-    self.watchdog.resume()
+    if self.watchdog is not None:
+      self.watchdog.resume()
 
   def close(self, ctx: LoopContext) -> None:
     """Stops the watchdog thread."""

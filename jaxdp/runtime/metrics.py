@@ -11,10 +11,11 @@ sinks (e.g. Weights & Biases, runtime/wandb_sink.py) receive every record as wel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -80,13 +81,15 @@ class MetricsWriter:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
       step = record.get("step")
-      if "event" in record:
-        self._events.add_text("events", json.dumps(record), global_step=step)
-      elif _is_number(step):
+      events = self._events  # None only after close(): the JSON line is still written.
+      if events is not None and "event" in record:
+        events.add_text("events", json.dumps(record), global_step=step)
+      elif events is not None and _is_number(step):
         for name, value in record.items():
           if name != "step" and _is_number(value):
-            self._events.add_scalar(name, value, global_step=step)
-      self._events.flush()
+            events.add_scalar(name, value, global_step=step)
+      if events is not None:
+        events.flush()
       for sink in self._sinks:
         sink.write(record)
     except OSError as e:

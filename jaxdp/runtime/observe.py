@@ -8,10 +8,11 @@ allocator's `memory_stats()`, which reads counters without synchronising the dev
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import math
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 
@@ -147,10 +148,10 @@ class StepProfiler:
   def after_step(self, step: int, outputs: Any) -> None:
     """Called with the state's step after a step; ends the trace at STOP (waiting for the
     step's `outputs`, so the trace holds its device work)."""
-    if self.active and step >= self.window[1]:
+    if self.active and self.window is not None and step >= self.window[1]:  # Active: a window.
       self.stop(outputs)
 
-  def __enter__(self) -> "StepProfiler":
+  def __enter__(self) -> StepProfiler:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -18,11 +18,11 @@ precision on these GPUs, and as bf16 passes on TPUs, so fp32 is compared with th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import math
 import time
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,7 @@ class Peak:
   detail: str  # One phrase for the start banner.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured(devices: tuple[jax.Device, ...], dtype_names: tuple[str, ...]) -> Peak:
   # On accelerators a small matmul is launch-bound; on a CPU the cache-resident 512^2 or 1024^2
   # is the fastest (docs/benchmarks.md), and which one varies with the load of the machine.

@@ -91,6 +91,7 @@ def agreed_stop(step: int, log_step: bool) -> str | None:
   from jax._src import distributed
   from jax.experimental import multihost_utils
   client = distributed.global_state.client
+  assert client is not None  # process_count() > 1: this process joined a run.
   if _preemption_service() is not None:
     if _pending is not None and not _announced:
       _announced = True

@@ -16,19 +16,19 @@ metrics.jsonl:
 Each target is reported once per workdir: a resumed run reads the events already in
 metrics.jsonl and reports only the targets not reached yet (its seconds count from its own start,
 and its line carries "resumed": true). The end-of-run result gains "targets_reached" (the lines
-of this call). The idea is the time-to-accuracy metric of DAWNBench and MLPerf (Coleman et al.
+of this call). This module imports no JAX, so config validation can use `parse_targets`. The idea is the time-to-accuracy metric of DAWNBench and MLPerf (Coleman et al.
 2017; Mattson et al. 2020), kept by the trainer itself so every run reports it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import math
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from jaxdp.errors import JaxdpError
 from jaxdp.runtime.hooks import Hook, LoopContext
-from jaxdp.runtime.metrics import read_metrics
 
 
 def parse_targets(text: str | Iterable[float], field: str = "target_losses") -> tuple[float, ...]:
@@ -70,6 +70,7 @@ class TargetLosses(Hook):
 
   def on_start(self, ctx: LoopContext) -> None:
     """Reads the targets already reached (a resumed run logs each once) and starts the clock."""
+    from jaxdp.runtime.metrics import read_metrics  # Imports JAX: config validation does not.
     try:
       logged = read_metrics(ctx.workdir)
     except (OSError, ValueError):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from jaxdp.errors import JaxdpError
 
 ID_FILE = "wandb_run_id"
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -35,8 +35,9 @@ class WandbSink:
     id_path = os.path.join(workdir, ID_FILE)
     run_id = open(id_path).read().strip() if os.path.exists(id_path) else secrets.token_hex(4)
     try:
-      self.run = wandb.init(project=project, mode=mode, id=run_id, resume="allow", config=config,
-                            dir=os.environ.get("WANDB_DIR") or workdir,
+      # A mode wandb does not know makes init raise, reported below as one JaxdpError line.
+      self.run = wandb.init(project=project, mode=cast(Any, mode), id=run_id, resume="allow",
+                            config=config, dir=os.environ.get("WANDB_DIR") or workdir,
                             name=os.path.basename(os.path.abspath(workdir)),
                             settings=wandb.Settings(console="off", silent=True))
     except Exception as e:  # noqa: BLE001 - wandb raises its own error types (auth, network).

@@ -13,11 +13,12 @@ includes compilation. Evaluation and checkpointing happen while the watch is pau
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -42,7 +43,7 @@ class StepWatchdog:
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, name="jaxdp-step-watchdog", daemon=True)
 
-  def __enter__(self) -> "StepWatchdog":
+  def __enter__(self) -> StepWatchdog:
     if self.timeout_s:
       self._thread.start()
     return self
