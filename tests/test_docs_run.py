@@ -28,6 +28,7 @@ NOT_RUN = {
                    "(.ci/run) and tests/test_install.py installs a wheel into a fresh venv",
     "ruff check": "part of the README's test command, which is .ci/run itself",
     "python -m pytest": "the README's test command, which is .ci/run itself",
+    "python -m mypy": "part of the README's test command, which is .ci/run itself",
     "tensorboard": "a viewer that serves a web page until stopped (an optional install); the "
                    "events it reads are checked in tests/test_train_loop.py",
     "sbatch": "needs a SLURM cluster; the script's environment is simulated in test_distributed",
@@ -42,6 +43,12 @@ NOT_RUN = {
     "jaxdp plan --config tiny_cpu --cpu_devices 8 --measure": "as above (tests/test_measure.py)",
     "pip download": "downloads wheels for an offline GPU machine (needs the network)",
     "tools/gpu_check.sh": "needs an NVIDIA GPU; its --dry-run runs in tests/test_gpu_check.py",
+    "jaxdp prepare corpus.txt --out data/qwen": "needs the downloaded Qwen2.5-0.5B checkpoint; "
+        "tests/test_qwen_mistral.py imports, trains and exports tiny Qwen2/Qwen3/Mistral models "
+        "built there",
+    "jaxdp train --config qwen2_5_0_5b": "as above (a 0.5B checkpoint that is not on this machine)",
+    "jaxdp export --workdir runs/qwen": "as above; sharded and bfloat16 export run in "
+        "tests/test_qwen_mistral.py",
 }
 
 # Flags appended per subcommand so that a documented command takes seconds, not minutes. A flag
@@ -91,8 +98,8 @@ def shortened(argv):
 
 def inputs(folder):
   """The files the docs' examples name: my_texts/, books/, notes.txt, chats.jsonl, a GPT-2-like
-  gpt2/tokenizer.json (trained here, no download), corpus.parquet, token files in fineweb10B/
-  and data/books prepared with that tokenizer."""
+  gpt2/tokenizer.json (trained here, no download), corpus.parquet, token files in fineweb10B/,
+  data/books prepared with that tokenizer, hellaswag_val.jsonl and valid.txt."""
   corpus = open(os.path.join(ROOT, "jaxdp", "assets", "tinyshakespeare.txt")).read()[:60000]
   for sub in ("my_texts", "books"):
     os.makedirs(os.path.join(folder, sub))
@@ -126,6 +133,14 @@ def inputs(folder):
   tokenfiles.write_token_file(os.path.join(folder, "fineweb10B", "fineweb_val_000000.bin"), ids[:2000])
   prepare.prepare([os.path.join(folder, "books")], os.path.join(folder, "data", "books"),
                   tokenizer=tokenizer, progress=False)
+  # docs/evaluation.md: a HellaSwag-format file (context, four endings, label) and a text file.
+  # Short lines: the docs' runs are shortened to a context of 32 byte tokens.
+  lines = [x for x in corpus.split("\n") if 8 < len(x) < 28][:40]
+  with open(os.path.join(folder, "hellaswag_val.jsonl"), "w") as f:
+    for i in range(8):
+      f.write(json.dumps({"ctx": lines[i][:10], "endings": lines[8 + 4 * i:12 + 4 * i], "label": i % 4}) + "\n")
+  with open(os.path.join(folder, "valid.txt"), "w") as f:
+    f.write(corpus[50000:52000])
 
 
 def test_every_documented_command_is_run_or_listed():
