@@ -151,7 +151,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
   for name in ("warmup_steps", "eval_every", "eval_steps", "checkpoint_every", "patience",
                "step_timeout_s", "keep_every", "max_consecutive_skips"):
     need(config[name] >= 0, f"config.{name}={config[name]} must be >= 0")
-  need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
   need(0 <= config.model.dropout < 1, f"config.model.dropout={config.model.dropout} must be in [0, 1)")
   need(0 < config.data.val_fraction < 1,
        f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
