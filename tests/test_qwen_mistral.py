@@ -218,6 +218,8 @@ def test_sharded_and_bfloat16_exports_reload_in_transformers(trained, tmp_path):
   result = hf_export.export(workdir, str(sharded), max_shard_size="20KB")
   shards = sorted(n for n in os.listdir(sharded) if n.startswith("model-"))
   assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+  assert {os.stat(sharded / n).st_mode & 0o777 for n in shards} == {
+      os.stat(sharded / "config.json").st_mode & 0o777}
   assert not (sharded / "model.safetensors").exists() and set(shards) < set(result["files"])
   index = json.load(open(sharded / "model.safetensors.index.json"))
   assert set(index["weight_map"].values()) == set(shards)
@@ -234,6 +236,9 @@ def test_sharded_and_bfloat16_exports_reload_in_transformers(trained, tmp_path):
   # bfloat16, into the same directory: the shards of the earlier export go.
   result = hf_export.export(workdir, str(sharded), dtype="bfloat16")
   assert sorted(n for n in os.listdir(sharded) if "safetensors" in n) == ["model.safetensors"]
+  # The weights are as readable as every other exported file (safetensors writes them 0600).
+  mode = os.stat(sharded / "config.json").st_mode & 0o777
+  assert os.stat(sharded / "model.safetensors").st_mode & 0o777 == mode
   raw = open(sharded / "model.safetensors", "rb").read()
   header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
   assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
@@ -247,9 +252,12 @@ def test_sharded_and_bfloat16_exports_reload_in_transformers(trained, tmp_path):
 def test_sizes_and_dtypes_are_checked():
   assert [hf_export.parse_size(s) for s in ("20KB", "5GB", "1.5GiB", 1000)] == [
       20_000, 5_000_000_000, 3 * 2**29, 1000]
-  for bad in ("0", "lots", "5 parsecs", "-1GB"):
-    with pytest.raises(JaxdpError, match="--max-shard-size=.* is not a size"):
+  for bad in ("lots", "5 parsecs", "-1GB"):
+    with pytest.raises(JaxdpError, match="--max_shard_size=.* is not a size"):
       hf_export.parse_size(bad)
+  for small in ("0", "0.1B"):  # A size, but no shard fits in it.
+    with pytest.raises(JaxdpError, match="--max_shard_size=.* must be at least 1 byte"):
+      hf_export.parse_size(small)
   with pytest.raises(JaxdpError, match="--dtype='float16' is not one of float32, bfloat16"):
     hf_export.export("nowhere", "nowhere", dtype="float16")
 

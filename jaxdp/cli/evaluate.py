@@ -63,7 +63,8 @@ def run(args: types.SimpleNamespace) -> int:
 
   from jaxdp.lm.eval_checkpoint import evaluate_workdir
   step, metrics = evaluate_workdir(args.workdir, tasks, step=args.step, batch_size=args.batch_size)
-  print(f"jaxdp evaluate: {args.workdir} step {step} on {len(jax.devices())} devices")
+  count = len(jax.devices())
+  print(f"jaxdp evaluate: {args.workdir} step {step} on {count} device{'s' if count != 1 else ''}")
   for line in evaluate.summary(tasks, metrics):
     print(f"  {line}")
   print(f"  metrics appended to {os.path.join(args.workdir, 'metrics.jsonl')}")

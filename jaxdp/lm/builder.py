@@ -141,7 +141,12 @@ class LMRun:
     data = (self.spec.data.sources if self.dataset.mixture is not None
             else self.spec.data.path or "the built-in corpus")
     kv = f", {m.n_kv_head} key/value heads" if m.family == "llama" and m.n_kv_head else ""
-    return (f"{m.family} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads{kv}); data: "
+    if m.head_dim:
+      kv += f", head_dim {m.head_dim}"
+    if m.sliding_window:
+      kv += f", sliding window {m.sliding_window}"
+    name = f"{m.family} {m.variant}" if m.variant else m.family  # e.g. "llama qwen3"
+    return (f"{name} ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads{kv}); data: "
             f"{data} ({getattr(tok, 'name', type(tok).__name__)} tokenizer, vocab {tok.vocab_size}, "
             f"{self.dataset.examples_per_epoch:,} training windows of {self.spec.data.seq_len})")
 

@@ -32,18 +32,22 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str | int, field: str = "--max-shard-size") -> int:
-  """Bytes of a size such as 2GB, 500MB, 1.5GiB or 1000000 (transformers' units: GB is 10^9).
+def parse_size(text: str | int, field: str = "--max_shard_size") -> int:
+  """Bytes of a size such as 2GB, 500MB, 1.5GiB or 1000000 (a plain number is bytes;
+  transformers' units: GB is 10^9, GiB 2^30).
 
   Raises:
-    JaxdpError: not a positive size, naming `field`.
+    JaxdpError: not a size, or under one byte, naming `field`.
   """
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
   unit = match.group(2).upper() if match else ""
-  if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-    raise JaxdpError(f"{field}={text!r} is not a size; give bytes with a unit, e.g. 2GB, 500MB "
-                     "or 1.5GiB")
-  return int(float(match.group(1)) * _UNITS[unit])
+  if not match or unit not in _UNITS:
+    raise JaxdpError(f"{field}={text!r} is not a size; give bytes (e.g. 1000000) or a number with "
+                     f"a unit, e.g. 2GB, 500MB or 1.5GiB (units: {', '.join(u for u in _UNITS if u)})")
+  size = int(float(match.group(1)) * _UNITS[unit])
+  if size < 1:
+    raise JaxdpError(f"{field}={text!r} must be at least 1 byte, e.g. 2GB")
+  return size
 
 
 def shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -133,7 +137,16 @@ def _write_weights(out: str, tensors: dict[str, np.ndarray], max_bytes: int,
                    source: str) -> list[str]:
   """Writes `tensors` as model.safetensors, or as shards and their index when they exceed
   `max_bytes`; returns the names of the files written."""
-  save = safetensors_module().numpy.save_file
+  save_file = safetensors_module().numpy.save_file
+  umask = os.umask(0)
+  os.umask(umask)
+
+  def save(group: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    save_file(group, path, metadata=metadata)
+    # safetensors writes through a private temporary file (mode 0600): give the weights the
+    # mode every other exported file gets, so another user or a serving container can read them.
+    os.chmod(path, 0o666 & ~umask)
+
   metadata = {"format": "pt", "source": source}  # "source" marks the files as export's own.
   groups = shards(tensors, max_bytes)
   if len(groups) == 1:

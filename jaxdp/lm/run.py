@@ -48,19 +48,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config, note = keep_decay_horizon(config, workdir, restore_from)
   # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
   built = build(config, devices, read_init_from=saved_config(workdir, restore_from) is None)
+  spec = built.spec
+  hooks: list[Hook] = [TargetLosses(spec.target_losses)] if spec.target_losses else []
+  # After the validation loss's hook: scores at the same evaluation points. The task files are
+  # read and checked now, before anything is written to the workdir.
+  hooks += eval_task_hooks(config, built.dataset.tokenizer, built.model.cfg.seq_len,
+                           spec.data.global_batch_size)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(built.dataset.tokenizer, workdir)
   record = dataclasses.replace(built.record(), notes=(note,) if note else ())
-  spec = built.spec
   sinks = []
   if spec.wandb.project and jax.process_index() == 0:
     from jaxdp.runtime.wandb_sink import WandbSink
     sinks.append(WandbSink(spec.wandb.project, spec.wandb.mode, workdir, record.config))
-  hooks: list[Hook] = [TargetLosses(spec.target_losses)] if spec.target_losses else []
-  # After the validation loss's hook: scores at the same evaluation points (files read now).
-  hooks += eval_task_hooks(config, built.dataset.tokenizer, built.model.cfg.seq_len,
-                           spec.data.global_batch_size)
   flops = model_flops_per_device(config, built.dataset.tokenizer.vocab_size,
                                  list(built.mesh.devices.flat), built.train_batch(0))
   options = dataclasses.replace(spec.fit, progress=progress, flops_per_device=flops,
