@@ -310,7 +310,13 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
     # The roundest ratio that gives the width (Llama's own rounding makes several do).
     fits = [r for r in (round(exact), round(exact * 2) / 2, round(exact, 3), exact)
             if r > 0 and mlp_hidden(dataclasses.replace(cfg, mlp_ratio=r)) == width]
-    fix = f"set --config.model.mlp_ratio={fits[0]:g}" if fits else "no mlp_ratio gives that width"
+    if fits:
+      fix = f"set --config.model.mlp_ratio={fits[0]:g}"
+    elif width % 8:
+      fix = ("jaxdp's llama MLP is round_up(2/3 x mlp_ratio x d_model, 8) wide, so no mlp_ratio "
+             f"gives {width}, which is not a multiple of 8: this checkpoint cannot be imported")
+    else:
+      fix = "no mlp_ratio gives that width"
     raise JaxdpError(f"config.model.mlp_ratio={cfg.mlp_ratio:g} gives an MLP of {mlp_hidden(cfg)} "
                      f"but {where} has intermediate_size={width}; {fix}")
 
