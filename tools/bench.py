@@ -86,7 +86,7 @@ def parse_args(argv):
   parser.add_argument("--compare_eval_every", type=int, default=100,
                       help="--compare: steps between evaluations (time to target is read at them)")
   parser.add_argument("--target_loss", type=float, default=None,
-                      help="--compare: eval loss target (default: the reference's final eval loss)")
+                      help="--compare: eval loss target (default: the higher final eval loss of the two)")
   parser.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                       help="--compare: torch.compile the reference (auto: on GPU only)")
   args, rest = parser.parse_known_args(argv)

@@ -17,7 +17,8 @@ Reported (JSON "compare_torch"):
   ratio_vs_torch                  jaxdp tokens/s over the reference's;
   time_to_target_ratio_vs_torch   the reference's productive seconds to the target over jaxdp's
                                   (> 1: jaxdp reaches it sooner);
-  target_loss                     --target_loss, else the reference's final evaluation loss.
+  target_loss                     --target_loss, else the higher of the two final evaluation
+                                  losses (the loss both runs reach).
 The baby config is nanoGPT's shakespeare_char shape scaled down: 4 layers, 128 wide, 4 heads,
 context 64, global batch 12, byte tokens of the built-in corpus.
 """
@@ -31,8 +32,8 @@ from typing import Any
 
 # A side reaches the target at the first evaluation whose loss is at most target * (1 + this):
 # the two sides compute the same function in float32 with different kernels, so at the same step
-# their losses differ in the 5th or 6th digit (measured: 2.830539 vs 2.830527 after 40 steps), and
-# the default target is the reference's own final loss.
+# their losses differ in the 5th or 6th digit early on (measured: 2.830539 vs 2.830527 after 40
+# steps); an explicit --target_loss equal to one side's printed loss should count as reached.
 TARGET_RTOL = 1e-4
 
 BABY = {"model.family": "gpt", "model.n_layer": 4, "model.n_head": 4, "model.d_model": 128,
@@ -157,7 +158,11 @@ def compare(config, devices, *, round_steps: int, eval_every: int, target_loss: 
         side["eval"].append({"step": side["step"], "loss": float(evaluate[name]()),
                              "productive_s": side["seconds"],
                              "tokens": side["step"] * tokens_per_step})
-  target = target_loss if target_loss is not None else sides["torch"]["eval"][-1]["loss"]
+  # Both sides run the same arithmetic up to rounding, which the steps amplify (measured: final
+  # eval losses 2.0616 vs 2.0599 after 300 steps), so the default target is the higher of the two
+  # final eval losses: the loss both runs reach, and the time each took to reach it.
+  target = target_loss if target_loss is not None else max(side["eval"][-1]["loss"]
+                                                           for side in sides.values())
   report: dict[str, Any] = {"config": {k: (config[k.split(".")[0]][k.split(".")[1]] if "." in k
                                            else config[k]) for k in BABY},
                             "devices": len(devices), "device_kind": devices[0].device_kind,
