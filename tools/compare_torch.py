@@ -94,12 +94,9 @@ def compare(config, devices, *, round_steps: int, eval_every: int, target_loss: 
     loss_sum = weight_sum = 0.0
     with torch.no_grad():
       for batch in val:
-        b = _torch_batch(batch, device)
-        logits = forward(b["inputs"])
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                                   b["targets"].flatten(), reduction="none")
-        loss_sum += float((losses * b["weights"].flatten()).sum())
-        weight_sum += float(b["weights"].sum())
+        total, weight = ref.loss_sums(forward, _torch_batch(batch, device))
+        loss_sum += float(total)
+        weight_sum += float(weight)
     return loss_sum / weight_sum
 
   sides = {"jaxdp": {"step": 0, "seconds": 0.0, "rounds": [], "losses": [], "eval": []},
@@ -125,11 +122,7 @@ def compare(config, devices, *, round_steps: int, eval_every: int, target_loss: 
     start = time.perf_counter()
     losses = []
     for b in batches:
-      logits = forward(b["inputs"])
-      losses_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b["targets"].flatten(),
-                                                   reduction="none")
-      weights = b["weights"].flatten()
-      loss = (losses_t * weights).sum() / weights.sum()
+      loss = ref.loss_fn(forward, b)
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
       if clip:

@@ -26,7 +26,7 @@ size (D / H), F MLP hidden, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 import math
 from typing import Any
@@ -130,12 +130,21 @@ class GPT(nn.Module):
     return self.ln_f(x) @ self.wte.weight.T  # [B, T, V], tied to the input embedding
 
 
-def loss_fn(model: GPT, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-  """Token-weighted mean cross entropy of `batch` ("inputs", "targets" [B, T], "weights" [B, T])."""
+def loss_sums(model: Callable[[torch.Tensor], torch.Tensor],
+              batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+  """(sum of token losses, sum of token weights) of `batch` ("inputs", "targets" [B, T],
+  "weights" [B, T]) under `model` (a GPT, or its torch.compile'd forward): jaxdp's loss_fn form."""
   logits = model(batch["inputs"])
   losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none")
   weights = batch["weights"].flatten()
-  return (losses * weights).sum() / weights.sum()
+  return (losses * weights).sum(), weights.sum()
+
+
+def loss_fn(model: Callable[[torch.Tensor], torch.Tensor],
+            batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+  """Token-weighted mean cross entropy of `batch` (see `loss_sums`)."""
+  total, weight = loss_sums(model, batch)
+  return total / weight
 
 
 def load_jaxdp_params(model: GPT, params: Mapping[str, Any]) -> None:
