@@ -41,6 +41,11 @@ NOT_RUN = {
     "jaxdp plan --config tiny_cpu --cpu_devices 4 --measure": "times collectives for minutes; "
         "tests/test_measure.py runs `plan --measure` on 4 and 8 devices",
     "jaxdp plan --config tiny_cpu --cpu_devices 8 --measure": "as above (tests/test_measure.py)",
+    "jaxdp plan --config default --advise": "measures step times on every device count for "
+        "minutes after a finished run; tests/test_advise.py runs `plan --advise` on 1 and 2 "
+        "devices after a real run",
+    "jaxdp plan --config tiny_cpu --cpu_devices 2 --advise": "as above (tests/test_advise.py); "
+        "the run before it is run here",
     "pip download": "downloads wheels for an offline GPU machine (needs the network)",
     "tools/gpu_check.sh": "needs an NVIDIA GPU; its --dry-run runs in tests/test_gpu_check.py",
     "jaxdp prepare corpus.txt --out data/qwen": "needs the downloaded Qwen2.5-0.5B checkpoint; "
