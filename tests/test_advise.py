@@ -6,8 +6,8 @@ import math
 import subprocess
 import sys
 
-from conftest import cli_env
 import cli_inprocess
+from conftest import cli_env
 from hypothesis import given
 from hypothesis import strategies as st
 import pytest

@@ -159,7 +159,7 @@ def advise(fit: NoiseFit, step_times: Sequence[StepTime], batches: Sequence[int]
   Raises:
     JaxdpError: no candidate batch is divisible by any measured device count.
   """
-  rows = []
+  rows: list[dict[str, Any]] = []
   for batch in batches:
     for t in step_times:
       if batch % t.devices:
