@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Seeds parameter init, data order and dropout; same seed => bitwise same run.
   c.num_steps = 600  # Optimizer steps to train for (the run stops here).
   c.global_batch_size = 32  # Sequences per optimizer step, summed over all devices and micro-batches.
+  c.batch_ramp = ""  # Batch-size ramp "BATCH:STEPS,...": the first STEPS steps take BATCH sequences each, then the next stage, then global_batch_size (a stage larger than global_batch_size is refused); the data continues where it stopped (docs/data.md). Each size compiles the step once: keep stages few. "" is none.
   c.seq_len = 128  # Tokens per training sequence (the model's context length).
   c.grad_accum_steps = 1  # Micro-batches per optimizer step; gradients are token-weighted and all-reduced once.
   c.optimizer = "adamw"  # Update rule: "adamw", "sgd" (momentum; wants a ~100x larger learning_rate, e.g. 0.3 here), "lion" (3-10x smaller), "adafactor" (factored; ~10x larger, e.g. 3e-2) or "muon" (orthogonalised momentum for hidden 2-D weight matrices, Adam for the rest).
@@ -36,14 +37,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_tasks = ""  # Downstream tasks scored at each evaluation, after the validation loss: "KIND:FILE" joined by commas, hellaswag:FILE.jsonl (multiple choice in HellaSwag's JSONL: acc, acc_norm) or text:FILE (loss, perplexity, bits per byte); metrics named FILE_STEM/METRIC in metrics.jsonl (docs/evaluation.md); "" disables.
   c.patience = 0  # Early stopping: stop after this many evaluations without improvement; 0 disables.
   c.checkpoint_every = 200  # Steps between checkpoints (one is always written at the end); 0 writes only the final one.
+  c.checkpoint_every_minutes = 0.0  # Also checkpoint when this many minutes passed since the last save (whichever of it and checkpoint_every comes first; judged at train lines by process 0's clock, the same step on every process); 0 disables.
   c.keep_last = 3  # Most recent checkpoints kept on disk (the best by validation loss, and the last one followed by a sane train loss, are kept as well).
+  c.checkpoint_dir = ""  # Where checkpoints go: "" is WORKDIR/checkpoints; or a folder, or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (pip install 'jaxdp[cloud]'; S3 endpoint and credentials from the standard AWS environment, e.g. AWS_ENDPOINT_URL); metrics and logs stay in the workdir, which records it (docs/multihost.md).
   c.keep_every = 0  # Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra.
   c.nan_policy = "halt"  # Non-finite loss or gradients (fp16: also an overflow at loss scale 1): "halt" (stop, save the state before it, name the last checkpoint with a sane train loss and the command to go on from it) or "skip" (drop the update, go on).
   c.max_consecutive_skips = 10  # nan_policy="skip": halt after this many dropped updates in a row.
+  c.spike_policy = "off"  # Loss spikes (a loss above the mean + spike_sigmas std of about the last spike_window steps): "off", "skip" (the step drops that update, counted in skipped_steps) or "rollback" (back to the last checkpoint before the spike, its batch skipped and recorded so a resume reproduces the run); docs/troubleshooting.md.
+  c.spike_sigmas = 6.0  # spike_policy "skip" or "rollback": standard deviations above the running mean that make a loss a spike.
+  c.spike_window = 100  # spike_policy "skip" or "rollback": steps the running mean and std of the loss average over (spikes are judged once this many losses were seen).
+  c.spike_max_rollbacks = 3  # spike_policy="rollback": halt, with advice, at the spike that would be rollback number spike_max_rollbacks + 1 within spike_rollback_window steps.
+  c.spike_rollback_window = 1000  # spike_policy="rollback": steps over which spike_max_rollbacks is counted.
   c.strategy = "dp"  # Parallelism: "dp" (shard_map, replicated state), or ZeRO under jit: "zero1" (optimizer state split over devices), "zero2" (also gradients), "zero3" (also parameters).
   c.offload_optimizer = False  # ZeRO-Offload: keep the optimizer state in pinned host memory (GPU/TPU; an error on CPU).
-  c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, e.g. a stuck or dead peer process; 0 disables. The first step (compilation) is not timed.
+  c.step_timeout_s = 0.0  # Exit (status 3) if a training step takes longer than this many seconds, or (multi-process) a peer sends no heartbeat for this long in any phase, naming it and writing stacks to WORKDIR/hang/; 0: no step timing, and peers judged after 60 s. The first step (compilation) is not timed.
+  c.straggler_factor = 1.5  # Warn (once per episode) about a process whose host time per step is this many times the other processes' median over health_window train lines, naming its index and host; 0 disables.
+  c.grad_outlier_factor = 3.0  # Warn (once per episode) about a data-parallel device whose local gradient norm is this many times above (or below 1/this of) the other devices' median over health_window train lines; 0 disables.
+  c.health_window = 5  # Train lines the straggler and gradient-outlier warnings average over.
   c.preempt_exit_code = 75  # Exit status of `jaxdp train` stopped by SIGTERM, SIGINT or SIGUSR1 after saving a checkpoint (resumable; every process agrees on the step): 75 (EX_TEMPFAIL) tells a requeueing scheduler "run again"; 0 reports it as success. 0-255, not 1-3 (errors, timeouts).
+  c.reduction = "allreduce"  # How gradients, loss and token counts are summed over devices: "allreduce" (XLA's all-reduce, fastest; the order of addition depends on the device count, so another device count agrees within rounding) or "fixed_order" (a fixed binary tree over virtual_shards shards: bitwise the same run on 1, 2, 4, ... devices that divide virtual_shards; docs/determinism.md).
+  c.virtual_shards = 8  # reduction="fixed_order": shards each micro-batch is split into (a power of two dividing global_batch_size / grad_accum_steps); the run is bitwise the same on every power-of-two device count that divides it, so set it to the largest device count the run may use.
   c.allreduce = "pmean"  # Gradient all-reduce: "pmean" (XLA all-reduce), "ring" (explicit ppermute ring) or "ps" (parameter server on device 0).
   c.compression = "none"  # Gradient compression: "none", "topk", "randomk" (sparsify), "int8" (per-chunk scale), "bf16" or "powersgd" (rank-compression_rank factors of each matrix).
   c.compression_ratio = 0.01  # Fraction of gradient entries top-k/random-k send each step.
@@ -90,12 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.n_head = 4  # Attention heads per block.
   c.model.d_model = 128  # Residual stream width; must be divisible by n_head.
   c.model.mlp_ratio = 4.0  # MLP hidden width as a multiple of d_model (a float: Qwen2.5-0.5B's is 4864 * 1.5 / 896).
+  c.model.mlp_dim = 0  # MLP hidden width itself, used instead of mlp_ratio when set (a checkpoint's intermediate_size, e.g. Llama-2-7B's 11008); 0 means from mlp_ratio.
   c.model.dropout = 0.0  # Dropout rate on attention output, MLP output and embeddings.
   c.model.positions = "rope"  # Position encoding: "rope" (rotary) or "learned" (absolute embeddings; gpt only).
   c.model.rope_theta = 10000.0  # Base of the rotary frequencies (larger suits longer contexts).
   c.model.n_kv_head = 0  # llama: key/value heads for grouped-query attention, dividing n_head; 0 means n_head.
   c.model.pad_vocab_to_multiple = 1  # Round the tokenizer's vocabulary up to a multiple of this (e.g. 64: GPT-2's 50257 -> 50304) for faster matmuls; padded ids get -inf logits.
-  c.model.tie_embeddings = True  # Output head shares the input embedding matrix (gpt: always True).
+  c.model.tie_embeddings = True  # Output head shares the input embedding matrix; False gives the model an output head of its own.
   c.model.norm_eps = 0.0  # Epsilon of every LayerNorm/RMSNorm; 0 means the family default (gpt 1e-6, llama 1e-5); GPT-2 checkpoints use 1e-5.
   c.model.variant = ""  # llama: the Hugging Face class imported and exported: "" (Llama), "qwen2" (needs qkv_bias), "qwen3" (needs qk_norm) or "mistral".
   c.model.head_dim = 0  # llama: head size independent of d_model / n_head (Qwen3: 128); 0 means d_model / n_head.

@@ -13,6 +13,7 @@ The public API, for notebooks and scripts:
   params, module, tokenizer = jaxdp.load_for_inference("runs/x")   # a built-in model's run
   ids = list(jaxdp.generate(params, module, tokenizer.encode("ROMEO:"), 64))  # KV cache
   jaxdp.export_hf("runs/x", "hf/x")   # transformers' from_pretrained("hf/x") loads it
+  jaxdp.replay_step("runs/x", 120, devices=jax.devices()[:1]).worst_first()  # rows of step 120
 
 The built-in language models and the command line (`jaxdp train`) are users of this API.
 """
@@ -37,6 +38,7 @@ _EXPORTS = {
     "read_metrics": "jaxdp.runtime.metrics", "build": "jaxdp.lm.builder", "LMRun": "jaxdp.lm.builder",
     "RunSpec": "jaxdp.lm.spec",
     "load_for_inference": "jaxdp.lm.run", "train_and_evaluate": "jaxdp.lm.run",
+    "replay_step": "jaxdp.lm.replay", "ReplayResult": "jaxdp.lm.replay",
 }
 _RENAMED = {"build_model": "build", "export_hf": "export"}
 

@@ -28,7 +28,7 @@ from jaxdp.lm.config import load_preset  # noqa: E402
 # summed per file), longest first; unlisted files follow in their usual order.
 LONGEST_FILES = (
     "test_docs_run.py", "test_zero.py", "test_models_cli.py", "test_run_behaviour.py",
-    "test_gpu_check.py", "test_multihost.py", "test_measure.py", "test_trustworthy_numbers.py",
+    "test_gpu_check.py", "test_multihost.py", "test_launch_restarts.py", "test_measure.py", "test_trustworthy_numbers.py",
     "test_fault.py", "test_preemption.py", "test_notebooks.py", "test_eval_and_comm_state.py",
     "test_huggingface.py", "test_qwen_mistral.py", "test_bench.py", "test_packing.py",
     "test_precision.py", "test_generic_api.py", "test_comm.py", "test_tensor_parallel.py",

@@ -18,7 +18,7 @@ import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "plan", "verify", "export",
-               "evaluate")
+               "evaluate", "replay", "stacks")
 
 
 def _env():
@@ -59,7 +59,10 @@ def test_train_then_generate_from_the_command_line(tiny_run):
   assert result.returncode == 0, result.stderr
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert records[0]["num_devices"] == 2
-  assert records[-1] == {"step": num_steps, "eval_loss": pytest.approx(records[-1]["eval_loss"])}
+  # The run's last measurement is the final evaluation; only the end-of-run goodput event follows.
+  assert records[-1]["event"] == "goodput"
+  last = [r for r in records if "event" not in r][-1]
+  assert last == {"step": num_steps, "eval_loss": pytest.approx(last["eval_loss"])}
   out = jaxdp("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--max_new_tokens", "20",
               "--seed", "3", "--cpu_devices", "1")
   assert out.returncode == 0, out.stderr
@@ -112,7 +115,9 @@ HELP_SHOWS = {
     "generate": ["--max_new_tokens=N  (default: 200)", "--temperature=T  (default: 0.8)",
                  "--top_k=K  (default: 0)", "--top_p=P  (default: 1)", "Valid: 0 < P <= 1.",
                  "--seed=S  (default: 0)", "--prompt=TEXT  (default: '\\n')"],
-    "launch": ["--nprocs=P  (required)", "Valid: P >= 1.", "-- train [train flags]"],
+    # The usage line wraps inside the trailer "-- train [train flags]".
+    "launch": ["--nprocs=P  (required)", "Valid: P >= 1.", "[--min_nprocs M] -- train [train",
+               "--max_restarts=R  (default: 0)", "--min_nprocs=M  (default: --nprocs (never fewer))"],
     "prepare": ["--out=DIR  (required)", "--tokenizer=TOKENIZER  (default: byte)",
                 "--vocab_size=V  (default: 4096)", "INPUT ..."],
     "plot": ["--out=FILE  (required)", "WORKDIR ..."],
@@ -123,6 +128,9 @@ HELP_SHOWS = {
                  "--text=FILE[,...]  (default: none)", "Valid: N >= 1.", "docs/evaluation.md"],
     "export": ["--out=DIR  (required)", "--step=S  (default: the latest)", "Valid: S >= 0.",
                "--workdir=DIR  (default: runs/default)"],
+    "replay": ["--step=S  (required)", "Valid: S >= 1.", "--[no]json  (default: false)",
+               "--workdir=DIR  (default: runs/default)", "docs/troubleshooting.md"],
+    "stacks": ["--workdir=DIR  (required)", "--wait_s=S  (default: 10)", "SIGUSR2"],
 }
 
 

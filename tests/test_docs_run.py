@@ -32,6 +32,8 @@ NOT_RUN = {
     "tensorboard": "a viewer that serves a web page until stopped (an optional install); the "
                    "events it reads are checked in tests/test_train_loop.py",
     "sbatch": "needs a SLURM cluster; the script's environment is simulated in test_distributed",
+    "grep -e": "searches a run's metrics.jsonl; the events it finds are written and checked in "
+               "tests/test_run_health.py",
     "mpirun": "needs Open MPI across hosts; its environment is simulated in test_distributed",
     "jaxdp train --coordinator 10.0.0.1": "a real two-host run; the same flags run in test_multihost "
                                           "through `jaxdp launch`",
@@ -78,6 +80,8 @@ def shell_commands(path):
   """(line number, command) of every command in the ```bash blocks of `path`, in order."""
   text = open(os.path.join(ROOT, path)).read()
   for match in re.finditer(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+    if match.group(1).startswith("#!"):
+      continue  # A script file's text (examples/...), run by `sbatch`, which NOT_RUN lists.
     first = text[:match.start()].count("\n") + 2
     for offset, line in enumerate(match.group(1).replace("\\\n", " ").splitlines()):
       line = line.split("  #")[0].strip()

@@ -288,7 +288,6 @@ def test_llama_preset_trains_below_initial_loss(tmp_path):
     ("llama", {"n_kv_head": -1}, "config.model.n_kv_head"),
     ("llama", {"rope_theta": 0.0}, "config.model.rope_theta"),
     ("gpt", {"n_head": 4, "n_kv_head": 2}, "config.model.n_kv_head"),
-    ("gpt", {"tie_embeddings": False}, "config.model.tie_embeddings"),
 ])
 def test_invalid_model_family_fields_are_named(family, fields, named):
   c = load_preset("tiny_cpu")

@@ -210,7 +210,8 @@ def context(num_steps=10, eval_losses=None, data_size=2, **options):
   said = []
   evals = iter(eval_losses or [])
   fake_dp = types.SimpleNamespace(evaluate=lambda params, batches: next(evals), data_size=data_size,
-                                  comm=jaxdp.CommConfig(), nan_policy="halt")
+                                  comm=jaxdp.CommConfig(), nan_policy="halt",
+                                  grad_accum_steps=1, precision="fp32")
   ctx = LoopContext(dp=fake_dp, options=jaxdp.FitOptions(num_steps=num_steps, **options),
                     workdir="unused", record=RunRecord(), state=types.SimpleNamespace(step=0, params=None),
                     restored=False, run=FakeRun(),

@@ -122,3 +122,32 @@ def test_the_unavailable_note_names_this_runs_cause_and_the_fix(devices, comm, n
   assert line.startswith("note: grad_noise_scale is unavailable: ") and "\n" not in line
   for name in names:
     assert name in line, (name, line)
+
+
+@pytest.mark.parametrize("devices,accum,precision", [(2, 1, "fp16"), (1, 2, "fp16"), (2, 1, "fp32")])
+def test_the_note_of_a_run_that_estimates_but_skipped_every_step_names_the_skips(devices, accum,
+                                                                                 precision):
+  # Issue 31 fault 6: a dense run under fp16 whose every step overflowed was told its exchange
+  # "()" never forms the dense mean gradient.
+  from jaxdp.runtime.loop import noise_scale_unavailable
+  dp = DataParallel(loss_fn, optax.sgd(0.0), devices=jax.devices()[:devices],
+                    grad_accum_steps=accum, precision=precision)
+  line = noise_scale_unavailable(dp, steps=5, skipped=5)
+  assert "()" not in line and "None" not in line and "\n" not in line
+  assert "5 of its 5 steps so far were skipped" in line, line
+  assert ("fp16 overflow" in line) == (precision == "fp16")
+  assert "gradient exchange" not in line and "grad_accum_steps > 1" not in line
+
+
+def test_every_unavailable_note_names_something():
+  # The kind: no note interpolates an empty list or a None.
+  from jaxdp.parallel.exchange import CommConfig
+  from jaxdp.runtime.loop import noise_scale_unavailable
+  for devices in (1, 2):
+    for accum in (1, 2):
+      for comm in (None, CommConfig(compression="int8"), CommConfig(allreduce="ring")):
+        dp = DataParallel(loss_fn, optax.sgd(0.0), devices=jax.devices()[:devices],
+                          grad_accum_steps=accum, comm=comm)
+        for skipped in (0, 3):
+          line = noise_scale_unavailable(dp, steps=3, skipped=skipped)
+          assert "()" not in line and "None" not in line and "''" not in line, line

@@ -214,3 +214,8 @@ def test_a_failed_or_interrupted_prepare_leaves_nothing_that_blocks_the_rerun(tm
   assert prep.prepare([str(good)], str(out), progress=False)["num_documents"] == 2
   with pytest.raises(JaxdpError, match="is a file; give a new or empty directory"):
     prep.prepare([str(good)], str(good), progress=False)
+  dangling = tmp_path / "dangling"
+  dangling.symlink_to(tmp_path / "missing")
+  with pytest.raises(JaxdpError, match="is a symlink to .*which does not exist"):
+    prep.prepare([str(good)], str(dangling), progress=False)
+  assert not (tmp_path / "missing").exists()

@@ -73,7 +73,9 @@ def test_metrics_lines_have_the_documented_fields(uninterrupted):
     # 2 devices under dp: the gradient noise scale is estimated (docs/communication.md).
     assert set(r) == {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec", "comm_bytes_per_step",
                       "mfu", "step_time_s", "peak_memory_bytes", "data_wait_fraction",
-                      "grad_noise_scale", "grad_noise_scale_examples"}
+                      "grad_noise_scale", "grad_noise_scale_examples", "goodput",
+                      "host_step_time_s", "device_grad_norm"}
+    assert len(r["host_step_time_s"]) == 1 and len(r["device_grad_norm"]) == 2
     assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in evals] == [5, 10]

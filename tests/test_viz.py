@@ -69,9 +69,14 @@ def test_tensorboard_events_hold_every_logged_scalar(runs):
     if "event" in record:
       continue
     for field, value in record.items():
-      if field != "step":
+      if field == "step":
+        continue
+      if isinstance(value, list):  # Per-device or per-process values: one tag per index.
+        for i, v in enumerate(value):
+          np.testing.assert_allclose(logged[f"{field}/{i}"][record["step"]], v, rtol=1e-6)
+      else:
         np.testing.assert_allclose(logged[field][record["step"]], value, rtol=1e-6)  # float32.
-        checked += 1
+      checked += 1
   assert checked >= 4 * 2 + 2  # Train fields at steps 5 and 10, eval loss at 5 and 10.
 
 
@@ -114,3 +119,14 @@ def test_plot_of_a_workdir_without_metrics_is_a_clear_error(tmp_path, capsys):
     save_loss_plot([str(tmp_path)], str(tmp_path / "x.png"))
   assert main(["jaxdp", "plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
   assert "jaxdp: error: plot:" in capsys.readouterr().err
+
+
+def test_plot_out_under_a_file_or_dangling_symlink_is_one_line(tmp_path):
+  afile = tmp_path / "notes.txt"
+  afile.write_text("x")
+  dangling = tmp_path / "dangling"
+  dangling.symlink_to(tmp_path / "missing")
+  for out in (afile / "loss.png", dangling / "loss.png", afile / "sub" / "loss.png"):
+    with pytest.raises(JaxdpError, match="which is a file or a dangling symlink"):
+      save_loss_plot([str(tmp_path)], str(out))
+  assert not (tmp_path / "missing").exists()

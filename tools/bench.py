@@ -6,6 +6,7 @@
   python tools/bench.py --loader_data PREPARED_DIR,TOKENS.bin [--loader_batch 512]
                         [--loader_seq_len 1024] [--step_tokens_per_sec R] [--steps N]
   python tools/bench.py --generate 256 [--prompt_len 16] [--config ...] [--out FILE]
+  python tools/bench.py --reduction_cost [--config PRESET] [--steps N] [--out FILE]
   python tools/bench.py --compare torch [--steps 2000] [--round_steps 100] [--target_loss L]
                         [--devices N] [--torch_compile auto|on|off] [--config.FIELD=VALUE ...]
 
@@ -39,6 +40,11 @@ Every figure is a measurement of this run (ratios compare numbers taken in the s
                                    interleaved rounds on the same threads: tokens/s of each,
                                    ratio_vs_torch, losses, time and tokens to a target eval loss,
                                    time_to_target_ratio_vs_torch (tools/compare_torch.py).
+  --reduction_cost                 instead: config.reduction="fixed_order" against the default
+                                   all-reduce on 2, 4 and 8 devices (capped at the devices there
+                                   are): bytes each device sends per step, from the compiled step's
+                                   HLO (parallel.hlo.collective_bytes), and the step time (median
+                                   of interleaved rounds of --steps steps), with their ratios.
 On a CPU host the "devices" are emulated: they share the host's cores, so scaling efficiency
 measures overhead, not a real speed-up.
 """
@@ -89,6 +95,8 @@ def parse_args(argv):
                       help="--compare: eval loss target (default: the higher final eval loss of the two)")
   parser.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                       help="--compare: torch.compile the reference (auto: on GPU only)")
+  parser.add_argument("--reduction_cost", action="store_true",
+                      help="bytes/step and step time: reduction=fixed_order vs the default")
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -572,6 +580,62 @@ def run_compare(args, overrides) -> dict:
           "time_to_target_ratio_vs_torch": report["time_to_target_ratio_vs_torch"]}
 
 
+def reduction_cost(args, overrides) -> dict:
+  """{"devices": {N: {mode: {"bytes_per_step", "step_time_s"}, "bytes_ratio", "time_ratio"}}}:
+  the fixed-order reduction against the default all-reduce, on the config's model and batch."""
+  import jax
+  import numpy as np
+
+  from jaxdp.lm import config as lm_config
+  from jaxdp.lm.builder import build
+  from jaxdp.parallel import hlo
+  steps = args.steps or 5
+  devices = jax.devices()
+  out: dict = {"config": args.config, "platform": devices[0].platform,
+               "device_kind": devices[0].device_kind, "steps_per_round": steps, "rounds": 3,
+               "devices": {}}
+  for n in (2, 4, 8):
+    if n > len(devices):
+      continue
+    runs = {}
+    for mode in ("allreduce", "fixed_order"):
+      config = apply_overrides(lm_config.load_preset(args.config), overrides)
+      config.reduction = mode
+      lm_config.validate(config, n, devices[0].platform)
+      built = build(config, devices[:n], read_init_from=False)
+      dp = built.dp
+      state = dp.init_state(built.model.init_fn, config.seed)
+      rs = np.random.RandomState(0)
+      b, t = config.global_batch_size, config.seq_len
+      tokens = rs.randint(0, built.dataset.tokenizer.vocab_size, (b, t + 1)).astype(np.int32)
+      batch = dp.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                            "weights": np.ones((b, t), np.float32)})
+      compiled = dp.train_step.lower(state, batch).compile()
+      counted = hlo.collective_bytes(compiled.as_text())
+      state, metrics = dp.step(state, batch)  # Warm-up (and the memory check's compile).
+      jax.block_until_ready(metrics)
+      runs[mode] = {"dp": dp, "state": state, "batch": batch, "times": [],
+                    "bytes_per_step": counted["bytes"], "collectives": counted["by_kind"]}
+    for _ in range(out["rounds"]):  # Interleaved: both modes see the same load.
+      for run in runs.values():
+        start = time.perf_counter()
+        for _ in range(steps):
+          run["state"], metrics = run["dp"].step(run["state"], run["batch"])
+        jax.block_until_ready(metrics)
+        run["times"].append((time.perf_counter() - start) / steps)
+    row = {mode: {"bytes_per_step": run["bytes_per_step"], "collectives": run["collectives"],
+                  "step_time_s": float(np.median(run["times"])), "round_times_s": run["times"]}
+           for mode, run in runs.items()}
+    default, fixed = row["allreduce"], row["fixed_order"]
+    row["bytes_ratio"] = fixed["bytes_per_step"] / max(default["bytes_per_step"], 1)
+    row["time_ratio"] = fixed["step_time_s"] / default["step_time_s"]
+    out["devices"][str(n)] = row
+    print(f"{n} devices: bytes/step {default['bytes_per_step']:,.0f} -> {fixed['bytes_per_step']:,.0f}"
+          f" (x{row['bytes_ratio']:.3f}), step {default['step_time_s']:.3f} s -> "
+          f"{fixed['step_time_s']:.3f} s (x{row['time_ratio']:.2f})", file=sys.stderr)
+  return out
+
+
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   import jax
@@ -581,6 +645,13 @@ def main(argv=None) -> int:
   try:
     if args.loader_data:
       report = loader_report(args, overrides)
+      print(json.dumps(report, indent=1))
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(report, f, indent=1)
+      return 0
+    if args.reduction_cost:
+      report = reduction_cost(args, overrides)
       print(json.dumps(report, indent=1))
       if args.out:
         with open(args.out, "w") as f:

@@ -19,6 +19,12 @@ budget; every result is recorded and a failure never stops the run. Checks:
   zero               dp, zero1, zero2, zero3 on every visible GPU: the same losses, and the
                      collectives of each compiled step (reduce-scatter expected under zero2
                      with more than one GPU)
+  determinism        config.reduction="fixed_order" against the default all-reduce on every
+                     visible GPU: step time of each and their ratio; each mode trained twice
+                     (run-to-run: bitwise equal losses and final parameters expected of
+                     fixed_order, reported for the default); with several GPUs fixed_order on
+                     all of them against one GPU, bitwise (its XLA options include
+                     xla_gpu_deterministic_ops, jaxdp.parallel.fixed_order.compiler_options)
   generate           `jaxdp generate` from a short run: its tokens/s line (KV-cache decoding
                      where the installed jaxdp has it) and tokens per wall second
   pytest_gpu         the `gpu`-marked tests (tests/test_gpu.py)
@@ -51,7 +57,7 @@ BENCH_VARIANTS = {"bench_xla_none": ("xla", "none"), "bench_cudnn_none": ("cudnn
                   "bench_xla_block": ("xla", "block")}
 # In the order they run: the headline numbers first, so a short budget still records them.
 CHECKS = ("environment", "bench_xla_none", "bench_cudnn_none", "compare_torch", "precisions",
-          "offload", "zero", "generate", "pytest_gpu", "bench_xla_block")
+          "offload", "zero", "determinism", "generate", "pytest_gpu", "bench_xla_block")
 BENCH_FIELDS = ("attention", "attention_used", "remat", "params", "tokens_per_step", "tokens_per_sec",
                 "step_time_s", "compile_time_s", "mfu_datasheet", "mfu_measured_peak",
                 "datasheet_peak_flops", "measured_peak_flops", "peak_matmul", "flops_per_token_hlo",
@@ -67,6 +73,8 @@ FIELDS = {
                 "device_bytes_saved", "step_time_s_on_device", "step_time_s_offloaded",
                 "step_time_ratio"),
     "zero": ("num_devices", "losses", "max_rel_diff_vs_dp", "collectives", "reduce_scatter_in_zero2"),
+    "determinism": ("num_devices", "steps", "virtual_shards", "step_time_s", "time_ratio",
+                    "run_to_run_bitwise", "fixed_order_matches_one_device", "compiler_options"),
     "generate": ("train_steps", "new_tokens", "tokens_per_sec", "tokens_per_sec_line", "cache",
                  "tokens_per_wall_sec", "wall_s"),
     "pytest_gpu": ("returncode", "passed", "failed", "skipped", "errors", "summary"),
@@ -74,7 +82,8 @@ FIELDS = {
                       "torch_tokens_per_sec", "ratio_vs_torch", "time_to_target_ratio_vs_torch",
                       "target_loss", "loss_difference_at_end"),
 }
-TIMEOUTS = {"environment": 60, "precisions": 120, "offload": 120, "zero": 120, "generate": 150,
+TIMEOUTS = {"environment": 60, "precisions": 120, "offload": 120, "zero": 120, "determinism": 150,
+            "generate": 150,
             "pytest_gpu": 180, "compare_torch": 150, **{name: 150 for name in BENCH_VARIANTS}}
 
 
@@ -325,6 +334,47 @@ def check_zero(dry: bool, outdir: str):
   results["reduce_scatter_in_zero2"] = scatter if len(devices) > 1 else None
   if len(devices) > 1 and jax.devices()[0].platform == "gpu" and not scatter:
     failures.append("zero2 on several GPUs compiled without a reduce-scatter")
+  return results, failures
+
+
+def check_determinism(dry: bool, outdir: str):
+  import jax
+  import numpy as np
+
+  from jaxdp.parallel import fixed_order
+  devices = _devices(dry)
+  steps = 6 if dry else 20
+  results = {"num_devices": len(devices), "steps": steps, "virtual_shards": 8, "step_time_s": {},
+             "run_to_run_bitwise": {},
+             "compiler_options": fixed_order.compiler_options(devices[0].platform)}
+
+  def run(reduction, devs):
+    config = _small_config(dry, reduction=reduction, virtual_shards=8)
+    losses, state, _, per_step, fetched = _train(config, devs, steps)
+    params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+    norms = [float(m["grad_norm"]) for m in fetched]
+    return losses + norms, params, per_step
+
+  def same(a, b):
+    return a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1], b[1]))
+
+  first = {}
+  for reduction in ("allreduce", "fixed_order"):
+    first[reduction] = run(reduction, devices)
+    again = run(reduction, devices)
+    results["step_time_s"][reduction] = min(first[reduction][2], again[2])
+    results["run_to_run_bitwise"][reduction] = same(first[reduction], again)
+  results["time_ratio"] = results["step_time_s"]["fixed_order"] / results["step_time_s"]["allreduce"]
+  failures = []
+  if not results["run_to_run_bitwise"]["fixed_order"]:
+    failures.append("fixed_order: two runs of the same program differ")
+  if len(devices) > 1:
+    one = run("fixed_order", devices[:1])
+    results["fixed_order_matches_one_device"] = same(first["fixed_order"], one)
+    if not results["fixed_order_matches_one_device"]:
+      failures.append(f"fixed_order on {len(devices)} devices differs from one device")
+  else:
+    results["fixed_order_matches_one_device"] = None
   return results, failures
 
 

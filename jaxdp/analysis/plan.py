@@ -87,11 +87,18 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None
          strategies: Sequence[str] = STRATEGIES) -> dict[str, Any]:
   """{"num_devices", "params", "strategies": {name: measure_strategy(...)}}; dp is left out on a
   mesh with a model axis (it is data parallel only)."""
+  from jaxdp.lm.config import validate
   devices = list(jax.devices() if devices is None else devices)
   if config.mesh.model > 1:
     strategies = [s for s in strategies if s != "dp"]
-  results = {s: measure_strategy(config, s, devices) for s in strategies}
-  params = count_params(build(config, devices).abstract_state().params)
+  candidates = {}
+  for s in strategies:  # Every candidate checked before any compiles (which take minutes).
+    candidates[s] = ml_collections.ConfigDict(config.to_dict())
+    candidates[s].strategy = s
+    validate(candidates[s], len(devices), devices[0].platform)
+  results = {s: measure_strategy(candidates[s], s, devices) for s in strategies}
+  # Counted under a candidate: the config's own strategy may be one the mesh rules out (dp).
+  params = count_params(build(candidates[strategies[0]], devices).abstract_state().params)
   return {"num_devices": len(devices), "params": params, "strategies": results}
 
 

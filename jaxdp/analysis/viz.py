@@ -8,9 +8,11 @@ panel at the step of the evaluation that first reached them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import io
+import math
 import os
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, atomic_write
 from jaxdp.runtime.metrics import read_metrics
 
 CURVES = (("train_loss", "train loss"), ("eval_loss", "eval loss"))
@@ -30,7 +32,9 @@ def loss_curves(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
   records = read_metrics(workdir)
   curves = {}
   for field, _ in CURVES:
-    by_step = {r["step"]: r[field] for r in records if field in r and "event" not in r}
+    # null: a non-finite value (runtime.metrics.json_line), drawn as a gap.
+    by_step = {r["step"]: math.nan if r[field] is None else r[field] for r in records
+               if field in r and "event" not in r}
     steps = sorted(by_step)
     curves[field] = (steps, [by_step[s] for s in steps])
   if not any(steps for steps, _ in curves.values()):
@@ -78,7 +82,14 @@ def save_loss_plot(workdirs: Sequence[str], out: str) -> str:
   """Writes the loss figure of `workdirs` to the PNG `out`; returns its path."""
   if not out.lower().endswith(".png"):
     raise JaxdpError(f"plot: --out={out!r} must name a .png file")
+  parent = os.path.dirname(out)
+  while parent and not os.path.isdir(parent):  # Else makedirs fails on it with a traceback.
+    if os.path.lexists(parent):
+      raise JaxdpError(f"plot: --out={out!r} is under {parent!r}, which is a file or a dangling "
+                       "symlink, not a directory; give a path whose parent folders are directories")
+    parent = os.path.dirname(parent)
   figure = loss_figure(workdirs)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  figure.savefig(out, dpi=100)
+  buffer = io.BytesIO()  # Rendered first, then written whole: a full disk leaves no half image.
+  figure.savefig(buffer, format="png", dpi=100)
+  atomic_write(out, buffer.getvalue(), "plot: writing --out")
   return out

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import difflib
+import math
 import os
 import re
+import shlex
 import textwrap
 import types
 from typing import Any
@@ -44,6 +46,12 @@ class Flag:
   choices: tuple[str, ...] = ()
   required: bool = False
   default_text: str | None = None  # Shown instead of the default (e.g. for None).
+  # Given away from its default, the flag does nothing unless this other flag has this value:
+  # (flag, value), e.g. prepare's --vocab_size needs ("tokenizer", "bpe"). Refused otherwise.
+  needs: tuple[str, Any] | None = None
+  # A path flag: "run" (an existing run directory, or its checkpoints/ or a step directory in
+  # it), "workdir" (a run directory that may not exist yet), "" (not checked as a path here).
+  path: str = ""
 
   def range_text(self) -> str:
     """'N >= 1', '0 < P <= 1'; '' when any value is valid."""
@@ -55,8 +63,17 @@ class Flag:
 
   def check(self, value: Any) -> None:
     """Raises JaxdpError naming the flag and its valid range if `value` is outside it."""
+    if isinstance(value, str) and not self.path:
+      try:  # Bytes that are not UTF-8 reach Python's argv as lone surrogates.
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise JaxdpError(f"--{self.name} is not valid UTF-8 text (an undecodable byte at "
+                         f"character {e.start}); give it as UTF-8") from None
     if value is None or self.kind not in ("integer", "float"):
       return
+    if self.kind == "float" and not math.isfinite(value):
+      raise JaxdpError(f"--{self.name}={value} is not a finite number; valid: "
+                       f"{self.range_text() or 'any finite number'}")
     too_low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
     too_high = self.max is not None and value > self.max
     if too_low or too_high:
@@ -68,6 +85,8 @@ class Flag:
     text = self.help
     if self.range_text():
       text += f" Valid: {self.range_text()}."
+    if self.needs:
+      text += f" Needs --{self.needs[0]}={_shown_value(self.needs[1])}."
     return text
 
   def usage(self) -> str:
@@ -95,19 +114,23 @@ def _number(x: float) -> str:
   return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+def _shown_value(value: Any) -> str:
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def string(name: str, default: str | None, help: str, *, metavar: str = "TEXT",
-           required: bool = False, default_text: str | None = None) -> Flag:
-  """A string flag."""
+           required: bool = False, default_text: str | None = None, path: str = "") -> Flag:
+  """A string flag (`path`: see Flag.path)."""
   return Flag(name, "string", default, help, metavar=metavar, required=required,
-              default_text=default_text)
+              default_text=default_text, path=path)
 
 
 def integer(name: str, default: int | None, help: str, *, metavar: str = "N",
             min: int | None = None, max: int | None = None, required: bool = False,
-            default_text: str | None = None) -> Flag:
+            default_text: str | None = None, needs: tuple[str, Any] | None = None) -> Flag:
   """An integer flag, valid in [min, max] (either bound optional)."""
   return Flag(name, "integer", default, help, metavar=metavar, min=min, max=max,
-              required=required, default_text=default_text)
+              required=required, default_text=default_text, needs=needs)
 
 
 def real(name: str, default: float | None, help: str, *, metavar: str = "X",
@@ -146,6 +169,13 @@ class Command:
   positional: str = ""  # Metavar of its positional arguments; "" when it takes none.
   nargs: str = ""  # "1" (exactly one) or "+" (one or more); "" when it takes none.
   trailer: str = ""  # Usage after the flags, e.g. launch's "-- train [train flags]".
+  positional_path: str = ""  # The positional arguments are paths of this kind (Flag.path).
+  # A checkpoint step directory given as the run picks that checkpoint (--step, --restore_from);
+  # False: it names just its run.
+  step_dir_is_step: bool = True
+  # False: `run` calls resolve_paths itself, after refusing its other arguments (evaluate's
+  # tasks are refused before its workdir is looked at).
+  resolve_before_run: bool = True
   passthrough: bool = False  # What follows the first `--` is kept, unparsed, as `args.launched`.
   no_config_hint: str = ""  # Why --config is refused here and what to do instead.
 
@@ -212,6 +242,7 @@ class Command:
       config_path, argv = _take_config_arg(argv)
       config, fields = _load_config(config_path)
       _check_overrides(argv, fields, self.name)
+      argv, nulls = _take_nulls(argv)
     else:
       for arg in argv:
         if arg == "--":
@@ -230,7 +261,7 @@ class Command:
     except absl_flags.UnrecognizedFlagError as e:
       raise JaxdpError(self._unknown_flag_message(e.flagname, fields, others)) from None
     except absl_flags.Error as e:
-      raise JaxdpError(_value_message(_first_line(e))) from None
+      raise JaxdpError(_value_message(first_line(e), self.flags)) from None
     args = types.SimpleNamespace(positional=positional)
     if self.passthrough:
       args.launched = launched
@@ -240,11 +271,66 @@ class Command:
       if flag.required and value in (None, ""):
         raise JaxdpError(f"`jaxdp {self.name}` needs --{flag.name} {flag.metavar}: {flag.help}")
       setattr(args, flag.name, value)
+    for flag in self.flags:  # After every value is read: a need may name a later flag.
+      if flag.needs and getattr(args, flag.name) != flag.default:
+        other, wanted = flag.needs
+        if getattr(args, other) != wanted:
+          raise JaxdpError(f"--{flag.name}={_shown_value(getattr(args, flag.name))} has no effect "
+                           f"without --{other}={_shown_value(wanted)} (--{other} is "
+                           f"{_shown_value(getattr(args, other))}); add --{other}="
+                           f"{_shown_value(wanted)}, or drop --{flag.name}")
     self._check_positional(positional)
     if self.config:
+      for name in nulls:  # A nullable field set back to None (absl parses by the preset's type).
+        _set_dotted(values.config, name, None)
       args.config, args.config_path = values.config, config_path
       args.help_config = values.help_config
+      if not args.help_config:  # --help_config shows any config, even one that is refused.
+        from jaxdp.lm.schema import check
+        check(args.config)
     return args
+
+  def resolve_paths(self, args: types.SimpleNamespace) -> None:
+    """Path flags and positionals of parsed `args` in every form a user gives them
+    (jaxdp.runtime.paths), after `parse` (which reads no files) and before `run`: refused in one
+    line when they cannot be what the flag needs; a run given by its checkpoints/ or a step
+    directory becomes the run directory, and the step its --step, --restore_from or
+    `args.step` (`args.positional_steps` for positionals).
+
+    Raises:
+      JaxdpError: an empty path, a dangling symlink, a file, a path under a file, a run that
+        does not exist where one is read, or a step directory that disagrees with --step.
+    """
+    from jaxdp.runtime import paths
+    if any(f.path == "run" for f in self.flags) and self.step_dir_is_step and \
+        not hasattr(args, "step"):
+      args.step = None  # A step directory given as the run sets it (generate).
+    for flag in self.flags:
+      value = getattr(args, flag.name)
+      if flag.path == "run" or (flag.path == "workdir" and value is not None):
+        where = paths.resolve_run(value, f"--{flag.name}", must_exist=flag.path == "run")
+        setattr(args, flag.name, where.workdir)
+        if where.step is not None and self.step_dir_is_step:
+          self._take_step(args, where, f"--{flag.name}={value}")
+    if self.positional_path:
+      resolved = [paths.resolve_run(p, self.positional, must_exist=True)
+                  for p in args.positional]
+      args.positional = [r.workdir for r in resolved]
+      args.positional_steps = [r.step for r in resolved]
+
+  def _take_step(self, args: types.SimpleNamespace, where: Any, given: str) -> None:
+    """A step directory given for a run: the step it names, for the commands that take one."""
+    if hasattr(args, "step"):  # export, evaluate: --step must agree if given too.
+      if args.step is not None and args.step != where.step:
+        raise JaxdpError(f"{given} names checkpoint step {where.step} but --step={args.step}; "
+                         "give one of them")
+      args.step = where.step
+    elif hasattr(args, "restore_from"):  # train: resume from that step.
+      if args.restore_from:
+        raise JaxdpError(f"{given} is a checkpoint step directory and --restore_from is given "
+                         f"too; give --workdir={shlex.quote(where.workdir)} --restore_from="
+                         f"{shlex.quote(where.path)}")
+      args.restore_from = where.path
 
   def _check_positional(self, positional: list[str]) -> None:
     if not self.nargs and positional:
@@ -303,7 +389,8 @@ def wants_help(argv: Sequence[str]) -> bool:
   return False
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+  """The first line of an exception's message (its type's name when it has none)."""
   return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -313,15 +400,35 @@ _KINDS = (("invalid literal for int()", "a whole number", "100"),
           ("Non-boolean argument", "true or false", "true"))
 
 
-def _value_message(line: str) -> str:
-  """absl's "flag --X=V: <Python's parse error>" as "--X=V is not <kind>; give e.g. --X=<ex>"."""
+def _value_message(line: str, flags: Sequence[Flag] = ()) -> str:
+  """absl's "flag --X=V: <Python's parse error>" as "--X=V is not <kind>; give e.g. --X=<ex>",
+  the example a valid value of X: its declared example (config fields, jaxdp.lm.schema) or
+  default (flags), else a generic one."""
   match = re.match(r"flag (--[\w.]+)=(.*?): (.*)$", line)
   if match:
     for words, kind, example in _KINDS:
       if words in match.group(3):
         name, value = match.group(1), match.group(2)
-        return f"{name}={value} is not {kind}; give e.g. {name}={example}"
+        return f"{name}={value} is not {kind}; give e.g. {name}={_example(name, flags, example)}"
   return line
+
+
+def _example(name: str, flags: Sequence[Flag], fallback: str) -> str:
+  """A valid value of the flag `name` ("--top_k", "--config.seed") for advice."""
+  if name.startswith("--config."):
+    from jaxdp.lm.schema import SCHEMA, defaults
+    field_name = name[len("--config."):]
+    field = SCHEMA.get(field_name)
+    value = None if field is None else \
+        field.example if field.example is not None else defaults().get(field_name)
+    return fallback if value is None else _shown_value(value)
+  for flag in flags:  # The generic example, unless it is out of the flag's range.
+    if f"--{flag.name}" == name and isinstance(flag.default, (int, float)):
+      try:
+        flag.check(int(fallback) if flag.kind == "integer" else float(fallback))
+      except (JaxdpError, ValueError):
+        return _shown_value(flag.default)
+  return fallback
 
 
 def _define(flag: Flag, values: Any) -> None:
@@ -395,6 +502,35 @@ def _check_overrides(argv: list[str], fields: list[str], command: str) -> None:
                      + f" Every field: `jaxdp {command} --help_config`.")
 
 
+def _take_nulls(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Takes `--config.F=None` out of argv for each field F the schema declares nullable.
+
+  config_flags parses an override by the type of the preset's value, so once a preset sets a
+  nullable field, "None" would be refused as "not a whole number". Returns the rest of argv and
+  the fields whose last override is None (an earlier override of such a field is dropped too:
+  the last one wins, as for every flag); a non-nullable field's "None" stays, to be refused.
+  """
+  from jaxdp.lm.schema import SCHEMA
+  end = argv.index("--") if "--" in argv else len(argv)
+  overrides: list[tuple[str, str] | None] = []  # (field, value) of each nullable field's override.
+  for arg in argv[:end]:
+    match = _CONFIG_ARG.match(arg.split("=", 1)[0])
+    rest = (match.group("rest") or "") if match and not match.group(1) else ""
+    field = SCHEMA.get(rest[1:]) if rest.startswith(".") and "=" in arg else None
+    overrides.append((rest[1:], arg.split("=", 1)[1]) if field and field.nullable else None)
+  last = {o[0]: o[1] for o in overrides if o}
+  nulls = [name for name, value in last.items() if value == "None"]
+  kept = [arg for arg, o in zip(argv[:end], overrides) if not (o and (o[1] == "None" or o[0] in nulls))]
+  return kept + argv[end:], nulls
+
+
+def _set_dotted(config: Any, name: str, value: Any) -> None:
+  *parents, leaf = name.split(".")
+  for part in parents:
+    config = config[part]
+  config[leaf] = value
+
+
 def _define_config(values: Any, path: str, argv: list[str]) -> None:
   """Defines --config on `values`, with one flag per --config.FIELD override found in argv."""
   from absl import flags as absl_flags
@@ -404,7 +540,7 @@ def _define_config(values: Any, path: str, argv: list[str]) -> None:
     config_flags.DEFINE_config_file("config", path, "", flag_values=values, lock_config=True,
                                     sys_argv=["jaxdp"] + argv)
   except absl_flags.Error as e:
-    raise JaxdpError(_first_line(e)) from None
+    raise JaxdpError(first_line(e)) from None
 
 
 def _config_help() -> str:
@@ -419,9 +555,36 @@ def _config_help() -> str:
   return text
 
 
+# Top-level modules that provide each accelerator platform JAX_PLATFORMS may name (prefixes).
+_PLATFORM_MODULES = {"cuda": ("jax_cuda", "jax_plugins"), "gpu": ("jax_cuda", "jax_rocm", "jax_plugins"),
+                     "rocm": ("jax_rocm", "jax_plugins"), "tpu": ("libtpu", "jax_plugins")}
+
+
+def check_platforms(requested: str) -> None:
+  """Refuses a JAX_PLATFORMS entry whose plugin is not installed: JAX would otherwise fail with a
+  bare AssertionError at the first device use (JAX 0.10), long after start-up."""
+  import pkgutil
+  names = None
+  for platform in (p.strip() for p in requested.split(",") if p.strip()):
+    prefixes = _PLATFORM_MODULES.get(platform)
+    if prefixes is None:
+      continue
+    names = names if names is not None else [m.name for m in pkgutil.iter_modules()]
+    if not any(name.startswith(prefixes) for name in names):
+      raise JaxdpError(f"JAX_PLATFORMS={requested!r} asks for {platform}, but no JAX {platform} "
+                       f"plugin is installed; install one (e.g. pip install -U 'jax[cuda12]') or "
+                       "unset JAX_PLATFORMS (or give --cpu_devices N to run on the CPU)")
+
+
 def setup_devices(cpu_devices: int | None) -> None:
-  """Sets the emulated CPU device count; must run before JAX initialises its backends."""
+  """Sets the emulated CPU device count; must run before JAX initialises its backends.
+
+  Raises:
+    JaxdpError: JAX_PLATFORMS names an accelerator whose plugin is not installed.
+  """
   import jax
+  if cpu_devices is None:
+    check_platforms(os.environ.get("JAX_PLATFORMS", "") or str(getattr(jax.config, "jax_platforms", "") or ""))
   if cpu_devices is not None:
     if cpu_devices < 1:
       raise JaxdpError(f"--cpu_devices={cpu_devices} must be >= 1")

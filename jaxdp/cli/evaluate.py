@@ -20,9 +20,10 @@ COMMAND = c.Command(
         "metrics, named FILE_STEM/METRIC, at the checkpoint's step to the run's metrics.jsonl "
         "and TensorBoard events. Nothing is downloaded: give the files. See docs/evaluation.md."),
     no_config_hint="the model and its config come from the checkpoint in --workdir",
+    resolve_before_run=False,
     flags=(
         c.string("workdir", "runs/default", "Run directory written by `jaxdp train`.",
-                 metavar="DIR"),
+                 metavar="DIR", path="run"),
         c.string("task", "", "Tasks as KIND:FILE, several joined by commas; KIND is hellaswag "
                  "(multiple choice, HellaSwag's JSONL) or text (same as --text).",
                  metavar="KIND:FILE[,...]", default_text="none"),
@@ -58,6 +59,7 @@ def run(args: types.SimpleNamespace) -> int:
                        "rename one of the files")
   for task in tasks:  # Read before any device work: a bad file fails at once, not after loading.
     (evaluate.read_choices if task.kind == "hellaswag" else evaluate.read_documents)(task)
+  COMMAND.resolve_paths(args)  # --workdir in any form (jaxdp.runtime.paths), after the tasks.
   c.setup_devices(args.cpu_devices)
   import jax
 

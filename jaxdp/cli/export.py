@@ -21,7 +21,7 @@ COMMAND = c.Command(
     no_config_hint="the model and its config come from the checkpoint in --workdir",
     flags=(
         c.string("workdir", "runs/default", "Run directory written by `jaxdp train`.",
-                 metavar="DIR"),
+                 metavar="DIR", path="run"),
         c.integer("step", None, "Checkpoint step to export.", metavar="S", min=0,
                   default_text="the latest"),
         c.string("out", None, "Directory to write the Hugging Face model into (created if "

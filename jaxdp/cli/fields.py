@@ -89,6 +89,7 @@ def describe(config: Any, config_path: str, command: str) -> str:
   the default preset lacks come last in their section.
   """
   from jaxdp.lm.config import field_names
+  from jaxdp.lm.schema import SCHEMA
   docs = field_docs()
   order = {name: i for i, name in enumerate(docs)}
   names = sorted(field_names(config), key=lambda n: (order.get(n, len(order)), n))
@@ -109,4 +110,7 @@ def describe(config: Any, config_path: str, command: str) -> str:
       lines.append(f"  --config.{name}={_shown(value)}")
       lines.append(textwrap.fill(docs.get(name) or "(undocumented)", _WIDTH,
                                  initial_indent=" " * 6, subsequent_indent=" " * 6))
+      if name in SCHEMA:
+        lines.append(textwrap.fill(f"Valid: {SCHEMA[name].valid_text(resolve=False).replace('`', '')}.",
+                                   _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6))
   return "\n".join(lines)

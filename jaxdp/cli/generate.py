@@ -19,7 +19,7 @@ COMMAND = c.Command(
     no_config_hint="the model and its config come from the checkpoint in --workdir",
     flags=(
         c.string("workdir", "runs/default", "Run directory written by `jaxdp train` (its latest "
-                 "checkpoint is used).", metavar="DIR"),
+                 "checkpoint is used).", metavar="DIR", path="run"),
         c.string("prompt", "\n", "Text to continue."),
         c.integer("max_new_tokens", 200, "Tokens to sample after the prompt.", min=0),
         c.real("temperature", 0.8, "Softmax temperature; 0 is greedy.", metavar="T", min=0),
@@ -41,7 +41,8 @@ def run(args: types.SimpleNamespace) -> int:
   c.setup_devices(args.cpu_devices)
   from jaxdp.lm import load_for_inference
   from jaxdp.models.sampling import generate
-  params, model, tokenizer = load_for_inference(args.workdir)
+  # A step directory given as --workdir picks that checkpoint (jaxdp.runtime.paths).
+  params, model, tokenizer = load_for_inference(args.workdir, args.step)
   sys.stdout.write(args.prompt)
   tokens, shown = [], 0
   times = [time.perf_counter()]  # Start, then when each token arrived.

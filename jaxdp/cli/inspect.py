@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import types
 
 from jaxdp.cli import command as c
@@ -13,7 +14,7 @@ COMMAND = c.Command(
         "Describes every checkpoint in CHECKPOINT_DIR (a workdir or its checkpoints/ folder): "
         "step, examples seen, eval loss, size on disk, the strategy and device count it was saved "
         "with, its config and every array's shape and dtype. Reads metadata only."),
-    positional="CHECKPOINT_DIR", nargs="1",
+    positional="CHECKPOINT_DIR", nargs="1", positional_path="run",
     no_config_hint="the config shown is the one saved with each checkpoint",
 )
 
@@ -21,10 +22,13 @@ COMMAND = c.Command(
 def run(args: types.SimpleNamespace) -> int:
   """Prints each checkpoint of a workdir: step, metadata, config and arrays; exit 0."""
   from jaxdp.runtime.checkpoint import describe
-  path = args.positional[0]
+  path, step = args.positional[0], args.positional_steps[0]
   steps = describe(path)
+  if step is not None:  # Given a step directory: that checkpoint only.
+    steps = [info for info in steps if info["step"] == step]
   if not steps:
-    print(f"no checkpoints in {path!r}")
+    print(f"no checkpoints in {path!r}" if step is None else
+          f"no checkpoint at step {step} in {path!r} (`jaxdp inspect {shlex.quote(path)}` lists its steps)")
   previous = None
   for info in steps:
     meta = info["meta"]

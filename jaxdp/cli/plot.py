@@ -10,7 +10,7 @@ COMMAND = c.Command(
     name="plot",
     summary="Plot the loss curves of one or more run directories to a PNG (--out FILE).",
     description="Draws the train and eval loss of each WORKDIR (its metrics.jsonl) in one figure.",
-    positional="WORKDIR", nargs="+",
+    positional="WORKDIR", nargs="+", positional_path="run",
     flags=(
         c.string("out", None, "The PNG file to write.", metavar="FILE", required=True),
     ),

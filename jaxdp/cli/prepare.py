@@ -26,8 +26,8 @@ COMMAND = c.Command(
                  "trained on the inputs), or the path of a Hugging Face tokenizer.json (or a "
                  "folder holding one) or of a .tiktoken file (needs tiktoken); it is copied into "
                  "--out.", metavar="TOKENIZER"),
-        c.integer("vocab_size", 4096, "BPE vocabulary size (used with --tokenizer=bpe).",
-                  metavar="V", min=257),
+        c.integer("vocab_size", 4096, "BPE vocabulary size to learn.", metavar="V", min=257,
+                  needs=("tokenizer", "bpe")),
         c.string("text_field", "text", "The field holding the text in JSONL, Parquet and dataset "
                  "inputs.", metavar="NAME"),
         c.PROGRESS,

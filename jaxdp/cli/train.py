@@ -20,7 +20,7 @@ COMMAND = c.Command(
     config=True,
     flags=(
         c.string("workdir", "runs/default", "Directory for checkpoints and metrics.jsonl; a run "
-                 "already there is resumed.", metavar="DIR"),
+                 "already there is resumed.", metavar="DIR", path="workdir"),
         c.CPU_DEVICES,
         c.string("coordinator", None, "HOST:PORT where process 0 serves the multi-process "
                  "coordinator.", metavar="HOST:PORT",
@@ -58,17 +58,41 @@ def run(args: types.SimpleNamespace) -> int:
   signals.install()
   logs.to_file(args.workdir)  # Library messages go to WORKDIR/jaxdp.log, not the terminal.
   c.setup_devices(args.cpu_devices)
+  if args.config.get("reduction") == "fixed_order":
+    # The step's own programs get these per compilation; XLA_FLAGS covers the rest of the run
+    # (XLA:GPU only reads it, once, when the backend starts: now, before any device is touched).
+    from jaxdp.parallel.fixed_order import set_determinism_flags
+    set_determinism_flags()
   from jaxdp.runtime import distributed  # Before any device is touched.
+  step_timeout_s = float(args.config.get("step_timeout_s", 0) or 0)
   group = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                 args.init_timeout_s, cluster=args.cluster)
+                                 args.init_timeout_s, cluster=args.cluster,
+                                 step_timeout_s=step_timeout_s)
   args.multiprocess = group.num_processes > 1
+  monitor = None
   if args.multiprocess:
     print(group.describe(), flush=True)
-  signals.check("while the process group was forming")
+    from jaxdp.runtime import heartbeat
+    # Lost peers are judged from here on, through building the model and compiling too.
+    monitor = heartbeat.start(args.workdir, step_timeout_s)
+  else:
+    # One process stops here; several carry the signal to the barrier before the first step,
+    # where every process learns of it and all stop together (signals.agree_before_training).
+    signals.check("while the process group was forming")
   from jaxdp.lm import train_and_evaluate
-  result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
-                              allow_config_change=args.allow_config_change,
-                              restore_from=args.restore_from)
+  try:
+    result = train_and_evaluate(args.config, args.workdir, progress=args.progress,
+                                allow_config_change=args.allow_config_change,
+                                restore_from=args.restore_from)
+  except BaseException as e:
+    if monitor is not None:
+      monitor.failed(e)  # The other processes stop within a heartbeat, with this error.
+      monitor.stop("failed" if monitor.failed_error else "finished")
+      monitor.linger()  # Process 0 serves the coordinator: the others leave first.
+    raise
+  finally:
+    if monitor is not None:
+      monitor.stop("failed" if monitor.failed_error else "finished")
   loss = "none" if result["eval_loss"] is None else f"{result['eval_loss']:.4f}"
   print(f"done: step {result['step']}, eval_loss {loss}, stop reason "
         f"{result['stop_reason']}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")

@@ -42,6 +42,9 @@ class TrainState:
   # Per-device communication state (jaxdp/parallel/exchange.py): leaves [num_devices, ...]
   # sharded over "data"; empty for the dense default.
   comm: Any = flax.struct.field(default_factory=dict)
+  # spike_policy="skip" only (None otherwise: no arrays): the running "mean", "var" (float32)
+  # and "count" (int32) of the train loss that judge spikes (core.step.loss_spike).
+  loss_stats: Any = None
 
   if TYPE_CHECKING:
     # flax.struct.dataclass attaches dataclasses.replace at run time; declared for the type checker.

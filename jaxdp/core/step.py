@@ -78,7 +78,7 @@ def checked_loss(out) -> tuple[jax.Array, jax.Array]:
 def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array | None,
                          loss_scale: jax.Array | None = None, compute_dtype: Any = None,
                          micro_sq: bool = False, groups: int = 1,
-                         sum_groups: Callable[[Any], Any] | None = None):
+                         sum_groups: Callable[[Any], Any] | None = None, group_sq: bool = False):
   """(grad_sum, loss_sum, weight_sum) over the A micro-batches of `batch` [A, b, ...], locally.
 
   With `compute_dtype` the floating parameters are cast to it before the loss (mixed precision:
@@ -95,8 +95,10 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
   each group is one device's rows, so each device's gradient (which the SPMD program computes
   anyway before its reduce-scatter or all-reduce) becomes a value the step can measure.
   `sum_groups` maps the groups' gradients [groups, ...] to their sum (default: a sum over the
-  leading axis; jaxdp.parallel passes a hierarchical one on a hybrid mesh). Raises ValueError if
-  b is not a multiple of `groups` or A > 1.
+  leading axis; jaxdp.parallel passes a hierarchical one on a hybrid mesh). With `group_sq` (and
+  `micro_sq`, `groups` > 1) a fifth value: each group's squared mean-gradient norm [groups],
+  unsummed (per-device gradient norms, runtime/health.py). Raises ValueError if b is not a
+  multiple of `groups` or A > 1.
   """
   def scaled_loss(params, micro_batch):
     loss, count = checked_loss(loss_fn(precision.cast_floating(params, compute_dtype), micro_batch,
@@ -128,7 +130,8 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
     split = jax.tree.map(lambda x: x[0].reshape((groups, rows // groups) + x.shape[2:]), batch)
     per_group = jax.vmap(micro_grads)(split)
     sum_groups = sum_groups or (lambda tree: jax.tree.map(lambda g: jnp.sum(g, axis=0), tree))
-    return (sum_groups(per_group[0]),) + tuple(jnp.sum(x) for x in per_group[1:])
+    summed = (sum_groups(per_group[0]),) + tuple(jnp.sum(x) for x in per_group[1:])
+    return summed + (per_group[3],) if group_sq and micro_sq else summed
 
   # The first micro-batch seeds the carry (rather than zeros), so the carry already has the
   # per-device type that shard_map requires of a scan over device-varying values.
@@ -141,7 +144,8 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, rng: jax.Array |
 def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], tuple],
                      max_consecutive_skips: int = 0,
                      loss_scale: precision.LossScale | None = None,
-                     loss_finite: jax.Array | None = None) -> TrainState:
+                     loss_finite: jax.Array | None = None,
+                     spiked: jax.Array | None = None) -> TrainState:
   """`state` advanced by `update()` if `finite`; else the update is dropped and the skip counted.
 
   `update()` returns (params, opt_state, comm) and runs under `lax.cond`, so a kept update is
@@ -156,6 +160,10 @@ def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], 
   overflow while the scale is already at its floor (precision.MIN_LOSS_SCALE: halving cannot
   help any more), or a non-finite loss (`loss_finite` False: the forward pass, which the scale
   does not touch), is counted exactly like a non-finite step of fp32 or bf16.
+
+  `spiked` (spike_policy="skip", `loss_spike`): a finite step whose loss is a spike is dropped
+  too and counted in `skipped_steps`, but not in `consecutive_skips` (which counts non-finite
+  steps for nan_policy).
   """
   if loss_scale is None:
     counted = ~finite
@@ -167,10 +175,11 @@ def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], 
   halted = state.consecutive_skips > max_consecutive_skips
   consecutive = jnp.where(finite, 0, state.consecutive_skips + counted.astype(jnp.int32))
   over = consecutive > max_consecutive_skips  # Only ever by a counted skip of this step.
-  apply = finite & ~halted
+  kept = finite if spiked is None else finite & ~spiked
+  apply = kept & ~halted
   frozen = halted | over
   step = jnp.where(frozen, state.step, state.step + 1)
-  skipped = jnp.where(frozen | finite, state.skipped_steps, state.skipped_steps + 1)
+  skipped = jnp.where(frozen | kept, state.skipped_steps, state.skipped_steps + 1)
   consecutive = jnp.where(halted, state.consecutive_skips, consecutive)
   params, opt_state, comm = lax.cond(apply, update, lambda: (state.params, state.opt_state, state.comm))
   new_state = state.replace(step=step, params=params, opt_state=opt_state, comm=comm,
@@ -181,6 +190,32 @@ def update_if_finite(state: TrainState, finite: jax.Array, update: Callable[[], 
     new_state = new_state.replace(loss_scale=jax.tree.map(
         lambda old, new: jnp.where(frozen, old, new), loss_scale, scaled))
   return new_state
+
+
+def initial_loss_stats() -> dict[str, jax.Array]:
+  """The loss statistics of a fresh spike_policy="skip" state (TrainState.loss_stats)."""
+  return {"mean": jnp.zeros((), jnp.float32), "var": jnp.zeros((), jnp.float32),
+          "count": jnp.zeros((), jnp.int32)}
+
+
+def loss_spike(stats: dict[str, jax.Array], loss: jax.Array, sigmas: float,
+               window: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(whether the finite `loss` is a spike, the statistics with it folded in unless it is one).
+
+  A spike: once `window` losses were seen, a loss above mean + `sigmas` x std. The mean and
+  variance are exponentially weighted over about `window` steps (West 1979; the first `window`
+  losses weigh equally), the same rule as runtime.spikes.LossStats on the host, in float32
+  here. Non-finite losses are left to nan_policy and not folded in.
+  """
+  count, mean, var = stats["count"], stats["mean"], stats["var"]
+  finite = jnp.isfinite(loss)
+  spiked = finite & (count >= window) & (loss > mean + sigmas * jnp.sqrt(var))
+  alpha = 1.0 / jnp.minimum(count + 1, window).astype(jnp.float32)
+  diff = loss - mean
+  folded = {"mean": mean + alpha * diff, "var": (1.0 - alpha) * (var + alpha * diff * diff),
+            "count": count + 1}
+  keep = finite & ~spiked
+  return spiked, jax.tree.map(lambda new, old: jnp.where(keep, new, old), folded, stats)
 
 
 def applied_updates(state: TrainState) -> jax.Array:
@@ -202,11 +237,15 @@ def applied_updates(state: TrainState) -> jax.Array:
 
 
 def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
-                 grad_norm: jax.Array, noise_terms: tuple | None = None) -> dict[str, jax.Array]:
+                 grad_norm: jax.Array, noise_terms: tuple | None = None,
+                 device_sq: jax.Array | None = None) -> dict[str, jax.Array]:
   """The scalars every train step reports (the same keys for every strategy and method).
 
   "gns_g2", "gns_trace": this step's estimates of |G|^2 and tr(Sigma) in the loss's weight units
   (jaxdp.core.noise); NaN where the step has no second batch size to compare.
+  "device_grad_norms" (only where the step forms each device's gradient before summing them:
+  the dense all-reduce, and jit's per-device groups): float32 [data devices], the norm of each
+  device's mean gradient before the all-reduce, in the data axis's device order.
   """
   g2, trace = noise_terms if noise_terms is not None else (jnp.float32(jnp.nan),) * 2
   metrics = {"train_loss": loss_sum / weight_sum, "grad_norm": grad_norm,
@@ -214,6 +253,8 @@ def step_metrics(state: TrainState, loss_sum: jax.Array, weight_sum: jax.Array,
              "gns_g2": g2, "gns_trace": trace}
   if state.loss_scale is not None and state.loss_scale.dynamic:
     metrics["loss_scale"] = state.loss_scale.scale
+  if device_sq is not None:
+    metrics["device_grad_norms"] = jnp.sqrt(device_sq)
   return metrics
 
 
@@ -221,7 +262,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, axis_name: str | tuple[str, ...] | None = None,
                exchange: GradientExchange | None = None, max_consecutive_skips: int = 0,
                compute_dtype: Any = None, noise_groups: int = 1,
-               sum_groups: Callable[[Any], Any] | None = None
+               sum_groups: Callable[[Any], Any] | None = None,
+               spike: tuple[float, int] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Returns the new state and scalar metrics (identical on every device).
 
@@ -235,7 +277,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   `exchange` (with `axis_name`) replaces the single pmean by another gradient exchange (ring,
   compression, staleness: jaxdp.parallel.exchange); None keeps the single pmean. A non-finite
   loss or gradient drops the update (see `update_if_finite`); under fp16 the loss scale handles
-  overflows.
+  overflows. `spike` (sigmas, window), with a state that has `loss_stats`: a loss spike
+  (`loss_spike`, on the global mean loss, so every device agrees) drops the update too
+  (spike_policy="skip"); metrics gain "loss_spike" (1 for a dropped spike, else 0).
   """
   rng = jax.random.fold_in(state.rng, state.step)
   dynamic_scale = state.loss_scale if state.loss_scale is not None and state.loss_scale.dynamic else None
@@ -256,7 +300,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   by_micro = not by_device and (micro > 1 or groups > 1)
   grad_sum, loss_total, tokens, *micro_sq = accumulate_gradients(
       loss_fn, params, batch, rng, scale, compute_dtype, micro_sq=by_micro, groups=groups,
-      sum_groups=sum_groups)
+      sum_groups=sum_groups, group_sq=groups > 1)
+  # Each device's squared mean-gradient norm [devices] (per-device health): jit's groups have it.
+  device_sq = micro_sq.pop() if groups > 1 and by_micro else None
   state_comm = state.comm
   noise_terms = None
   if by_micro:  # Micro-batch (or device group) mean gradients against their (local) sum.
@@ -274,8 +320,14 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
       # sums divided by the mean of counts is the global token-weighted mean.
       local_sq = (optax.tree.norm(grad_sum, squared=True) / jnp.maximum(tokens, 1.0) ** 2
                   if by_device else jnp.float32(0))
-      grad_sum, loss_total, tokens, local_sq = lax.pmean((grad_sum, loss_total, tokens, local_sq),
-                                                         axis_name)
+      # Every device's local_sq in the same all-reduce (one float each, zero but at its own
+      # index): the per-device gradient norms of the health report, without another collective.
+      spread = ((jnp.zeros((lax.axis_size(axis_name),), jnp.float32)
+                 .at[lax.axis_index(axis_name)].set(local_sq),) if by_device else ())
+      grad_sum, loss_total, tokens, local_sq, *spread = lax.pmean(
+          (grad_sum, loss_total, tokens, local_sq, *spread), axis_name)
+      if spread:
+        device_sq = spread[0] * lax.axis_size(axis_name)
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
   grad_norm = optax.tree.norm(grads)
   if by_device:  # Mean token count per device: b; the global batch: N b.
@@ -290,9 +342,17 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, updates), opt_state, state_comm
 
+  spiked, loss_stats = (loss_spike(state.loss_stats, loss_total / tokens, *spike)
+                        if spike is not None and state.loss_stats is not None else (None, None))
   new_state = update_if_finite(state, finite, optimizer_update, max_consecutive_skips,
-                               dynamic_scale, jnp.isfinite(loss_total))
-  metrics = step_metrics(new_state, loss_total, tokens, grad_norm, noise_terms)
+                               dynamic_scale, jnp.isfinite(loss_total), spiked)
+  if spiked is not None:  # A frozen state (nan_policy's halt) keeps its statistics too.
+    new_state = new_state.replace(loss_stats=jax.tree.map(
+        lambda new, old: jnp.where(new_state.step == state.step, old, new), loss_stats,
+        state.loss_stats))
+  metrics = step_metrics(new_state, loss_total, tokens, grad_norm, noise_terms, device_sq)
+  if spiked is not None:
+    metrics["loss_spike"] = spiked.astype(jnp.int32)
   if dynamic_scale is not None:
     metrics["loss_scale"] = dynamic_scale.scale  # The scale this step ran with.
   return new_state, metrics

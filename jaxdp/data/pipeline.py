@@ -217,7 +217,12 @@ class Batches:
   def __call__(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
     """The batch of step `step`, its `rows` only: each example's arrays as [A, len(rows), ...], plus
     "ids" int32 [A, len(rows)] (global example indices, which key per-example randomness)."""
-    ids = self.example_ids(step)[:, rows]
+    return self.at(step * self._batch, self._batch, rows)
+
+  def at(self, start: int, size: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    """The global batch of examples [start, start + size) (a DataSchedule's step), its `rows` of
+    each micro-batch only, laid out as `__call__`'s."""
+    ids = (start + np.arange(size)).reshape(self._accum, size // self._accum)[:, rows]
     if hasattr(self._examples, "examples"):  # Batched read (ShuffledWindows).
       batch = self._examples.examples(ids)
     else:

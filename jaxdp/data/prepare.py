@@ -37,7 +37,7 @@ from jaxdp.data.tokenizers import (  # noqa: F401 - re-exported: the names calle
   HFTokenizer,
   train_bpe,
 )
-from jaxdp.errors import JaxdpError, os_reason
+from jaxdp.errors import JaxdpError, WriteFailed, os_reason, writing
 
 FORMAT = "jaxdp-prepared"
 VERSION = 2
@@ -114,11 +114,12 @@ class Progress:
     """Tokens per second since the start (wall clock)."""
     return self.tokens / max(time.monotonic() - self._start, 1e-9)
 
-  def close(self) -> None:
-    """Closes the bar and prints the total (when enabled)."""
+  def close(self, report: bool = True) -> None:
+    """Closes the bar and prints the total (when enabled and `report`: not after a failure,
+    whose one-line error is then all that is said)."""
     if self._bar is not None:
       self._bar.close()
-    if self._enabled:
+    if self._enabled and report:
       print(f"prepare: {self.tokens:,} tokens in {time.monotonic() - self._start:.1f} s "
             f"({self.rate():,.0f} tokens/s)", file=sys.stderr, flush=True)
 
@@ -191,6 +192,9 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
   if not text_field:
     raise JaxdpError("prepare: --text_field is empty; name the JSONL/Parquet/dataset field that "
                      "holds the text")
+  if os.path.islink(out) and not os.path.exists(out):  # makedirs would fail on it with a traceback.
+    raise JaxdpError(f"prepare: --out={out!r} is a symlink to {os.readlink(out)!r}, which does not "
+                     "exist; fix or remove the link, or give a new or empty directory")
   if os.path.exists(out) and not os.path.isdir(out):
     raise JaxdpError(f"prepare: --out={out!r} is a file; give a new or empty directory")
   skipped: list[str] = []
@@ -211,10 +215,13 @@ def prepare(inputs: Sequence[str], out: str, *, tokenizer: str = "byte", vocab_s
     for _ in sources.iter_pieces(path, text_field, chunk_bytes):
       break
   created = not os.path.isdir(out)
-  _clear_previous(out)
   try:
-    return _write(files, described, request, out, tokenizer, vocab_size, text_field, chunk_bytes,
-                  progress)
+    # Every write below (the tokenizer, tokens.bin, the manifest, written last) refused by the
+    # disk is one line naming --out; the manifest's absence keeps a half-prepared --out unusable.
+    with writing(out, "prepare: writing --out"):
+      _clear_previous(out)
+      return _write(files, described, request, out, tokenizer, vocab_size, text_field,
+                    chunk_bytes, progress)
   except BaseException:  # Failed or interrupted: leave no half-written files behind.
     for name in OWN_FILES:
       if os.path.exists(os.path.join(out, name)):
@@ -253,10 +260,14 @@ def _write(files, described, request, out, tokenizer, vocab_size, text_field, ch
           num_tokens += len(tokens)
           bar.update(len(tokens), text_bytes)
   except OSError as e:
-    raise JaxdpError(f"prepare: cannot write {tmp!r}: {os_reason(e, out)}; free space or pick "
-                     "another --out") from None
-  finally:
-    bar.close()
+    bar.close(report=False)
+    raise WriteFailed(f"prepare: writing {tmp!r} failed ({os_reason(e, out)}); nothing is left "
+                      "half-written: free space or pick another --out, then run the same "
+                      "command") from None
+  except BaseException:
+    bar.close(report=False)
+    raise
+  bar.close()
   os.replace(tmp, os.path.join(out, TOKENS_FILE))
   manifest = {
       "format": FORMAT, "request": request,
@@ -364,8 +375,9 @@ def save_tokenizer(tokenizer, workdir: str) -> str:
       os.rmdir(folder)  # Empty (an earlier run stopped before writing it).
     os.replace(tmp, folder)
   except OSError as e:
-    raise JaxdpError(f"cannot write the run's tokenizer to {folder!r}: "
-                     f"{os_reason(e, folder)}; free space or pick another --workdir") from None
+    raise WriteFailed(f"writing the run's tokenizer to {folder!r} failed "
+                      f"({os_reason(e, folder)}); free space or pick another --workdir, then run "
+                      "the same command") from None
   return folder
 
 

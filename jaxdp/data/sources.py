@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 import hashlib
 import json
 import os
+import shlex
+import sys
 
 from jaxdp.errors import JaxdpError
 
@@ -99,9 +101,74 @@ def iter_pieces(path: str, text_field: str = "text",
   elif path.endswith(PARQUET_SUFFIXES):
     yield from _parquet(path, text_field)
   elif path.endswith(JSONL_SUFFIXES):
+    check_not_binary(path)
     yield from _jsonl(path, text_field)
   else:
+    check_not_binary(path)
     yield from _text(path, chunk_bytes)
+
+
+# Leading bytes of compressed files: (magic, what it is, the command that decompresses to stdout).
+_COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "gunzip -c", (".gz",)),
+               (b"BZh", "bzip2-compressed", "bunzip2 -c", (".bz2",)),
+               (b"\xfd7zXZ\x00", "xz-compressed", "xz -dc", (".xz",)),
+               (b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -dc", (".zst",)))
+
+
+def check_not_binary(path: str) -> None:
+  """Refuses a compressed, archived, NumPy or other binary file given as text or JSONL: its bytes
+  would fail as "not UTF-8" (with advice to re-encode what is no text) or, worse, decode.
+
+  Raises:
+    JaxdpError: naming what the file is and the command that gives text (decompress it first).
+  """
+  with open(path, "rb") as f:
+    head = f.read(8192)
+  quoted = shlex.quote(path)
+  for magic, what, command, suffixes in _COMPRESSED:
+    if head.startswith(magic):
+      suffix = next((x for x in suffixes if path.endswith(x)), "")
+      stem = path[:-len(suffix)] if suffix else path
+      out = shlex.quote(stem if stem != path and os.path.splitext(stem)[1] else stem + ".txt")
+      raise JaxdpError(f"prepare: {path!r} is {what}, not text; decompress it first: "
+                       f"`{command} {quoted} > {out}`, then `jaxdp prepare {out} ...`")
+  if head.startswith(b"PK\x03\x04"):
+    folder = shlex.quote(os.path.splitext(path)[0] + "_files")
+    raise JaxdpError(f"prepare: {path!r} is a zip archive, not text; extract it first: "
+                     f"`unzip {quoted} -d {folder}`, then `jaxdp prepare {folder} ...`")
+  if head.startswith(b"\x93NUMPY"):
+    raise JaxdpError(f"prepare: {path!r} is a NumPy .npy array, not text: `jaxdp prepare` reads "
+                     "text, JSONL and Parquet. If it holds token ids (< 65,536), write them as a "
+                     "headerless uint16 token file and train on that directly (docs/data.md, token "
+                     f"files): `python -c \"import numpy as np; np.load({path!r}).astype(np.uint16)"
+                     f".tofile('tokens.bin')\"`, then --config.data.path=tokens.bin with "
+                     "--config.data.tokenizer set to the tokenizer that made the ids")
+  if b"\x00" in head:
+    raise JaxdpError(f"prepare: {path!r} holds NUL bytes (byte offset {head.index(0)}): it is "
+                     "binary data, not text; give the text it was made from")
+
+
+def check_trainable(path: str, field: str = "config.data.path") -> None:
+  """Refuses a document file (JSONL, Parquet, Arrow, a saved dataset) given as training data:
+  training reads text, token files and `jaxdp prepare` output, and would otherwise take a JSONL
+  file's JSON syntax itself for the text.
+
+  Raises:
+    JaxdpError: naming `field` and the `jaxdp prepare` command that makes it trainable, or
+      saying that a local document path does not exist.
+  """
+  lowered = path.lower().rstrip("/")
+  document = lowered.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES + (".json",)) \
+      or (bool(path) and is_saved_dataset(path))
+  if document and "://" not in path and not os.path.exists(path):  # Advice to prepare it would fail.
+    raise JaxdpError(f"{field}={path!r} does not exist; check the path (relative paths are from "
+                     f"{os.getcwd()!r})")
+  if document:
+    out = os.path.splitext(path.rstrip("/"))[0] + "_prepared"
+    raise JaxdpError(f"{field}={path!r} is a document file (records, not text): training would "
+                     f"read its syntax as text; tokenize it first with `jaxdp prepare "
+                     f"{shlex.quote(path)} --out {shlex.quote(out)}`, then train with "
+                     f"--config.data.path={shlex.quote(out)}")
 
 
 def _utf8_error(path: str, raw: bytes, e: UnicodeDecodeError, where: str) -> JaxdpError:
@@ -146,6 +213,16 @@ def _text(path: str, chunk_bytes: int) -> Iterator[tuple[str, bool]]:
   yield pending, True
 
 
+def _check_text(text: str, path: str, where: str) -> None:
+  """A JSON string may escape a lone UTF-16 surrogate ("\\ud800"), which is no character."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise JaxdpError(f"prepare: {path!r} {where} holds a lone surrogate "
+                     f"(\\u{ord(text[e.start]):04x} at character {e.start}), which is not text; "
+                     "fix or drop that record") from None
+
+
 def _field(record, path: str, where: str, text_field: str) -> str:
   if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
     raise JaxdpError(f"prepare: {path!r} {where} has no string {text_field!r} field; each record "
@@ -167,6 +244,7 @@ def _jsonl(path: str, text_field: str) -> Iterator[tuple[str, bool]]:
         raise JaxdpError(f"prepare: {path!r} line {number} is not JSON ({e.msg}); JSONL needs one "
                          "object per line") from None
       text = _field(record, path, f"line {number}", text_field)
+      _check_text(text, path, f"line {number}")
       if text:
         count += 1
         yield text, True
@@ -187,17 +265,31 @@ def _parquet(path: str, text_field: str) -> Iterator[tuple[str, bool]]:
   if text_field not in file.schema_arrow.names:
     raise JaxdpError(f"prepare: {path!r} has no column {text_field!r} (columns: "
                      f"{', '.join(file.schema_arrow.names)}); choose one with --text_field")
-  count = 0
+  count, row, nulls = 0, 0, []
   for batch in file.iter_batches(batch_size=1024, columns=[text_field]):
     for text in batch.column(0).to_pylist():
+      row += 1
+      if text is None:  # A missing value in a text column: a row without a document.
+        nulls.append(row)
+        continue
       if not isinstance(text, str):
         raise JaxdpError(f"prepare: {path!r} column {text_field!r} holds {type(text).__name__}, "
                          "not strings; choose a text column with --text_field")
+      _check_text(text, path, f"row {row}")
       if text:
         count += 1
         yield text, True
+  _note_nulls(path, text_field, nulls)
   if not count:
     raise JaxdpError(f"prepare: {path!r} holds no non-empty {text_field!r} values")
+
+
+def _note_nulls(path: str, text_field: str, rows: list[int]) -> None:
+  """Says on stderr which rows had no text (null) and were skipped, like empty ones."""
+  if rows:
+    shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    print(f"prepare: note: {path!r}: skipped {len(rows)} null {text_field!r} value"
+          f"{'s' if len(rows) != 1 else ''} (rows {shown}, from 1)", file=sys.stderr)
 
 
 def _hf_dataset(path: str):
@@ -221,14 +313,20 @@ def _rows(dataset, path: str, text_field: str) -> Iterator[tuple[str, bool]]:
   if text_field not in dataset.column_names:
     raise JaxdpError(f"prepare: the dataset at {path!r} has no column {text_field!r} (columns: "
                      f"{', '.join(dataset.column_names)}); choose one with --text_field")
-  count = 0
+  count, row, nulls = 0, 0, []
   for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
     for text in batch[text_field]:
+      row += 1
+      if text is None:
+        nulls.append(row)
+        continue
       if not isinstance(text, str):
         raise JaxdpError(f"prepare: the dataset at {path!r} column {text_field!r} holds "
                          f"{type(text).__name__}, not strings; choose a text column with --text_field")
+      _check_text(text, path, f"row {row}")
       if text:
         count += 1
         yield text, True
+  _note_nulls(path, text_field, nulls)
   if not count:
     raise JaxdpError(f"prepare: the dataset at {path!r} holds no non-empty {text_field!r} values")

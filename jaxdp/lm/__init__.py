@@ -1,6 +1,7 @@
 """The built-in language-model app: presets and validation (config), the typed `RunSpec` built
 once from a config (spec), the model and DataParallel builder (builder), training and inference
-loading (run), and Hugging Face import and export (hf_import, hf_export).
+loading (run), one step re-run from a run's checkpoints (replay), and Hugging Face import and
+export (hf_import, hf_export).
 
 Names are imported on first use, so `jaxdp.lm.config` (and every CLI refusal) does not pay for
 JAX.
@@ -15,7 +16,8 @@ _EXPORTS = {
     "with_initial_params": "jaxdp.lm.builder", "RunSpec": "jaxdp.lm.spec", "run_spec": "jaxdp.lm.spec",
     "data_spec": "jaxdp.lm.spec", "train_and_evaluate": "jaxdp.lm.run",
     "load_for_inference": "jaxdp.lm.run", "restore_checkpoint": "jaxdp.lm.run",
-    "saved_config": "jaxdp.lm.run", "load_preset": "jaxdp.lm.config", "validate": "jaxdp.lm.config",
+    "saved_config": "jaxdp.lm.run", "replay_step": "jaxdp.lm.replay",
+    "ReplayResult": "jaxdp.lm.replay", "load_preset": "jaxdp.lm.config", "validate": "jaxdp.lm.config",
 }
 
 __all__ = sorted(_EXPORTS)

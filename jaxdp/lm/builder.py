@@ -22,6 +22,7 @@ from jaxdp import models
 from jaxdp.core.optimizer import make_optimizer
 from jaxdp.core.state import TrainState
 from jaxdp.data.pipeline import Dataset
+from jaxdp.data.schedule import DataSchedule, parse_ramp
 from jaxdp.lm.config import ignored_fields, load_preset, validate
 from jaxdp.lm.spec import RunSpec, data_spec, run_spec
 from jaxdp.parallel import DataParallel, make_mesh
@@ -35,8 +36,8 @@ from jaxdp.runtime.observe import lowered_flops
 # so the same bytes under another path (relative or absolute, moved) resume as the same run.
 RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fraction", "optimizer",
                        "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
-                       "model.d_model", "model.mlp_ratio", "model.positions", "model.rope_theta",
-                       "model.tie_embeddings", "compression", "error_feedback",
+                       "model.d_model", "model.mlp_ratio", "model.mlp_dim", "model.positions", "model.rope_theta",
+                       "model.tie_embeddings", "batch_ramp", "compression", "error_feedback",
                        "momentum_correction", "sync", "staleness", "diloco", "data.packing",
                        "model.norm_eps", "model.pad_vocab_to_multiple", "compression_rank",
                        "compression_optimizer")
@@ -62,12 +63,15 @@ class LMRun:
     dataset: the training and validation streams.
     model: the built-in model (init_fn, loss_fn, module).
     dp: the DataParallel that runs its steps.
+    schedule: where each step's batch starts in the training examples and how large it is
+      (config.batch_ramp, then global_batch_size; a resume continues its checkpoint's).
   """
   config: ml_collections.ConfigDict
   spec: RunSpec
   dataset: Dataset
   model: models.LanguageModel
   dp: DataParallel
+  schedule: DataSchedule = dataclasses.field(default_factory=lambda: DataSchedule.constant(1))
 
   @property
   def mesh(self) -> Mesh:
@@ -107,11 +111,13 @@ class LMRun:
     return loop.comm_bytes_per_step(self.dp, state, self.train_batch(int(state.step)))
 
   def train_batch(self, step: int) -> dict[str, jax.Array]:
-    """Global batch `step` on the devices; this process reads only its own rows."""
-    data = self.spec.data
-    rows_per_micro = data.global_batch_size // data.grad_accum_steps
+    """Global batch `step` on the devices (its examples and size from `schedule`); this process
+    reads only its own rows."""
+    size = self.schedule.batch_size(step)
+    rows_per_micro = size // self.spec.data.grad_accum_steps
     rows = process_rows(self.mesh, rows_per_micro)
-    return put_batch(self.dataset.train(step, rows), batch_sharding(self.mesh), rows_per_micro)
+    return put_batch(self.dataset.train.at(self.schedule.start(step), size, rows),
+                     batch_sharding(self.mesh), rows_per_micro)
 
   def val_batches(self):
     """The evaluation batches, each placed on the devices: every validation window once (the
@@ -131,6 +137,8 @@ class LMRun:
                                      f"the data at config.data.path={self.spec.data.path!r}"),
                           description=self.describe(),
                           examples_per_step=self.spec.data.global_batch_size,
+                          examples_at=self.schedule.start,
+                          meta={"data_schedule": self.schedule.to_meta()},
                           defaults=run_defining_defaults(),
                           advice=loop.HaltAdvice(learning_rate=float(self.spec.optimizer.learning_rate),
                                                  grad_clip=float(self.spec.optimizer.grad_clip)))
@@ -172,7 +180,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   dataset = Dataset(data_spec(config))
   spec = run_spec(config, len(devices), dataset.tokenizer.vocab_size)
   model, dp = build_model_and_dp(spec, devices, read_init_from=read_init_from)
-  built = LMRun(config=config, spec=spec, dataset=dataset, model=model, dp=dp)
+  built = LMRun(config=config, spec=spec, dataset=dataset, model=model, dp=dp,
+                schedule=parse_ramp(config.get("batch_ramp", ""), spec.data.global_batch_size))
   built.abstract_state()  # Builds the layout and compiles lazily; errors surface here.
   return built
 
@@ -196,7 +205,9 @@ def build_model_and_dp(spec: RunSpec, devices: Sequence[jax.Device], *,
                     max_consecutive_skips=step.max_consecutive_skips,
                     loss_scale_init=step.loss_scale_init,
                     loss_scale_period=step.loss_scale_period,
-                    offload_optimizer=step.offload_optimizer)
+                    offload_optimizer=step.offload_optimizer, reduction=step.reduction,
+                    virtual_shards=step.virtual_shards, spike_policy=step.spike_policy,
+                    spike_sigmas=step.spike_sigmas, spike_window=step.spike_window)
   return model, dp
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -19,8 +20,7 @@ import ml_collections
 from jaxdp.errors import JaxdpError, need
 from jaxdp.lm.spec import COMM_FIELDS, data_spec, mesh_replica, mesh_shape, model_config
 from jaxdp.models.choices import ATTENTION, FAMILIES, POSITIONS, REMATS, check_variant
-from jaxdp.parallel.choices import check_comm, check_step
-from jaxdp.runtime.fieldpath import dotted_get
+from jaxdp.parallel.choices import check_comm, check_reduction, check_step, is_dense
 from jaxdp.runtime.profiling import parse_profile_steps
 from jaxdp.runtime.targets import parse_targets
 
@@ -112,14 +112,18 @@ def model_hidden(config: ml_collections.ConfigDict) -> int:
   from jaxdp.models import llama
   if config.model.family == "llama":
     return llama.mlp_hidden(model_config(config, 256))
-  return int(config.model.d_model * config.model.mlp_ratio)
+  return int(config.model.get("mlp_dim", 0) or config.model.d_model * config.model.mlp_ratio)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> None:
   """Raises JaxdpError naming the first field that cannot work on `num_devices` devices.
 
   `platform` ("cpu", "gpu", "tpu"), when given, also checks fields that need particular hardware.
+  Each field alone, and the fields it needs, by its declared schema first (jaxdp.lm.schema);
+  then how fields combine with each other and the devices.
   """
+  from jaxdp.lm import schema
+  schema.check(config)
   validate_comm(config)
   # The step's own rules, worded with config.* names (parallel.choices.check_step).
   check_step(strategy=config.strategy, precision=config.precision, nan_policy=config.nan_policy,
@@ -135,6 +139,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
        "config.precision='fp16' with config.attention='xla' fails on CPU (XLA:CPU has no "
        "f16 x f16 -> f32 dot); use config.attention=reference, or config.precision=bf16")
   need(config.remat in REMATS, f"config.remat={config.remat!r} is not one of {', '.join(REMATS)}")
+  need(config.get("spike_policy", "off") != "skip" or (
+       config.get("reduction", "allreduce") == "allreduce" and config.sync != "local_sgd"),
+       "config.spike_policy='skip' needs config.reduction='allreduce' and a config.sync other "
+       "than 'local_sgd' (their steps do not judge spikes yet); use "
+       "--config.spike_policy=rollback")
   need(config.loss_scale_period > 0,
        f"config.loss_scale_period={config.loss_scale_period} must be positive")
   need(config.loss_scale_init >= 1, f"config.loss_scale_init={config.loss_scale_init} must be >= 1")
@@ -191,13 +200,52 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, platform: str 
          f"config.mesh.model={model} must divide config.model.n_head={config.model.n_head}, the "
          f"key/value heads {kv} and the MLP hidden size {hidden}")
   validate_observability(config)
+  # Before the batch check, whose fix ("a multiple of 3, e.g. 15") fixed_order would then refuse.
+  validate_reduction(config, replica * data)
   per_step = replica * data * config.grad_accum_steps
   need(config.global_batch_size % per_step == 0,
        f"config.global_batch_size={config.global_batch_size} is not divisible by data devices x "
        f"grad_accum_steps = {replica * data} x {config.grad_accum_steps} = {per_step}; use a multiple "
        f"of {per_step} (e.g. {per_step * max(1, round(config.global_batch_size / per_step))})")
+  validate_batch_ramp(config, per_step)
   validate_optimizer(config)
   validate_init_from(config)
+
+
+def validate_reduction(config: ml_collections.ConfigDict, data_devices: int) -> None:
+  """config.reduction and, for "fixed_order", config.virtual_shards against the data devices, the
+  micro-batch's rows and the exchange (parallel.choices.check_reduction)."""
+  reduction, shards = config.get("reduction", "allreduce"), config.get("virtual_shards", 8)
+  check_reduction(reduction=reduction, virtual_shards=shards,
+                  dense=is_dense(config.allreduce, config.compression, config.sync),
+                  mesh_model=config.mesh.model, mesh_replica=mesh_replica(config),
+                  offload_optimizer=config.offload_optimizer, data_devices=data_devices,
+                  where="config.", to_dense="set config.allreduce='pmean', "
+                  "config.compression='none', config.sync='every_step'")
+  if reduction == "fixed_order":
+    rows = config.global_batch_size // config.grad_accum_steps
+    need(rows % shards == 0,
+         f"config.reduction='fixed_order' splits each micro-batch of {rows} rows "
+         f"(config.global_batch_size / config.grad_accum_steps) into config.virtual_shards={shards} "
+         f"shards; use a global_batch_size that is a multiple of {shards * config.grad_accum_steps}, "
+         "or fewer virtual_shards")
+
+
+def validate_batch_ramp(config: ml_collections.ConfigDict, per_step: int) -> None:
+  """config.batch_ramp: well-formed (data.schedule.parse_ramp), each stage's batch divisible like
+  global_batch_size, and few stages (each batch size compiles the train step once more)."""
+  from jaxdp.data.schedule import parse_ramp
+  ramp = config.get("batch_ramp", "")
+  need(isinstance(ramp, str), f"config.batch_ramp={ramp!r} must be a string like '8:100,16:100'")
+  sizes = parse_ramp(ramp, config.global_batch_size).sizes()
+  if config.get("reduction", "allreduce") == "fixed_order":  # Each micro-batch splits in shards.
+    per_step = math.lcm(per_step, config.get("virtual_shards", 8) * config.grad_accum_steps)
+  for size in sizes:
+    need(size % per_step == 0, f"config.batch_ramp={ramp!r}: a batch of {size} is not divisible by "
+         f"data devices x grad_accum_steps (x virtual_shards under reduction='fixed_order'); use "
+         f"multiples of {per_step}")
+  need(len(sizes) <= 8, f"config.batch_ramp={ramp!r} has {len(sizes)} batch sizes; each compiles "
+       "the train step once more: use at most 8 (2-4 stages are typical)")
 
 
 def validate_init_from(config: ml_collections.ConfigDict) -> None:
@@ -209,36 +257,11 @@ def validate_init_from(config: ml_collections.ConfigDict) -> None:
        "checkpoint directory")
 
 
-# (field, the fields and values it depends on, described): a field changed from its default
-# while its condition does not hold can never do what the user asked.
-DEPENDENT_FIELDS = (
-    ("loss_scale_init", lambda c: c.precision == "fp16", "config.precision='fp16'"),
-    ("loss_scale_period", lambda c: c.precision == "fp16", "config.precision='fp16'"),
-    ("max_consecutive_skips", lambda c: c.nan_policy == "skip", "config.nan_policy='skip'"),
-    ("compression_ratio", lambda c: c.compression in ("topk", "randomk"),
-     "config.compression='topk' or 'randomk'"),
-    ("error_feedback", lambda c: c.compression != "none", "a config.compression method"),
-    ("compression_rank", lambda c: c.compression == "powersgd", "config.compression='powersgd'"),
-    ("compression_warmup_steps", lambda c: c.compression in ("topk", "randomk") or
-     (c.compression != "none" and c.compression_optimizer == "frozen_variance"),
-     "config.compression='topk' or 'randomk', or config.compression_optimizer='frozen_variance'"),
-    ("local_grad_clip", lambda c: c.compression != "none", "a config.compression method"),
-    ("compression_optimizer", lambda c: c.compression != "none", "a config.compression method"),
-    ("sync_every", lambda c: c.sync == "local_sgd", "config.sync='local_sgd'"),
-    ("staleness", lambda c: c.sync == "stale", "config.sync='stale'"),
-    ("outer_lr", lambda c: c.diloco, "config.diloco=True"),
-    ("outer_momentum", lambda c: c.diloco, "config.diloco=True"),
-    ("model.n_kv_head", lambda c: c.model.family == "llama", "config.model.family='llama'"),
-    ("wandb.mode", lambda c: c.wandb.project != "", "config.wandb.project"),
-)
-
-
 def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
-  """Warnings for fields set away from their default that have no effect in this config."""
-  default = _exec_config(preset_path("default"))
-  return [f"config.{name}={dotted_get(config, name)!r} has no effect without {needs}"
-          for name, applies, needs in DEPENDENT_FIELDS
-          if dotted_get(config, name) != dotted_get(default, name) and not applies(config)]
+  """Fields set away from their default that have no effect in this config, one message each
+  (the `needs` of jaxdp.lm.schema; `validate` refuses them)."""
+  from jaxdp.lm import schema
+  return schema.ignored(config)
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
@@ -263,8 +286,6 @@ def validate_model_family(config: ml_collections.ConfigDict) -> None:
     need(m.n_kv_head in (0, m.n_head),
          f"config.model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama feature; set "
          "config.model.family=llama, or config.model.n_kv_head=0")
-    need(m.tie_embeddings, "config.model.tie_embeddings=False: gpt always ties its output head; "
-         "set config.model.family=llama for an untied head")
   else:
     need(m.positions == "rope", f"config.model.positions={m.positions!r}: llama uses rotary "
          "positions only; set config.model.positions=rope")

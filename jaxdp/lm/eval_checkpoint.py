@@ -8,7 +8,6 @@ imports jaxdp.lm.evaluate for config.eval_tasks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
 from typing import Any
 
 from jaxdp.errors import JaxdpError
@@ -32,28 +31,34 @@ def evaluate_workdir(workdir: str, tasks: Sequence[Task], *, step: int | None = 
   import jax
   import optax
 
-  from jaxdp.lm.run import load_for_inference
+  from jaxdp.lm.run import load_step_for_inference
   from jaxdp.models.common import lm_loss
   from jaxdp.parallel import DataParallel
   from jaxdp.parallel.scoring import replicate
   from jaxdp.runtime.checkpoint import Checkpointer
+  from jaxdp.runtime.checkpoint import exists as checkpoint_exists
+  from jaxdp.runtime.checkpoint import location as checkpoint_location
 
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not checkpoint_exists(checkpoint_location(workdir)):
     raise JaxdpError(f"--workdir={workdir!r} has no checkpoints; train first with "
                      f"`jaxdp train --workdir {workdir}`")
   checkpoints = Checkpointer(workdir, create=False)
   try:
     steps = checkpoints.all_steps()
-    if step is None:
-      step = checkpoints.latest_step()
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise JaxdpError(f"--step={step}: {workdir!r} has no checkpoint at that step; its "
                        f"checkpoints: {', '.join(map(str, steps)) or 'none'}")
-    config = checkpoints.restore_meta(step)["config"] if step is not None else {}
   finally:
     checkpoints.close()
-  params, module, tokenizer = load_for_inference(workdir, step)
-  assert step is not None  # load_for_inference refused a workdir without one.
+  # The latest step by default, retried if a live run's retention deletes it while it is read.
+  step, params, module, tokenizer = load_step_for_inference(workdir, step)
+  checkpoints = Checkpointer(workdir, create=False)
+  try:
+    config = checkpoints.restore_meta(step)["config"]
+  except Exception:  # noqa: BLE001 - deleted by a live run since: only the batch size's default.
+    config = {}
+  finally:
+    checkpoints.close()
   prepared = prepare(tasks, tokenizer, module.cfg.seq_len)
   devices = list(jax.devices() if devices is None else devices)
   dp = DataParallel(lm_loss(module), optax.identity(), devices=devices)

@@ -10,6 +10,7 @@ when needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdp.data.prepare import TOKENIZER_FILE, WORKDIR_TOKENIZER
-from jaxdp.errors import JaxdpError, os_reason
+from jaxdp.errors import JaxdpError, atomic_write, os_reason, writing
 from jaxdp.lm.hf_import import WEIGHTS, WEIGHTS_INDEX, safetensors_module
 from jaxdp.models import hf
 from jaxdp.models.common import ModelConfig
@@ -79,8 +80,10 @@ def export(workdir: str, out: str, step: int | None = None, *,
       field), a tokenizer with no tokenizer.json form, a bad size or dtype, or `out` not
       writable.
   """
-  from jaxdp.lm.run import load_for_inference
+  from jaxdp.lm.run import load_step_for_inference
   from jaxdp.runtime.checkpoint import Checkpointer
+  from jaxdp.runtime.checkpoint import exists as checkpoint_exists
+  from jaxdp.runtime.checkpoint import location as checkpoint_location
   if dtype not in DTYPES:
     raise JaxdpError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}")
   max_bytes = parse_size(max_shard_size)
@@ -91,7 +94,7 @@ def export(workdir: str, out: str, step: int | None = None, *,
   if clashes and not _is_jaxdp_export(out):
     raise JaxdpError(f"--out={out!r} already holds {', '.join(clashes)}, not written by `jaxdp "
                      "export`; give a new or empty directory (export replaces only its own files)")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not checkpoint_exists(checkpoint_location(workdir)):
     raise JaxdpError(f"--workdir={workdir!r} has no checkpoints/; give the directory a "
                      "`jaxdp train --workdir` wrote")
   checkpoints = Checkpointer(workdir, create=False)
@@ -100,30 +103,39 @@ def export(workdir: str, out: str, step: int | None = None, *,
   if step is not None and step not in steps:
     raise JaxdpError(f"--step={step} is not a checkpoint of --workdir={workdir!r}; its steps: "
                      f"{', '.join(map(str, steps)) or 'none'}")
-  step = steps[-1] if step is None and steps else step
-  params, module, tokenizer = load_for_inference(workdir, step)
+  # The latest step by default, retried if a live run's retention deletes it while it is read.
+  step, params, module, tokenizer = load_step_for_inference(workdir, step)
   cfg: ModelConfig = module.cfg
   tensors = hf.to_hf(params, cfg)  # Refuses an architecture transformers lacks, before writing.
   tensors = {name: value.astype(DTYPES[dtype]) for name, value in tensors.items()}
   tokenizer_json, eos = _tokenizer_json(workdir, tokenizer)
   config = {**hf.hf_config(cfg, eos_token_id=eos), "dtype": dtype, "torch_dtype": dtype}
+  # Each file is written under a temporary name and renamed; config.json (what transformers
+  # loads first) is removed first and written last, so an export stopped halfway (a full disk)
+  # never loads. A failed export removes all of its files, so the same command runs again.
   try:
-    os.makedirs(out, exist_ok=True)
-    weights = _write_weights(out, tensors, max_bytes, f"jaxdp step {step}")
-    for stale in set(_weights_files(out)) - set(weights):  # Of an earlier export (checked above).
-      os.remove(os.path.join(out, stale))
-    _write_json(os.path.join(out, "config.json"), config)
-    with open(os.path.join(out, TOKENIZER_FILE), "w") as f:
-      f.write(tokenizer_json)
-    special = {"eos_token": END_OF_TEXT, "bos_token": END_OF_TEXT} if eos is not None else {}
-    _write_json(os.path.join(out, "tokenizer_config.json"),
-                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.seq_len,
-                 "clean_up_tokenization_spaces": False, "add_prefix_space": False, **special})
-    _write_json(os.path.join(out, "generation_config.json"),
-                {"do_sample": True, **({"eos_token_id": eos, "bos_token_id": eos}
-                                       if eos is not None else {})})
+    with writing(out, "export: writing --out"):
+      os.makedirs(out, exist_ok=True)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "config.json"))
+      weights = _write_weights(out, tensors, max_bytes, f"jaxdp step {step}")
+      for stale in set(_weights_files(out)) - set(weights):  # Of an earlier export (checked above).
+        os.remove(os.path.join(out, stale))
+      atomic_write(os.path.join(out, TOKENIZER_FILE), tokenizer_json, "export: writing")
+      special = {"eos_token": END_OF_TEXT, "bos_token": END_OF_TEXT} if eos is not None else {}
+      _write_json(os.path.join(out, "tokenizer_config.json"),
+                  {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.seq_len,
+                   "clean_up_tokenization_spaces": False, "add_prefix_space": False, **special})
+      _write_json(os.path.join(out, "generation_config.json"),
+                  {"do_sample": True, **({"eos_token_id": eos, "bos_token_id": eos}
+                                         if eos is not None else {})})
+      _write_json(os.path.join(out, "config.json"), config)
   except OSError as e:
+    _remove_export(out)
     raise JaxdpError(f"cannot write --out={out!r}: {os_reason(e, out)}") from None
+  except BaseException:
+    _remove_export(out)
+    raise
   others = [n for n in EXPORT_FILES if n not in (WEIGHTS, WEIGHTS_INDEX)]
   return {"step": step, "family": cfg.family, "architecture": config["architectures"][0],
           "files": sorted(weights + others)}
@@ -142,10 +154,16 @@ def _write_weights(out: str, tensors: dict[str, np.ndarray], max_bytes: int,
   os.umask(umask)
 
   def save(group: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
-    save_file(group, path, metadata=metadata)
-    # safetensors writes through a private temporary file (mode 0600): give the weights the
-    # mode every other exported file gets, so another user or a serving container can read them.
-    os.chmod(path, 0o666 & ~umask)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+      save_file(group, partial, metadata=metadata)
+      # safetensors writes through a private temporary file (mode 0600): give the weights the
+      # mode every other exported file gets, so another user or a serving container can read them.
+      os.chmod(partial, 0o666 & ~umask)
+      os.replace(partial, path)
+    finally:
+      with contextlib.suppress(OSError):
+        os.remove(partial)
 
   metadata = {"format": "pt", "source": source}  # "source" marks the files as export's own.
   groups = shards(tensors, max_bytes)
@@ -182,9 +200,18 @@ def _is_jaxdp_export(out: str) -> bool:
 
 
 def _write_json(path: str, value: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2)
-    f.write("\n")
+  atomic_write(path, json.dumps(value, indent=2) + "\n", "export: writing")
+
+
+def _remove_export(out: str) -> None:
+  """Removes export's own files (and temporary ones) from `out` after a failed export."""
+  if not os.path.isdir(out):
+    return
+  for name in os.listdir(out):
+    own = name.split(".partial-")[0]
+    if own in EXPORT_FILES or _SHARD.fullmatch(own):
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, name))
 
 
 def _tokenizer_json(workdir: str, tokenizer) -> tuple[str, int | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdp.errors import JaxdpError
@@ -54,7 +55,12 @@ def read_config(directory: str, field: str = "config.init_from") -> dict:
 
 def read_tensors(directory: str, field: str = "config.init_from") -> dict[str, np.ndarray]:
   """Every tensor of model.safetensors (or of the shards a model.safetensors.index.json
-  names), as numpy arrays (bfloat16/float16 are widened to float32)."""
+  names), as numpy arrays (bfloat16/float16 are widened to float32).
+
+  Raises:
+    JaxdpError: a missing or unreadable file, or a weight that is not floating point (an int32
+      "weight" would load as numbers of another scale), naming the tensor.
+  """
   where = f"{field}='hf:{directory}'"
   single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, WEIGHTS_INDEX)
   if os.path.exists(single):
@@ -75,7 +81,13 @@ def read_tensors(directory: str, field: str = "config.init_from") -> dict[str, n
     try:
       with safetensors.safe_open(path, framework="flax") as f:
         for name in f.keys():
-          tensors[name] = np.asarray(f.get_tensor(name), np.float32)
+          value = f.get_tensor(name)
+          # Buffers (hf.BUFFERS: a boolean causal mask) are checked by value in models.hf.
+          if not jnp.issubdtype(value.dtype, jnp.floating) and not name.endswith(hf.BUFFERS):
+            raise JaxdpError(f"{where}: tensor {name!r} in {os.path.basename(path)} is "
+                             f"{value.dtype}, not floating point; jaxdp imports float32, "
+                             "bfloat16 or float16 weights")
+          tensors[name] = np.asarray(value, np.float32)
     except (OSError, ValueError, RuntimeError) as e:
       raise JaxdpError(f"{where}: cannot read {path!r}: {str(e).splitlines()[0]}") from None
   return tensors

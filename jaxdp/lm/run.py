@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -19,12 +20,16 @@ from jaxdp.core.optimizer import learning_rate_schedule
 from jaxdp.core.state import TrainState
 from jaxdp.data.pipeline import Dataset
 from jaxdp.data.prepare import load_tokenizer, save_tokenizer
-from jaxdp.errors import JaxdpError
+from jaxdp.data.schedule import DataSchedule
+from jaxdp.errors import JaxdpError, writing
 from jaxdp.lm.builder import LMRun, build, build_model_and_dp, model_flops_per_device
 from jaxdp.lm.evaluate import loop_hooks as eval_task_hooks
 from jaxdp.lm.spec import data_spec, run_spec
-from jaxdp.runtime import loop
+from jaxdp.runtime import agreement, loop
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+from jaxdp.runtime.checkpoint import claim as claim_checkpoint_dir
+from jaxdp.runtime.checkpoint import exists as checkpoint_exists
+from jaxdp.runtime.checkpoint import location as checkpoint_location
 from jaxdp.runtime.hooks import Hook
 from jaxdp.runtime.targets import TargetLosses
 
@@ -45,9 +50,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.data.sources = resolve_sources(config.data.sources)
     if config.data.tokenizer:
       config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+  # A missing bucket, or a prefix of another run's, is refused before anything is written.
+  claim_checkpoint_dir(workdir, config.get("checkpoint_dir") or checkpoint_location(workdir))
   config, note = keep_decay_horizon(config, workdir, restore_from)
   # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
   built = build(config, devices, read_init_from=saved_config(workdir, restore_from) is None)
+  # Before the workdir is touched: every process runs this config on this data (fit checks again,
+  # for its own callers).
+  agreement.check(built.config.to_dict(), built.dataset.digest)
+  built.schedule = resumed_schedule(built, saved_meta(workdir, restore_from))
   spec = built.spec
   hooks: list[Hook] = [TargetLosses(spec.target_losses)] if spec.target_losses else []
   # After the validation loss's hook: scores at the same evaluation points. The task files are
@@ -55,8 +66,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   hooks += eval_task_hooks(config, built.dataset.tokenizer, built.model.cfg.seq_len,
                            spec.data.global_batch_size)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    save_tokenizer(built.dataset.tokenizer, workdir)
+    with writing(workdir, "--workdir: writing"):
+      os.makedirs(workdir, exist_ok=True)
+      save_tokenizer(built.dataset.tokenizer, workdir)
   record = dataclasses.replace(built.record(), notes=(note,) if note else ())
   sinks = []
   if spec.wandb.project and jax.process_index() == 0:
@@ -71,6 +83,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     record=record, sinks=sinks, hooks=hooks)
   report_mixture(built, workdir, result)
   return result
+
+
+def resumed_schedule(built: LMRun, saved: tuple[int, dict] | None) -> DataSchedule:
+  """The data schedule of a run that resumes from the checkpoint `saved` (step, meta): the
+  checkpoint's own up to its step (or, written before schedules were recorded, its config's
+  global_batch_size throughout), then this config's batch sizes from the position the data
+  reached, so a changed global_batch_size or batch_ramp neither skips nor repeats an example."""
+  if saved is None:
+    return built.schedule
+  step, meta = saved
+  if meta.get("data_schedule"):
+    before = DataSchedule.from_meta(meta["data_schedule"])
+  else:
+    size = (meta.get("config") or {}).get("global_batch_size", built.spec.data.global_batch_size)
+    before = DataSchedule.constant(int(size))
+  return before.continued(step, built.schedule)
 
 
 def resolve_sources(spec: str) -> str:
@@ -115,20 +143,27 @@ def report_mixture(built: LMRun, workdir: str, result: dict[str, Any]) -> None:
 def saved_config(workdir: str, restore_from: str | None = None) -> dict | None:
   """The config stored with the checkpoint a run would resume from (`restore_from`, else the
   latest readable one in `workdir`), or None when there is none."""
+  found = saved_meta(workdir, restore_from)
+  return None if found is None else found[1].get("config")
+
+
+def saved_meta(workdir: str, restore_from: str | None = None) -> tuple[int, dict] | None:
+  """(step, meta) of the checkpoint a run would resume from (`restore_from`, else the latest
+  readable one in `workdir`), or None when there is none."""
   if restore_from:
     found = step_directory(restore_from)
     if found is None:
       return None  # A --restore_from that the restore itself refuses.
     directory, steps = found[0], [found[1]]
   else:
-    directory, steps = os.path.join(workdir, "checkpoints"), None
-  if not os.path.isdir(directory):
+    directory, steps = checkpoint_location(workdir), None
+  if not checkpoint_exists(directory):
     return None  # Nothing to resume.
   checkpoints = Checkpointer("", create=False, directory=directory)
   try:
     for step in steps if steps else reversed(checkpoints.all_steps()):
       try:
-        return checkpoints.restore_meta(step).get("config")
+        return step, checkpoints.restore_meta(step)
       except Exception:  # noqa: BLE001  # Unreadable: the restore reports it (or falls back).
         continue
     return None
@@ -177,11 +212,54 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any,
   Raises:
     JaxdpError: `workdir` has no checkpoint, or the checkpoint cannot be read back exactly.
   """
-  checkpoints = Checkpointer(workdir, create=False)
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
-    raise JaxdpError(f"--workdir={workdir!r} has no checkpoint; train first with "
-                     f"`jaxdp train --workdir {workdir}`")
+  return load_step_for_inference(workdir, step)[1:]
+
+
+def load_step_for_inference(workdir: str, step: int | None = None) -> tuple[int, Any, Any, Any]:
+  """(step, params, module, tokenizer): `load_for_inference` of `step`, or of the latest
+  checkpoint. On a live workdir, a latest step that the run's retention deletes while it is
+  read is retried (up to 10 times) on the newest step then, and after two such losses on the
+  newest step that outlived a save (one retention keeps); a given `step` is not replaced.
+
+  Raises:
+    JaxdpError: no checkpoint, a given step deleted, or a checkpoint that cannot be read exactly.
+  """
+  # A run saving every step with keep_last=1 deletes each latest step within a save interval,
+  # which can be shorter than one read on a loaded host: every retry of the latest would lose
+  # the race. Steps seen in two listings outlived a save (retention keeps them: the best, the
+  # last one followed by a sane loss), so later attempts read the newest of those instead.
+  survivors: set[int] = set()
+  failed: set[int] = set()
+  attempts = 10  # Each lost race costs one read (0.1-3 s here): bounded, and rarely all lost.
+  for attempt in range(attempts):
+    checkpoints = Checkpointer(workdir, create=False)
+    chosen = checkpoints.latest_step() if step is None else step
+    if step is None and attempt >= 2 and survivors:
+      chosen = max(survivors)
+    if chosen is None:
+      raise JaxdpError(f"--workdir={workdir!r} has no checkpoint; train first with "
+                       f"`jaxdp train --workdir {workdir}`")
+    try:
+      return (chosen, *_load_for_inference(workdir, checkpoints, chosen))
+    except Exception:
+      listed = set(checkpoints.all_steps())
+      time.sleep(0.2)  # A deletion in progress (retention removes a folder file by file) ends.
+      now = checkpoints.refreshed_steps()
+      failed.add(chosen)
+      survivors = ((survivors | listed) & set(now)) - failed
+      newer = step is None and bool(now) and now[-1] > chosen
+      if attempt == attempts - 1 or (chosen in now and not newer):
+        raise  # Still there, and no newer step to read instead: damage, reported as such.
+      if step is not None:
+        raise JaxdpError(f"--step={step}: the live run in {workdir!r} deleted that checkpoint "
+                         f"(keep_last) while it was read; its checkpoints now: "
+                         f"{', '.join(map(str, checkpoints.all_steps())) or 'none'}") from None
+    finally:
+      checkpoints.close()
+  raise AssertionError("unreachable")
+
+
+def _load_for_inference(workdir: str, checkpoints: Checkpointer, step: int) -> tuple[Any, Any, Any]:
   config = ml_collections.ConfigDict(checkpoints.restore_meta(step)["config"])
   # Whatever strategy and mesh trained it, inference runs on one device.
   config.strategy, config.offload_optimizer = "dp", False
@@ -195,5 +273,4 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any,
     state, _ = checkpoints.restore(step, dp.abstract_state(model.init_fn, spec.seed))
   except CorruptCheckpoint as e:
     raise JaxdpError(f"--workdir={workdir!r}: checkpoint {e}") from None
-  checkpoints.close()
   return state.params, model.module, tokenizer

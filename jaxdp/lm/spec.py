@@ -45,6 +45,11 @@ class StepSpec:
   loss_scale_init: float = 2.0 ** 15  # fp16's initial dynamic loss scale.
   loss_scale_period: int = 200  # fp16: overflow-free steps before the scale doubles.
   offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in pinned host memory.
+  reduction: str = "allreduce"  # One of parallel.choices.REDUCTIONS.
+  virtual_shards: int = 8  # reduction="fixed_order": shards per micro-batch.
+  spike_policy: str = "off"  # "off" or "skip" (the step's; "rollback" is FitOptions').
+  spike_sigmas: float = 6.0  # spike_policy="skip": std above the running mean that is a spike.
+  spike_window: int = 100  # spike_policy="skip": steps the running mean and std average over.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +169,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   return ModelConfig(vocab_size=padded, valid_vocab_size=vocab_size, seq_len=config.seq_len,
                      n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
                      family=m.get("family", "gpt"), mlp_ratio=m.mlp_ratio,
+                     mlp_dim=m.get("mlp_dim", 0),
                      n_kv_head=m.get("n_kv_head", 0), dropout=m.dropout, positions=m.positions,
                      rope_theta=m.get("rope_theta", 10000.0),
                      tie_embeddings=m.get("tie_embeddings", True), norm_eps=m.get("norm_eps", 0.0),
@@ -201,7 +207,12 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
                   max_consecutive_skips=config.max_consecutive_skips,
                   loss_scale_init=config.loss_scale_init,
                   loss_scale_period=config.loss_scale_period,
-                  offload_optimizer=config.offload_optimizer)
+                  offload_optimizer=config.offload_optimizer,
+                  reduction=config.get("reduction", "allreduce"),
+                  virtual_shards=config.get("virtual_shards", 8),
+                  spike_policy="skip" if config.get("spike_policy", "off") == "skip" else "off",
+                  spike_sigmas=config.get("spike_sigmas", 6.0),
+                  spike_window=config.get("spike_window", 100))
 
 
 def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
@@ -212,7 +223,14 @@ def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
                     patience=config.patience, keep_last=config.keep_last,
                     keep_every=config.keep_every, step_timeout_s=config.step_timeout_s,
                     tokens_per_step=config.global_batch_size * config.seq_len,
-                    profile_steps=config.profile_steps)
+                    profile_steps=config.profile_steps,
+                    # Checkpoints by the clock, loss-spike rollback, per-device health: a config
+                    # saved before these fields existed gets today's defaults.
+                    spike_policy="rollback" if config.get("spike_policy") == "rollback" else "off",
+                    **{name: config.get(name, getattr(FitOptions, name)) for name in (
+                        "checkpoint_dir", "checkpoint_every_minutes", "spike_sigmas", "spike_window",
+                        "spike_max_rollbacks", "spike_rollback_window", "straggler_factor",
+                        "grad_outlier_factor", "health_window")})
 
 
 def run_spec(config: ml_collections.ConfigDict, num_devices: int, vocab_size: int) -> RunSpec:

@@ -31,11 +31,12 @@ class ModelConfig:
   d_model: int
   family: str = "gpt"  # "gpt" or "llama".
   mlp_ratio: float = 4  # MLP hidden width as a multiple of d_model (llama: rounded, see llama.py).
+  mlp_dim: int = 0  # MLP hidden width itself (a checkpoint's intermediate_size); 0: from mlp_ratio.
   n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0 means n_head.
   dropout: float = 0.0
   positions: str = "rope"  # gpt: "rope" or "learned"; llama: always "rope".
   rope_theta: float = 10000.0  # Base of the rotary frequencies.
-  tie_embeddings: bool = True  # Output head shares the input embedding (gpt: always).
+  tie_embeddings: bool = True  # Output head shares the input embedding; False: a head of its own.
   norm_eps: float = 0.0  # Epsilon of every norm; 0 means the family's default (see `eps`).
   attention: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.

@@ -1,5 +1,6 @@
 """A decoder-only Transformer (GPT-2 style) in Flax Linen: pre-norm LayerNorm, causal
-attention, GELU MLP, rotary or learned positions, weight-tied output head.
+attention, GELU MLP, rotary or learned positions, a weight-tied output head (or, with
+`tie_embeddings` False, one of its own, as a GPT-2 checkpoint with tie_word_embeddings false).
 
 Shapes: B batch, T sequence, D d_model, H heads, K head size (D / H), F MLP hidden, V vocab.
 Attention and MLP kernels keep the head and hidden axes explicit ([D, 3, H, K], [H, K, D],
@@ -60,15 +61,20 @@ class CausalSelfAttention(nn.Module):
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
+def mlp_width(cfg: ModelConfig) -> int:
+  """The MLP hidden width F: cfg.mlp_dim when set, else int(mlp_ratio * d_model)."""
+  return cfg.mlp_dim or int(cfg.mlp_ratio * cfg.d_model)
+
+
 class MLP(nn.Module):
-  """Two-layer GELU MLP, D -> F = mlp_ratio * D -> D, with dropout on its output."""
+  """Two-layer GELU MLP, D -> F = mlp_width(cfg) -> D, with dropout on its output."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     """x [B, T, D] -> [B, T, D]."""
     cfg = self.cfg
-    h = Linear(int(cfg.mlp_ratio * cfg.d_model), ("mlp", "embed"), dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
+    h = Linear(mlp_width(cfg), ("mlp", "embed"), dtype=cfg.dtype, name="fc")(x)  # [B, T, F]
     h = nn.gelu(h)
     y = Linear(cfg.d_model, ("embed", "mlp"), dtype=cfg.dtype, name="proj")(h)  # [B, T, D]
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
@@ -118,13 +124,17 @@ class GPT(nn.Module):
     mask = None if segment_ids is None else segment_mask(segment_ids)
     x = run_blocks(self, Block, x, deterministic, mask, positions)
     x = layer_norm(cfg, "ln_f")(x)
-    logits = wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+    if cfg.tie_embeddings:
+      logits = wte.attend(x).astype(jnp.float32)  # [B, T, V], tied to the input embedding
+    else:  # A head of its own [V, D] (a GPT-2 checkpoint with tie_word_embeddings false).
+      head = self.param("lm_head", logical(init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model))
+      logits = jnp.einsum("btd,vd->btv", x, head.astype(cfg.dtype)).astype(jnp.float32)
     return mask_padded_vocab(logits, cfg)
 
 
 def param_count(cfg: ModelConfig) -> int:
   """Parameters of GPT(cfg) in closed form (checked against the initialised tree in tests)."""
-  d, f, v, layers = cfg.d_model, int(cfg.mlp_ratio * cfg.d_model), cfg.vocab_size, cfg.n_layer
+  d, f, v, layers = cfg.d_model, mlp_width(cfg), cfg.vocab_size, cfg.n_layer
   block = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 2 * (2 * d)
   positions = cfg.seq_len * d if cfg.positions == "learned" else 0
-  return v * d + positions + layers * block + 2 * d
+  return v * d * (1 if cfg.tie_embeddings else 2) + positions + layers * block + 2 * d

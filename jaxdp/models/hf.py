@@ -39,11 +39,96 @@ from jaxdp.models.common import ModelConfig
 from jaxdp.models.llama import mlp_hidden
 
 # Tensors a checkpoint may hold that carry no parameter (buffers of older transformers).
-_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 # config.model.variant -> (transformers architecture, model_type); "" is plain Llama.
 ARCHITECTURES = {variant: (name, variant or "llama") for variant, name in HF_CLASSES.items()}
 VARIANT_OF_TYPE = {model_type: variant for variant, (_, model_type) in ARCHITECTURES.items()}
+
+# ---- Every config.json key, by architecture: used, harmless or refused ------------------------
+# The rule: a key of a checkpoint's config.json is read (USED: mapped to a jaxdp field, or checked
+# and refused when its value is one jaxdp's model does not compute, naming it) or listed as
+# HARMLESS (it cannot change the logits: bookkeeping, generation defaults, the dropouts of the
+# training that made the checkpoint, which config.model.dropout replaces); any other key, unless
+# null, is refused by name: jaxdp cannot tell whether it changes the computation, and a model
+# that silently computes something else is worse than one line asking to remove the key.
+HARMLESS = frozenset({
+    "_name_or_path", "_commit_hash", "_attn_implementation_autoset", "architectures",
+    "transformers_version", "dtype", "torch_dtype", "use_bfloat16", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "initializer_range",
+    "use_cache", "id2label", "label2id", "num_labels", "output_attentions",
+    "output_hidden_states", "return_dict", "problem_type", "chunk_size_feed_forward",
+    "torchscript", "tokenizer_class", "prefix", "task_specific_params", "finetuning_task",
+    "tf_legacy_loss", "cross_attention_hidden_size", "tie_encoder_decoder",
+    # Generation defaults of older config.json files (generate's options, not the model's).
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+    # Limits on the context a rotary model was trained for (seq_len is the run's own).
+    "max_position_embeddings",
+})
+# Keys of PretrainedConfig that change the model unless they hold this value.
+_GENERIC_OFF = {"is_encoder_decoder": False, "is_decoder": False, "add_cross_attention": False,
+                "pruned_heads": {}}
+_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+               "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
+               "partial_rotary_factor", "attention_dropout", "tie_word_embeddings")
+USED = {
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "n_ctx",
+             "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+             "scale_attn_by_inverse_layer_idx", "tie_word_embeddings",
+             # Training-time dropouts, the sequence-summary head of GPT2DoubleHeadsModel (not the
+             # LM head), and an fp32 upcast of the attention jaxdp computes in fp32 anyway.
+             "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_type", "summary_use_proj",
+             "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+             "reorder_and_upcast_attn"),
+    # pretraining_tp > 1 only splits the same matmuls into slices in transformers.
+    "llama": _LLAMA_KEYS + ("attention_bias", "mlp_bias", "pretraining_tp"),
+    "qwen2": _LLAMA_KEYS + ("use_sliding_window", "sliding_window", "max_window_layers",
+                            "layer_types"),
+    "qwen3": _LLAMA_KEYS + ("attention_bias", "use_sliding_window", "sliding_window",
+                            "max_window_layers", "layer_types"),
+    "mistral": _LLAMA_KEYS + ("sliding_window",),
+}
+# What each rope_scaling type does, for the one line refusing it (transformers'
+# modeling_rope_utils.py): none is implemented by jaxdp's rotary positions.
+ROPE_TYPES = {
+    "linear": "positions divided by its factor",
+    "dynamic": "NTK scaling of the base with the sequence length",
+    "yarn": "YaRN's interpolated frequencies and attention factor",
+    "longrope": "LongRoPE's per-dimension factors",
+    "llama3": "Llama 3.1's frequencies rescaled by wavelength",
+}
+
+
+def check_keys(hf: dict, where: str = "the checkpoint") -> None:
+  """Refuses a config.json key that is neither used by jaxdp's import of its model_type nor
+  harmless (see USED, HARMLESS), and a generic option that changes the model.
+
+  Raises:
+    JaxdpError: one line naming the key and the fix.
+  """
+  kind = hf.get("model_type")
+  if kind not in USED:
+    return  # hf_fields names the architecture.
+  for key, off in _GENERIC_OFF.items():
+    if hf.get(key, off) not in (off, None):
+      raise JaxdpError(f"{where}'s config.json sets {key}={hf[key]!r}, which jaxdp's "
+                       f"{kind} import does not compute (it needs {off!r})")
+  if hf.get("quantization_config") is not None:
+    raise JaxdpError(f"{where}'s config.json has quantization_config: its weights are quantized, "
+                     "which jaxdp does not import; give the checkpoint in float16/bfloat16/float32")
+  known = HARMLESS | set(USED[kind]) | set(_GENERIC_OFF) | {"model_type", "quantization_config"}
+  unknown = sorted(k for k, v in hf.items() if k not in known and v is not None)
+  if unknown:
+    raise JaxdpError(f"{where}'s config.json has {unknown[0]}={hf[unknown[0]]!r}, a field jaxdp's "
+                     f"{kind} import does not know ({len(unknown)} such: {', '.join(unknown)}); it "
+                     "may change the model, so it is refused: if it does not, remove it from "
+                     "config.json")
 
 
 def _np(x) -> np.ndarray:
@@ -60,7 +145,9 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
   """
   # Written even when None: GPT2Config's defaults (50256) would name an id the vocab may lack.
   special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
-  common = {"vocab_size": cfg.vocab_size, "dtype": "float32", "torch_dtype": "float32",
+  # The tokenizer's ids only: the padding rows of model.pad_vocab_to_multiple are dropped (see
+  # to_hf), so transformers' softmax, loss and sampling see the ids jaxdp's masked logits do.
+  common = {"vocab_size": exported_vocab(cfg), "dtype": "float32", "torch_dtype": "float32",
             "tie_word_embeddings":
             cfg.tie_embeddings, **special}
   if cfg.family == "gpt":
@@ -70,7 +157,7 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
                        "with --config.model.positions=learned, or use family=llama")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
             "n_positions": cfg.seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_inner": int(cfg.mlp_ratio * cfg.d_model),
+            "n_head": cfg.n_head, "n_inner": model_mlp(cfg),
             "activation_function": "gelu_new", "layer_norm_epsilon": cfg.eps,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -101,13 +188,32 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
   raise JaxdpError(f"config.model.family={cfg.family!r} has no Hugging Face export")
 
 
+def exported_vocab(cfg: ModelConfig) -> int:
+  """The vocabulary an export declares: the tokenizer's ids, without the padding rows of
+  model.pad_vocab_to_multiple (whose logits jaxdp masks, so they are never fed or sampled)."""
+  if cfg.valid_vocab_size and cfg.valid_vocab_size < cfg.vocab_size:
+    return cfg.valid_vocab_size
+  return cfg.vocab_size
+
+
 def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """jaxdp parameters (unboxed) -> the transformers state dict, float32 and contiguous.
 
   The tied output head is not written (transformers ties lm_head to the input embedding when
-  config.json says tie_word_embeddings).
+  config.json says tie_word_embeddings). The embedding and head keep the tokenizer's rows only
+  (`exported_vocab`): transformers would give padding rows probability, jaxdp gives them none.
   """
   hf_config(cfg)  # Refuses what has no equivalent.
+  out = _to_hf(params, cfg)
+  rows = exported_vocab(cfg)
+  for name in ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight"):
+    if name in out:
+      out[name] = out[name][:rows]
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """to_hf's tensors with every row of the (padded) vocabulary."""
   out: dict[str, np.ndarray] = {}
   d = cfg.d_model
   if cfg.family == "gpt":
@@ -127,6 +233,8 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
       out[o + "mlp.c_proj.bias"] = _np(p["mlp"]["proj"]["bias"])
     out["transformer.ln_f.weight"] = _np(params["ln_f"]["scale"])
     out["transformer.ln_f.bias"] = _np(params["ln_f"]["bias"])
+    if not cfg.tie_embeddings:
+      out["lm_head.weight"] = _np(params["lm_head"])
   else:
     out["model.embed_tokens.weight"] = _np(params["embed"]["embedding"])
     for i in range(cfg.n_layer):
@@ -147,7 +255,7 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     out["model.norm.weight"] = _np(params["norm"]["scale"])
     if not cfg.tie_embeddings:
       out["lm_head.weight"] = _np(params["lm_head"])
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  return out
 
 
 # ---- Hugging Face -> jaxdp ------------------------------------------------------------------
@@ -173,6 +281,7 @@ def hf_fields(hf: dict) -> tuple[str, dict[str, Any]]:
     JaxdpError: an architecture or option jaxdp's models do not have, naming the HF field.
   """
   kind = hf.get("model_type")
+  check_keys(hf)
   if kind == "gpt2":
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -184,8 +293,10 @@ def hf_fields(hf: dict) -> tuple[str, dict[str, Any]]:
     d = hf["n_embd"]
     inner = hf.get("n_inner") or 4 * d
     return "gpt", {"model.n_layer": hf["n_layer"], "model.n_head": hf["n_head"],
-                   "model.d_model": d, "model.mlp_ratio": inner / d,
-                   "model.positions": "learned", "model.tie_embeddings": True,
+                   "model.d_model": d, "intermediate_size": inner,
+                   "model.positions": "learned",
+                   # GPT2Config's default is tied (transformers then ignores any lm_head.weight).
+                   "model.tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
                    "model.norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
                    "max_seq_len": hf.get("n_positions", hf.get("n_ctx"))}
   if kind in VARIANT_OF_TYPE:
@@ -213,7 +324,10 @@ def _llama_fields(hf: dict, kind: str) -> dict[str, Any]:
       (hf.get("rope_parameters") or {}).get("rope_type", "default")
   if rope_type != "default":
     field = "rope_scaling" if scaling else "rope_parameters"  # transformers < 5, and 5.
-    raise JaxdpError(f"the checkpoint's {field} {rope_type!r} is not plain rotary positions")
+    what = ROPE_TYPES.get(rope_type, "a rope type jaxdp does not know")
+    raise JaxdpError(f"the checkpoint's {field} has rope_type {rope_type!r} ({what}), which jaxdp's "
+                     "rotary positions do not implement (only plain rotary, rope_type 'default'); "
+                     "this checkpoint cannot be imported exactly")
   partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
                                                   hf.get("partial_rotary_factor", 1.0))
   if float(partial) != 1.0:
@@ -267,7 +381,9 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
   if cfg.family != family:
     raise JaxdpError(f"config.model.family={cfg.family!r} but {where} is {hf.get('model_type')}; "
                      f"set --config.model.family={family}")
-  if hf.get("vocab_size") != cfg.vocab_size:
+  padded_from = (cfg.valid_vocab_size if cfg.valid_vocab_size
+                 and cfg.valid_vocab_size < cfg.vocab_size else None)
+  if hf.get("vocab_size") != cfg.vocab_size and hf.get("vocab_size") != padded_from:
     tokens = cfg.valid_vocab_size or cfg.vocab_size
     hf_vocab = hf.get("vocab_size")
     multiple = next((m for m in (64, 128, 256, 8, 16, 32) if isinstance(hf_vocab, int)
@@ -284,7 +400,7 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
       "model.n_kv_head": 0 if cfg.kv_heads == cfg.n_head else cfg.kv_heads,
       "model.positions": cfg.positions, "model.tie_embeddings": cfg.tie_embeddings,
       "model.rope_theta": cfg.rope_theta, "model.norm_eps": cfg.eps,
-      "model.mlp_ratio": cfg.mlp_ratio, "model.variant": cfg.variant,
+      "model.variant": cfg.variant,
       "model.qkv_bias": cfg.qkv_bias, "model.qk_norm": cfg.qk_norm,
       "model.sliding_window": cfg.sliding_window}
   for field, value in fields.items():
@@ -305,29 +421,40 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
     raise JaxdpError(f"config.model.head_dim={cfg.head_dim} gives heads of {cfg.head_size} but "
                      f"{where} has head_dim={fields['head_size']}; set --config.model.head_dim="
                      f"{fields['head_size']}")
-  if family == "llama" and mlp_hidden(cfg) != fields["intermediate_size"]:
-    width, exact = fields["intermediate_size"], 1.5 * fields["intermediate_size"] / cfg.d_model
-    # The roundest ratio that gives the width (Llama's own rounding makes several do).
-    fits = [r for r in (round(exact), round(exact * 2) / 2, round(exact, 3), exact)
-            if r > 0 and mlp_hidden(dataclasses.replace(cfg, mlp_ratio=r)) == width]
-    if fits:
-      fix = f"set --config.model.mlp_ratio={fits[0]:g}"
-    elif width % 8:
-      fix = ("jaxdp's llama MLP is round_up(2/3 x mlp_ratio x d_model, 8) wide, so no mlp_ratio "
-             f"gives {width}, which is not a multiple of 8: this checkpoint cannot be imported")
-    else:
-      fix = "no mlp_ratio gives that width"
-    raise JaxdpError(f"config.model.mlp_ratio={cfg.mlp_ratio:g} gives an MLP of {mlp_hidden(cfg)} "
-                     f"but {where} has intermediate_size={width}; {fix}")
+  width = fields["intermediate_size"]
+  if model_mlp(cfg) != width:
+    ours = f"config.model.mlp_ratio={cfg.mlp_ratio:g}" + (f", mlp_dim={cfg.mlp_dim}" if cfg.mlp_dim
+                                                          else "")
+    raise JaxdpError(f"{ours} gives an MLP of {model_mlp(cfg)} but {where} has "
+                     f"{'n_inner' if family == 'gpt' else 'intermediate_size'}={width}; "
+                     f"set {_mlp_fix(cfg, width)}")
+
+
+def model_mlp(cfg: ModelConfig) -> int:
+  """The MLP hidden width of `cfg`'s model (gpt: F of its GELU MLP; llama: SwiGLU's)."""
+  if cfg.family == "gpt":
+    return cfg.mlp_dim or int(cfg.mlp_ratio * cfg.d_model)
+  return mlp_hidden(cfg)
+
+
+def _mlp_fix(cfg: ModelConfig, width: int) -> str:
+  """The flag that gives `cfg`'s model an MLP `width` wide: the roundest mlp_ratio that does,
+  else mlp_dim (Llama-2-7B's 11008 and Llama-3-8B's 14336 are no round multiple of 4096)."""
+  exact = (width if cfg.family == "gpt" else 1.5 * width) / cfg.d_model
+  for ratio in (round(exact), round(exact * 2) / 2, round(exact * 4) / 4):
+    if ratio > 0 and model_mlp(dataclasses.replace(cfg, mlp_ratio=ratio, mlp_dim=0)) == width:
+      return f"--config.model.mlp_ratio={ratio:g}" + (" --config.model.mlp_dim=0" if cfg.mlp_dim else "")
+  return f"--config.model.mlp_dim={width}"
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """The transformers tensor names and shapes a checkpoint of `cfg`'s model holds."""
-  d, k, f = cfg.d_model, cfg.head_size, (int(cfg.mlp_ratio * cfg.d_model) if cfg.family == "gpt"
-                                         else mlp_hidden(cfg))
+  d, k, f = cfg.d_model, cfg.head_size, model_mlp(cfg)
   if cfg.family == "gpt":
     shapes = {"transformer.wte.weight": (cfg.vocab_size, d), "transformer.ln_f.weight": (d,),
               "transformer.ln_f.bias": (d,)}
+    if not cfg.tie_embeddings:
+      shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for i in range(cfg.n_layer):
       o = f"transformer.h.{i}."
       shapes.update({o + "ln_1.weight": (d,), o + "ln_1.bias": (d,), o + "ln_2.weight": (d,),
@@ -360,24 +487,71 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def canonical_names(tensors: dict[str, Any], family: str) -> dict[str, Any]:
   """The checkpoint's tensors under the names `expected_shapes` uses: GPT-2 checkpoints saved
-  from the base model (the hub's "gpt2") lack the "transformer." prefix; buffers are dropped."""
+  from the base model (the hub's "gpt2") lack the "transformer." prefix. Buffers stay (from_hf
+  checks them)."""
   out = {}
   for name, value in tensors.items():
-    if name.endswith(_BUFFERS):
-      continue
     if family == "gpt" and not name.startswith(("transformer.", "lm_head.")):
       name = "transformer." + name
     out[name] = value
   return out
 
 
+def _padded_vocab(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+  """`tensors` with the embedding and head rows of a checkpoint of exactly the tokenizer's ids
+  padded with zero rows to cfg.vocab_size (a run with model.pad_vocab_to_multiple)."""
+  valid = cfg.valid_vocab_size
+  if not valid or valid >= cfg.vocab_size:
+    return tensors
+  out = dict(tensors)
+  for name in ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight"):
+    if name in out and np.shape(out[name])[0] == valid:
+      rows = _np(out[name])
+      out[name] = np.concatenate([rows, np.zeros((cfg.vocab_size - valid,) + rows.shape[1:],
+                                                 np.float32)])
+  return out
+
+
+def _check_buffers(buffers: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+  """Buffers older transformers saved: GPT-2's causal mask "attn.bias" (lower triangular) and
+  "attn.masked_bias" (the masked score), and Llama's "rotary_emb.inv_freq", which must be the
+  frequencies of cfg.rope_theta (a scaled rotary baked into them is refused)."""
+  for name, value in buffers.items():
+    value = np.asarray(value)
+    if name.endswith(".attn.bias"):
+      n = value.shape[-1] if value.ndim else 0
+      ok = value.ndim >= 2 and np.array_equal(value.reshape(-1, n, n)[0] != 0,
+                                              np.tril(np.ones((n, n), bool)))
+      what = "a causal mask"
+    elif name.endswith(".attn.masked_bias"):
+      ok, what = value.size == 1, "one masked score"
+    else:
+      k = cfg.head_size
+      want = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
+      ok = value.shape == want.shape and np.allclose(value.astype(np.float64), want, rtol=1e-3)
+      what = f"the rotary inverse frequencies of rope_theta={cfg.rope_theta:g}"
+    if not ok:
+      raise JaxdpError(f"{where}: buffer {name!r} is not {what}, so the checkpoint computes "
+                       "something jaxdp's model does not; it cannot be imported exactly")
+
+
 def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
   """The checkpoint's tensors (canonical names, see `canonical_names`) -> jaxdp's parameter
   tree for `cfg` (float32 numpy arrays, unboxed).
 
+  Every tensor is consumed: a parameter, a head tied to the embedding and equal to it, or a
+  buffer checked against what the model computes (GPT-2's causal mask, the rotary inverse
+  frequencies); anything else is refused by name. A checkpoint of the tokenizer's vocabulary
+  loads into a run that pads it (model.pad_vocab_to_multiple): its padding rows are zeros, whose
+  logits the model masks anyway.
+
   Raises:
-    JaxdpError: a missing, unexpected or misshapen tensor, named with both shapes.
+    JaxdpError: a missing, unexpected or misshapen tensor, named with both shapes; a second head
+      that differs from the tied embedding; a buffer that says the model computes otherwise.
   """
+  buffers = {name: tensors[name] for name in tensors if name.endswith(BUFFERS)}
+  _check_buffers(buffers, cfg, where)
+  tensors = _padded_vocab({n: v for n, v in tensors.items() if n not in buffers}, cfg)
   shapes = expected_shapes(cfg)
   for name, shape in shapes.items():
     if name not in tensors:
@@ -387,6 +561,13 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
       raise JaxdpError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                        f"config.model needs {list(shape)}")
   tied_head = "lm_head.weight" in tensors and "lm_head.weight" not in shapes
+  if tied_head:
+    embedding = "transformer.wte.weight" if cfg.family == "gpt" else "model.embed_tokens.weight"
+    if not np.array_equal(_np(tensors["lm_head.weight"]), _np(tensors[embedding])):
+      raise JaxdpError(f"{where} has its own tensor 'lm_head.weight', different from {embedding!r}, "
+                       "but config.json says tie_word_embeddings=true (transformers then ignores "
+                       "lm_head.weight); set tie_word_embeddings to false in its config.json to "
+                       "import that head, or delete the tensor")
   extra = sorted(set(tensors) - set(shapes) - ({"lm_head.weight"} if tied_head else set())
                  - ({"transformer.wpe.weight"} if cfg.family == "gpt" else set()))
   if extra:
@@ -401,6 +582,7 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
       raise JaxdpError(f"{where}: tensor 'transformer.wpe.weight' has shape {found}, config "
                        f"needs at least [{cfg.seq_len}, {d}] (config.seq_len x d_model)")
     params: dict = {"wte": {"embedding": t["transformer.wte.weight"]},
+                    **({} if cfg.tie_embeddings else {"lm_head": t["lm_head.weight"]}),
                     # Positions past seq_len are never used by a window of seq_len tokens.
                     "wpe": t["transformer.wpe.weight"][:cfg.seq_len],
                     "ln_f": {"scale": t["transformer.ln_f.weight"],

@@ -32,8 +32,11 @@ from jaxdp.models.common import (
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
-  """SwiGLU hidden width: 2/3 of mlp_ratio * d_model (so the three matrices cost what GPT's two
-  do), rounded up to a multiple of 8, as Llama does."""
+  """SwiGLU hidden width: cfg.mlp_dim when set (a checkpoint's intermediate_size), else 2/3 of
+  mlp_ratio * d_model (so the three matrices cost what GPT's two do), rounded up to a multiple
+  of 8, as Llama does."""
+  if cfg.mlp_dim:
+    return cfg.mlp_dim
   hidden = int(2 * cfg.mlp_ratio * cfg.d_model / 3)
   return -(-hidden // 8) * 8
 

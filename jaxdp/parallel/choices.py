@@ -19,6 +19,9 @@ ALLREDUCE = ("pmean", "ring", "ps")  # XLA all-reduce, explicit ppermute ring, p
 COMPRESSION = ("none", "topk", "randomk", "int8", "bf16", "powersgd")
 COMPRESSION_OPTIMIZERS = ("none", "frozen_variance")  # frozen_variance: 1-bit Adam.
 SYNC = ("every_step", "local_sgd", "stale")
+# How the gradients are summed over devices: XLA's all-reduce (fast; its order of addition
+# depends on the device count) or jaxdp.parallel.fixed_order (the same bits on any device count).
+REDUCTIONS = ("allreduce", "fixed_order")
 
 
 def is_dense(allreduce: str, compression: str, sync: str) -> bool:
@@ -77,7 +80,8 @@ def check_comm(fields: Mapping[str, Any], where: str = "CommConfig.") -> None:
 
 def check_step(*, strategy: str, precision: str, nan_policy: str, comm: Mapping[str, Any],
                mesh_model: int = 1, mesh_replica: int = 1, offload_optimizer: bool = False,
-               where: str = "", comm_where: str = "comm.") -> None:
+               where: str = "", comm_where: str = "comm.", reduction: str = "allreduce",
+               virtual_shards: int = 8, data_devices: int | None = None) -> None:
   """Checks how a data-parallel step is asked to run: the strategy, precision and NaN policy
   are known choices, and they fit the mesh and the exchange (`comm`, CommConfig's fields).
 
@@ -109,3 +113,54 @@ def check_step(*, strategy: str, precision: str, nan_policy: str, comm: Mapping[
        f"{where}strategy='dp'")
   need(comm["sync"] != "local_sgd" or precision != "fp16",
        f"{comm_where}sync='local_sgd' has no loss scaling; use {where}precision='fp32' or 'bf16'")
+  check_reduction(reduction=reduction, virtual_shards=virtual_shards, dense=dense,
+                  mesh_model=mesh_model, mesh_replica=mesh_replica,
+                  offload_optimizer=offload_optimizer, data_devices=data_devices, where=where,
+                  to_dense=to_dense)
+
+
+def is_power_of_two(n: int) -> bool:
+  """True for 1, 2, 4, 8, ..."""
+  return n >= 1 and n & (n - 1) == 0
+
+
+def check_reduction(*, reduction: str, virtual_shards: int, dense: bool = True, mesh_model: int = 1,
+                    mesh_replica: int = 1, offload_optimizer: bool = False,
+                    data_devices: int | None = None, where: str = "",
+                    to_dense: str = "use the dense exchange") -> None:
+  """Checks `reduction` and, for "fixed_order", what it covers: a power-of-two virtual shard
+  count that the data-parallel device count divides (also a power of two), the dense exchange,
+  and a plain data mesh (no model or replica axis, no offloaded optimizer state).
+
+  Raises:
+    JaxdpError: the first setting that cannot work, named with its fix.
+  """
+  need(reduction in REDUCTIONS,
+       f"{where}reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
+  if reduction != "fixed_order":
+    return
+  need(isinstance(virtual_shards, int) and is_power_of_two(virtual_shards),
+       f"{where}virtual_shards={virtual_shards!r} must be a power of two (1, 2, 4, ..., e.g. 64): "
+       "the fixed-order reduction adds shards in a balanced binary tree")
+  need(dense, f"{where}reduction='fixed_order' sums the full gradients in a fixed tree; "
+       f"{to_dense}, or {where}reduction='allreduce' for compression, another exchange or local SGD")
+  need(mesh_model == 1, f"{where}reduction='fixed_order' is data parallel only; set "
+       f"{where}mesh.model=1, or {where}reduction='allreduce' for tensor parallelism")
+  need(mesh_replica == 1, f"{where}reduction='fixed_order' needs a plain data mesh; set "
+       f"{where}mesh.replica=1, or {where}reduction='allreduce' for hybrid sharding")
+  need(not offload_optimizer, f"{where}reduction='fixed_order' keeps the optimizer state on the "
+       f"device; set {where}offload_optimizer=False, or {where}reduction='allreduce'")
+  if data_devices is not None:
+    # No power of two is divisible by a count that is not one: raising virtual_shards cannot help.
+    other = (f"set {where}virtual_shards to a power of two that {data_devices} divides"
+             if is_power_of_two(data_devices) else f"{where}reduction='allreduce'")
+    need(is_power_of_two(data_devices) and virtual_shards % data_devices == 0,
+         f"{where}reduction='fixed_order' runs on a power-of-two device count that divides "
+         f"{where}virtual_shards={virtual_shards}, not {data_devices} devices; use "
+         f"{qualifying(virtual_shards)} devices, or {other}")
+
+
+def qualifying(virtual_shards: int) -> str:
+  """The device counts the fixed-order reduction runs on: '1, 2, 4 or 8' for 8 virtual shards."""
+  counts = [str(2 ** k) for k in range(virtual_shards.bit_length()) if 2 ** k <= virtual_shards]
+  return counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " or " + counts[-1]

@@ -27,9 +27,9 @@ import optax
 
 from jaxdp.core.precision import COMPUTE_DTYPES, initial_loss_scale
 from jaxdp.core.state import InitFn, TrainState, init_state
-from jaxdp.core.step import LossFn
+from jaxdp.core.step import LossFn, initial_loss_stats
 from jaxdp.errors import JaxdpError
-from jaxdp.parallel import shardings, steps
+from jaxdp.parallel import fixed_order, shardings, steps
 from jaxdp.parallel.choices import check_step
 from jaxdp.parallel.exchange import CommConfig, with_comm_state
 from jaxdp.parallel.mesh import (
@@ -66,6 +66,14 @@ class DataParallel:
       function (path, shape) -> names), for models without Flax annotations.
     logical_axis_rules: logical name -> mesh axis pairs (default: heads, kv_heads, mlp -> model).
     offload_optimizer: ZeRO-Offload: the optimizer state in pinned host memory (GPU/TPU).
+    reduction: "allreduce" (XLA's all-reduce, whose order of addition depends on the device
+      count) or "fixed_order" (jaxdp.parallel.fixed_order: losses, gradients, optimizer states
+      and parameters bitwise the same on every power-of-two device count dividing
+      `virtual_shards`; dense exchange, model=1 and replica=1 meshes only; docs/determinism.md).
+    virtual_shards: "fixed_order": shards per micro-batch, a power of two dividing its rows.
+    spike_policy: "off", or "skip": the step drops an update whose (global mean) loss is above
+      the mean + spike_sigmas std of about the last spike_window steps' losses, counted in
+      skipped_steps (core.step.loss_spike; the statistics live in the state).
 
   Raises:
     JaxdpError: a choice that is not valid, or a mesh the model cannot be split over.
@@ -77,7 +85,9 @@ class DataParallel:
                nan_policy: str = "halt", param_dims: shardings.ParamDims = None,
                logical_axis_rules: Sequence[tuple[str, str | None]] = shardings.DEFAULT_RULES,
                max_consecutive_skips: int = 10, loss_scale_init: float = 2.0 ** 15,
-               loss_scale_period: int = 200, offload_optimizer: bool = False):
+               loss_scale_period: int = 200, offload_optimizer: bool = False,
+               reduction: str = "allreduce", virtual_shards: int = 8,
+               spike_policy: str = "off", spike_sigmas: float = 6.0, spike_window: int = 100):
     if grad_accum_steps < 1:
       raise JaxdpError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
     if mesh is not None and devices is not None:
@@ -94,7 +104,21 @@ class DataParallel:
     self.comm = comm or CommConfig()
     check_step(strategy=strategy, precision=precision, nan_policy=nan_policy,
                comm=dataclasses.asdict(self.comm), mesh_model=self.mesh.shape[MODEL],
-               mesh_replica=self.mesh.shape.get(REPLICA, 1), offload_optimizer=offload_optimizer)
+               mesh_replica=self.mesh.shape.get(REPLICA, 1), offload_optimizer=offload_optimizer,
+               reduction=reduction, virtual_shards=virtual_shards,
+               data_devices=batch_size_of(self.mesh))
+    self.reduction, self.virtual_shards = reduction, virtual_shards
+    if spike_policy not in ("off", "skip"):
+      raise JaxdpError(f"spike_policy={spike_policy!r} must be 'off' or 'skip' (a rollback is the "
+                       "loop's: jaxdp.fit(..., spike_policy='rollback'))")
+    if spike_policy == "skip" and (reduction != "allreduce" or self.comm.sync == "local_sgd"):
+      raise JaxdpError("spike_policy='skip' needs reduction='allreduce' and sync other than "
+                       "'local_sgd' (their steps do not judge spikes yet); use "
+                       "spike_policy='rollback' in fit instead")
+    if spike_policy == "skip" and not (spike_sigmas > 0 and spike_window >= 1):
+      raise JaxdpError(f"spike_sigmas={spike_sigmas!r} must be > 0 and spike_window="
+                       f"{spike_window!r} >= 1")
+    self.spike_policy, self.spike_sigmas, self.spike_window = spike_policy, spike_sigmas, spike_window
     self.loss_fn, self.tx, self.strategy = loss_fn, tx, strategy
     self.grad_accum_steps, self.precision, self.nan_policy = grad_accum_steps, precision, nan_policy
     self.param_dims, self.rules = param_dims, tuple(logical_axis_rules)
@@ -123,6 +147,8 @@ class DataParallel:
     loss_scale = initial_loss_scale(self.precision, self.loss_scale_init, self.loss_scale_period)
     state = init_state(lambda rng: shardings.split_annotations(init_fn(rng))[0], self.tx, seed,
                        loss_scale)
+    if self.spike_policy == "skip":
+      state = state.replace(loss_stats=initial_loss_stats())
     return with_comm_state(state, self.comm, self.tx, self.data_size)
 
   def _prepare(self, init_fn: InitFn, seed: int) -> Any:
@@ -138,6 +164,18 @@ class DataParallel:
       raise JaxdpError(
           f"init_fn returned {low[0][1]} parameters (e.g. {low[0][0]}); keep the master "
           f"parameters in float32 and pass precision='bf16' (or 'fp16') for low-precision compute")
+    # Gradients exist only for floating leaves: an integer or boolean leaf would fail deep in
+    # jax.grad with no name attached.
+    discrete = [(jax.tree_util.keystr(path), x.dtype) for path, x in
+                jax.tree_util.tree_leaves_with_path(abstract_params)
+                if not jnp.issubdtype(x.dtype, jnp.inexact)]
+    if discrete:
+      raise JaxdpError(
+          f"init_fn returned a {discrete[0][1]} parameter leaf {discrete[0][0]}"
+          f"{f' (and {len(discrete) - 1} more)' if len(discrete) > 1 else ''}; every parameter "
+          "is trained by gradients, so it must be float32: cast it (.astype(jnp.float32)), or "
+          "keep integer data (step counts, token tables) out of the parameters, e.g. in the "
+          "batch or closed over by loss_fn")
     if self.param_dims is not None:
       annotations = shardings.explicit_annotations(abstract_params, self.param_dims)
     shapes = {shardings._param_key(path): tuple(x.shape)
@@ -146,11 +184,19 @@ class DataParallel:
     abstract = jax.eval_shape(lambda: self._fresh_state(init_fn, seed))
     self.state_sharding = shardings.state_shardings(self.strategy, self.layout, abstract,
                                                     self.offload_optimizer)
-    self.train_step = steps.compile_train_step(
-        self.strategy, self.layout, self.loss_fn, self.tx, self.state_sharding, self.comm,
-        self.max_consecutive_skips, self.compute_dtype)
-    self.eval_step = steps.compile_eval_step(self.strategy, self.layout, self.loss_fn,
-                                                self.compute_dtype)
+    if self.reduction == "fixed_order":
+      self.train_step = fixed_order.compile_train_step(
+          self.layout, self.loss_fn, self.tx, self.state_sharding, self.virtual_shards,
+          self.max_consecutive_skips, self.compute_dtype)
+      self.eval_step = fixed_order.compile_eval_step(self.layout, self.loss_fn,
+                                                     self.virtual_shards, self.compute_dtype)
+    else:
+      self.train_step = steps.compile_train_step(
+          self.strategy, self.layout, self.loss_fn, self.tx, self.state_sharding, self.comm,
+          self.max_consecutive_skips, self.compute_dtype,
+          (self.spike_sigmas, self.spike_window) if self.spike_policy == "skip" else None)
+      self.eval_step = steps.compile_eval_step(self.strategy, self.layout, self.loss_fn,
+                                                  self.compute_dtype)
     self._prepared = (init_fn, seed, abstract)
     return abstract
 
@@ -185,8 +231,9 @@ class DataParallel:
                 micro_batches: int | None = None) -> dict[str, jax.Array]:
     """Host batch -> device arrays [A, b, ...], this process's rows only.
 
-    `batch`: dict of arrays [B, ...] holding the whole global batch (B = global batch size),
-    or, with `global_batch_size`, only this process's rows (`process_rows`), in that order.
+    `batch`: dict of arrays [B, ...] (values may be nested dicts of them) holding the whole global
+    batch (B = global batch size), or, with `global_batch_size`, only this process's rows
+    (`process_rows`), in that order.
     An "ids" entry (global example index, keying per-example randomness) is added when absent.
     """
     if not isinstance(batch, dict):
@@ -194,7 +241,8 @@ class DataParallel:
                        "leading batch dimension, e.g. {'x': x, 'y': y}")
     if not batch:
       raise JaxdpError("the batch is empty; give a dict of arrays with a leading batch dimension")
-    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    sizes = {jax.tree_util.keystr(path): np.shape(v)[0] if np.ndim(v) else None for path, v in leaves}
     if len(set(sizes.values())) != 1 or None in sizes.values():
       raise JaxdpError(f"every array of the batch needs the same leading batch dimension; got "
                        f"{sizes}")
@@ -207,20 +255,22 @@ class DataParallel:
              "(jaxdp.example_weights), so the padding counts for nothing")
       raise JaxdpError(f"the global batch of {total} rows is not divisible by data devices x "
                        f"micro-batches = {self.data_size} x {a}; {fix}")
+    if self.reduction == "fixed_order":
+      fixed_order.check_rows(total // a, self.virtual_shards, self.data_size)
     mine = self.process_rows(total, a)
-    batch = {k: np.asarray(v) for k, v in batch.items()}
-    if "ids" not in batch:
-      batch["ids"] = mine.astype(np.int32)
+    batch = dict(jax.tree.map(np.asarray, batch))
+    if "ids" not in batch:  # Aligned with the rows given: the global batch's, or this process's.
+      batch["ids"] = (np.arange(total) if global_batch_size is None else mine).astype(np.int32)
     if global_batch_size is None and len(mine) != total:
-      batch = {k: v[mine] for k, v in batch.items()}
-    local = {k: v.reshape((a, v.shape[0] // a) + v.shape[1:]) for k, v in batch.items()}
+      batch = jax.tree.map(lambda v: v[mine], batch)
+    local = jax.tree.map(lambda v: v.reshape((a, v.shape[0] // a) + v.shape[1:]), batch)
     return put_batch(local, batch_sharding(self.mesh), total // a)
 
   def _placed(self, batch) -> bool:
     """True for the output of put_batch (already on the devices, laid out [A, b, ...])."""
     sharding = batch_sharding(self.mesh)
     return isinstance(batch, dict) and all(isinstance(v, jax.Array) and v.sharding == sharding
-                                           for v in batch.values())
+                                           for v in jax.tree.leaves(batch))
 
   def device_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
     """`batch` on the devices: put_batch of a host global batch, or a placed batch as it is."""
@@ -263,7 +313,8 @@ class DataParallel:
     available memory shared by its CPU devices on CPU. Allocating instead would fail deep in the
     runtime (a long allocator trace) or, on CPU, push the host into swap or the OOM killer.
     """
-    signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    signature = tuple(sorted((jax.tree_util.keystr(k), v.shape, str(v.dtype))
+                             for k, v in jax.tree_util.tree_leaves_with_path(batch)))
     train_step = self.train_step
     if train_step is None or signature in self._memory_checked:  # None: step() refuses first.
       return
@@ -293,9 +344,12 @@ class DataParallel:
                          "parameters comes from init_fn's annotations)")
       shapes = {shardings._param_key(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_leaves_with_path(params)}
-      self.eval_step = steps.compile_eval_step(
-          self.strategy, shardings.Layout(self.mesh, {}, shapes, self.rules), self.loss_fn,
-          self.compute_dtype)
+      layout = shardings.Layout(self.mesh, {}, shapes, self.rules)
+      self.eval_step = (
+          fixed_order.compile_eval_step(layout, self.loss_fn, self.virtual_shards,
+                                        self.compute_dtype)
+          if self.reduction == "fixed_order" else
+          steps.compile_eval_step(self.strategy, layout, self.loss_fn, self.compute_dtype))
     totals = [self.eval_step(params, b if self._placed(b) else self.put_batch(b, micro_batches=1))
               for b in batches]
     if not totals:

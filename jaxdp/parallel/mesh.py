@@ -93,4 +93,4 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows
   def put(x):
     shape = x.shape if global_rows is None else (x.shape[0], global_rows) + x.shape[2:]
     return jax.make_array_from_process_local_data(sharding, x, shape)
-  return {k: put(v) for k, v in batch.items()}
+  return jax.tree.map(put, batch)

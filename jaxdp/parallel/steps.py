@@ -75,8 +75,10 @@ def _sum_device_groups(strategy: str, layout: Layout) -> Callable | None:
 def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
                        tx: optax.GradientTransformation, state_sharding: Any,
                        comm_cfg: CommConfig | None = None, max_consecutive_skips: int = 0,
-                       compute_dtype: Any = None) -> jax.stages.Wrapped:
-  """(state, batch [A, b, ...]) -> (state, metrics), jitted with the state donated."""
+                       compute_dtype: Any = None,
+                       spike: tuple[float, int] | None = None) -> jax.stages.Wrapped:
+  """(state, batch [A, b, ...]) -> (state, metrics), jitted with the state donated. `spike`:
+  (sigmas, window) of spike_policy="skip" (core.step.train_step; not with local SGD)."""
   comm_cfg = comm_cfg or CommConfig()
   mesh = layout.mesh
   if strategy == "dp":
@@ -90,7 +92,7 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
       body = functools.partial(step.train_step, loss_fn=loss_fn, tx=tx, axis_name=axes,
                                exchange=make_exchange(comm_cfg, axes),
                                max_consecutive_skips=max_consecutive_skips,
-                               compute_dtype=compute_dtype)
+                               compute_dtype=compute_dtype, spike=spike)
     # core.step.train_step casts the replicated params to per-device values before
     # differentiating, so the dense step holds one all-reduce (gradients, loss and token count
     # together). Ring, ps and all-gather results are the same on every device by construction
@@ -104,7 +106,7 @@ def compile_train_step(strategy: str, layout: Layout, loss_fn: LossFn,
                            tx=_zero_optimizer(tx, strategy, layout, offload), axis_name=None,
                            max_consecutive_skips=max_consecutive_skips, compute_dtype=compute_dtype,
                            noise_groups=batch_size_of(mesh),
-                           sum_groups=_sum_device_groups(strategy, layout))
+                           sum_groups=_sum_device_groups(strategy, layout), spike=spike)
   return jax.jit(body, in_shardings=(state_sharding, batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 
@@ -150,4 +152,4 @@ def split_for_pmap(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, 
     a, b = x.shape[:2]
     x = x.reshape((a, num_devices, b // num_devices) + x.shape[2:])
     return np.moveaxis(x, 1, 0)
-  return {k: split(np.asarray(v)) for k, v in batch.items()}
+  return jax.tree.map(lambda v: split(np.asarray(v)), batch)

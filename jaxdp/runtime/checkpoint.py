@@ -14,9 +14,11 @@ fingerprints, which `restore` checks.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -26,18 +28,262 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdp.core.tree import path_names
-from jaxdp.errors import JaxdpError, os_reason
+from jaxdp.errors import JaxdpError, disk_error, os_reason, writing
 from jaxdp.parallel import exchange
 
 INVALID_DIR = "checkpoints.invalid"  # Checkpoints that failed validation are moved here, not deleted.
+# WORKDIR/checkpoints.json records a checkpoint_dir other than WORKDIR/checkpoints (a bucket), so
+# every reader of the workdir (resume, inspect, generate, export, evaluate, replay) finds it.
+LOCATION_FILE = "checkpoints.json"
+URL_SCHEMES = ("s3://", "gs://")
+
+
+def parse_checkpoint_dir(value: str) -> str:
+  """config.checkpoint_dir: "" (WORKDIR/checkpoints), a folder, or s3://BUCKET[/PREFIX] or
+  gs://BUCKET[/PREFIX].
+
+  Raises:
+    JaxdpError: another URL scheme, or a URL without a bucket.
+  """
+  value = str(value)
+  if "://" in value and not is_url(value):
+    raise JaxdpError(f"config.checkpoint_dir={value!r}: only s3:// and gs:// URLs (or a folder) "
+                     "are supported, e.g. s3://my-bucket/runs/exp1")
+  if is_url(value) and not value.split("://", 1)[1].split("/", 1)[0]:
+    raise JaxdpError(f"config.checkpoint_dir={value!r} names no bucket; give e.g. "
+                     f"{value.split('://')[0]}://my-bucket/runs/exp1")
+  return value
+
+
+def is_url(path: str) -> bool:
+  """Whether `path` is an object-storage URL (s3://bucket/..., gs://bucket/...)."""
+  return str(path).startswith(URL_SCHEMES)
+
+
+def location(workdir: str) -> str:
+  """Where the checkpoints of the run in `workdir` are: the checkpoint_dir its WORKDIR/
+  checkpoints.json records (a bucket URL or another folder), else WORKDIR/checkpoints."""
+  try:
+    with open(os.path.join(workdir, LOCATION_FILE)) as f:
+      found = json.load(f).get("checkpoint_dir")
+    if isinstance(found, str) and found:
+      return found
+  except (OSError, ValueError, AttributeError):
+    pass
+  return os.path.join(workdir, "checkpoints")
+
+
+def record_location(workdir: str, directory: str) -> None:
+  """Writes WORKDIR/checkpoints.json naming `directory` (process 0; nothing for the default)."""
+  default = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if jax.process_index() != 0 or (not is_url(directory) and os.path.abspath(directory) == default):
+    return
+  path = os.path.join(workdir, LOCATION_FILE)
+  with writing(path, "writing"):
+    os.makedirs(workdir, exist_ok=True)
+    run_id = _claimed.get((os.path.abspath(workdir), directory))
+    with open(path + ".partial", "w") as f:
+      json.dump({"checkpoint_dir": directory, **({"run_id": run_id} if run_id else {})}, f)
+    os.replace(path + ".partial", path)
+
+
+def exists(path: str) -> bool:
+  """Whether a checkpoint directory (local folder or bucket prefix) exists."""
+  if is_url(path):
+    from etils import epath
+    return epath.Path(path).exists()
+  return os.path.isdir(path)
+
+
+def _join(directory: str, *names: str) -> str:
+  return "/".join([directory.rstrip("/"), *names]) if is_url(directory) else os.path.join(directory, *names)
+
+
+_object_storage_ready = False
+
+
+def _object_storage() -> None:
+  """Lets orbax write s3:// as it writes gs://, once per process.
+
+  orbax 0.12 builds tensorstore specs for gs:// only (its OCDBT spec turns "s3://b/p" into the
+  local path "s3:/b/p"); tensorstore itself has an s3 driver. Three small orbax helpers are
+  wrapped so an s3:// path gets {"driver": "s3", ...}, with the endpoint and region from the
+  standard AWS environment (AWS_ENDPOINT_URL, AWS_REGION or AWS_DEFAULT_REGION; credentials from
+  AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY when set, else tensorstore's AWS chain). Directory operations (listing, renames, deletes) go through etils
+  epath, i.e. fsspec's s3fs/gcsfs (the `jaxdp[cloud]` extra).
+  """
+  global _object_storage_ready
+  if _object_storage_ready:
+    return
+  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  normalize, use_remote, kvstore = ts_utils._normalize_path, ts_utils._use_gcs_driver, \
+      gcs_utils.get_kvstore_for_gcs  # noqa: SLF001
+
+  def s3_normalize(path: str) -> str:
+    return "s3://" + normalize(str(path)[5:]).lstrip("/") if str(path).startswith("s3://") \
+        else normalize(path)
+
+  def s3_kvstore(path: str) -> dict[str, Any]:
+    if not str(path).startswith("s3://"):
+      return kvstore(path)
+    bucket, _, key = str(path)[5:].partition("/")
+    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if endpoint:
+      spec["endpoint"] = endpoint
+    if region:
+      spec["aws_region"] = region
+    elif endpoint:
+      spec["aws_region"] = "us-east-1"  # An S3-compatible server (MinIO, moto) ignores it.
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+      # Keys in the environment are what the default chain would find first, but on the way it
+      # logs a failure to open ~/.aws/credentials for every array written (~150 stderr lines).
+      spec["aws_credentials"] = {"type": "environment"}
+    return spec
+  ts_utils._normalize_path = s3_normalize  # noqa: SLF001
+  ts_utils._use_gcs_driver = lambda d: str(d).startswith("s3://") or use_remote(d)  # noqa: SLF001
+  gcs_utils.get_kvstore_for_gcs = s3_kvstore
+  _object_storage_ready = True
+
+
+def _fresh_listings(directory: str) -> None:
+  """Forgets fsspec's cached listings of the bucket: s3fs and gcsfs keep a folder's listing for
+  the life of the process, so a reader would never see a live run's newer steps."""
+  from etils.epath import backend
+  backend.fsspec_backend.fs(directory).invalidate_cache()
+
+
+def _check_writable(directory: str) -> None:
+  """One small object written and deleted under `directory`: a bucket that does not exist, or
+  refuses this job's writes, is one line before training starts."""
+  from etils import epath
+  probe = epath.Path(_join(directory, ".jaxdp-write-check"))
+  try:
+    probe.write_text("ok")
+    probe.unlink()
+  except ModuleNotFoundError as e:
+    raise JaxdpError(f"config.checkpoint_dir={directory!r} needs the object-storage filesystems "
+                     f"({e.name} is missing): pip install 'jaxdp[cloud]'") from None
+  except Exception as e:  # noqa: BLE001 - fsspec/botocore raise many types; all mean "cannot write".
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    raise JaxdpError(f"config.checkpoint_dir={directory!r}: cannot write there ({reason}); check "
+                     "that the bucket exists and this job's credentials may write to it (endpoint "
+                     "from AWS_ENDPOINT_URL for S3-compatible servers)") from None
 
 
 def step_directory(restore_from: str) -> tuple[str, int] | None:
   """(checkpoint directory, step) of a `--restore_from` checkpoint step directory
-  (".../checkpoints/<step>", a trailing slash allowed), or None when its name is not a step."""
+  (".../checkpoints/<step>" or "s3://BUCKET/PREFIX/<step>", a trailing slash allowed), or None
+  when its name is not a step."""
+  if is_url(restore_from):
+    parent, _, name = restore_from.rstrip("/").rpartition("/")
+    return (parent, int(name)) if name.isdigit() and "://" in parent else None
   path = os.path.abspath(restore_from.rstrip("/"))
   name = os.path.basename(path)
   return (os.path.dirname(path), int(name)) if name.isdigit() else None
+
+
+OWNER_FILE = "jaxdp-run.json"  # In a bucket prefix: which run (id, workdir, host) it belongs to.
+_claimed: dict[tuple[str, str], str] = {}  # {(workdir, checkpoint_dir): run id} claimed here.
+
+
+def claim(workdir: str, directory: str) -> None:
+  """Before a run writes anything: a bucket prefix `directory` must be writable and belong to
+  the run in `workdir` (process 0; nothing for a folder).
+
+  The first run to use a prefix writes PREFIX/jaxdp-run.json (a run id, its workdir, its host);
+  the id is recorded in WORKDIR/checkpoints.json with the first checkpoint (`record_location`).
+  Another workdir naming the same prefix would silently resume (or overwrite) that run.
+
+  Raises:
+    JaxdpError: the bucket is missing or refuses writes, or the prefix belongs to another run.
+  """
+  if not is_url(directory) or jax.process_index() != 0:
+    return
+  directory = directory.rstrip("/")
+  _object_storage()
+  _fresh_listings(directory)
+  with _logs_held():  # botocore's INFO lines would create WORKDIR/jaxdp.log of a refused run.
+    _check_writable(directory)
+    if workdir:
+      _check_owner(workdir, directory)
+
+
+def _check_owner(workdir: str, directory: str) -> None:
+  import socket
+  import uuid
+
+  from etils import epath
+  here, host = os.path.abspath(workdir), socket.gethostname()
+  recorded = _recorded(workdir)
+  mine = _claimed.get((here, directory)) or (recorded.get("run_id")
+                                             if recorded.get("checkpoint_dir") == directory else None)
+  marker = epath.Path(_join(directory, OWNER_FILE))
+  try:
+    owner = json.loads(marker.read_text())
+  except FileNotFoundError:
+    owner = None
+  except ValueError:
+    owner = {}  # Unreadable: nobody's claim can be checked, so only a run with steps is refused.
+  root = epath.Path(directory)
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  if owner and owner.get("run_id") == mine:
+    _claimed[here, directory] = mine
+    return
+  # A start of this same workdir that was refused before its first checkpoint claims it again.
+  again = owner and not mine and owner.get("workdir") == here and owner.get("host") == host and not steps
+  if (owner or steps) and not again and not (mine and not owner):
+    whose = (f"the run in {owner.get('workdir')!r} on {owner.get('host')} (run id {owner.get('run_id')})"
+             if owner else f"a run without an owner record (checkpoints at steps {steps[:5]})")
+    fix = f"resume that run with --workdir {owner['workdir']}, " if owner and owner.get("workdir") else ""
+    raise JaxdpError(f"config.checkpoint_dir={directory!r} belongs to {whose}, not to --workdir={here!r}: "
+                     f"this run would resume or overwrite its checkpoints; give this run its own prefix "
+                     f"(e.g. --config.checkpoint_dir={directory}-2), {fix}or start from one of its "
+                     f"checkpoints with --restore_from {directory}/STEP and its own prefix")
+  run_id = str((owner or {}).get("run_id") or uuid.uuid4().hex) if again else (mine or uuid.uuid4().hex)
+  marker.write_text(json.dumps({"run_id": run_id, "workdir": here, "host": host}))
+  _claimed[here, directory] = run_id
+
+
+def _recorded(workdir: str) -> dict[str, Any]:
+  """WORKDIR/checkpoints.json, or {} when absent or unreadable."""
+  try:
+    with open(os.path.join(workdir, LOCATION_FILE)) as f:
+      found = json.load(f)
+    return found if isinstance(found, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+class _logs_held:  # noqa: N801 - used as a function-like context manager.
+  """Keeps Python log records in memory while inside; replays them to the root logger's
+  handlers on a normal exit, drops them when an exception leaves (the error line says it)."""
+
+  def __enter__(self):
+    import logging
+    self.root = logging.getLogger()
+    self.handlers = list(self.root.handlers)
+    self.records: list[logging.LogRecord] = []
+    holder = logging.Handler()
+    holder.emit = self.records.append
+    for h in self.handlers:
+      self.root.removeHandler(h)
+    self.root.addHandler(holder)
+    self.holder = holder
+    return self
+
+  def __exit__(self, kind, *_):
+    self.root.removeHandler(self.holder)
+    for h in self.handlers:
+      self.root.addHandler(h)
+    if kind is None:
+      for record in self.records:
+        for h in self.handlers:
+          if record.levelno >= h.level:
+            h.handle(record)
+    return False
 
 
 class CorruptCheckpoint(Exception):
@@ -109,12 +355,23 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep_last: int = 3, keep_every: int = 0, *, create: bool = True,
                directory: str | None = None):
-    self.directory = os.path.abspath(directory or os.path.join(workdir, "checkpoints"))
+    directory = directory or location(workdir)
+    self.directory = directory.rstrip("/") if is_url(directory) else os.path.abspath(directory)
+    self.remote = is_url(self.directory)
+    if self.remote:
+      _object_storage()
+      _fresh_listings(self.directory)
+      if create:
+        claim(workdir, self.directory)
     self._pinned: set[int] = set()
     options = ocp.CheckpointManagerOptions(
         create=create, cleanup_tmp_directories=create,
         best_fn=lambda m: m["eval_loss"], best_mode="min",  # Makes orbax record eval_loss per step.
-        preservation_policy=_preservation_policy(keep_last, keep_every, self._pinned))
+        preservation_policy=_preservation_policy(keep_last, keep_every, self._pinned),
+        # A bucket has no atomic rename of a folder: each step is written in place and counts
+        # as saved only once its commit_success.txt exists (orbax's protocol for GCS).
+        **({"atomicity_options": ocp.options.AtomicityOptions(
+            mode=ocp.options.AtomicityMode.COMMIT_FILE)} if self.remote else {}))
     try:
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
@@ -126,6 +383,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """The steps of the finished checkpoints, ascending."""
     return sorted(self._manager.all_steps())
+
+  def refreshed_steps(self) -> list[int]:
+    """The finished steps as they are now (re-listed: a live run may have saved or deleted some)."""
+    if self.remote:
+      _fresh_listings(self.directory)
+    self._manager.reload()
+    return self.all_steps()
 
   def latest_step(self) -> int | None:
     """The newest finished checkpoint's step, or None when there is none."""
@@ -148,8 +412,11 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
           metrics=None if eval_loss is None else {"eval_loss": eval_loss})
-    except OSError as e:
-      raise self._save_error(e) from e
+    except Exception as e:
+      # Tensorstore reports a full or read-only disk as ValueError("RESOURCE_EXHAUSTED: ...").
+      if isinstance(e, OSError) or disk_error(e):
+        raise self._save_error(e) from e
+      raise
 
   def check(self) -> None:
     """Raises JaxdpError now if a background save has failed (cheap: no waiting)."""
@@ -262,8 +529,22 @@ class Checkpointer:
 
   def set_aside(self, step: int) -> str:
     """Moves an invalid checkpoint out of the way (kept for inspection); returns its new path."""
-    target = os.path.join(os.path.dirname(self.directory), INVALID_DIR, str(step))
-    if jax.process_index() == 0:
+    if self.remote:
+      import fsspec
+      # PREFIX.invalid/<step>, not a folder beside the prefix that sibling runs would share.
+      target = _join(self.directory + ".invalid", str(step))
+      if jax.process_index() == 0:
+        fs, source = fsspec.filesystem(self.directory.split("://")[0]), _join(self.directory, str(step))
+        # Uncommitted first (readers then skip it), then copied aside object by object: a
+        # bucket has no rename of a folder.
+        fs.rm(_join(source, "commit_success.txt"))
+        if fs.exists(target):
+          fs.rm(target, recursive=True)
+        fs.copy(source, target, recursive=True)
+        fs.rm(source, recursive=True)
+    else:
+      target = os.path.join(os.path.dirname(self.directory), INVALID_DIR, str(step))
+    if jax.process_index() == 0 and not self.remote:
       if os.path.exists(target):
         shutil.rmtree(target)
       os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -301,27 +582,42 @@ def describe(path: str) -> list[dict[str, Any]]:
   [{step, meta (config, examples_seen, ...), eval_loss, disk_bytes,
     arrays: [(path, shape, dtype, bytes)]}], oldest first; no array is loaded.
   """
-  directory = os.path.join(path, "checkpoints")
-  directory = directory if os.path.isdir(directory) else path
-  if not os.path.isdir(directory):
+  directory = location(path) if not is_url(path) else path
+  directory = directory if exists(directory) else path
+  if not exists(directory):
     raise JaxdpError(f"{path!r} is not a directory; give a --workdir or its checkpoints/ folder")
   checkpoints = Checkpointer("", create=False, directory=directory)
   try:
     steps = []
     for step in checkpoints.all_steps():
-      tree = checkpoints.item_metadata(step).tree
-      leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-      arrays = [(jax.tree_util.keystr(p), tuple(a.shape), str(np.dtype(a.dtype)),
-                 int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize)
-                for p, a in leaves]
-      step_dir = os.path.join(directory, str(step))
-      disk = sum(os.path.getsize(os.path.join(root, f))
-                 for root, _, files in os.walk(step_dir) for f in files)
-      steps.append({"step": step, "meta": checkpoints.restore_meta(step), "arrays": arrays,
-                    "eval_loss": checkpoints.eval_loss(step), "disk_bytes": disk})
+      try:
+        steps.append(_describe_step(checkpoints, step))
+      except Exception:  # noqa: BLE001 - see below.
+        # A live run's retention deleted it (file by file) while it was read: the steps still
+        # there are shown. A step still listed a moment later is read again (damage raises).
+        time.sleep(0.2)
+        if step in checkpoints.refreshed_steps():
+          steps.append(_describe_step(checkpoints, step))
     return steps
   finally:
     checkpoints.close()
+
+
+def _describe_step(checkpoints: Checkpointer, step: int) -> dict[str, Any]:
+  tree = checkpoints.item_metadata(step).tree
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  arrays = [(jax.tree_util.keystr(p), tuple(a.shape), str(np.dtype(a.dtype)),
+             int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize)
+            for p, a in leaves]
+  step_dir = _join(checkpoints.directory, str(step))
+  if checkpoints.remote:
+    import fsspec
+    disk = int(fsspec.filesystem(step_dir.split("://")[0]).du(step_dir))
+  else:
+    disk = sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(step_dir) for f in files)
+  return {"step": step, "meta": checkpoints.restore_meta(step), "arrays": arrays,
+          "eval_loss": checkpoints.eval_loss(step), "disk_bytes": disk}
 
 
 def _warn(message: str) -> None:

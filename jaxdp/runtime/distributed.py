@@ -25,6 +25,7 @@ import sys
 import threading
 
 from jaxdp.errors import JaxdpError
+from jaxdp.runtime import heartbeat
 
 # --cluster values: JAX's detection names, plus "auto" (JAX's default order) and "none".
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s", "mpi4py", "gketpu", "gcetpu")
@@ -212,10 +213,15 @@ def _reachable(address: str, timeout_s: float = 1.0) -> bool:
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: float = 300,
-               env: Mapping[str, str] | None = None, cluster: str = "auto") -> ProcessGroup:
+               env: Mapping[str, str] | None = None, cluster: str = "auto",
+               step_timeout_s: float = 0.0) -> ProcessGroup:
   """Joins the run described by the flags or the cluster environment; a no-op for one process.
 
-  Must run before JAX touches a device. If the group has not formed within `timeout_s` seconds,
+  Must run before JAX touches a device. `step_timeout_s` (config.step_timeout_s; 0: unset) sets
+  JAX's coordination heartbeat (`heartbeat_timeout_seconds`, which aborts a process natively when
+  a peer misses it) after jaxdp's own judgement of a lost peer (runtime/heartbeat.py:
+  step_timeout_s, or 60 s when unset, plus 60 s), so that a dead or frozen peer ends in jaxdp's
+  exit 3 with a message naming it. If the group has not formed within `timeout_s` seconds,
   the process prints which coordinator it waited for and exits with status 2 (JAX offers no way
   to interrupt a pending connection, so the exit is immediate).
   """
@@ -249,8 +255,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         group.coordinator, group.num_processes, group.process_id,
         local_device_ids=list(group.local_device_ids) if group.local_device_ids else None,
         cluster_detection_method="deactivate",
-        # JAX aborts natively at its own deadline: give ours time to speak first.
-        initialization_timeout=int(timeout_s) + 30)
+        # JAX aborts natively at its own deadlines: give ours time to speak first.
+        initialization_timeout=int(timeout_s) + 30,
+        heartbeat_timeout_seconds=heartbeat.jax_heartbeat_timeout_s(step_timeout_s))
   finally:
     timer.cancel()
   return group
+

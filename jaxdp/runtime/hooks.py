@@ -29,9 +29,14 @@ host metrics since the last log, fetched once for all hooks), or sync only every
 (`every(n, fn)`).
 
 What a hook may change: fields of the train line in `on_log`; `ctx.stop(reason)`;
-`ctx.request_checkpoint()`; `ctx.state` in `after_step` or `at_boundary` as long as its step is
-unchanged (e.g. a repaired state; the batches follow the step counter, so a state of another
-step is not supported yet). Everything else on `ctx` is to read.
+`ctx.request_checkpoint()`; `ctx.request_rollback(step, meta)` (after this step's boundary the
+loop restores the checkpoint of `step`, re-creates the batch iterator from there, honouring
+`ctx.skipped_batches`, and calls every hook's `on_rollback`); `ctx.state` in `after_step` or
+`at_boundary` as long as its step is unchanged (e.g. a repaired state). `ctx.guards`: callables
+`guard(ctx)` run by `ctx.check_finite()`, i.e. before every evaluation and checkpoint save (a
+guard may request a rollback; the save and evaluation are then skipped). `ctx.clock` (the run's
+goodput clock, runtime/goodput.py): `with ctx.clock.span("eval"): ...` charges work to a
+category. Everything else on `ctx` is to read.
 
 Several processes: every process runs the same hooks at the same steps. A hook that stops the
 run, asks for a checkpoint or runs a collective must decide the same way on every process (from
@@ -49,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # Only for annotations: this module imports no JAX.
   from jaxdp.core.state import TrainState
   from jaxdp.parallel.data_parallel import DataParallel
+  from jaxdp.runtime.goodput import GoodputClock
   from jaxdp.runtime.options import FitOptions
 
 
@@ -82,6 +88,10 @@ class Hook:
   def on_resume(self, ctx: LoopContext, seconds: float) -> None:
     """That work ended after `seconds`."""
 
+  def on_rollback(self, ctx: LoopContext, step: int) -> None:
+    """The loop went back to the checkpoint of `step` (`ctx.request_rollback`): ctx.state and
+    ctx.step are that checkpoint's now; the steps after it will be trained again."""
+
   def close(self, ctx: LoopContext) -> None:
     """After the last step, in reverse hook order, also when the run failed."""
 
@@ -112,17 +122,33 @@ class LoopContext:
   perf_counter time fit began), start_step,
   restored, compiled (the compiled train step; None when nothing is left to train),
   rows_per_step (rows of one global batch), step, state, log_step (whether this step logs),
-  stop_reason, result. Change: `stop`, `request_checkpoint`, `state` (same step only).
+  stop_reason, result, clock (the goodput clock), device_wait_s, log_s, skipped_batches. Change:
+  `stop`, `request_checkpoint`, `request_rollback`, `state` (same step only), `guards`.
   """
 
   def __init__(self, *, dp: DataParallel, options: FitOptions, workdir: str, record: Any,
                state: TrainState, restored: bool, run: Any,
                eval_batches: Callable[[], Iterable[dict]] | None = None,
-               lr_schedule: Callable[[int], Any] | None = None):
+               lr_schedule: Callable[[int], Any] | None = None, clock: GoodputClock | None = None):
+    from jaxdp.runtime.goodput import GoodputClock
     self.dp, self.options, self.workdir, self.record = dp, options, workdir, record
     self.eval_batches, self.lr_schedule = eval_batches, lr_schedule
     self.state = state
+    # Where the run's wall time goes (productive steps, compilation, saves, ...); fit's own.
+    self.clock = clock if clock is not None else GoodputClock()
     self.started = time.perf_counter()  # When fit began (fit sets it before restoring).
+    # Seconds the host spent waiting for the devices (dispatching steps, fetching the train line):
+    # the rest of a window is this process's own host time (runtime/health.py).
+    self.device_wait_s = 0.0
+    self.log_s = 0.0  # Host seconds spent in on_log hooks and writing train lines.
+    self.guards: list[Callable[[LoopContext], None]] = []  # Run by check_finite (see above).
+    self.rollback_to: int | None = None  # A requested rollback's checkpoint step.
+    self.rollback_meta: dict[str, Any] = {}  # Meta the run keeps across that rollback.
+    # Data indices never trained on (spike rollbacks); the batch of step s is
+    # train_batches(runtime.spikes.data_index(s, skipped_batches)).
+    self.skipped_batches: tuple[int, ...] = ()
+    # step -> (state, meta) of the checkpoint at `step` (the initial state for an unsaved 0).
+    self.restore_step: Callable[[int], tuple[Any, dict]] | None = None
     self.step = self.start_step = int(state.step)
     self.restored = restored
     self.run = run  # The run's checkpoints and metrics file (loop.Run).
@@ -147,6 +173,13 @@ class LoopContext:
     """Saves a checkpoint at the end of this step, whatever checkpoint_every says."""
     self.checkpoint_requested = True
 
+  def request_rollback(self, step: int, meta: dict[str, Any] | None = None) -> None:
+    """After this step's boundary, returns to the checkpoint of `step` (0 without one: the
+    initial state); `meta` (e.g. "skipped_batches", a sorted list of data indices to skip from
+    then on) replaces those keys of the restored checkpoint's meta, so later saves record them."""
+    if self.rollback_to is None:
+      self.rollback_to, self.rollback_meta = step, dict(meta or {})
+
   def say(self, line: str) -> None:
     """Prints a line for the user (process 0), above the progress bar if there is one."""
     self.printer(line)
@@ -160,6 +193,8 @@ class LoopContext:
     updates in a row; the steps not logged yet are fetched only then."""
     pending, first = self.unlogged()
     self.run.halt_if_not_finite(self.state, pending, first)
+    for guard in self.guards:
+      guard(self)
 
 
 def _plain_print(line: str) -> None:

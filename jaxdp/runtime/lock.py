@@ -68,6 +68,10 @@ class WorkdirLock:
     if self._fd is not None:
       if _held.get(os.path.realpath(self.path)) == self._fd:
         del _held[os.path.realpath(self.path)]
+        try:  # The holder's record goes with the lock: a run that ends leaves the file as empty
+          os.ftruncate(self._fd, 0)  # as before it (a refused resume changes no byte).
+        except OSError:
+          pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
       self._fd = None

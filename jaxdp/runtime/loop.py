@@ -29,9 +29,11 @@ from jaxdp.data.pipeline import prefetch
 from jaxdp.errors import JaxdpError
 from jaxdp.parallel.data_parallel import DataParallel
 from jaxdp.parallel.exchange import bytes_per_step
-from jaxdp.runtime import report
-from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+from jaxdp.runtime import agreement, heartbeat, logs, report
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, is_url, record_location, step_directory
+from jaxdp.runtime.checkpoint import exists as checkpoint_exists
 from jaxdp.runtime.fieldpath import dotted_get
+from jaxdp.runtime.goodput import GoodputClock, GoodputLedger, shares, summary_line
 from jaxdp.runtime.hooks import Hook, LoopContext, overriding
 from jaxdp.runtime.lock import WorkdirLock
 from jaxdp.runtime.loop_hooks import Cadence as Cadence
@@ -43,6 +45,7 @@ from jaxdp.runtime.loop_hooks import record_evaluation as record_evaluation
 from jaxdp.runtime.loop_hooks import train_line as train_line
 from jaxdp.runtime.metrics import MetricsWriter, read_metrics
 from jaxdp.runtime.options import FitOptions, fit_options
+from jaxdp.runtime.spikes import data_index
 
 
 def state_bytes_per_device(state) -> int:
@@ -97,6 +100,10 @@ class RunRecord:
   description: str = ""  # The model and data in a few words, for the start banner.
   notes: tuple[str, ...] = ()  # Lines shown after the banner, once the run has started or resumed.
   examples_per_step: int = 0  # Global batch size, for examples_seen.
+  # Examples consumed before a step (a batch that changes size: data.schedule); None: step x
+  # examples_per_step.
+  examples_at: Callable[[int], int] | None = None
+  meta: dict = dataclasses.field(default_factory=dict)  # Stored in every checkpoint's meta.
   defaults: dict = dataclasses.field(default_factory=dict)  # Run-defining field -> its default.
   advice: HaltAdvice | None = None  # What a halt advises to change, as command-line flags.
 
@@ -123,8 +130,8 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
   start afresh."""
   if restore_from:
     found = step_directory(restore_from)
-    path = os.path.abspath(restore_from.rstrip("/"))
-    if found is None or not os.path.isdir(path):
+    path = restore_from.rstrip("/") if is_url(restore_from) else os.path.abspath(restore_from.rstrip("/"))
+    if found is None or not (checkpoint_exists(path) if is_url(path) else os.path.isdir(path)):
       raise JaxdpError(f"--restore_from={restore_from!r} is not a checkpoint step directory; "
                        f"give e.g. WORKDIR/checkpoints/<step> (see `jaxdp inspect WORKDIR`)")
     directory, step = found
@@ -133,7 +140,7 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
     if later:
       raise JaxdpError(f"--restore_from={restore_from!r}: --workdir already has checkpoints at "
                        f"steps {later}; pick a fresh --workdir to continue from step {step}")
-    source = Checkpointer("", create=False, directory=os.path.dirname(path))
+    source = Checkpointer("", create=False, directory=directory)
     try:
       check_record(source.restore_meta(step), record, path, allow_config_change)
       return source.restore(step, abstract)
@@ -187,11 +194,14 @@ class Run:
   """
 
   def __init__(self, workdir: str, dp: DataParallel, record: RunRecord, *, keep_last: int = 3,
-               keep_every: int = 0, sinks: Sequence[Any] = ()):
+               keep_every: int = 0, sinks: Sequence[Any] = (), checkpoint_dir: str | None = None):
     self.workdir, self.dp, self.record = workdir, dp, record
     # One run per workdir (process 0 holds the lock; a crashed run cannot leave it stuck).
     self.lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).__enter__()
-    self.checkpoints = Checkpointer(workdir, keep_last, keep_every)
+    # A checkpoint_dir elsewhere (a bucket) is recorded in the workdir for every later reader.
+    self.checkpoints = Checkpointer(workdir, keep_last, keep_every, directory=checkpoint_dir or None)
+    if checkpoint_dir:
+      record_location(workdir, self.checkpoints.directory)
     self.writer = MetricsWriter(workdir, sinks)
     self.meta = {"best_eval_loss": None, "evals_without_improvement": 0}
     self.saved_step: int | None = None
@@ -199,6 +209,10 @@ class Run:
     # Checkpoint step -> (the train loss right after it, the lowest train loss up to it).
     self.health: dict[int, tuple[float, float | None]] = {}
     self._unjudged: list[int] = []  # Checkpoint steps whose next train loss is not known yet.
+    # Meta key -> what to save under it with every checkpoint, for hooks whose running values a
+    # resume must continue (the unlogged train-line window, the noise-scale averages); a hook
+    # reads its key back from `meta` when the run resumes.
+    self.carried: dict[str, Callable[[], Any]] = {}
 
   def restore(self, abstract, *, restore_from: str | None = None,
               allow_config_change: bool = False) -> TrainState | None:
@@ -206,10 +220,13 @@ class Run:
     restored = restore(self.checkpoints, abstract, self.record, restore_from=restore_from,
                        allow_config_change=allow_config_change)
     if restored is None:
+      self.writer.truncate_after(0)  # An attempt killed before its first checkpoint.
       return None
     state, self.meta = restored
     self.saved_step = int(state.step)
     self._judge_logged(self.saved_step)
+    # Lines a killed attempt logged after this checkpoint are logged again from here on.
+    self.writer.truncate_after(self.saved_step)
     return state
 
   def _judge_logged(self, restored_step: int) -> None:
@@ -271,13 +288,17 @@ class Run:
     step = int(state.step)
     if self.saved_step == step:
       return
+    heartbeat.set_phase("checkpoint save", step)
     self.saved_step = step
     if step not in self._unjudged and step not in self.health:
       self._unjudged.append(step)
       if pin:
         self._pin()
+    carried = {key: value() for key, value in self.carried.items()}
     self.checkpoints.save(step, state, dict(
-        self.meta, step=step, examples_seen=step * self.record.examples_per_step,
+        self.meta, **carried, **self.record.meta, step=step,
+        examples_seen=(self.record.examples_at(step) if self.record.examples_at is not None
+                       else step * self.record.examples_per_step),
         config=self.record.config, data_digest=self.record.data_digest,
         strategy=self.dp.strategy, num_devices=self.dp.mesh.size), eval_loss=eval_loss)
 
@@ -379,7 +400,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   """Trains (or resumes) the run in `workdir` to `num_steps`; returns {"step", "train_loss",
   "eval_loss", "best_eval_loss", "stop_reason" ("num_steps", "early_stopping", "preempted", or
   what a hook gave `ctx.stop`), "state" (the final TrainState; absent when the run had already
-  stopped early)}.
+  stopped early), "goodput" and "goodput_all_runs" (each category's share of the wall time, this
+  run and every run of the workdir: runtime/goodput.py)}.
 
   Args:
     dp: the DataParallel (loss, optimizer, strategy, mesh) to train with.
@@ -388,7 +410,9 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
       output of dp.put_batch); must depend only on the step (and the run's seed).
     options: num_steps, seed, log_every, eval_every, checkpoint_every, patience, keep_last,
       keep_every, step_timeout_s, progress, tokens_per_step, flops_per_device, profile_steps,
-      restore_from, allow_config_change (see FitOptions). Each may also be given as a keyword
+      restore_from, allow_config_change, checkpoint_every_minutes, spike_policy ("rollback":
+      runtime/spikes.py) and its spike_* settings, straggler_factor, grad_outlier_factor,
+      health_window (runtime/health.py) (see FitOptions). Each may also be given as a keyword
       (`fit(..., num_steps=100, log_every=5)`), which replaces the one in `options`.
     workdir: the run's directory: checkpoints/, metrics.jsonl, TensorBoard events.
     eval_batches: () -> iterable of evaluation batches; None: no evaluation. The eval loss is
@@ -413,25 +437,51 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   how to go on from it.
   """
   began = time.perf_counter()
+  clock = GoodputClock()  # Where the wall time goes (runtime/goodput.py), from fit's start.
   options = fit_options(options, option_fields)
   record = record or RunRecord()
-  run = Run(workdir, dp, record, keep_last=options.keep_last, keep_every=options.keep_every,
-            sinks=sinks)
+  # Every process of the run holds the same config, data and versions, before anything is written.
+  agreement.check(record.config, record.data_digest)
+  # Heartbeats, lost peers and hang reports in every phase from here (runtime/heartbeat.py).
+  monitor = heartbeat.start(workdir, options.step_timeout_s)
   try:
-    state = run.restore(dp.abstract_state(init_fn, options.seed), restore_from=options.restore_from,
-                        allow_config_change=options.allow_config_change)
+    run = Run(workdir, dp, record, keep_last=options.keep_last, keep_every=options.keep_every,
+              sinks=sinks, checkpoint_dir=options.checkpoint_dir)
+  except BaseException as e:
+    monitor.failed(e)
+    monitor.stop("failed")
+    raise
+  try:
+    heartbeat.set_phase("checkpoint restore")
+    abstract = dp.abstract_state(init_fn, options.seed)
+    with clock.span("restore"):
+      state = run.restore(abstract, restore_from=options.restore_from,
+                          allow_config_change=options.allow_config_change)
     restored = state is not None
+    # Past the last refusal (the resume check): the log held since start-up goes to its file.
+    logs.release()
     if state is None:
       state = dp.init_state(init_fn, options.seed)
     ctx = LoopContext(dp=dp, options=options, workdir=workdir, record=record, state=state,
-                      restored=restored, run=run, eval_batches=eval_batches, lr_schedule=lr_schedule)
+                      restored=restored, run=run, eval_batches=eval_batches, lr_schedule=lr_schedule,
+                      clock=clock)
     ctx.started = began
+    skipped: Any = run.meta.get("skipped_batches", ())  # Spike rollbacks' record (runtime/spikes.py).
+    ctx.skipped_batches = tuple(int(i) for i in skipped)
+    # A rollback's way back: the checkpoint of a step, or the initial state (step 0 unsaved).
+    ctx.restore_step = lambda step: (
+        run.checkpoints.restore(step, abstract) if step in run.checkpoints.all_steps()
+        else (dp.init_state(init_fn, options.seed),
+              {"best_eval_loss": None, "evals_without_improvement": 0}))
     if run.meta.get("stopped_early"):
       return _already_stopped(ctx)
     return _train(ctx, train_batches, list(hooks))
-  except BaseException:
+  except BaseException as e:
     run.abort()  # The workdir lock and files are released for a rerun in this process.
+    monitor.failed(e)  # The other processes learn of it (or a lost peer behind it is named).
     raise
+  finally:
+    monitor.stop("failed" if monitor.failed_error else "finished")
 
 
 def _already_stopped(ctx: LoopContext) -> dict[str, Any]:
@@ -446,55 +496,38 @@ def _already_stopped(ctx: LoopContext) -> dict[str, Any]:
 def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: list[Hook]) -> dict[str, Any]:
   """The loop: compile, announce, then steps until num_steps or a hook's stop; see hooks.py."""
   dp, run, num_steps = ctx.dp, ctx.run, ctx.options.num_steps
-  place = lambda s: dp.device_batch(train_batches(s))  # noqa: E731
+  # Batches skipped by spike rollbacks (none otherwise) move the data index past them.
+  place = lambda s: dp.device_batch(train_batches(data_index(s, ctx.skipped_batches)))  # noqa: E731
   started = time.perf_counter()
   first = place(ctx.step) if ctx.step < num_steps else None
   comm_bytes = 0.0
+  ledger = GoodputLedger(ctx.workdir, enabled=jax.process_index() == 0)
+  lost = ledger.begin(ctx.step)
+  if lost:
+    ctx.write({"event": "goodput_lost", "step": ctx.step, "lost_s": lost})
   if first is not None:
     assert dp.train_step is not None  # fit initialised or restored the state, which compiles it.
-    ctx.compiled = dp.train_step.lower(ctx.state, first).compile()
-    comm_bytes = comm_bytes_per_step(dp, ctx.state, first, ctx.compiled)
+    heartbeat.set_phase("compile", ctx.step)
+    with ctx.clock.span("compile"):
+      ctx.compiled = dp.train_step.lower(ctx.state, first).compile()
+      comm_bytes = comm_bytes_per_step(dp, ctx.state, first, ctx.compiled)
     # Without tokens_per_step, throughput counts rows (examples) of the global batch per second.
     ctx.rows_per_step = int(math.prod(jax.tree.leaves(first)[0].shape[:2]))
   log = TrainLog(comm_bytes)
-  hooks = builtin_hooks(ctx, user_hooks, log)
+  hooks = builtin_hooks(ctx, user_hooks, log, ledger)
   _announce(ctx, hooks)
-  before, after = overriding(hooks, "before_step"), overriding(hooks, "after_step")
-  on_log, at_boundary = overriding(hooks, "on_log"), overriding(hooks, "at_boundary")
-  pause, resume = overriding(hooks, "on_pause"), overriding(hooks, "on_resume")
   cadence = Cadence(num_steps, ctx.options.log_every)
   try:
     for hook in overriding(hooks, "on_start"):
       hook.on_start(ctx)
-    with contextlib.closing(prefetch(place, ctx.step, num_steps)) as prefetched:
-      batches: Iterator[Any] = prefetched
-      for hook in overriding(hooks, "wrap_batches"):
-        batches = hook.wrap_batches(ctx, batches)
-      for batch in batches:
-        for hook in before:
-          hook.before_step(ctx, ctx.step)
-        ctx.state, metrics = dp.step(ctx.state, batch)
-        ctx.step += 1
-        ctx.eval_loss, ctx.checkpoint_requested = None, False
-        for hook in after:
-          hook.after_step(ctx, ctx.step, metrics)
-        ctx.log_step = cadence.log(ctx.step)
-        if ctx.log_step:
-          line, window = log.window(ctx)
-          for hook in on_log:
-            hook.on_log(ctx, line, window)
-          run.writer.write(line)
-          ctx.result["train_loss"] = line["train_loss"]
-        paused = time.perf_counter()
-        for hook in pause:
-          hook.on_pause(ctx)
-        for hook in at_boundary:
-          hook.at_boundary(ctx, ctx.step)
-        seconds = time.perf_counter() - paused
-        for hook in resume:
-          hook.on_resume(ctx, seconds)
-        if ctx.stop_reason is not None:
-          break
+    ctx.clock.start_steps()
+    while ctx.step < num_steps:
+      _steps(ctx, hooks, place, cadence, log)
+      if ctx.rollback_to is None:
+        break
+      _rollback(ctx, hooks)
+      if ctx.stop_reason is not None:
+        break
   except BaseException:
     _close(ctx, hooks, quietly=True)
     raise
@@ -503,6 +536,14 @@ def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: l
   if result["eval_loss"] is None:
     result["eval_loss"] = run.meta.get("last_eval_loss")
   result.update(step=ctx.step, best_eval_loss=run.meta["best_eval_loss"], state=ctx.state)
+  with ctx.clock.span("checkpoint"):
+    run.checkpoints.wait()  # The last save is part of this run's time (and of its goodput).
+  ledger.update(ctx.clock, ctx.step)
+  this_run, every_run = ctx.clock.seconds(), ledger.total()
+  result["goodput"], result["goodput_all_runs"] = shares(this_run), shares(every_run)
+  ctx.write({"event": "goodput", "step": ctx.step, "seconds": this_run, "shares": shares(this_run),
+             "all_runs_seconds": every_run, "all_runs_shares": shares(every_run),
+             "runs": len(ledger.runs)})
   for hook in overriding(hooks, "on_end"):
     hook.on_end(ctx, result)
   run.checkpoints.wait()
@@ -512,7 +553,76 @@ def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: l
   run.writer.close()
   ctx.say(report.summary(result, ctx.start_step, time.perf_counter() - started,
                          ctx.options.tokens_per_step, ctx.rows_per_step, best, ctx.workdir))
+  ctx.say(summary_line(this_run, every_run, len(ledger.runs)))
   return result
+
+
+def _steps(ctx: LoopContext, hooks: list[Hook], place: Callable[[int], Any], cadence: Cadence,
+           log: TrainLog) -> None:
+  """Steps from ctx.step until num_steps, a stop, or a requested rollback."""
+  dp, run, num_steps = ctx.dp, ctx.run, ctx.options.num_steps
+  before, after = overriding(hooks, "before_step"), overriding(hooks, "after_step")
+  on_log, at_boundary = overriding(hooks, "on_log"), overriding(hooks, "at_boundary")
+  pause, resume = overriding(hooks, "on_pause"), overriding(hooks, "on_resume")
+  with contextlib.closing(prefetch(place, ctx.step, num_steps)) as prefetched:
+    batches: Iterator[Any] = ctx.clock.timed(prefetched, "data_wait")
+    for hook in overriding(hooks, "wrap_batches"):
+      batches = hook.wrap_batches(ctx, batches)
+    for batch in batches:
+      for hook in before:
+        hook.before_step(ctx, ctx.step)
+      dispatched = time.perf_counter()
+      ctx.state, metrics = dp.step(ctx.state, batch)
+      ctx.device_wait_s += time.perf_counter() - dispatched
+      ctx.step += 1
+      ctx.eval_loss, ctx.checkpoint_requested = None, False
+      for hook in after:
+        hook.after_step(ctx, ctx.step, metrics)
+      ctx.log_step = cadence.log(ctx.step)
+      if ctx.log_step:
+        line, window = log.window(ctx)
+        logging = time.perf_counter()
+        for hook in on_log:
+          hook.on_log(ctx, line, window)
+        run.writer.write(line)
+        ctx.log_s += time.perf_counter() - logging  # Process 0 alone writes: not a straggler's.
+        ctx.result["train_loss"] = line["train_loss"]
+      with ctx.clock.span("other"):  # Evaluation and saves charge their own categories.
+        paused = time.perf_counter()
+        for hook in pause:
+          hook.on_pause(ctx)
+        for hook in at_boundary:
+          hook.at_boundary(ctx, ctx.step)
+        seconds = time.perf_counter() - paused
+        for hook in resume:
+          hook.on_resume(ctx, seconds)
+      if ctx.stop_reason is not None or ctx.rollback_to is not None:
+        break
+
+
+def _rollback(ctx: LoopContext, hooks: list[Hook]) -> None:
+  """Returns to the checkpoint of ctx.rollback_to (see LoopContext.request_rollback): the state,
+  its meta (with ctx.rollback_meta on top) and the skip record; the productive time since that
+  checkpoint becomes lost time; every hook's on_rollback is told."""
+  run, step = ctx.run, ctx.rollback_to
+  assert step is not None and ctx.restore_step is not None  # fit sets restore_step.
+  paused = time.perf_counter()
+  for hook in overriding(hooks, "on_pause"):  # The restore is no step (the watchdog waits).
+    hook.on_pause(ctx)
+  run.checkpoints.wait()
+  with ctx.clock.span("restore"):
+    state, meta = ctx.restore_step(step)
+  for hook in overriding(hooks, "on_resume"):
+    hook.on_resume(ctx, time.perf_counter() - paused)
+  ctx.clock.lose_since(step)
+  run.meta = dict(meta, **ctx.rollback_meta)
+  run.saved_step = step if step in run.checkpoints.all_steps() else None
+  ctx.skipped_batches = tuple(int(i) for i in run.meta.get("skipped_batches", ()))
+  ctx.state, ctx.step = state, int(state.step)
+  ctx.rollback_to, ctx.rollback_meta = None, {}
+  ctx.eval_loss, ctx.checkpoint_requested = None, False
+  for hook in overriding(hooks, "on_rollback"):
+    hook.on_rollback(ctx, ctx.step)
 
 
 def _announce(ctx: LoopContext, hooks: list[Hook]) -> None:

@@ -24,7 +24,7 @@ from jaxdp.core.state import TrainState
 from jaxdp.core.step import applied_updates
 from jaxdp.parallel.data_parallel import DataParallel
 from jaxdp.parallel.exchange import CommConfig
-from jaxdp.runtime import observe, report, signals
+from jaxdp.runtime import heartbeat, observe, report, signals
 from jaxdp.runtime.hooks import Hook, LogWindow, LoopContext
 from jaxdp.runtime.metrics import Progress
 from jaxdp.runtime.watchdog import StepWatchdog
@@ -76,8 +76,10 @@ def train_line(fetched: list[dict], step: int, lr: float | None, tokens_per_sec:
     line["lr"] = lr
   if "loss_scale" in fetched[-1]:  # fp16: the scale of the last step.
     line["loss_scale"] = float(fetched[-1]["loss_scale"])
-  if count_skips or "loss_scale" in fetched[-1]:
+  if count_skips or "loss_scale" in fetched[-1] or "loss_spike" in fetched[-1]:
     line["skipped_steps"] = int(fetched[-1]["skipped_steps"])
+  if "loss_spike" in fetched[-1]:  # spike_policy="skip": updates dropped as spikes, this window.
+    line["loss_spikes"] = int(sum(int(m["loss_spike"]) for m in fetched))
   return line
 
 
@@ -86,6 +88,33 @@ def applied_lr(lr_schedule, state: TrainState) -> float:
   at the optimizer's own count, which dropped steps (fp16 overflows, skipped NaNs) do not move."""
   applied = int(jax.device_get(applied_updates(state)))
   return float(lr_schedule(applied - 1)) if applied > 0 else 0.0
+
+
+CARRIED_WINDOW = "log_window"  # Checkpoint meta: the unlogged steps' metrics (TrainLog.carried).
+CARRIED_NOISE = "noise_scale_ema"  # Checkpoint meta: the noise-scale averages (NoiseScale).
+
+
+def carried(ctx: LoopContext) -> dict[str, Any]:
+  """The run's meta key -> value function saved with every checkpoint (loop.Run.carried; a
+  throwaway dict for a context without a Run, e.g. a hook tested alone)."""
+  found = getattr(ctx.run, "carried", None)
+  return found if isinstance(found, dict) else {}
+
+
+def _encoded(tree: Any) -> Any:
+  """A dict of host arrays as JSON: each array's dtype, shape and bytes (hex), exactly."""
+  if isinstance(tree, dict):
+    return {k: _encoded(v) for k, v in tree.items()}
+  a = np.asarray(tree)
+  return {"dtype": a.dtype.name, "shape": list(a.shape), "hex": a.tobytes().hex()}
+
+
+def _decoded(tree: Any) -> Any:
+  """The arrays `_encoded` wrote, bit for bit."""
+  if isinstance(tree, dict) and set(tree) != {"dtype", "shape", "hex"}:
+    return {k: _decoded(v) for k, v in tree.items()}
+  return np.frombuffer(bytes.fromhex(tree["hex"]), dtype=jnp.dtype(tree["dtype"])) \
+      .reshape(tree["shape"]).copy()
 
 
 class TrainLog(Hook):
@@ -103,10 +132,30 @@ class TrainLog(Hook):
     self.started = 0.0  # When the window began, moved on by the seconds spent paused.
 
   def on_start(self, ctx: LoopContext) -> None:
-    """Opens the first window, at the step after the one the run starts from."""
+    """Opens the first window, at the step after the one the run starts from; a resumed run
+    continues the window its checkpoint carried (see `carried`)."""
     self.first_step = ctx.step + 1
     self.started = time.perf_counter()
+    self._continue(ctx)
     ctx.unlogged = lambda: (self.pending, self.first_step)
+    carried(ctx)[CARRIED_WINDOW] = self.carried
+
+  def carried(self) -> dict[str, Any]:
+    """The steps since the last train line, as saved with a checkpoint: their metrics fetched to
+    the host, each array's dtype, shape and bytes exactly, so the line a resumed run logs at the
+    next log step is the uninterrupted run's, bit for bit."""
+    # Fetched only at a save inside a window (the save waits for the state anyway).
+    fetched = jax.device_get(self.pending) if self.pending else []
+    return {"first_step": self.first_step, "metrics": [_encoded(m) for m in fetched]}
+
+  def _continue(self, ctx: LoopContext) -> None:
+    """Takes up the window saved with the checkpoint the run resumed from (or returned to), when
+    it ends at that checkpoint's step."""
+    saved = getattr(ctx.run, "meta", {}).get(CARRIED_WINDOW)
+    if isinstance(saved, dict) and saved.get("first_step", 0) + len(saved.get("metrics", ())) \
+        == ctx.step + 1:
+      self.pending = [_decoded(m) for m in saved["metrics"]]
+      self.first_step = int(saved["first_step"])
 
   def after_step(self, ctx: LoopContext, step: int, metrics: dict[str, Any]) -> None:
     """Keeps the step's device metrics for the next train line (no host sync)."""
@@ -116,9 +165,17 @@ class TrainLog(Hook):
     """Moves the window's start on by the paused seconds."""
     self.started += seconds  # Evaluation and checkpoints do not count against tokens/s.
 
+  def on_rollback(self, ctx: LoopContext, step: int) -> None:
+    """Drops the metrics of the steps rolled back; the next window starts after `step` (with
+    the steps before it that the checkpoint carried)."""
+    self.pending, self.first_step, self.started = [], step + 1, time.perf_counter()
+    self._continue(ctx)
+
   def window(self, ctx: LoopContext) -> tuple[dict[str, Any], LogWindow]:
     """The train line of the steps since the last one (and the window, for on_log hooks)."""
+    waited = time.perf_counter()
     fetched = jax.device_get(self.pending)
+    ctx.device_wait_s += time.perf_counter() - waited
     ctx.run.note_losses(self.first_step, fetched, ctx.state)
     ctx.run.halt_if_not_finite(ctx.state)
     seconds = time.perf_counter() - self.started
@@ -181,16 +238,30 @@ class HardwareStats(Hook):
     line.update(self.watch.fields(window.steps, window.seconds))
 
 
-def noise_scale_unavailable(dp: DataParallel) -> str:
-  """The one line saying why this run logs no gradient noise scale, and how to get one."""
+def noise_scale_unavailable(dp: DataParallel, steps: int = 0, skipped: int = 0) -> str:
+  """The one line saying why this run logs no gradient noise scale, and how to get one.
+
+  `steps`, `skipped`: the steps taken so far and how many of them were skipped (non-finite
+  gradients, e.g. every fp16 step overflowing): a run whose steps do compare two batch sizes
+  has no estimate only because no step gave a finite one.
+  """
   accumulate = "set grad_accum_steps > 1 (its micro-batches are compared with their sum)"
-  if dp.data_size == 1:
-    return ("note: grad_noise_scale is unavailable: it compares two batch sizes, and this run has "
-            f"one data device and one micro-batch per step; {accumulate}")
   # The fields CommConfig.dense reads, against their defaults (the dense all-reduce).
   dense = CommConfig()
   names = ("allreduce", "compression", "sync")
   changed = [f"{n}={getattr(dp.comm, n)!r}" for n in names if getattr(dp.comm, n) != getattr(dense, n)]
+  # Which steps estimate it (core.step.train_step): accumulation's micro-batches always; else
+  # each device's share, under the dense all-reduce (or jit's per-device groups).
+  estimates = dp.grad_accum_steps > 1 or (dp.data_size > 1 and not changed)
+  if estimates:
+    overflow = (f"{skipped} of its {steps} steps so far were skipped for non-finite gradients"
+                + (" (fp16 overflow: the loss scale is still coming down)" if dp.precision == "fp16"
+                   else "") if skipped else f"its {steps} steps so far gave no finite estimate")
+    return (f"note: grad_noise_scale is unavailable yet: this run estimates it every step, but "
+            f"{overflow}; it is logged from the first finite step on")
+  if dp.data_size == 1:
+    return ("note: grad_noise_scale is unavailable: it compares two batch sizes, and this run has "
+            f"one data device and one micro-batch per step; {accumulate}")
   default = ", ".join(f"{n}={getattr(dense, n)!r}" for n in names)
   return (f"note: grad_noise_scale is unavailable: this run's gradient exchange ({', '.join(changed)}) "
           f"never forms the dense mean gradient of its {dp.data_size} devices; {accumulate}, or use "
@@ -206,6 +277,22 @@ class NoiseScale(Hook):
     self.ema = NoiseScaleEMA()
     self.noted = False
 
+  def on_start(self, ctx: LoopContext) -> None:
+    """Continues the averages saved with the checkpoint the run resumed from; saves them with
+    every checkpoint, so a resumed run logs the uninterrupted run's grad_noise_scale."""
+    self._continue(ctx)
+    carried(ctx)[CARRIED_NOISE] = lambda: [self.ema.g2, self.ema.trace, self.ema.weight]
+
+  def on_rollback(self, ctx: LoopContext, step: int) -> None:
+    """Back to the averages of the checkpoint returned to."""
+    self.ema = NoiseScaleEMA(self.ema.decay)
+    self._continue(ctx)
+
+  def _continue(self, ctx: LoopContext) -> None:
+    saved = getattr(ctx.run, "meta", {}).get(CARRIED_NOISE)
+    if isinstance(saved, list) and len(saved) == 3:
+      self.ema.g2, self.ema.trace, self.ema.weight = (float(v) for v in saved)
+
   def on_log(self, ctx: LoopContext, line: dict[str, Any], window: LogWindow) -> None:
     """Folds the window's estimates into the moving averages and adds grad_noise_scale (in tokens,
     and in rows as grad_noise_scale_examples when tokens_per_step is known).
@@ -219,7 +306,8 @@ class NoiseScale(Hook):
                                              / ctx.options.tokens_per_step)
     elif not self.noted:
       self.noted = True
-      ctx.say(noise_scale_unavailable(ctx.dp))
+      skipped = int(window.metrics[-1].get("skipped_steps", 0)) if window.metrics else 0
+      ctx.say(noise_scale_unavailable(ctx.dp, window.step, skipped))
 
 
 def record_evaluation(meta: dict, eval_loss: float, patience: int) -> dict:
@@ -245,7 +333,10 @@ class Evaluation(Hook):
     if ctx.eval_batches is None or not cadence(ctx).evaluate(step):
       return
     ctx.check_finite()
-    eval_loss = ctx.dp.evaluate(ctx.state.params, ctx.eval_batches())
+    if ctx.rollback_to is not None:
+      return  # This state is about to be replaced (a loss spike's rollback).
+    with heartbeat.phase("evaluation", step), ctx.clock.span("eval"):
+      eval_loss = ctx.dp.evaluate(ctx.state.params, ctx.eval_batches())
     ctx.write({"step": step, "eval_loss": eval_loss})
     ctx.say(f"step {step}: eval_loss {eval_loss:.4f}")
     ctx.eval_loss = ctx.result["eval_loss"] = eval_loss
@@ -306,8 +397,17 @@ class Preemption(Hook):
     self.stops = StopRequests()
 
   def on_start(self, ctx: LoopContext) -> None:
-    """Installs the signal handlers (main thread only)."""
+    """Installs the signal handlers (main thread only); a stop signal that any process received
+    before this point (start-up, compilation) stops every process before the first step
+    (`signals.Interrupted`: nothing to save)."""
     self.stops.__enter__()
+    if ctx.step < ctx.options.num_steps:
+      with heartbeat.phase("barrier", ctx.step, after="start"):
+        held = signals.agree_before_training()
+      if held is not None:
+        every = "every process stops, " if jax.process_count() > 1 else ""
+        raise signals.Interrupted(f"{held} before the first step of this run; {every}nothing "
+                                  "was saved")
 
   def at_boundary(self, ctx: LoopContext, step: int) -> None:
     """Stops the run after this step when a signal arrived on any process."""
@@ -330,19 +430,60 @@ class Preemption(Hook):
               "run the same command to resume")
 
 
+def minutes_clock() -> float:
+  """The clock of checkpoint_every_minutes, in seconds (tests replace it with a fake)."""
+  return time.monotonic()
+
+
+def agreed(flag: bool) -> bool:
+  """Process 0's `flag` on every process (a broadcast, so every process calls it at the same
+  steps); the flag itself with one process."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 class Checkpointing(Hook):
-  """Saves every checkpoint_every steps, at the last step, when a hook stops the run or asks
-  for one (a new best evaluation); a failed background save is reported after the next step."""
+  """Saves every checkpoint_every steps, every checkpoint_every_minutes (judged at train lines by
+  process 0's clock, broadcast so every process saves at the same step), at the last step, when
+  a hook stops the run or asks for one (a new best evaluation); a failed background save is
+  reported after the next step."""
+
+  def __init__(self) -> None:
+    self.last_save: float | None = None  # minutes_clock() at the last save (or the start).
+
+  def on_start(self, ctx: LoopContext) -> None:
+    """Starts the checkpoint_every_minutes clock."""
+    self.last_save = minutes_clock()
+
+  def on_rollback(self, ctx: LoopContext, step: int) -> None:
+    """The checkpoint returned to counts as the last save."""
+    self.last_save = minutes_clock()
 
   def after_step(self, ctx: LoopContext, step: int, metrics: dict[str, Any]) -> None:
     """Raises JaxdpError if a background save has failed since the last step."""
     ctx.run.checkpoints.check()
 
+  def minutes_due(self, ctx: LoopContext) -> bool:
+    """Whether checkpoint_every_minutes asks for a save now: only at train lines, where every
+    process asks (process 0's answer counts for all)."""
+    minutes = ctx.options.checkpoint_every_minutes
+    if not minutes or not ctx.log_step or self.last_save is None:
+      return False
+    return agreed(minutes_clock() - self.last_save >= minutes * 60.0)
+
   def at_boundary(self, ctx: LoopContext, step: int) -> None:
-    """Saves at checkpoint steps, the last step, a stop, or when a hook asked for one."""
-    if cadence(ctx).checkpoint(step) or ctx.stop_reason or ctx.checkpoint_requested:
+    """Saves at checkpoint steps, the last step, a stop, when a hook asked for one, or when
+    checkpoint_every_minutes passed since the last save."""
+    if (self.minutes_due(ctx) or cadence(ctx).checkpoint(step) or ctx.stop_reason
+        or ctx.checkpoint_requested):
       ctx.check_finite()
-      ctx.run.save(ctx.state, ctx.eval_loss)
+      if ctx.rollback_to is not None:
+        return  # A loss spike: this state is not saved; the loop goes back instead.
+      with ctx.clock.span("checkpoint"):
+        ctx.run.save(ctx.state, ctx.eval_loss)
+      self.last_save = minutes_clock()
 
 
 class Watchdog(Hook):
@@ -422,11 +563,65 @@ class HangForTests(Hook):
     return None
 
 
-def builtin_hooks(ctx: LoopContext, user: list[Hook], log: TrainLog) -> list[Hook]:
+DIE_ENV = "JAXDP_TEST_DIE_AT_STEP"
+
+
+class DieForTests(Hook):
+  """Test-only (tests/test_launch_restarts.py): this process kills itself with SIGKILL before
+  the first update numbered `step` or later, as a crashed host would (nothing saved, no line)."""
+
+  def __init__(self, step: int):
+    self.step = step
+
+  def before_step(self, ctx: LoopContext, step: int) -> None:
+    """SIGKILL to this process before the update to `step` + 1 when that is >= `self.step`."""
+    if step + 1 >= self.step:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  @classmethod
+  def from_env(cls) -> DieForTests | None:
+    """JAXDP_TEST_DIE_AT_STEP="PROCESS:STEP[:ATTEMPT],...": the hook for this process in this
+    attempt of a `jaxdp launch` (JAXDP_RESTART_COUNT, 0 when unset; ATTEMPT defaults to 0),
+    read once per run."""
+    attempt = os.environ.get("JAXDP_RESTART_COUNT", "0")
+    for spec in os.environ.get(DIE_ENV, "").split(","):
+      process, step, at = (spec.split(":") + ["", ""])[:3]
+      if (process.isdigit() and step.isdigit() and int(process) == jax.process_index()
+          and (at or "0") == attempt):
+        return cls(int(step))
+    return None
+
+
+class Goodput(Hook):
+  """The goodput bookkeeping (runtime/goodput.py): `goodput` (this run's productive share so far)
+  on every train line, and WORKDIR/goodput.json rewritten at train lines and after saves."""
+
+  def __init__(self, ledger: Any):
+    self.ledger = ledger
+
+  def on_log(self, ctx: LoopContext, line: dict[str, Any], window: LogWindow) -> None:
+    """Adds `goodput` to the line and records the run's seconds."""
+    from jaxdp.runtime.goodput import shares
+    line["goodput"] = shares(ctx.clock.seconds())["productive"]
+    self.ledger.update(ctx.clock, step=ctx.step)
+
+  def at_boundary(self, ctx: LoopContext, step: int) -> None:
+    """After a save: remembers the productive seconds reached at this checkpoint."""
+    if ctx.run.saved_step == step and step not in ctx.clock.productive_at:
+      ctx.clock.mark_step(step)
+      self.ledger.update(ctx.clock, step=step)
+
+
+def builtin_hooks(ctx: LoopContext, user: list[Hook], log: TrainLog, ledger: Any = None) -> list[Hook]:
   """fit's hooks for this run, in order: the train log and what adds to its line, the user's
   hooks, then checkpoints (which see every stop request) and the progress bar (every field)."""
+  from jaxdp.runtime.health import DeviceHealth, SlowForTests
+  from jaxdp.runtime.spikes import SpikeRollback, SpikeSkips
   o = ctx.options
   head: list[Hook] = [log]
+  if o.spike_policy == "rollback":  # Judges each window's losses before any hook uses them.
+    head.append(SpikeRollback(o.spike_sigmas, o.spike_window, o.spike_max_rollbacks,
+                              o.spike_rollback_window))
   if o.step_timeout_s:
     head.append(Watchdog(o.step_timeout_s))
   window = observe.parse_profile_steps(o.profile_steps) if isinstance(o.profile_steps, str) \
@@ -436,7 +631,17 @@ def builtin_hooks(ctx: LoopContext, user: list[Hook], log: TrainLog) -> list[Hoo
   hang = HangForTests.from_env()
   if hang is not None:
     head.append(hang)
+  die = DieForTests.from_env()
+  if die is not None:
+    head.append(die)
+  if getattr(ctx.dp, "spike_policy", "off") == "skip":
+    head.append(SpikeSkips())
+  slow = SlowForTests.from_env()
+  if slow is not None:
+    head.append(slow)
+  head.append(DeviceHealth(o.straggler_factor, o.grad_outlier_factor, o.health_window))
   if ctx.compiled is not None:
     head.append(HardwareStats.of(ctx))
   head += [NoiseScale(), Evaluation(), Preemption()]
-  return head + list(user) + [Checkpointing(), ProgressBar()]
+  tail: list[Hook] = [Checkpointing()] + ([Goodput(ledger)] if ledger is not None else [])
+  return head + list(user) + tail + [ProgressBar()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -20,13 +21,28 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdp.errors import JaxdpError, os_reason
+from jaxdp.errors import JaxdpError, disk_error, os_reason, writing
+from jaxdp.runtime import logs
 
 
 def _plain(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
     value = np.asarray(value).item()
   return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+  """`record` as one line of strict JSON: a non-finite float (a NaN noise scale, an inf loss)
+  is null, since NaN and Infinity are not JSON and other readers (jq, JavaScript) refuse them."""
+  def finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+      return None
+    if isinstance(value, (list, tuple)):
+      return [finite(v) for v in value]
+    if isinstance(value, dict):
+      return {k: finite(v) for k, v in value.items()}
+    return value
+  return json.dumps(finite(record), allow_nan=False)
 
 
 def _is_number(value: Any) -> bool:
@@ -62,13 +78,44 @@ class MetricsWriter:
     self._active = jax.process_index() == 0
     self._sinks = list(sinks) if self._active else []
     self._events = None
-    if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        self._events = _summary_writer()(logdir=workdir)
-      except OSError as e:
-        raise JaxdpError(f"--workdir: cannot write metrics to {workdir!r} ({e.strerror}); free "
-                         "disk space or pick a writable --workdir") from e
+    # The events file is created by the first record, not here: a run refused after this (a
+    # resume whose config changed) must leave the workdir as it found it.
+    self._events_pending = self._active
+    self._events_failure: tuple[str, BaseException] | None = None  # TensorBoard's thread's.
+
+  def _open_events(self) -> None:
+    self._events_pending = False
+    workdir = os.path.dirname(self.path)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      self._events = _summary_writer()(logdir=workdir)
+    except OSError as e:
+      raise JaxdpError(f"--workdir: cannot write metrics to {workdir!r} ({e.strerror}); free "
+                       "disk space or pick a writable --workdir") from e
+    self._watch_events(self._events)
+
+  def _watch_events(self, events: Any) -> None:
+    """tensorboardX writes events on a thread of its own, where a full disk would kill the thread
+    (its traceback in the log, the events silently lost): its writes are wrapped to keep the
+    disk's refusal (with the events file's path) for the next `write` to raise as one line."""
+    for writer in getattr(events, "all_writers", {}).values():
+      records = getattr(getattr(writer, "event_writer", None), "_ev_writer", None)
+      if records is None:
+        continue
+      path = getattr(records, "_file_name", os.path.dirname(self.path))
+
+      def guarded(write, path=path):
+        def call(*args, **kwargs):
+          try:
+            return write(*args, **kwargs)
+          except Exception as e:  # noqa: BLE001 - only disk refusals are kept; others re-raised.
+            if not disk_error(e):
+              raise
+            self._events_failure = self._events_failure or (path, e)
+            return None
+        return call
+      records.write_event = guarded(records.write_event)
+      records.flush = guarded(records.flush)
 
   def write(self, record: dict[str, Any]) -> None:
     """Appends `record` to metrics.jsonl and TensorBoard (numbers as scalars at its step, events
@@ -77,28 +124,80 @@ class MetricsWriter:
     if not self._active:
       return
     record = {k: _plain(v) for k, v in record.items()}
+    if self._events_pending:
+      self._open_events()
+    self._raise_background_failure()
     try:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      with writing(self.path, "writing metrics to"), open(self.path, "a") as f:
+        f.write(json_line(record) + "\n")
       step = record.get("step")
       events = self._events  # None only after close(): the JSON line is still written.
       if events is not None and "event" in record:
-        events.add_text("events", json.dumps(record), global_step=step)
+        events.add_text("events", json_line(record), global_step=step)
       elif events is not None and _is_number(step):
         for name, value in record.items():
           if name != "step" and _is_number(value):
             events.add_scalar(name, value, global_step=step)
+          elif isinstance(value, list) and value and all(_is_number(v) for v in value):
+            for i, v in enumerate(value):  # Per device or process (runtime/health.py): NAME/I.
+              events.add_scalar(f"{name}/{i}", v, global_step=step)
       if events is not None:
         events.flush()
+      self._raise_background_failure()
       for sink in self._sinks:
         sink.write(record)
     except OSError as e:
       raise JaxdpError(f"--workdir: cannot write metrics to {os.path.dirname(self.path)!r} "
                        f"({os_reason(e, self.path)}); free disk space or pick a writable --workdir") from e
 
+  def _raise_background_failure(self) -> None:
+    """Raises, as one WriteFailed line, a write the disk refused since the last record where no
+    exception could reach the run: TensorBoard's writer thread, the log file (runtime/logs.py).
+    """
+    failure, what = self._events_failure, "writing TensorBoard events to"
+    if failure is None:
+      failure, what = logs.take_failure(), "writing the log"
+    if failure is None:
+      return
+    self._events_failure = None
+    path, error = failure
+    with writing(path or os.path.dirname(self.path), what):
+      raise error
+
+  def truncate_after(self, step: int) -> int:
+    """Drops the records of steps after `step` from metrics.jsonl (process 0; returns how many).
+
+    A run resumed from the checkpoint of `step` logs the later steps again; a run killed after
+    logging them (kill -9 between a train line and the next save) would otherwise leave each
+    such step logged twice, once per attempt. The file is replaced whole (written beside it,
+    then renamed), so a crash here leaves either the old or the new file. TensorBoard keeps
+    both attempts' points (it shows the later one at a step).
+    """
+    if not self._active or not os.path.exists(self.path):
+      return 0
+    try:
+      records = read_metrics(os.path.dirname(self.path))
+    except JaxdpError:
+      return 0  # A damaged line in the middle: left for the user to see, not rewritten.
+    kept = [r for r in records if not (_is_number(r.get("step")) and r["step"] > step)]
+    if len(kept) == len(records):
+      return 0
+    partial = self.path + ".partial"
+    try:
+      with writing(self.path, "rewriting"), open(partial, "w") as f:
+        f.write("".join(json_line(r) + "\n" for r in kept))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(partial, self.path)
+    finally:
+      if os.path.exists(partial):
+        os.remove(partial)
+    return len(records) - len(kept)
+
   def close(self) -> None:
     """Closes the sinks and the TensorBoard writer; a second call does nothing."""
     sinks, self._sinks = self._sinks, []
+    self._events_pending = False  # Never opened: nothing to create now.
     for sink in sinks:
       sink.close()
     if self._events is not None:
@@ -120,9 +219,28 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All records of a run's metrics.jsonl, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All records of a run's metrics.jsonl, in order. A last line cut short (a crash while it
+  was written) is left out; null values are as written (non-finite numbers, see json_line).
+
+  Raises:
+    JaxdpError: a line before the last that is not a JSON object (naming the line).
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path, "rb") as f:
+    lines = [line for line in f.read().split(b"\n") if line.strip()]
+  records = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      record = json.loads(line.decode("utf-8"))
+      if not isinstance(record, dict):
+        raise ValueError("not an object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+      if number == len(lines):  # Cut short by a crash mid-write: the lines before it stand.
+        break
+      raise JaxdpError(f"{path!r} line {number} is not a JSON record ({e}); fix or delete that "
+                       "line") from None
+    records.append(record)
+  return records
 
 
 def _short(value: float | str) -> str:

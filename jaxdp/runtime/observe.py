@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from jaxdp.errors import writing
 from jaxdp.runtime.peaks import Peak, step_peak
 from jaxdp.runtime.profiling import parse_profile_steps  # noqa: F401  (observe's public name)
 
@@ -141,8 +142,9 @@ class StepProfiler:
   def before_step(self, step: int) -> None:
     """Called with the state's step before running the next one."""
     if self.window and not self.active and self.window[0] <= step < self.window[1]:
-      os.makedirs(self.directory, exist_ok=True)
-      jax.profiler.start_trace(self.directory)
+      with writing(self.directory, "writing the profiler trace to"):
+        os.makedirs(self.directory, exist_ok=True)
+        jax.profiler.start_trace(self.directory)
       self.active = True
 
   def after_step(self, step: int, outputs: Any) -> None:
@@ -161,8 +163,9 @@ class StepProfiler:
     """Ends the trace (if one is running) once `outputs` are ready, so the last step is in it."""
     if self.active:
       jax.block_until_ready(outputs)
-      jax.profiler.stop_trace()
       self.active = False
+      with writing(self.directory, "writing the profiler trace to"):
+        jax.profiler.stop_trace()
 
 
 def lowered_flops(lowered) -> float:

@@ -29,7 +29,8 @@ class FitOptions:
     keep_last: checkpoints kept on disk, newest first (besides the best and the pinned).
     keep_every: also keep every checkpoint whose step is a multiple of N (0: none).
     step_timeout_s: seconds a step may take before the process exits with status 3 (0: off;
-      the first step, which compiles, is not timed).
+      the first step, which compiles, is not timed); with several processes, also how long a
+      peer may send no heartbeat, in any phase (0: 60 s; runtime/heartbeat.py).
     progress: a tqdm bar on a terminal (plain lines otherwise).
     tokens_per_step: tokens of one global batch, for tokens/s (None: its rows, so the log's
       tokens_per_sec counts examples).
@@ -39,9 +40,25 @@ class FitOptions:
       jax.profiler into WORKDIR/profile; "" or None: no trace.
     restore_from: a checkpoint step directory to start from instead of the workdir's latest.
     allow_config_change: resume although the run-defining config or data changed.
+    checkpoint_dir: where checkpoints go (None or "": WORKDIR/checkpoints): a folder, or an
+      s3:// or gs:// URL (runtime/checkpoint.py); recorded in WORKDIR/checkpoints.json.
+    checkpoint_every_minutes: also save when this many minutes passed since the last save
+      (whichever of it and checkpoint_every comes first); judged at train lines, by process 0's
+      clock for every process (0: off).
+    spike_policy: "off" or "rollback" (runtime/spikes.py: back to the last checkpoint before a
+      loss spike, skipping its batch); "skip" is the step's (DataParallel(spike_policy="skip")).
+    spike_sigmas, spike_window: a spike is a loss above the mean + spike_sigmas std of about the
+      last spike_window steps' losses.
+    spike_max_rollbacks, spike_rollback_window: halt at the spike that would be rollback number
+      spike_max_rollbacks + 1 within spike_rollback_window steps.
+    straggler_factor: flag a process whose host time per step exceeds the processes' median by
+      this factor, averaged over health_window train lines (runtime/health.py; 0: off).
+    grad_outlier_factor: flag a data-parallel device whose local gradient norm is this factor
+      above (or below 1/factor of) the devices' median, averaged over health_window lines (0: off).
+    health_window: train lines the straggler and gradient-outlier judgements average over.
 
   Raises:
-    JaxdpError: a negative count, or log_every below 1.
+    JaxdpError: a negative count, log_every below 1, or a spike or health setting out of range.
   """
   num_steps: int
   seed: int = 0
@@ -58,6 +75,16 @@ class FitOptions:
   profile_steps: str | tuple[int, int] | None = ""
   restore_from: str | None = None
   allow_config_change: bool = False
+  checkpoint_dir: str | None = None
+  checkpoint_every_minutes: float = 0.0
+  spike_policy: str = "off"
+  spike_sigmas: float = 6.0
+  spike_window: int = 100
+  spike_max_rollbacks: int = 3
+  spike_rollback_window: int = 1000
+  straggler_factor: float = 1.5
+  grad_outlier_factor: float = 3.0
+  health_window: int = 5
 
   def __post_init__(self):
     for name in ("num_steps", "eval_every", "checkpoint_every", "patience", "keep_every",
@@ -65,6 +92,23 @@ class FitOptions:
       if getattr(self, name) < 0:
         raise JaxdpError(f"FitOptions.{name}={getattr(self, name)!r} must be >= 0")
     for name in ("log_every", "keep_last"):
+      if getattr(self, name) < 1:
+        raise JaxdpError(f"FitOptions.{name}={getattr(self, name)!r} must be >= 1")
+    if self.patience and not self.eval_every:  # The same rule as config.patience's (lm.schema).
+      raise JaxdpError(f"FitOptions.patience={self.patience} has no effect without periodic "
+                       "evaluation; give eval_every > 0 (and eval_batches), or patience=0")
+    if self.spike_policy not in ("off", "rollback"):
+      raise JaxdpError(f"FitOptions.spike_policy={self.spike_policy!r} must be 'off' or 'rollback' "
+                       "(spike_policy='skip' is DataParallel's: the step drops the update)")
+    for name in ("checkpoint_every_minutes", "straggler_factor", "grad_outlier_factor"):
+      if not getattr(self, name) >= 0:
+        raise JaxdpError(f"FitOptions.{name}={getattr(self, name)!r} must be >= 0")
+    for name in ("straggler_factor", "grad_outlier_factor"):
+      if 0 < getattr(self, name) <= 1:
+        raise JaxdpError(f"FitOptions.{name}={getattr(self, name)!r} must be > 1 (or 0: off)")
+    if not self.spike_sigmas > 0:
+      raise JaxdpError(f"FitOptions.spike_sigmas={self.spike_sigmas!r} must be > 0")
+    for name in ("spike_window", "spike_max_rollbacks", "spike_rollback_window", "health_window"):
       if getattr(self, name) < 1:
         raise JaxdpError(f"FitOptions.{name}={getattr(self, name)!r} must be >= 1")
 

@@ -31,9 +31,19 @@ def banner(dp, state, workdir: str, num_steps: int, rows_per_step: int,
       f"nan_policy {dp.nan_policy}",
       f"  batch: {rows_per_step} rows per step in {dp.grad_accum_steps} micro-batch(es)"
       + (f", {tokens_per_step:,} tokens per step" if tokens_per_step else ""),
-      f"  files: {os.path.abspath(workdir)} (checkpoints/, metrics.jsonl, TensorBoard events, "
-      "jaxdp.log)"]
+      _files(workdir)]
   return "\n".join(lines)
+
+
+def _files(workdir: str) -> str:
+  """The banner's line of where files go: checkpoints beside the logs, or where
+  config.checkpoint_dir (recorded in WORKDIR/checkpoints.json) sends them, e.g. a bucket."""
+  from jaxdp.runtime.checkpoint import location
+  here = os.path.abspath(workdir)
+  where = location(here)
+  if where == os.path.join(here, "checkpoints"):
+    return f"  files: {here} (checkpoints/, metrics.jsonl, TensorBoard events, jaxdp.log)"
+  return f"  files: {here} (metrics.jsonl, TensorBoard events, jaxdp.log); checkpoints: {where}"
 
 
 def hardware_postfix(line: dict[str, Any]) -> dict[str, str]:
@@ -73,8 +83,10 @@ def summary(result: dict[str, Any], start_step: int, seconds: float, tokens_per_
     lines.append(f"  eval_loss: final {final:.4f}, best {best_loss:.4f}" if best_loss is not None
                  else f"  eval_loss: final {final:.4f}")
   if best is not None:
-    lines.append(f"  best checkpoint: {os.path.join(os.path.abspath(workdir), 'checkpoints', str(best[0]))}"
-                 f" (eval_loss {best[1]:.4f})")
+    from jaxdp.runtime.checkpoint import is_url, location
+    where = location(os.path.abspath(workdir))  # A bucket URL when config.checkpoint_dir names one.
+    path = f"{where.rstrip('/')}/{best[0]}" if is_url(where) else os.path.join(where, str(best[0]))
+    lines.append(f"  best checkpoint: {path} (eval_loss {best[1]:.4f})")
   for hit in result.get("targets_reached", ()):  # runtime/targets.py
     lines.append(f"  target eval_loss {hit['target']:g}: step {hit['step']}, {_count(hit['tokens'])} "
                  f"{unit}, {hit['productive_s']:.1f} s of training ({hit['wall_s']:.1f} s wall)")

@@ -14,7 +14,14 @@ preemption service (jax.distributed's coordination service picks the step: the l
 process has reached, plus one, `multihost_utils.reached_preemption_sync_point`): SIGTERM goes
 straight to its notifier, and SIGINT/SIGUSR1 are recorded here and forwarded to it as SIGTERM.
 Without the service, the flag is shared by an all-gather at each log step, which every process
-reaches together. A run stopped this way exits with config.preempt_exit_code (75, EX_TEMPFAIL,
+reaches together.
+
+A signal that arrives before the loop's handlers are installed (start-up, restore, compilation)
+is only recorded: `agree_before_training` runs on every process right before the first step (a
+key-value entry per process and a barrier through the coordinator), and when any process holds
+a signal then, every process stops before training, nothing saved (exit 130). A signal recorded
+while the loop's forwarding was not yet installed is forwarded to JAX's notifier at the next
+step, so the processes still agree on a stop step. A run stopped this way exits with config.preempt_exit_code (75, EX_TEMPFAIL,
 by default): "stopped and saved; run the same command to resume", distinct from success (0).
 """
 
@@ -34,6 +41,9 @@ _pending: str | None = None
 _installed = False
 _forward: int | None = None  # Also raise this signal on the first one (JAX's notifier).
 _announced = False
+_forwarded = False  # The pending signal reached JAX's notifier (forwarded, or SIGTERM itself).
+_barriers = 0  # Barriers this process has entered (each needs its own name).
+STOP_BEFORE_KEY = "jaxdp/stop_before_training/"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -42,13 +52,14 @@ class Interrupted(KeyboardInterrupt):
 
 def _handle(signum, frame) -> None:
   del frame
-  global _pending
+  global _pending, _forwarded
   if _pending is not None:
     print(f"jaxdp: {signal.Signals(signum).name} again: exiting now, without saving",
           file=sys.stderr, flush=True)
     os._exit(128 + signum)
   _pending = signal.Signals(signum).name
   if _forward is not None and _forward != signum:
+    _forwarded = True
     os.kill(os.getpid(), _forward)
 
 
@@ -95,6 +106,8 @@ def agreed_stop(step: int, log_step: bool) -> str | None:
   if _preemption_service() is not None:
     if _pending is not None and not _announced:
       _announced = True
+      if not _forwarded:
+        _forward_to_notifier()
       try:  # Names the signal for the other processes' logs; the first to arrive wins.
         client.key_value_set(STOP_KEY, f"{_pending} on process {jax.process_index()}")
       except Exception:  # noqa: BLE001 - another process's signal named it already.
@@ -113,6 +126,40 @@ def agreed_stop(step: int, log_step: bool) -> str | None:
   return None
 
 
+def _forward_to_notifier() -> None:
+  """Hands a signal recorded before the loop's forwarding existed to JAX's notifier (which owns
+  SIGTERM once the process group formed), so that the service picks the stop step."""
+  global _forwarded
+  _forwarded = True
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+def agree_before_training(timeout_s: float = 24 * 3600) -> str | None:
+  """Whether any process holds a stop signal right before the first step: its name and process
+  when one does (every process then stops before training), else None. Call it on every process
+  at the same point; with one process it is `pending()`.
+
+  The wait at the barrier is bounded by `timeout_s` (a lost peer is judged sooner by the
+  heartbeats of runtime/heartbeat.py).
+  """
+  import jax
+  global _barriers
+  if jax.process_count() == 1:
+    return _pending
+  from jax._src import distributed
+  client = distributed.global_state.client
+  assert client is not None  # process_count() > 1: this process joined a run.
+  _barriers += 1
+  me = jax.process_index()
+  client.key_value_set(f"{STOP_BEFORE_KEY}{_barriers}/{me}", _pending or "", allow_overwrite=True)
+  client.wait_at_barrier(f"jaxdp_before_training_{_barriers}", int(timeout_s * 1000))
+  held = sorted((int(key.rsplit("/", 1)[1]), value)
+                for key, value in client.key_value_dir_get(f"{STOP_BEFORE_KEY}{_barriers}/") if value)
+  if _pending is not None:
+    return f"{_pending} on process {me}"
+  return f"{held[0][1]} on process {held[0][0]}" if held else None
+
+
 def installed() -> bool:
   """Whether the signal handlers are installed (by `install`)."""
   return _installed
@@ -125,8 +172,8 @@ def pending() -> str | None:
 
 def clear() -> None:
   """Forgets a pending signal (after it was acted on)."""
-  global _pending, _announced
-  _pending, _announced = None, False
+  global _pending, _announced, _forwarded
+  _pending, _announced, _forwarded = None, False, False
 
 
 def check(where: str) -> None:

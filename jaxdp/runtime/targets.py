@@ -10,8 +10,9 @@ metrics.jsonl:
                    step; rows per step when the run gives no tokens_per_step);
   wall_s           seconds since this `fit` call started (compilation, evaluation and checkpoint
                    saves included);
-  productive_s     the seconds of training steps only: wall_s less the start-up before the
-                   first step (restore, compilation) and every evaluation and checkpoint save.
+  productive_s     the seconds of training steps only: the run's goodput clock's "productive"
+                   seconds (runtime/goodput.py: wall_s less start-up, restore, compilation,
+                   data waits, evaluation, checkpoint saves and steps lost to rollbacks).
 
 Each target is reported once per workdir: a resumed run reads the events already in
 metrics.jsonl and reports only the targets not reached yet (its seconds count from its own start,
@@ -63,29 +64,16 @@ class TargetLosses(Hook):
   def __init__(self, targets: str | Iterable[float]):
     self.targets = parse_targets(targets)
     self.reached: list[dict[str, Any]] = []
-    self._first_step_at: float | None = None
-    self._paused_s = 0.0
-    self._pause_start: float | None = None
     self._done: set[float] = set()
 
   def on_start(self, ctx: LoopContext) -> None:
-    """Reads the targets already reached (a resumed run logs each once) and starts the clock."""
+    """Reads the targets already reached (a resumed run logs each once)."""
     from jaxdp.runtime.metrics import read_metrics  # Imports JAX: config validation does not.
     try:
       logged = read_metrics(ctx.workdir)
     except (OSError, ValueError):
       logged = []
     self._done = {float(r["target"]) for r in logged if r.get("event") == "target_reached"}
-    self._first_step_at = time.perf_counter()
-
-  def on_pause(self, ctx: LoopContext) -> None:
-    """Marks the start of non-training time (evaluation, checkpoints)."""
-    self._pause_start = time.perf_counter()
-
-  def on_resume(self, ctx: LoopContext, seconds: float) -> None:
-    """Adds the paused seconds, which productive_s leaves out."""
-    self._paused_s += seconds
-    self._pause_start = None
 
   def at_boundary(self, ctx: LoopContext, step: int) -> None:
     """After an evaluation: writes a `target_reached` event for each target its eval loss reached
@@ -95,9 +83,7 @@ class TargetLosses(Hook):
     if loss is None or not math.isfinite(loss):
       return
     now = time.perf_counter()
-    in_pause = now - self._pause_start if self._pause_start is not None else 0.0
-    first = self._first_step_at if self._first_step_at is not None else ctx.started
-    productive = now - first - self._paused_s - in_pause
+    productive = ctx.clock.productive  # The run's one productive clock (runtime/goodput.py).
     per_step = ctx.options.tokens_per_step or ctx.rows_per_step
     for target in self.targets:
       if target in self._done or loss > target:

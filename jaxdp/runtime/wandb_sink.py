@@ -13,7 +13,7 @@ import os
 import secrets
 from typing import Any, TypeGuard, cast
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, atomic_write
 
 ID_FILE = "wandb_run_id"
 
@@ -44,8 +44,7 @@ class WandbSink:
       raise JaxdpError(f"config.wandb.project={project!r}: W&B could not start ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}); use "
                        "--config.wandb.mode=offline, or --config.wandb.project='' to go without") from None
-    with open(id_path, "w") as f:
-      f.write(run_id)
+    atomic_write(id_path, run_id, "writing the W&B run id to")
 
   def write(self, record: dict[str, Any]) -> None:
     """A train or eval line -> its numeric fields at its step; events -> the run's summary."""

@@ -7,7 +7,12 @@ longer than the timeout, prints which step and for how long, then ends the proce
 
 The clock for step k starts when step k-1 finishes (or when the watch resumes), so it covers
 loading the batch, the dispatch and the computation. The first step of a run is not timed: it
-includes compilation. Evaluation and checkpointing happen while the watch is paused.
+includes compilation. Evaluation and checkpointing pause this step clock (they may take long on
+their own); a peer lost during them (or during compilation) is caught by the heartbeats of
+runtime/heartbeat.py, which run in every phase. When a step is overdue and a heartbeat monitor
+runs, the message names the processes that have not reached the step (from their heartbeats),
+every process that can still run writes its stacks to WORKDIR/hang/process-I.txt, and the
+message carries the timeline of each process's last step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 from typing import Any
 
 import jax
+
+from jaxdp.runtime import heartbeat
 
 EXIT_STATUS = 3  # Distinguishes a timed-out run from bad input (status 2).
 
@@ -56,6 +63,7 @@ class StepWatchdog:
     if self.timeout_s:
       with self._lock:
         self._pending.append((step, result))
+    heartbeat.dispatched(step)
 
   def pause(self) -> None:
     """Stops the clock while the host works outside the step (evaluation, a checkpoint)."""
@@ -76,9 +84,29 @@ class StepWatchdog:
       while self._pending and self._pending[0][1].is_ready():
         self._finished = self._pending.popleft()[0]
         self._since = now
+        heartbeat.completed(self._finished)
       if self._paused or self._since is None or now - self._since <= self.timeout_s:
         return
       step, elapsed = self._finished + 1, now - self._since
+    monitor = heartbeat.current()
+    if monitor is not None and monitor.count == jax.process_count():
+      monitor.refresh()
+      # A peer frozen within the last beat has a heartbeat up to a beat younger than this step's
+      # clock: a heartbeat silent for half the timeout (at least 3 beats) is a lost peer here.
+      lost = monitor.lost(min(self.timeout_s, max(3 * monitor.beat_s, self.timeout_s / 2)))
+      behind = monitor.behind()
+      mine = heartbeat.status()
+      waits = (f"; lost {monitor.names(lost)}" if lost else
+               "; this process has not dispatched it: its main thread is still "
+               + ("preparing it" if mine["phase"] == "step" else
+                  f"in {heartbeat.describe_phase(mine['phase'], mine['phase_step'])}")
+               + " (see its stacks)" if (mine["dispatched"] or 0) < step else
+               f"; waiting for {monitor.names(behind)}" if behind else
+               "; every process reached it (a collective or a device is stuck)")
+      monitor.fire(f"step {step} did not finish within config.step_timeout_s={self.timeout_s:g} s "
+                   f"({elapsed:.1f} s since step {step - 1} finished) on process "
+                   f"{jax.process_index()} of {jax.process_count()}{waits}", exit=self._exit)
+      return
     print(f"jaxdp: error: step {step} did not finish within config.step_timeout_s="
           f"{self.timeout_s:g} s ({elapsed:.1f} s since step {step - 1} finished) on process "
           f"{jax.process_index()} of {jax.process_count()}; a peer process may be stuck or dead. "
