@@ -23,6 +23,16 @@ def need(ok: bool, message: str) -> None:
     raise JaxdpError(message)
 
 
+def clause(text: str) -> str:
+  """`text` without its closing punctuation (one of . ! ? ; : ,), so that "; ..." or ". Exiting."
+  can follow it: a message taken from elsewhere (a process's error line, an exception's text)
+  often ends in a sentence ("... Exiting.", "Aborting!"). An ellipsis ("waiting...") is kept."""
+  text = text.rstrip()
+  while text and text[-1] in ".!?;:," and not text.endswith(".."):
+    text = text[:-1].rstrip()
+  return text
+
+
 def os_reason(error: BaseException, path: str) -> str:
   """Why a write under `path` failed, in the OS's words.
 

@@ -110,13 +110,15 @@ def test_a_finished_peer_is_not_lost_and_a_failed_one_is_repeated(tmp_path, caps
   monitor.beat()
   assert exits == []
   (tmp_path / "hang" / "error-1.json").write_text(json.dumps({"run": None,
-                                                              "text": "ValueError: bad batch"}))
+                                                              "text": "ValueError: bad batch."}))
   monitor.beat()
   assert exits == []  # A grace period: this process may be failing the same way itself.
   clock.now += heartbeat.FAILURE_GRACE_S
   monitor.beat()
   assert exits == [heartbeat.EXIT_STATUS]
-  assert "failed: ValueError: bad batch; stopping process 0 of 2 too" in capsys.readouterr().err
+  # The peer's text ends a sentence: its period goes, so no "batch.; stopping".
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.endswith("failed: ValueError: bad batch; stopping process 0 of 2 too. Exiting."), last
 
 
 def test_a_signal_held_before_the_first_step_stops_the_run_before_training(monkeypatch):

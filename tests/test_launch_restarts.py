@@ -292,3 +292,31 @@ def test_launcher_clauses_follow_an_error_line_without_double_punctuation():
   assert clause("jaxdp: error: config.lr=-1 must be positive") == "jaxdp: error: config.lr=-1 must be positive"
   assert clause("waiting...") == "waiting..."  # An ellipsis is not a sentence's end.
   assert clause("done.  ") == "done"
+  for ending in ".", "!", "?", ";", ":", ",", ". ;":
+    assert clause(f"Aborting{ending}") == "Aborting", ending
+
+
+@pytest.mark.parametrize("ending", [".", ""])
+def test_a_failing_workers_message_has_one_clause_per_fact(ending, monkeypatch, capfd):
+  """The launcher's lines about a failed worker, exactly: the worker's own error line (its
+  closing punctuation dropped, never "Exiting.; stopped"), then each clause the launcher adds.
+  The workers are stand-ins (a Python one-liner each), so only the launcher's wording is tested."""
+  from jaxdp.runtime import launch
+
+  def child(command, process_id, nprocs, port, cpu_devices):
+    # Launched children start with the forwarded signals blocked (jaxdp's CLI unblocks them).
+    script = ("import signal, sys, time\n"
+              "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])\n"
+              f"if {process_id} == 1: print('jaxdp: error: the shard is gone. Exiting{ending}'); sys.exit(1)\n"
+              "time.sleep(60)\n")
+    return [sys.executable, "-c", script]
+  monkeypatch.setattr(launch, "child_command", child)
+  capfd.readouterr()
+  assert launch.launch(2, ["train"], max_restarts=1) == 1
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("jaxdp launch:")]
+  failed = r"process 1 \(pid \d+\) exited with status 1: jaxdp: error: the shard is gone\. Exiting"
+  assert len(lines) == 2, lines
+  assert re.fullmatch(rf"jaxdp launch: restart 1 of 1: {failed}; stopped the other 1 process\(es\); "
+                      r"resuming from the start \(no checkpoint yet\)", lines[0]), lines[0]
+  assert re.fullmatch(rf"jaxdp launch: {failed}; stopped the other 1 process\(es\); "
+                      r"no restarts left \(--max_restarts=1\)", lines[1]), lines[1]

@@ -50,7 +50,7 @@ import threading
 import time
 from typing import Any
 
-from jaxdp.errors import os_reason
+from jaxdp.errors import clause, os_reason
 
 HANG_DIR = "hang"
 EXIT_STATUS = 3  # As the step watchdog's: the run cannot go on (a step, or a peer, is lost).
@@ -431,7 +431,7 @@ class Monitor:
       self._failure_seen = self._failure_seen or self._clock()
     if failed and self._clock() - self._failure_seen >= FAILURE_GRACE_S:
       p, error = sorted(failed.items())[0]
-      self.fire(f"{self.name(p)} failed: {error}; stopping process {self.index} of "
+      self.fire(f"{self.name(p)} failed: {clause(error)}; stopping process {self.index} of "
                 f"{self.count} too", dump=False)
     lost = self.lost()
     if lost:
@@ -540,7 +540,7 @@ class Monitor:
     self._publish_error(headline)
     where = (f"; stacks in {os.path.dirname(report)}/process-*.txt" if report else
              f"; {self.report_failure}" if dump else "")
-    print(f"jaxdp: error: {headline}{where}. Exiting.", file=sys.stderr, flush=True)
+    print(f"jaxdp: error: {clause(headline + where)}. Exiting.", file=sys.stderr, flush=True)
     self._stop.set()
     # Process 0 serves the coordinator; its exit ends the others' store at once: give them
     # time to write their reports and messages first.

@@ -49,7 +49,7 @@ import threading
 import time
 from typing import IO
 
-from jaxdp.errors import JaxdpError
+from jaxdp.errors import JaxdpError, clause
 
 SET_BY_LAUNCH = ("--coordinator", "--num_processes", "--process_id", "--cpu_devices")
 STOP_GRACE_S = 5.0  # After SIGTERM, seconds a process gets to exit before SIGKILL.
@@ -185,13 +185,6 @@ def _stop(processes: list[_Process], sig: int = signal.SIGTERM, grace_s: float =
     except subprocess.TimeoutExpired:
       p.popen.kill()
       p.popen.wait()
-
-
-def clause(text: str) -> str:
-  """`text` without its closing period, so that "; ..." can follow it: a process's error line
-  often ends in a sentence ("... Exiting."), and the launcher's lines add their own clauses."""
-  text = text.rstrip()
-  return text[:-1] if text.endswith(".") and not text.endswith("..") else text
 
 
 @dataclasses.dataclass
