@@ -107,9 +107,31 @@ def test_a_ramp_stage_larger_than_the_global_batch_is_refused_before_anything_is
     parse_ramp("64:2", 16)
   parse_ramp("8:2,16:2", 16)  # Up to global_batch_size itself.
   workdir = tmp_path / "w"
-  result = run(capfd, "train", "--config", "tiny_cpu", "--cpu_devices", "8", "--workdir", str(workdir),
-               "--config.batch_ramp=64:2", "--config.global_batch_size=16")
+  # No --cpu_devices in this process: setting up devices would fail the test, so the refusal
+  # comes before any JAX work (the schema's check of the stage against global_batch_size).
+  result = run(capfd, "train", "--config", "tiny_cpu", "--workdir", str(workdir),
+               "--config.batch_ramp=8:1,64:2", "--config.global_batch_size=16")
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1, result.stderr
-  assert lines[0].startswith("jaxdp: error: config.batch_ramp='64:2'"), lines
+  assert lines[0].startswith("jaxdp: error: config.batch_ramp='8:1,64:2': stage '64:2'"), lines
+  assert "--config.global_batch_size=64 or more" in lines[0], lines
   assert not workdir.exists()
+
+
+def test_a_ramp_stage_the_devices_cannot_split_is_one_line_naming_the_stage_and_a_ramp_that_works(
+    capfd, tmp_path):
+  from cli_inprocess import run
+  workdir = tmp_path / "w"
+  argv = ["train", "--config", "tiny_cpu", "--cpu_devices", "8", "--workdir", str(workdir),
+          "--config.global_batch_size=32", "--config.grad_accum_steps=2"]
+  result = run(capfd, *argv, "--config.batch_ramp=16:1,20:1")
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr
+  assert lines[0] == ("jaxdp: error: config.batch_ramp='16:1,20:1': a batch of 20 is not divisible by "
+                      "data devices x grad_accum_steps = 8 x 2 (stage '20:1'); use multiples of 16 "
+                      "in every stage, e.g. --config.batch_ramp=16:1,16:1"), lines
+  assert not workdir.exists()
+  from jaxdp.lm.config import load_preset, validate
+  c = load_preset("tiny_cpu")
+  c.global_batch_size, c.grad_accum_steps, c.batch_ramp = 32, 2, "16:1,16:1"
+  validate(c, 8)  # The advised ramp is accepted.

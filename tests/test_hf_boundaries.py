@@ -207,6 +207,32 @@ def test_a_llama_mlp_width_no_ratio_gives_imports_with_mlp_dim(tmp_path):
   assert_same_logits(model, tmp_path, llama_cfg(mlp_dim=100))
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_checkpoint_shorter_than_seq_len_is_refused_naming_both_numbers_and_the_fix(family):
+  """A GPT-2 position table with fewer rows than config.seq_len, or a rotary model's
+  max_position_embeddings below it: refused in one line, never cut or extrapolated silently."""
+  key = "n_positions" if family == "gpt" else "max_position_embeddings"
+  model, cfg = (gpt2(), gpt_cfg()) if family == "gpt" else (llama(), llama_cfg())
+  config = {**model.config.to_dict(), key: 16}
+  with pytest.raises(JaxdpError, match=rf"^config.seq_len=24 is longer than the {key}=16 .*; set "
+                                       r"--config.seq_len=16 or less"):
+    hf.check_hf_config(config, cfg, "the checkpoint")
+  hf.check_hf_config(config, dataclasses.replace(cfg, seq_len=16), "the checkpoint")  # The limit.
+  assert hf.position_note(config, dataclasses.replace(cfg, seq_len=16), "the checkpoint") == ""
+
+
+def test_a_longer_gpt2_position_table_is_cut_to_seq_len_with_a_note_and_exact_logits(tmp_path):
+  model = gpt2()  # n_positions=48; gpt_cfg's seq_len is 24.
+  model.save_pretrained(str(tmp_path))
+  note = hf.position_note(model.config.to_dict(), gpt_cfg(), "the checkpoint")
+  assert note == ("jaxdp: note: the checkpoint has n_positions=48 learned positions; this run's "
+                  "config.seq_len=24 uses its first 24 (the other 24 rows are dropped, and an export "
+                  "has n_positions=24); set --config.seq_len=48 to keep them all")
+  params = assert_same_logits(model, tmp_path, gpt_cfg())  # Every position it uses is exact.
+  assert np.array_equal(params["wpe"], model.transformer.wpe.weight.detach().numpy()[:24])
+  assert hf.position_note(llama().config.to_dict(), llama_cfg(), "the checkpoint") == ""  # Rotary.
+
+
 # ---- Export of a padded vocabulary ------------------------------------------------------------
 
 @pytest.fixture(scope="module")

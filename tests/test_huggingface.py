@@ -270,7 +270,29 @@ def test_init_from_refusals(hf_dirs, tmp_path):
                  "config.model needs [32, 128]")
   assert_refused(cli(*train, f"--config.init_from=hf:{directory}", "--config.model.n_layer=3"),
                  "config.model.n_layer=3 but", "set --config.model.n_layer=2")
+  # More positions than the checkpoint's table has rows: never a silent cut.
+  assert_refused(cli(*train, f"--config.init_from=hf:{directory}", "--config.seq_len=64"),
+                 "config.seq_len=64 is longer than the n_positions=48 learned positions",
+                 "set --config.seq_len=48 or less")
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_an_import_that_keeps_part_of_the_position_table_says_so_after_the_banner(hf_dirs, tmp_path):
+  directory, _ = hf_dirs["gpt"]  # n_positions=48; tiny_cpu's seq_len is 32.
+  done = cli("train", "--config", "tiny_cpu", "--config.model.positions=learned",
+             "--config.model.norm_eps=1e-5", "--cpu_devices", "1", "--noprogress",
+             "--config.num_steps=1", "--config.eval_every=0", "--config.eval_steps=1",
+             f"--config.init_from=hf:{directory}", "--workdir", str(tmp_path / "run"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = (done.stdout + done.stderr).splitlines()
+  (note,) = [line for line in lines if line.startswith("jaxdp: note: config.init_from=")]
+  assert "n_positions=48 learned positions; this run's config.seq_len=32 uses its first 32" in note
+  # A resume reads its own checkpoint, not the import: no note.
+  again = cli("train", "--config", "tiny_cpu", "--config.model.positions=learned",
+              "--config.model.norm_eps=1e-5", "--cpu_devices", "1", "--noprogress",
+              "--config.num_steps=1", "--config.eval_every=0", "--config.eval_steps=1",
+              f"--config.init_from=hf:{directory}", "--workdir", str(tmp_path / "run"))
+  assert again.returncode == 0 and "jaxdp: note: config.init_from" not in again.stderr, again.stderr
 
 
 def test_a_moved_workdir_generates_the_same_text_with_and_without_the_cache(exported):

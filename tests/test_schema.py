@@ -201,6 +201,34 @@ def test_a_nullable_field_a_preset_sets_can_be_set_back_to_none(capfd, no_work, 
   assert_refused(result, "config.num_steps")  # A field that may not be None still may not.
 
 
+NOT_NULLABLE = sorted(name for name, field in schema.SCHEMA.items() if not field.nullable)
+
+
+@pytest.mark.parametrize("name", NOT_NULLABLE)
+def test_none_for_a_field_that_cannot_be_none_is_one_line_naming_its_valid_values(capfd, no_work,
+                                                                                 name):
+  """`--config.F=None` means None for every field (not the word "None" as a text field's value,
+  nor "not a whole number"): refused naming what F takes, with advice the command line accepts."""
+  field = schema.SCHEMA[name]
+  result = run(capfd, "train", "--config", "tiny_cpu", "--workdir", "w", f"--config.{name}=None")
+  kind = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}[field.kind]
+  valid = "one of " if field.choices or field.lazy_choices else kind
+  assert_refused(result, f"jaxdp: error: config.{name}=None: config.{name} cannot be None; it takes "
+                 f"{valid}", f"give e.g. --config.{name}=")
+  assert os.listdir(no_work) == []
+  with pytest.raises(JaxdpError, match=f"config.{re.escape(name)}=None: .* cannot be None"):
+    schema.check_value(name, None)  # The API's config (a config file's None) says the same.
+  # The last override wins: None then a value is that value.
+  with pytest.raises(AssertionError, match="accepted"):
+    run(capfd, "train", "--config", "tiny_cpu", "--workdir", "w", f"--config.{name}=None",
+        f"--config.{name}={_shown(field.example)}", *needed(field))
+
+
+def needed(field):
+  """The overrides that meet `field`'s declared need (none if it has none)."""
+  return field.needs.advice().split() if field.needs else []
+
+
 @pytest.mark.parametrize("name,field", NEEDS, ids=[n for n, _ in NEEDS])
 def test_every_declared_dependency_broken_is_refused_and_its_advice_works(capfd, no_work, name,
                                                                           field):
@@ -214,6 +242,22 @@ def test_every_declared_dependency_broken_is_refused_and_its_advice_works(capfd,
   with pytest.raises(AssertionError, match="accepted"):
     run(capfd, "train", "--config", "tiny_cpu", "--workdir", "w", setting, *broken,
         *rule.advice().split())
+
+
+EXCLUDES = sorted((name, field) for name, field in schema.SCHEMA.items() if field.excludes)
+
+
+@pytest.mark.parametrize("name,field", EXCLUDES, ids=[n for n, _ in EXCLUDES])
+def test_every_declared_exclusion_broken_is_refused_naming_both(capfd, no_work, name, field):
+  other = field.excludes.other
+  both = [f"--config.{name}={_shown(field.example)}",
+          f"--config.{other}={_shown(schema.SCHEMA[other].example)}"]
+  result = run(capfd, "train", "--config", "tiny_cpu", "--workdir", "w", *both)
+  assert_refused(result, f"config.{other} and config.{name}=", "are both set", field.excludes.why)
+  assert os.listdir(no_work) == []
+  for one in both:  # Either alone is accepted (the run itself is stubbed out).
+    with pytest.raises(AssertionError, match="accepted"):
+      run(capfd, "train", "--config", "tiny_cpu", "--workdir", "w", one)
 
 
 # ---- flags -------------------------------------------------------------------------------------

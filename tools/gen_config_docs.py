@@ -31,9 +31,11 @@ Every field below can be set on the command line with `--config.FIELD=VALUE` (fo
 ConfigDict. Unknown field names are rejected with the list of valid ones.
 
 The "Valid" column is the field's declared schema (`jaxdp/lm/schema.py`): its type, range or
-choices, and what it needs. A value outside it, or a field set away from its default where what it
-needs is missing (so it could have no effect), is refused before any work with one line
-`jaxdp: error: config.FIELD=VALUE ...` naming the fix, exit status 2.
+choices, what it needs and what it may not be set with. A value outside it, a field set away from
+its default where what it needs is missing (so it could have no effect), or two fields set that
+exclude each other, is refused before any work with one line
+`jaxdp: error: config.FIELD=VALUE ...` naming the fix, exit status 2. `--config.FIELD=None` sets
+None, which only the fields whose column says "or None" take.
 """
 
 

@@ -281,7 +281,7 @@ class Command:
                            f"{_shown_value(wanted)}, or drop --{flag.name}")
     self._check_positional(positional)
     if self.config:
-      for name in nulls:  # A nullable field set back to None (absl parses by the preset's type).
+      for name in nulls:  # A field set to None (absl parses by the preset's type); checked below.
         _set_dotted(values.config, name, None)
       args.config, args.config_path = values.config, config_path
       args.help_config = values.help_config
@@ -503,21 +503,23 @@ def _check_overrides(argv: list[str], fields: list[str], command: str) -> None:
 
 
 def _take_nulls(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Takes `--config.F=None` out of argv for each field F the schema declares nullable.
+  """Takes `--config.F=None` out of argv for each field F of the schema: None, for the schema.
 
   config_flags parses an override by the type of the preset's value, so once a preset sets a
-  nullable field, "None" would be refused as "not a whole number". Returns the rest of argv and
-  the fields whose last override is None (an earlier override of such a field is dropped too:
-  the last one wins, as for every flag); a non-nullable field's "None" stays, to be refused.
+  nullable field, "None" would be refused as "not a whole number", and a text field would take
+  the word "None" itself (a wandb project, a checkpoint folder named None). Returns the rest of
+  argv and the fields whose last override is None (an earlier override of such a field is
+  dropped too: the last one wins, as for every flag); the schema's check then accepts None for a
+  nullable field and refuses it, naming the field's valid values, for every other.
   """
   from jaxdp.lm.schema import SCHEMA
   end = argv.index("--") if "--" in argv else len(argv)
-  overrides: list[tuple[str, str] | None] = []  # (field, value) of each nullable field's override.
+  overrides: list[tuple[str, str] | None] = []  # (field, value) of each schema field's override.
   for arg in argv[:end]:
     match = _CONFIG_ARG.match(arg.split("=", 1)[0])
     rest = (match.group("rest") or "") if match and not match.group(1) else ""
     field = SCHEMA.get(rest[1:]) if rest.startswith(".") and "=" in arg else None
-    overrides.append((rest[1:], arg.split("=", 1)[1]) if field and field.nullable else None)
+    overrides.append((rest[1:], arg.split("=", 1)[1]) if field else None)
   last = {o[0]: o[1] for o in overrides if o}
   nulls = [name for name, value in last.items() if value == "None"]
   kept = [arg for arg, o in zip(argv[:end], overrides) if not (o and (o[1] == "None" or o[0] in nulls))]

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from jaxdp.data import mixture as mixtures
-from jaxdp.data import tokenfiles
+from jaxdp.data import sources, tokenfiles
 from jaxdp.data.packing import concat_example, example_fn
 from jaxdp.data.spec import DataSpec
 from jaxdp.data.tokenizers import ByteTokenizer
@@ -104,11 +104,16 @@ def load_tokens(path: str) -> np.ndarray:
     raw = f.read()
   if not raw.strip():
     raise JaxdpError(f"config.data.path={path!r} is empty; the corpus needs text to train on")
-  try:  # The same rule as `jaxdp prepare`: a corpus is UTF-8 text (docs/data.md).
+  # The same rules as `jaxdp prepare`: compressed, archived and binary files are named as what
+  # they are (a gzip file's bytes are no Latin-1 text to convert), and a corpus is UTF-8 text.
+  sources.check_training_text(path, raw[:8192])
+  try:
     raw.decode("utf-8")
   except UnicodeDecodeError as e:
+    command, out = sources.utf8_advice(path)
     raise JaxdpError(f"config.data.path={path!r} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
-                     f"byte offset {e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+                     f"byte offset {e.start}); if it is Latin-1 text, convert it: {command}, then "
+                     f"--config.data.path={out}") from None
   return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
 
 

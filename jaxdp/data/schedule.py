@@ -101,8 +101,8 @@ def parse_ramp(text: str, global_batch_size: int, field: str = "config.batch_ram
     if size > global_batch_size:  # A "ramp" that shrinks to global_batch_size is a mistake.
       raise JaxdpError(f"{field}={text!r}: stage {stage!r} takes {size} examples a step, more than "
                        f"config.global_batch_size={global_batch_size} that the ramp grows to; give "
-                       f"stages of at most {global_batch_size} examples, or raise "
-                       f"config.global_batch_size to at least {size}")
+                       f"stages of at most {global_batch_size} examples, or raise it with "
+                       f"--config.global_batch_size={size} or more")
     if not segments or segments[-1][2] != size:
       segments.append((step, example, size))
     step, example = step + count, example + count * size

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
+import dataclasses
 import hashlib
 import json
 import os
@@ -113,29 +114,112 @@ _COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "gunzip -c", (".gz",)),
                (b"BZh", "bzip2-compressed", "bunzip2 -c", (".bz2",)),
                (b"\xfd7zXZ\x00", "xz-compressed", "xz -dc", (".xz",)),
                (b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -dc", (".zst",)))
+_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar")
+# Leading bytes of other binary formats: (magic, what it is, what to do instead).
+_FORMATS = ((b"\x89PNG\r\n\x1a\n", "a PNG image", ""), (b"\xff\xd8\xff", "a JPEG image", ""),
+            (b"GIF8", "a GIF image", ""),
+            (b"%PDF-", "a PDF document", "extract its text with a PDF tool first (e.g. pdftotext)"),
+            (b"\x7fELF", "an executable (ELF)", ""),
+            (b"SQLite format 3\x00", "an SQLite database", "export its text column first"),
+            (b"\x89HDF\r\n\x1a\n", "an HDF5 file", ""),
+            (b"PAR1", "a Parquet file", "name it with a .parquet suffix so it is read as Parquet"),
+            (b"ARROW1", "an Arrow file", "name it with an .arrow suffix so it is read as Arrow"),
+            (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it first (e.g. 7z x)"),
+            (b"Rar!\x1a\x07", "a RAR archive", "extract it first (e.g. unrar x)"))
+# Byte-order marks of the encodings iconv converts (the longer UTF-32 marks first).
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"),
+         (b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+# C0 control bytes text does not hold (tab, newlines, vertical tab, form feed and escape it may).
+_CONTROL = frozenset(range(0x20)) - {0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x1b} | {0x7f}
+
+
+@dataclasses.dataclass(frozen=True)
+class NotText:
+  """What a file given as text really is, and how to get text from it.
+
+  what: "gzip-compressed", "a zip archive", "UTF-16 text", "a PNG image", ...
+  command: a shell command that writes text (or a folder of files) to `out`; "" if there is none.
+  out: what `command` writes; `folder`: whether that is a folder.
+  encoding: text in another encoding than UTF-8 (the command converts it).
+  advice: what to do when there is no command ("give the text it was made from").
+  """
+  what: str
+  command: str = ""
+  out: str = ""
+  folder: bool = False
+  encoding: bool = False
+  advice: str = "give the text it was made from"
+
+
+def _beside(path: str, suffix: str, ext: str = "") -> str:
+  """`path` without `suffix` (when it ends so), keeping a remaining extension, else plus `ext`."""
+  stem = path[:-len(suffix)] if suffix and path.lower().endswith(suffix) else path
+  return stem if stem != path and os.path.splitext(stem)[1] else stem + ext
+
+
+def sniff(path: str, head: bytes) -> NotText | None:
+  """What `path` is, from its first bytes `head` (8 KiB), if it is not UTF-8 text; None if it
+  may be (the decoder then checks every byte). Compressed files, archives, UTF-16 and UTF-32
+  text, known binary formats, and bytes with NULs or many control codes (NumPy arrays are the
+  callers', whose advice differs)."""
+  quoted, lowered = shlex.quote(path), path.lower()
+  tar_suffix = next((x for x in _TAR_SUFFIXES if lowered.endswith(x)), "")
+  is_tar = len(head) > 262 and head[257:262] == b"ustar"
+  compressed = next((c for c in _COMPRESSED if head.startswith(c[0])), None)
+  if is_tar or (tar_suffix and compressed):  # GNU tar reads each compression on its own.
+    folder = _beside(path, tar_suffix) + "_files" if tar_suffix else os.path.splitext(path)[0] + "_files"
+    kind = "a tar archive" if is_tar or compressed is None else f"a {compressed[1]} tar archive"
+    return NotText(kind, f"mkdir -p {shlex.quote(folder)} && tar -xf {quoted} -C "
+                   f"{shlex.quote(folder)}", folder, True)
+  if compressed:
+    _, what, command, suffixes = compressed
+    out = _beside(path, next((x for x in suffixes if lowered.endswith(x)), ""), ".txt")
+    return NotText(what, f"{command} {quoted} > {shlex.quote(out)}", out)
+  if head.startswith(b"PK\x03\x04"):
+    folder = os.path.splitext(path)[0] + "_files"
+    return NotText("a zip archive", f"unzip {quoted} -d {shlex.quote(folder)}", folder, True)
+  for bom, encoding in _BOMS:
+    if head.startswith(bom):
+      out = _beside(path, os.path.splitext(path)[1]) + ".utf8" + (os.path.splitext(path)[1] or ".txt")
+      return NotText(f"{encoding[:6]} text (a {encoding} byte-order mark)",
+                     f"iconv -f {encoding[:6]} -t UTF-8 {quoted} > {shlex.quote(out)}", out,
+                     encoding=True)
+  even, odd = head[0::2], head[1::2]
+  if len(head) >= 16 and min(even.count(0), odd.count(0)) == 0 and \
+      max(even.count(0) / len(even), odd.count(0) / len(odd)) > 0.9:  # ASCII in UTF-16, no mark.
+    encoding = "UTF-16LE" if odd.count(0) > even.count(0) else "UTF-16BE"
+    out = _beside(path, os.path.splitext(path)[1]) + ".utf8" + (os.path.splitext(path)[1] or ".txt")
+    return NotText(f"{encoding} text (no byte-order mark)",
+                   f"iconv -f {encoding} -t UTF-8 {quoted} > {shlex.quote(out)}", out, encoding=True)
+  for magic, what, advice in _FORMATS:
+    if head.startswith(magic):
+      return NotText(what, advice=advice or "give the text it was made from")
+  if b"\x00" in head:
+    return NotText(f"binary data (NUL bytes, the first at byte offset {head.index(0)})")
+  controls = sum(head.count(c) for c in _CONTROL)
+  if controls > max(8, len(head) // 100):  # Random bytes hold ~12%; text none, or a stray few.
+    return NotText(f"binary data ({controls} of its first {len(head)} bytes are control codes)")
+  return None
+
+
+def _refusal(who: str, found: NotText, then: str) -> JaxdpError:
+  """One line: `who` is what `found` says, not (UTF-8) text; the command that gives text, then
+  `then` (what to run on its output); or the advice when no command gives text."""
+  verb = "extract" if found.folder else "convert" if found.encoding else "decompress"
+  todo = f"{verb} it first: `{found.command}`, then {then}" if found.command else found.advice
+  return JaxdpError(f"{who} is {found.what}, not {'UTF-8 ' if found.encoding else ''}text; {todo}")
 
 
 def check_not_binary(path: str) -> None:
-  """Refuses a compressed, archived, NumPy or other binary file given as text or JSONL: its bytes
-  would fail as "not UTF-8" (with advice to re-encode what is no text) or, worse, decode.
+  """Refuses a compressed, archived, NumPy or other binary file given to `jaxdp prepare` as text
+  or JSONL: its bytes would fail as "not UTF-8" (with advice to re-encode what is no text) or,
+  worse, decode (`sniff` says what it is).
 
   Raises:
     JaxdpError: naming what the file is and the command that gives text (decompress it first).
   """
   with open(path, "rb") as f:
     head = f.read(8192)
-  quoted = shlex.quote(path)
-  for magic, what, command, suffixes in _COMPRESSED:
-    if head.startswith(magic):
-      suffix = next((x for x in suffixes if path.endswith(x)), "")
-      stem = path[:-len(suffix)] if suffix else path
-      out = shlex.quote(stem if stem != path and os.path.splitext(stem)[1] else stem + ".txt")
-      raise JaxdpError(f"prepare: {path!r} is {what}, not text; decompress it first: "
-                       f"`{command} {quoted} > {out}`, then `jaxdp prepare {out} ...`")
-  if head.startswith(b"PK\x03\x04"):
-    folder = shlex.quote(os.path.splitext(path)[0] + "_files")
-    raise JaxdpError(f"prepare: {path!r} is a zip archive, not text; extract it first: "
-                     f"`unzip {quoted} -d {folder}`, then `jaxdp prepare {folder} ...`")
   if head.startswith(b"\x93NUMPY"):
     raise JaxdpError(f"prepare: {path!r} is a NumPy .npy array, not text: `jaxdp prepare` reads "
                      "text, JSONL and Parquet. If it holds token ids (< 65,536), write them as a "
@@ -143,9 +227,49 @@ def check_not_binary(path: str) -> None:
                      f"files): `python -c \"import numpy as np; np.load({path!r}).astype(np.uint16)"
                      f".tofile('tokens.bin')\"`, then --config.data.path=tokens.bin with "
                      "--config.data.tokenizer set to the tokenizer that made the ids")
-  if b"\x00" in head:
-    raise JaxdpError(f"prepare: {path!r} holds NUL bytes (byte offset {head.index(0)}): it is "
-                     "binary data, not text; give the text it was made from")
+  found = sniff(path, head)
+  if found is not None:
+    then = f"`jaxdp prepare {shlex.quote(found.out)} ...`"
+    raise _refusal(f"prepare: {path!r}", found, then)
+
+
+def check_training_text(path: str, head: bytes, field: str = "config.data.path") -> None:
+  """Refuses a file given to training as raw text that `sniff` finds is not UTF-8 text, naming
+  what it is and the command that gives text, then the `field` setting that trains on it.
+
+  Raises:
+    JaxdpError: one line naming `field`, what the file is, and the fix.
+  """
+  if head.startswith(b"\x93NUMPY"):
+    raise JaxdpError(f"{field}={path!r} is a NumPy .npy array, not text; for token ids write a "
+                     "token file (docs/data.md, token files) and train on that")
+  found = sniff(path, head)
+  if found is None:
+    return
+  out = shlex.quote(found.out)
+  if found.folder or found.out.lower().endswith(DOCUMENT_SUFFIXES[len(TEXT_SUFFIXES):]):
+    prepared = shlex.quote(os.path.splitext(found.out)[0] + "_prepared")
+    then = f"`jaxdp prepare {out} --out {prepared}`, then --config.data.path={prepared}"
+  else:
+    then = f"--config.data.path={out}"
+  raise _refusal(f"{field}={path!r}", found, then)
+
+
+def _named(field: str, path: str) -> str:
+  """"config.data.path='x'", or "config.data.sources entry 'x'" for one entry of a list."""
+  return f"{field} {path!r}" if field.endswith(" entry") else f"{field}={path!r}"
+
+
+def check_exists(path: str, field: str = "config.data.path") -> None:
+  """Refuses a local input path that is not there, before any advice about its format ("" is
+  the built-in corpus; a URL is left to its reader).
+
+  Raises:
+    JaxdpError: one line naming `field` and the path, and where a relative path is taken from.
+  """
+  if path and "://" not in path and not os.path.exists(path):
+    raise JaxdpError(f"{_named(field, path)} does not exist; check the path (relative paths are from "
+                     f"{os.getcwd()!r})")
 
 
 def check_trainable(path: str, field: str = "config.data.path") -> None:
@@ -160,20 +284,28 @@ def check_trainable(path: str, field: str = "config.data.path") -> None:
   lowered = path.lower().rstrip("/")
   document = lowered.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES + (".json",)) \
       or (bool(path) and is_saved_dataset(path))
-  if document and "://" not in path and not os.path.exists(path):  # Advice to prepare it would fail.
-    raise JaxdpError(f"{field}={path!r} does not exist; check the path (relative paths are from "
-                     f"{os.getcwd()!r})")
+  if document:  # Advice to prepare a path that is not there would fail in turn.
+    check_exists(path, field)
   if document:
     out = os.path.splitext(path.rstrip("/"))[0] + "_prepared"
-    raise JaxdpError(f"{field}={path!r} is a document file (records, not text): training would "
+    raise JaxdpError(f"{_named(field, path)} is a document file (records, not text): training would "
                      f"read its syntax as text; tokenize it first with `jaxdp prepare "
                      f"{shlex.quote(path)} --out {shlex.quote(out)}`, then train with "
                      f"--config.data.path={shlex.quote(out)}")
 
 
+def utf8_advice(path: str) -> tuple[str, str]:
+  """The command that converts a Latin-1 (or Windows-1252) file to UTF-8, and what it writes."""
+  ext = os.path.splitext(path)[1]
+  out = shlex.quote(path[:len(path) - len(ext)] + ".utf8" + (ext or ".txt"))
+  return f"`iconv -f latin1 -t utf-8 {shlex.quote(path)} > {out}`", out
+
+
 def _utf8_error(path: str, raw: bytes, e: UnicodeDecodeError, where: str) -> JaxdpError:
+  command, out = utf8_advice(path)
   return JaxdpError(f"prepare: {path!r} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at {where}); "
-                    "convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out")
+                    f"if it is Latin-1 text, convert it: {command}, then `jaxdp prepare {out} ...`; "
+                    "or leave it out")
 
 
 def last_safe_cut(text: str) -> int:

@@ -238,12 +238,21 @@ def validate_batch_ramp(config: ml_collections.ConfigDict, per_step: int) -> Non
   ramp = config.get("batch_ramp", "")
   need(isinstance(ramp, str), f"config.batch_ramp={ramp!r} must be a string like '8:100,16:100'")
   sizes = parse_ramp(ramp, config.global_batch_size).sizes()
+  accum = config.grad_accum_steps
+  what = f"data devices x grad_accum_steps = {per_step // accum} x {accum}"
   if config.get("reduction", "allreduce") == "fixed_order":  # Each micro-batch splits in shards.
-    per_step = math.lcm(per_step, config.get("virtual_shards", 8) * config.grad_accum_steps)
-  for size in sizes:
-    need(size % per_step == 0, f"config.batch_ramp={ramp!r}: a batch of {size} is not divisible by "
-         f"data devices x grad_accum_steps (x virtual_shards under reduction='fixed_order'); use "
-         f"multiples of {per_step}")
+    shards = config.get("virtual_shards", 8)
+    per_step = math.lcm(per_step, shards * accum)
+    what += f", and by virtual_shards x grad_accum_steps = {shards} x {accum} (reduction='fixed_order')"
+  stages = [x.strip().split(":") for x in ramp.split(",") if x.strip()]
+  for size, steps in stages:
+    if int(size) % per_step:
+      # Each stage rounded to a multiple (at most global_batch_size, itself one): the advice.
+      fixed = ",".join(f"{min(config.global_batch_size, max(per_step, round(int(b) / per_step) * per_step))}"
+                       f":{int(n)}" for b, n in stages)
+      raise JaxdpError(f"config.batch_ramp={ramp!r}: a batch of {int(size)} is not divisible by {what} "
+                       f"(stage '{size.strip()}:{steps.strip()}'); use multiples of {per_step} in every "
+                       f"stage, e.g. --config.batch_ramp={fixed}")
   need(len(sizes) <= 8, f"config.batch_ramp={ramp!r} has {len(sizes)} batch sizes; each compiles "
        "the train step once more: use at most 8 (2-4 stages are typical)")
 

@@ -108,3 +108,10 @@ def load_params(init_from: str, cfg: ModelConfig) -> dict:
   tensors = hf.canonical_names(read_tensors(directory), cfg.family)
   return hf.from_hf(tensors, cfg, where)
 
+
+
+def position_note(init_from: str, cfg: ModelConfig) -> str:
+  """The start banner's note on positions of config.init_from beyond config.seq_len ("" if
+  none; models.hf.position_note)."""
+  return hf.position_note(read_config(checkpoint_dir(init_from)), cfg,
+                          f"config.init_from={init_from!r}")

@@ -65,6 +65,16 @@ class Rule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Excludes:
+  """Another field that may not be set (away from its default) together with this one.
+
+  other: the other field's dotted name; why: what to do instead, said after "are both set".
+  """
+  other: str
+  why: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Field:
   """One config field's declaration.
 
@@ -74,6 +84,8 @@ class Field:
   choices: the valid strings, or a (module, attribute) pair read when a non-default value is
     checked (for lists whose module imports JAX: core.optimizer).
   needs: set away from its default, the field does nothing unless this rule holds: refused.
+  excludes: set away from its default together with this other field: refused.
+  against: checks the value against other fields of the whole config (raises JaxdpError).
   parse: the owning layer's parser of the field's text form (raises JaxdpError naming it).
   note: said after a range message, e.g. "0: no warmup".
   example: a valid value other than the default (the schema test sets it to break `needs`).
@@ -86,6 +98,8 @@ class Field:
   choices: tuple[str, ...] = ()
   nullable: bool = False
   needs: Rule | None = None
+  excludes: Excludes | None = None
+  against: Callable[[Any], None] | None = None
   parse: Callable[[Any], Any] | None = None
   note: str = ""
   example: Any = None
@@ -111,8 +125,8 @@ class Field:
     return (f"in {'(' if self.min_open else '['}{_shown(self.min)}, {_shown(self.max)}"
             f"{')' if self.max_open else ']'}")
 
-  def valid_text(self, resolve: bool = True) -> str:
-    """What the docs' "Valid" column says: type, range or choices, and what it needs.
+  def valid_text(self, resolve: bool = True, needs: bool = True) -> str:
+    """What the docs' "Valid" column says: type, range or choices, and (`needs`) what it needs.
     resolve=False leaves out choices that would import their (JAX-importing) module."""
     kind = {int: "integer", float: "number", bool: "true/false", str: "text"}[self.kind]
     parts = [kind + (" or None" if self.nullable else "")]
@@ -120,8 +134,10 @@ class Field:
       parts.append(self.range_text())
     if self.choices or (self.lazy_choices and resolve):
       parts = [", ".join(f"`{c!r}`" if c == "" else f"`{c}`" for c in self.valid_choices())]
-    if self.needs:
+    if self.needs and needs:
       parts.append(f"needs {self.needs.text}")
+    if self.excludes and needs:
+      parts.append(f"not with config.{self.excludes.other}")
     return "; ".join(parts)
 
 
@@ -171,8 +187,6 @@ SPIKES = Rule("config.spike_policy='skip' or 'rollback'", lambda c: c.spike_poli
               {"spike_policy": "off"}, {"spike_policy": "rollback"})
 ROLLS_BACK = Rule("config.spike_policy='rollback'", lambda c: c.spike_policy == "rollback",
                   {"spike_policy": "off"}, {"spike_policy": "rollback"})
-NO_SOURCES = Rule("config.data.sources='' (a mixture names its paths in data.sources)",
-                  lambda c: not c.data.sources, {"data.sources": "a.txt:1"}, {"data.sources": ""})
 
 
 def _checkpoint_dir(value: Any) -> Any:
@@ -192,9 +206,15 @@ def _targets(value: Any) -> Any:
 
 def _batch_ramp(value: Any) -> Any:
   from jaxdp.data.schedule import parse_ramp
-  # The form alone: each stage against global_batch_size is checked with the whole config
-  # (lm/config.validate_batch_ramp, through the same parse_ramp).
+  # The form alone: each stage against global_batch_size is `against`'s, with the whole config.
   return parse_ramp(value, sys.maxsize)
+
+
+def _batch_ramp_against(config: Any) -> None:
+  from jaxdp.data.schedule import parse_ramp
+  # Each stage at most global_batch_size; its split over the devices is lm/config's
+  # validate_batch_ramp, which needs the device count.
+  parse_ramp(config.batch_ramp, config.global_batch_size)
 
 
 def _sources(value: Any) -> Any:
@@ -240,7 +260,7 @@ SCHEMA: dict[str, Field] = {
     "seed": Field(int, 0, 2 ** 32, max_open=True, example=1),
     "num_steps": Field(int, 0, min_open=True, example=5),
     "global_batch_size": Field(int, 0, min_open=True, example=64),
-    "batch_ramp": Field(str, parse=_batch_ramp, example="8:2", bad="8"),
+    "batch_ramp": Field(str, parse=_batch_ramp, against=_batch_ramp_against, example="8:2", bad="8"),
     "seq_len": Field(int, 0, min_open=True, example=64),
     "grad_accum_steps": Field(int, 0, min_open=True, example=2),
     "optimizer": Field(str, lazy_choices=("jaxdp.core.optimizer", "OPTIMIZERS"),
@@ -315,8 +335,9 @@ SCHEMA: dict[str, Field] = {
     "remat": Field(str, choices=REMATS, example="block"),
     "wandb.project": Field(str, example="my-project"),
     "wandb.mode": Field(str, choices=WANDB_MODES, needs=WANDB, example="online"),
-    "data.path": Field(str, needs=NO_SOURCES, parse=_data_path, example="corpus.txt",
-                       bad="corpus.jsonl"),
+    "data.path": Field(str, parse=_data_path, example="corpus.txt", bad="corpus.jsonl",
+                       excludes=Excludes("data.sources", "give the mixture's paths in data.sources "
+                                         "only, or leave config.data.sources at its default ''")),
     "data.val_fraction": Field(float, 0, 1, min_open=True, max_open=True, example=0.2),
     "data.tokenizer": Field(str, example="tokenizer.json"),
     "data.packing": Field(str, choices=PACKINGS, example="document"),
@@ -378,6 +399,17 @@ def check_value(name: str, value: Any, field: Field | None = None) -> None:
     return
   example = field.example if field.example not in (None, "") else defaults().get(name)
   kind = field.kind
+  if value is None:  # Set to None (--config.F=None, or a config file) where None means nothing.
+    default = defaults().get(name)
+    valid = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}[kind]
+    if field.choices or field.lazy_choices:
+      valid = "one of " + ", ".join(repr(c) if c == "" else c for c in field.valid_choices())
+    elif field.range_text():
+      valid += f", {field.range_text()}" + (f" ({field.note})" if field.note else "")
+    also = "" if default is None or default == example else \
+        f", or --config.{name}={_shown(default)} ({'empty, ' if default == '' else ''}the default preset's)"
+    raise JaxdpError(f"config.{name}=None: config.{name} cannot be None; it takes {valid}; give "
+                     f"e.g. --config.{name}={_shown(example)}{also}")
   ok = (isinstance(value, bool) if kind is bool else
         isinstance(value, int) and not isinstance(value, bool) if kind is int else
         isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
@@ -406,11 +438,11 @@ def check_value(name: str, value: Any, field: Field | None = None) -> None:
 
 
 def check(config: Any) -> None:
-  """Validates every field of `config` by its schema entry, then every `needs` rule.
+  """Validates every field of `config` by its schema entry, then every `needs` and `excludes`.
 
   Raises:
     JaxdpError: one line naming the first field of the wrong type, out of range, not one of its
-      choices, or set away from its default where it has no effect.
+      choices, set away from its default where it has no effect, or set with a field it excludes.
   """
   # A field without an entry is a developer's omission, caught by tests/test_schema.py and
   # tools/gen_config_docs.py, not a user's error: it is not refused here.
@@ -424,6 +456,13 @@ def check(config: Any) -> None:
       raise JaxdpError(f"config.{name}={value!r} has no effect without {field.needs.text}; set "
                        f"{field.needs.advice()}, or leave config.{name} at its default "
                        f"{defaults().get(name)!r}")
+    if field.against is not None and value != defaults().get(name):
+      field.against(config)
+    excludes = field.excludes
+    if excludes and value != defaults().get(name) and \
+        dotted_get(config, excludes.other) != defaults().get(excludes.other):
+      raise JaxdpError(f"config.{excludes.other} and config.{name}={value!r} are both set; "
+                       f"{excludes.why}")
 
 
 def ignored(config: Any) -> list[str]:

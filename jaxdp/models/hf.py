@@ -67,8 +67,6 @@ HARMLESS = frozenset({
     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens",
-    # Limits on the context a rotary model was trained for (seq_len is the run's own).
-    "max_position_embeddings",
 })
 # Keys of PretrainedConfig that change the model unless they hold this value.
 _GENERIC_OFF = {"is_encoder_decoder": False, "is_decoder": False, "add_cross_attention": False,
@@ -76,9 +74,13 @@ _GENERIC_OFF = {"is_encoder_decoder": False, "is_decoder": False, "add_cross_att
 _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
                "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
-               "partial_rotary_factor", "attention_dropout", "tie_word_embeddings")
+               "partial_rotary_factor", "attention_dropout", "tie_word_embeddings",
+               # The context its rotary positions were trained for: config.seq_len's bound.
+               "max_position_embeddings")
 USED = {
+    # max_position_embeddings: transformers' alias of n_positions (GPT2Config.attribute_map).
     "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "n_ctx",
+             "max_position_embeddings",
              "activation_function", "layer_norm_epsilon", "scale_attn_weights",
              "scale_attn_by_inverse_layer_idx", "tie_word_embeddings",
              # Training-time dropouts, the sequence-summary head of GPT2DoubleHeadsModel (not the
@@ -103,6 +105,29 @@ ROPE_TYPES = {
     "longrope": "LongRoPE's per-dimension factors",
     "llama3": "Llama 3.1's frequencies rescaled by wavelength",
 }
+
+
+def max_positions(hf: dict) -> int | None:
+  """The longest context of a checkpoint's config.json: GPT-2's n_positions (learned positions:
+  its table's rows; n_ctx or max_position_embeddings in older files), a rotary model's
+  max_position_embeddings; None if it gives none."""
+  for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+    if hf.get(key):
+      return int(hf[key])
+  return None
+
+
+def position_note(hf: dict, cfg: ModelConfig, where: str) -> str:
+  """What an import does to a checkpoint's positions beyond config.seq_len ("" if nothing): a
+  GPT-2 position table longer than seq_len keeps its first seq_len rows (windows of seq_len
+  tokens never use the rest), which an export then declares as its n_positions."""
+  limit = max_positions(hf)
+  if cfg.family != "gpt" or not limit or limit <= cfg.seq_len:
+    return ""
+  return (f"jaxdp: note: {where} has n_positions={limit} learned positions; this run's "
+          f"config.seq_len={cfg.seq_len} uses its first {cfg.seq_len} (the other {limit - cfg.seq_len} "
+          f"rows are dropped, and an export has n_positions={cfg.seq_len}); set "
+          f"--config.seq_len={limit} to keep them all")
 
 
 def check_keys(hf: dict, where: str = "the checkpoint") -> None:
@@ -298,7 +323,7 @@ def hf_fields(hf: dict) -> tuple[str, dict[str, Any]]:
                    # GPT2Config's default is tied (transformers then ignores any lm_head.weight).
                    "model.tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
                    "model.norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
-                   "max_seq_len": hf.get("n_positions", hf.get("n_ctx"))}
+                   "max_seq_len": max_positions(hf)}
   if kind in VARIANT_OF_TYPE:
     return "llama", _llama_fields(hf, kind)
   raise JaxdpError(f"the checkpoint's model_type={kind!r} is not one of gpt2, "
@@ -346,7 +371,8 @@ def _llama_fields(hf: dict, kind: str) -> dict[str, Any]:
           "model.sliding_window": _sliding_window(hf, kind),
           "model.rope_theta": hf_rope_theta(hf),
           "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-          "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6))}
+          "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+          "max_seq_len": max_positions(hf)}
 
 
 def _sliding_window(hf: dict, kind: str) -> int:
@@ -413,10 +439,16 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
       shown = value if not isinstance(value, str) else repr(value)
       raise JaxdpError(f"config.{field}={have[field]!r} but {where} has {shown}; set "
                        f"--config.{field}={value}")
-  if family == "gpt" and fields["max_seq_len"] and cfg.seq_len > fields["max_seq_len"]:
-    raise JaxdpError(f"config.seq_len={cfg.seq_len} is longer than {where}'s n_positions="
-                     f"{fields['max_seq_len']} learned positions; set --config.seq_len="
-                     f"{fields['max_seq_len']} or less")
+  limit = fields["max_seq_len"]
+  if limit and cfg.seq_len > limit:  # Positions the checkpoint has no row for, or never trained.
+    if family == "gpt":
+      raise JaxdpError(f"config.seq_len={cfg.seq_len} is longer than the n_positions={limit} learned "
+                       f"positions of {where} (its position table has {limit} rows); set "
+                       f"--config.seq_len={limit} or less")
+    raise JaxdpError(f"config.seq_len={cfg.seq_len} is longer than the max_position_embeddings={limit} "
+                     f"of {where}, the context its rotary positions were trained for; set "
+                     f"--config.seq_len={limit} or less (to train a longer context on purpose, raise "
+                     "max_position_embeddings in its config.json)")
   if family == "llama" and cfg.head_size != fields["head_size"]:
     raise JaxdpError(f"config.model.head_dim={cfg.head_dim} gives heads of {cfg.head_size} but "
                      f"{where} has head_dim={fields['head_size']}; set --config.model.head_dim="

@@ -32,6 +32,7 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self.enabled = enabled
     self._fd: int | None = None
+    self._times: tuple[int, int] | None = None  # The file's (atime, mtime) in ns before this run.
 
   def __enter__(self) -> WorkdirLock:
     if not self.enabled:
@@ -40,6 +41,11 @@ class WorkdirLock:
     key = os.path.realpath(self.path)
     if key in _held:
       os.close(_held.pop(key))  # Closing the descriptor drops this process's stale lock.
+    try:
+      before = os.stat(self.path)
+      self._times = (before.st_atime_ns, before.st_mtime_ns)
+    except OSError:
+      self._times = None
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -69,7 +75,9 @@ class WorkdirLock:
       if _held.get(os.path.realpath(self.path)) == self._fd:
         del _held[os.path.realpath(self.path)]
         try:  # The holder's record goes with the lock: a run that ends leaves the file as empty
-          os.ftruncate(self._fd, 0)  # as before it (a refused resume changes no byte).
+          os.ftruncate(self._fd, 0)  # as before it, and its times too (a refused resume leaves
+          if self._times is not None:  # the workdir exactly as it was, mtimes included).
+            os.utime(self._fd, ns=self._times)
         except OSError:
           pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
