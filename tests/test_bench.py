@@ -19,8 +19,10 @@ def bench():
 
 
 def test_quick_bench_reports_every_key_finite_and_positive(bench, tmp_path):
+  # One block: every key and every strategy of the report, half tiny_cpu's compiling.
   args, overrides = bench.parse_args(["--config", "tiny_cpu", "--quick", "--steps", "1",
-                                      "--config.log_every=1", "--skip", "comm,memory"])
+                                      "--config.log_every=1", "--skip", "comm,memory",
+                                      "--config.model.n_layer=1"])
   report = bench.run(args, overrides)
   for key in ("tokens_per_sec", "measured_peak_flops", "mfu", "loader_headroom", "compile_time_s",
               "flops_per_token_hlo", "flops_per_token_formula"):

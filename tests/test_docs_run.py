@@ -69,7 +69,10 @@ SHORTER = {
     "generate": ["--max_new_tokens=4"],
     "verify": ["--steps=1", "--config.model.n_layer=1", "--config.global_batch_size=8",
                "--config.seq_len=32"],
-    "plan": ["--cpu_devices=2", "--config.model.n_layer=1"],
+    # The shortened train's and verify's batch and context: smaller programs to compile, and
+    # verify finds plan's compiled gradient functions in conftest's shared compilation cache.
+    "plan": ["--cpu_devices=2", "--config.model.n_layer=1", "--config.global_batch_size=8",
+             "--config.seq_len=32"],
 }
 # Flags whose documented value is replaced: verify on 8 emulated devices trains every strategy
 # on 8 devices; the same command on 2 checks what the reader's command checks, in a quarter the time.
@@ -90,7 +93,13 @@ def shell_commands(path):
           yield first + offset, part.strip()
 
 
+# Paths the docs name by a full-length run's step (default num_steps 600): the shortened train
+# above ends, and saves its last checkpoint, at step 16.
+STEP_PATHS = {"runs/first/checkpoints/600": "runs/first/checkpoints/16"}
+
+
 def shortened(argv):
+  argv = [STEP_PATHS.get(a, a) for a in argv]
   if argv[0] == "launch":
     split = argv.index("--")
     return argv[:split + 1] + [a for a in shortened(argv[split + 1:])  # launch gives it.
@@ -172,12 +181,17 @@ def test_documented_commands_run_in_order(doc, tmp_path):
           if command.startswith("jaxdp ") and not any(command.startswith(p) for p in NOT_RUN)]
   listed, results = tmp_path / "commands.json", tmp_path / "results.jsonl"
   listed.write_text(json.dumps([argv for _, _, argv in runs]))
-  runner = subprocess.run([sys.executable, RUNNER, str(listed), str(results)], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=1800)
+  try:  # About 100 s for the README on a quiet 2-core machine: 900 s is a hang.
+    runner = subprocess.run([sys.executable, RUNNER, str(listed), str(results)], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=900)
+  except subprocess.TimeoutExpired as e:  # Name the command that hung (below), with its output.
+    err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    runner = subprocess.CompletedProcess(e.cmd, -9, "", err + "\n(killed: timed out after 900 s)")
   done = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
   for (line, command, argv), result in zip(runs, done):
     assert result["returncode"] == 0, (f"{doc}:{line}: `{command}` (run as {argv}) exited "
                                        f"{result['returncode']}:\n{result['stderr']}")
   assert runner.returncode == 0 and len(done) == len(runs), (
-      f"{doc}: the runner exited {runner.returncode} after {len(done)} of {len(runs)} "
-      f"commands:\n{runner.stderr[-3000:]}")
+      f"{doc}: the runner exited {runner.returncode} after {len(done)} of {len(runs)} commands"
+      + (f", in `{runs[len(done)][1]}`" if len(done) < len(runs) else "")
+      + f":\n{runner.stderr[-3000:]}")

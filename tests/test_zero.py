@@ -23,8 +23,10 @@ LOSS_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def runs():
   """(losses, final state, trainer) of 10 tiny_cpu steps per (case, device count), and the
-  one-device reference; every test below reads these instead of compiling its own steps."""
+  one-device reference; every test below reads these instead of compiling its own steps.
+  One block: it holds every kind of array ZeRO splits, at half tiny_cpu's compiling."""
   config = load_preset("tiny_cpu")
+  config.model.n_layer = 1
   out = {"reference": verify.run_reference(config, jax.devices()[0], NUM_STEPS)}
   for n in (4, 8):
     for strategy in ("dp",) + ZERO:
@@ -87,8 +89,11 @@ def test_zero_state_per_device_is_one_nth_of_dp(runs, strategy, split):
 
 @pytest.fixture(scope="module")
 def default_plan():
-  """`jaxdp plan` on the default config and 8 devices, in-process."""
-  return plan.plan(load_preset("default"), jax.devices()[:8])
+  """`jaxdp plan` on the default config and 8 devices, in-process. One block (every kind of
+  array the strategies split, a quarter of the default's compiling), the default widths."""
+  config = load_preset("default")
+  config.model.n_layer = 1
+  return plan.plan(config, jax.devices()[:8])
 
 
 def test_plan_reports_measured_bytes_per_strategy(default_plan):
@@ -140,6 +145,7 @@ def test_plan_is_json_serialisable(default_plan):
 
 def test_verify_passes_on_default_config():
   config = load_preset("default")
+  config.model.n_layer = 1  # The default widths and heads, one block: a quarter the compiling.
   cases = [verify.Case("zero3@4x2", "zero3", data=4, model=2)]  # Both mesh axes, every ZeRO part.
   results = verify.verify(config, jax.devices()[:8], 2, cases=cases)
   assert all(r["ok"] for r in results.values()), results
@@ -154,6 +160,7 @@ def forget_to_average(layout, loss_fn, tx, state_sharding):
 
 
 def test_verify_fails_on_a_strategy_that_forgets_to_average(tiny_config):
+  tiny_config.model.n_layer = 1  # Less compiling; the missing average shows in any model.
   results = verify.verify(tiny_config, jax.devices()[:4], 3,
                           cases=[verify.Case("broken", "dp", compile_step=forget_to_average)])
   assert not results["broken"]["ok"]
@@ -164,6 +171,7 @@ def test_checkpoint_resumes_across_strategies_and_device_counts(tiny_config, tmp
   """zero1 on 4 devices -> dp on 2 -> zero3 on 8 gives the losses of one uninterrupted run."""
   config = tiny_config
   config.num_steps, config.lr_decay_steps, config.warmup_steps = 9, 9, 2
+  config.model.n_layer = 1  # Every kind of array each strategy shards; less compiling.
   config.eval_every, config.checkpoint_every, config.log_every = 0, 0, 1
 
   def train(workdir, strategy, num_devices, num_steps):

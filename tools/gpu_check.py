@@ -169,7 +169,8 @@ def check_bench(name: str, dry: bool, outdir: str):
   if dry:
     argv = ["--config", "tiny_cpu", "--quick", "--steps", "2", "--devices", "1", "--skip", skip,
             "--config.log_every=1", f"--config.attention={used}", f"--config.remat={remat}",
-            "--config.precision=bf16", "--config.model.pad_vocab_to_multiple=320"]
+            "--config.precision=bf16", "--config.model.pad_vocab_to_multiple=320",
+            "--config.model.n_layer=1"]  # The dry run checks the path, not the model: one block.
   else:
     argv = ["--config", "gpt2_124m", "--steps", "10", "--rounds", "2", "--devices", "1",
             "--skip", skip, "--config.global_batch_size=32", "--config.grad_accum_steps=1",
@@ -203,6 +204,8 @@ def _small_config(dry: bool, **fields):
   if not dry:  # A model that keeps a GPU busy for a moment, compiled in seconds.
     c.model.n_layer, c.model.d_model, c.model.n_head, c.seq_len = 4, 256, 4, 256
     c.global_batch_size = 32
+  else:  # One block: every check's code path, at half tiny_cpu's compiling (CI runs the dry run).
+    c.model.n_layer = 1
   c.learning_rate, c.warmup_steps = 3e-3, 5
   for name, value in fields.items():
     setattr(c, name, value)
@@ -386,7 +389,7 @@ def check_generate(dry: bool, outdir: str):
   train = subprocess.run(cli + ["train", "--config", "tiny_cpu" if dry else "default", "--workdir",
                                 workdir, f"--config.num_steps={steps}", "--config.eval_every=0",
                                 f"--config.checkpoint_every={steps}", "--config.log_every=2"]
-                         + (["--cpu_devices", "2"] if dry else []),
+                         + (["--cpu_devices", "2", "--config.model.n_layer=1"] if dry else []),
                          capture_output=True, text=True, env=env, timeout=120)
   print(train.stdout[-2000:], train.stderr[-2000:], flush=True)
   if train.returncode:
