@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import types
+from typing import Any
 
 from jaxdp.cli import command as c
 
@@ -46,6 +47,17 @@ COMMAND = c.Command(
 )
 
 
+def check_inputs_exist(config: Any) -> None:
+  """The training data's local paths (config.data.path, each config.data.sources entry) exist:
+  refused in one line naming the field and path before any device or JAX work, which a run
+  would otherwise do first (the data is opened when the run is built)."""
+  from jaxdp.data.mixture import parse_sources
+  from jaxdp.data.sources import check_exists
+  check_exists(config.data.path, "config.data.path")
+  for path, _ in parse_sources(config.data.sources):
+    check_exists(path, "config.data.sources entry")
+
+
 def run(args: types.SimpleNamespace) -> int:
   """Joins the process group (if any), trains, prints where the metrics are.
 
@@ -57,6 +69,10 @@ def run(args: types.SimpleNamespace) -> int:
   # runtime/signals.py): before any state exists the run exits cleanly, after it saves.
   signals.install()
   logs.to_file(args.workdir)  # Library messages go to WORKDIR/jaxdp.log, not the terminal.
+  check_inputs_exist(args.config)
+  from jaxdp.runtime import checkpoint
+  # Every process, before the group forms (after it, a peer's heartbeat files land in the workdir).
+  checkpoint.check_storage(args.config.get("checkpoint_dir") or checkpoint.location(args.workdir))
   c.setup_devices(args.cpu_devices)
   if args.config.get("reduction") == "fixed_order":
     # The step's own programs get these per compilation; XLA_FLAGS covers the rest of the run

@@ -27,6 +27,7 @@ from jaxdp.lm.evaluate import loop_hooks as eval_task_hooks
 from jaxdp.lm.spec import data_spec, run_spec
 from jaxdp.runtime import agreement, loop
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+from jaxdp.runtime.checkpoint import check_location as check_checkpoint_location
 from jaxdp.runtime.checkpoint import claim as claim_checkpoint_dir
 from jaxdp.runtime.checkpoint import exists as checkpoint_exists
 from jaxdp.runtime.checkpoint import location as checkpoint_location
@@ -50,11 +51,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.data.sources = resolve_sources(config.data.sources)
     if config.data.tokenizer:
       config.data.tokenizer = os.path.abspath(config.data.tokenizer)
-  # A missing bucket, or a prefix of another run's, is refused before anything is written.
+  # A missing bucket, a prefix of another run's, or a place other than where this workdir's run
+  # keeps its checkpoints is refused before anything is written.
+  check_checkpoint_location(workdir, config.get("checkpoint_dir") or "")
   claim_checkpoint_dir(workdir, config.get("checkpoint_dir") or checkpoint_location(workdir))
   config, note = keep_decay_horizon(config, workdir, restore_from)
   # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
-  built = build(config, devices, read_init_from=saved_config(workdir, restore_from) is None)
+  fresh = saved_config(workdir, restore_from) is None
+  built = build(config, devices, read_init_from=fresh)
   # Before the workdir is touched: every process runs this config on this data (fit checks again,
   # for its own callers).
   agreement.check(built.config.to_dict(), built.dataset.digest)
@@ -69,7 +73,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with writing(workdir, "--workdir: writing"):
       os.makedirs(workdir, exist_ok=True)
       save_tokenizer(built.dataset.tokenizer, workdir)
-  record = dataclasses.replace(built.record(), notes=(note,) if note else ())
+  notes: tuple[str, ...] = (note,) if note else ()
+  if fresh and built.spec.init_from:  # Positions of the checkpoint the run does not keep, said.
+    from jaxdp.lm.hf_import import position_note
+    notes += tuple(n for n in (position_note(built.spec.init_from, built.model.cfg),) if n)
+  record = dataclasses.replace(built.record(), notes=notes)
   sinks = []
   if spec.wandb.project and jax.process_index() == 0:
     from jaxdp.runtime.wandb_sink import WandbSink
@@ -217,9 +225,10 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any,
 
 def load_step_for_inference(workdir: str, step: int | None = None) -> tuple[int, Any, Any, Any]:
   """(step, params, module, tokenizer): `load_for_inference` of `step`, or of the latest
-  checkpoint. On a live workdir, a latest step that the run's retention deletes while it is
-  read is retried (up to 10 times) on the newest step then, and after two such losses on the
-  newest step that outlived a save (one retention keeps); a given `step` is not replaced.
+  checkpoint. On a live workdir the step is held while it is read (`Checkpointer.hold`: the
+  run's retention keeps it); a latest step deleted before the hold was seen is retried (up to
+  10 times) on the newest step then, and after two such losses on the newest step that
+  outlived a save (one retention keeps); a given `step` is not replaced.
 
   Raises:
     JaxdpError: no checkpoint, a given step deleted, or a checkpoint that cannot be read exactly.
@@ -240,7 +249,8 @@ def load_step_for_inference(workdir: str, step: int | None = None) -> tuple[int,
       raise JaxdpError(f"--workdir={workdir!r} has no checkpoint; train first with "
                        f"`jaxdp train --workdir {workdir}`")
     try:
-      return (chosen, *_load_for_inference(workdir, checkpoints, chosen))
+      with checkpoints.hold(chosen):  # The live run's retention keeps it while it is read.
+        return (chosen, *_load_for_inference(workdir, checkpoints, chosen))
     except Exception:
       listed = set(checkpoints.all_steps())
       time.sleep(0.2)  # A deletion in progress (retention removes a folder file by file) ends.

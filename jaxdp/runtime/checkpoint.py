@@ -14,6 +14,8 @@ fingerprints, which `restore` checks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 import json
 import os
 import shutil
@@ -31,7 +33,6 @@ from jaxdp.core.tree import path_names
 from jaxdp.errors import JaxdpError, disk_error, os_reason, writing
 from jaxdp.parallel import exchange
 
-INVALID_DIR = "checkpoints.invalid"  # Checkpoints that failed validation are moved here, not deleted.
 # WORKDIR/checkpoints.json records a checkpoint_dir other than WORKDIR/checkpoints (a bucket), so
 # every reader of the workdir (resume, inspect, generate, export, evaluate, replay) finds it.
 LOCATION_FILE = "checkpoints.json"
@@ -87,12 +88,57 @@ def record_location(workdir: str, directory: str) -> None:
     os.replace(path + ".partial", path)
 
 
+def check_location(workdir: str, directory: str) -> None:
+  """Refuses a config.checkpoint_dir `directory` other than the one where the run in `workdir`
+  already keeps checkpoints: that run would start again from step 0 elsewhere while its
+  metrics.jsonl goes on.
+
+  Raises:
+    JaxdpError: the workdir's checkpoints (WORKDIR/checkpoints, or the place its
+      checkpoints.json records) hold steps and `directory` is another place.
+  """
+  def norm(path: str) -> str:
+    return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+  recorded = location(workdir)
+  if not directory or norm(directory) == norm(recorded) or not exists(recorded):
+    return
+  from etils import epath
+  try:
+    steps = sorted(int(p.name) for p in epath.Path(recorded).iterdir() if p.name.isdigit())
+  except OSError:
+    return  # Unreadable: the restore reports it.
+  if steps:
+    default = norm(recorded) == norm(os.path.join(workdir, "checkpoints"))
+    keep = "without --config.checkpoint_dir" if default else f"with --config.checkpoint_dir={recorded}"
+    raise JaxdpError(
+        f"config.checkpoint_dir={directory!r}: the run in --workdir={workdir!r} keeps its "
+        f"checkpoints in {recorded!r} (steps {', '.join(map(str, steps[-3:]))}), and this run would "
+        f"start again from step 0 there; resume it {keep}, or give this run another --workdir "
+        f"(--restore_from {_join(recorded, str(steps[-1]))} starts it from that checkpoint)")
+
+
 def exists(path: str) -> bool:
-  """Whether a checkpoint directory (local folder or bucket prefix) exists."""
+  """Whether a checkpoint directory (local folder or bucket prefix) exists.
+
+  Raises:
+    JaxdpError: a bucket that cannot be read (credentials, endpoint, the `jaxdp[cloud]` extra).
+  """
   if is_url(path):
-    from etils import epath
-    return epath.Path(path).exists()
+    try:
+      from etils import epath
+      return epath.Path(path).exists()
+    except ModuleNotFoundError as e:
+      raise _needs_cloud(path, e) from None
+    except Exception as e:  # noqa: BLE001 - fsspec/botocore raise many types; all mean "cannot read".
+      raise JaxdpError(f"cannot read the checkpoints in {path!r} ({_first_line(e)}); check this job's "
+                       "credentials for the bucket (docs/multihost.md), and AWS_ENDPOINT_URL for an "
+                       "S3-compatible server") from None
   return os.path.isdir(path)
+
+
+def _needs_cloud(directory: str, e: ModuleNotFoundError) -> JaxdpError:
+  return JaxdpError(f"config.checkpoint_dir={directory!r} needs the object-storage filesystems "
+                    f"({e.name} is missing): pip install 'jaxdp[cloud]'")
 
 
 def _join(directory: str, *names: str) -> str:
@@ -109,8 +155,8 @@ def _object_storage() -> None:
   local path "s3:/b/p"); tensorstore itself has an s3 driver. Three small orbax helpers are
   wrapped so an s3:// path gets {"driver": "s3", ...}, with the endpoint and region from the
   standard AWS environment (AWS_ENDPOINT_URL, AWS_REGION or AWS_DEFAULT_REGION; credentials from
-  AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY when set, else tensorstore's AWS chain). Directory operations (listing, renames, deletes) go through etils
-  epath, i.e. fsspec's s3fs/gcsfs (the `jaxdp[cloud]` extra).
+  the source the AWS chain would use, `s3_credentials`). Directory operations (listing, renames,
+  deletes) go through etils epath, i.e. fsspec's s3fs/gcsfs (the `jaxdp[cloud]` extra).
   """
   global _object_storage_ready
   if _object_storage_ready:
@@ -137,15 +183,58 @@ def _object_storage() -> None:
       spec["aws_region"] = region
     elif endpoint:
       spec["aws_region"] = "us-east-1"  # An S3-compatible server (MinIO, moto) ignores it.
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-      # Keys in the environment are what the default chain would find first, but on the way it
-      # logs a failure to open ~/.aws/credentials for every array written (~150 stderr lines).
-      spec["aws_credentials"] = {"type": "environment"}
+    credentials = s3_credentials()
+    if credentials is not None:
+      spec["aws_credentials"] = credentials
     return spec
   ts_utils._normalize_path = s3_normalize  # noqa: SLF001
   ts_utils._use_gcs_driver = lambda d: str(d).startswith("s3://") or use_remote(d)  # noqa: SLF001
   gcs_utils.get_kvstore_for_gcs = s3_kvstore
   _object_storage_ready = True
+
+
+def s3_credentials() -> dict[str, Any] | None:
+  """tensorstore's `aws_credentials` for the source the standard AWS chain would use, or None
+  for tensorstore's own default chain.
+
+  The chain's order (botocore's, which the bucket probe and s3fs use): keys in the environment,
+  the profile (AWS_PROFILE, else "default") in the shared credentials file
+  (AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials), web identity, the container's
+  endpoint, the instance role (IMDS). Naming the source matters with tensorstore 0.1.86: its
+  default chain logs about five stderr lines for the sources it tries and fails, at every
+  checkpoint save and restore, and it never reads a profile it is not given by name with both
+  files (keys in ~/.aws/credentials alone made the first save fail, PERMISSION_DENIED).
+  None (the default chain) for web identity and for profiles defined in the config file
+  (role_arn, sso), which only the default chain resolves.
+  """
+  env = os.environ
+  if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+    return {"type": "environment"}
+  profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+  aws = os.path.join(os.path.expanduser("~"), ".aws")
+  shared = env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(aws, "credentials")
+  config = env.get("AWS_CONFIG_FILE") or os.path.join(aws, "config")
+  if _profile_has_keys(shared, profile):
+    # An absent config file is named as os.devnull: tensorstore then reads nothing from it
+    # instead of logging a failure to open it.
+    return {"type": "profile", "profile": profile, "credentials_file": shared,
+            "config_file": config if os.path.isfile(config) else os.devnull}
+  if env.get("AWS_WEB_IDENTITY_TOKEN_FILE") or os.path.isfile(config):
+    return None
+  if env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") or env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+    return {"type": "ecs"}
+  return {"type": "imds"}  # An instance role (the endpoint from AWS_EC2_METADATA_SERVICE_ENDPOINT).
+
+
+def _profile_has_keys(path: str, profile: str) -> bool:
+  """Whether the credentials file at `path` gives `profile` an access key."""
+  import configparser
+  parser = configparser.ConfigParser(interpolation=None)
+  try:
+    parser.read(path)
+  except (OSError, configparser.Error):
+    return False
+  return parser.has_option(profile, "aws_access_key_id")
 
 
 def _fresh_listings(directory: str) -> None:
@@ -158,19 +247,28 @@ def _fresh_listings(directory: str) -> None:
 def _check_writable(directory: str) -> None:
   """One small object written and deleted under `directory`: a bucket that does not exist, or
   refuses this job's writes, is one line before training starts."""
+  import socket
+
   from etils import epath
-  probe = epath.Path(_join(directory, ".jaxdp-write-check"))
+  # One object per process: the processes of a run probe at once, and must not delete each other's.
+  probe = epath.Path(_join(directory, f".jaxdp-write-check-{socket.gethostname()}-{os.getpid()}"))
   try:
     probe.write_text("ok")
     probe.unlink()
   except ModuleNotFoundError as e:
-    raise JaxdpError(f"config.checkpoint_dir={directory!r} needs the object-storage filesystems "
-                     f"({e.name} is missing): pip install 'jaxdp[cloud]'") from None
+    raise _needs_cloud(directory, e) from None
   except Exception as e:  # noqa: BLE001 - fsspec/botocore raise many types; all mean "cannot write".
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-    raise JaxdpError(f"config.checkpoint_dir={directory!r}: cannot write there ({reason}); check "
+    raise JaxdpError(f"config.checkpoint_dir={directory!r}: cannot write there ({_first_line(e)}); check "
                      "that the bucket exists and this job's credentials may write to it (endpoint "
                      "from AWS_ENDPOINT_URL for S3-compatible servers)") from None
+
+
+def _first_line(e: BaseException) -> str:
+  """The first line of the innermost cause of `e` (orbax and fsspec wrap the storage's own
+  error in one that says less), at most 200 characters."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def step_directory(restore_from: str) -> tuple[str, int] | None:
@@ -194,7 +292,7 @@ def claim(workdir: str, directory: str) -> None:
   the run in `workdir` (process 0; nothing for a folder).
 
   The first run to use a prefix writes PREFIX/jaxdp-run.json (a run id, its workdir, its host);
-  the id is recorded in WORKDIR/checkpoints.json with the first checkpoint (`record_location`).
+  the id is recorded in WORKDIR/checkpoints.json when the run starts (`record_location`).
   Another workdir naming the same prefix would silently resume (or overwrite) that run.
 
   Raises:
@@ -208,7 +306,27 @@ def claim(workdir: str, directory: str) -> None:
   with _logs_held():  # botocore's INFO lines would create WORKDIR/jaxdp.log of a refused run.
     _check_writable(directory)
     if workdir:
-      _check_owner(workdir, directory)
+      try:
+        _check_owner(workdir, directory)
+      except JaxdpError:
+        raise
+      except Exception as e:  # noqa: BLE001 - a policy that lets this job write but not read or list.
+        raise JaxdpError(f"config.checkpoint_dir={directory!r}: cannot read or list it "
+                         f"({_first_line(e)}); this job's credentials must read, list and write "
+                         "the prefix (a resume reads its checkpoints back)") from None
+
+
+def check_storage(directory: str) -> None:
+  """In every process, before it joins the process group or writes anything: a bucket
+  `directory` that does not exist or refuses writes is one line in each process (nothing for a
+  folder). `claim` (process 0, later) checks the owner too.
+
+  Raises:
+    JaxdpError: the bucket is missing or refuses writes, or `jaxdp[cloud]` is not installed.
+  """
+  if is_url(directory):
+    with _logs_held():
+      _check_writable(directory.rstrip("/"))
 
 
 def _check_owner(workdir: str, directory: str) -> None:
@@ -218,8 +336,9 @@ def _check_owner(workdir: str, directory: str) -> None:
   from etils import epath
   here, host = os.path.abspath(workdir), socket.gethostname()
   recorded = _recorded(workdir)
-  mine = _claimed.get((here, directory)) or (recorded.get("run_id")
-                                             if recorded.get("checkpoint_dir") == directory else None)
+  # The workdir's own record, not what this process claimed before: the workdir may have been
+  # deleted since (a second run in a notebook, a test).
+  mine = recorded.get("run_id") if recorded.get("checkpoint_dir") == directory else None
   marker = epath.Path(_join(directory, OWNER_FILE))
   try:
     owner = json.loads(marker.read_text())
@@ -232,8 +351,21 @@ def _check_owner(workdir: str, directory: str) -> None:
   if owner and owner.get("run_id") == mine:
     _claimed[here, directory] = mine
     return
-  # A start of this same workdir that was refused before its first checkpoint claims it again.
-  again = owner and not mine and owner.get("workdir") == here and owner.get("host") == host and not steps
+  same_place = bool(owner) and owner.get("workdir") == here and owner.get("host") == host
+  # Steps a save finished (an uncommitted one, from a run killed in its first save, is removed
+  # by the next manager's start).
+  committed = [s for s in steps if (root / str(s) / "commit_success.txt").exists()] if same_place else steps
+  # A start of this same workdir that was refused or killed before its first checkpoint claims it again.
+  again = same_place and not mine and not committed
+  if same_place and not mine and not again:
+    scheme = directory.split("://")[0]
+    empty = (f"aws s3 rm --recursive {directory}/" if scheme == "s3"
+             else f"gcloud storage rm --recursive {directory}/")
+    raise JaxdpError(f"config.checkpoint_dir={directory!r} holds checkpoints (steps {committed[:5]}) of an "
+                     f"earlier run in this same --workdir={here!r}, whose record of them "
+                     f"({LOCATION_FILE}) is gone (the workdir was deleted or emptied): this run would "
+                     f"resume them without their metrics; give this run its own prefix (e.g. "
+                     f"--config.checkpoint_dir={directory}-2), or delete them first ({empty})")
   if (owner or steps) and not again and not (mine and not owner):
     whose = (f"the run in {owner.get('workdir')!r} on {owner.get('host')} (run id {owner.get('run_id')})"
              if owner else f"a run without an owner record (checkpoints at steps {steps[:5]})")
@@ -284,6 +416,10 @@ class _logs_held:  # noqa: N801 - used as a function-like context manager.
           if record.levelno >= h.level:
             h.handle(record)
     return False
+
+
+class StepGone(Exception):
+  """The checkpoint step a reader chose was deleted (retention of a live run) before its hold."""
 
 
 class CorruptCheckpoint(Exception):
@@ -339,12 +475,67 @@ class _Pinned:
     return [checkpoint.step in self.steps for checkpoint in checkpoints]
 
 
-def _preservation_policy(keep_last: int, keep_every: int, pinned: set[int]):
-  """Keep the last `keep_last`, every `keep_every`-th step, the best by validation loss, and
-  the `pinned` steps."""
+# A reader (inspect, generate, export, evaluate, replay) of a live run's checkpoints writes a hold
+# for the step it reads into DIRECTORY.holds/, and the run's retention keeps held steps: without
+# it, a run saving often with a small keep_last deletes the step a reader is halfway through.
+HOLDS_SUFFIX = ".holds"
+HOLD_LEASE_S = 3600.0  # A hold of a reader on another host that died unseen expires after this.
+
+
+def _holds_dir(directory: str) -> str:
+  return directory.rstrip("/").rstrip(os.sep) + HOLDS_SUFFIX
+
+
+def held_steps(directory: str) -> set[int]:
+  """The steps under `directory` that a live reader holds: a hold of a process on this host
+  counts while that process lives; one from another host for HOLD_LEASE_S after it was taken."""
+  import socket
+
+  from etils import epath
+  holds = epath.Path(_holds_dir(directory))
+  try:
+    files = list(holds.iterdir()) if holds.exists() else []
+  except OSError:
+    return set()
+  host, now, held = socket.gethostname(), time.time(), set()
+  for path in files:
+    try:
+      record = json.loads(path.read_text())
+      step, pid, when = int(record["step"]), int(record["pid"]), float(record["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+      continue  # Being written, or being removed: the next save looks again.
+    if record.get("host") == host:
+      try:
+        os.kill(pid, 0)
+      except ProcessLookupError:
+        continue  # A reader that died without removing its hold.
+      except PermissionError:
+        pass  # Another user's live process.
+    elif now - when > HOLD_LEASE_S:
+      continue
+    held.add(step)
+  return held
+
+
+class _Held:
+  """Preserves the steps live readers hold (`held_steps`), looked up at each retention."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    held = held_steps(self.directory) if checkpoints else set()
+    return [checkpoint.step in held for checkpoint in checkpoints]
+
+
+def _preservation_policy(keep_last: int, keep_every: int, pinned: set[int], directory: str):
+  """Keep the last `keep_last`, every `keep_every`-th step, the best by validation loss, the
+  `pinned` steps and the steps readers hold."""
   kept = [policies.LatestN(n=keep_last),
           policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
-                         keep_checkpoints_without_metrics=False), _Pinned(pinned)]
+                         keep_checkpoints_without_metrics=False), _Pinned(pinned),
+          _Held(directory)]
   if keep_every:
     kept.append(policies.EveryNSteps(interval_steps=keep_every))
   return policies.AnyPreservationPolicy(kept)
@@ -363,11 +554,13 @@ class Checkpointer:
       _fresh_listings(self.directory)
       if create:
         claim(workdir, self.directory)
+      else:
+        exists(self.directory)  # A reader without access: one line, not orbax's traceback.
     self._pinned: set[int] = set()
     options = ocp.CheckpointManagerOptions(
         create=create, cleanup_tmp_directories=create,
         best_fn=lambda m: m["eval_loss"], best_mode="min",  # Makes orbax record eval_loss per step.
-        preservation_policy=_preservation_policy(keep_last, keep_every, self._pinned),
+        preservation_policy=_preservation_policy(keep_last, keep_every, self._pinned, self.directory),
         # A bucket has no atomic rename of a folder: each step is written in place and counts
         # as saved only once its commit_success.txt exists (orbax's protocol for GCS).
         **({"atomicity_options": ocp.options.AtomicityOptions(
@@ -426,11 +619,13 @@ class Checkpointer:
       raise self._save_error(e) from e
 
   def _save_error(self, e: Exception) -> JaxdpError:
-    reason = os_reason(e, self.directory)
+    reason = _first_line(e) if self.remote else os_reason(e, self.directory)
     kept = self.all_steps()
+    fix = ("check that this job's credentials may write the bucket and that it has room" if self.remote
+           else "free disk space or pick a writable --workdir")
     return JaxdpError(
-        f"saving a checkpoint to {self.directory!r} failed ({reason}); free disk space or pick a "
-        f"writable --workdir, then resume (earlier checkpoints are intact: steps {kept or 'none'})")
+        f"saving a checkpoint to {self.directory!r} failed ({reason}); {fix}, "
+        f"then resume (earlier checkpoints are intact: steps {kept or 'none'})")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     """The JSON record saved with `step` (config, data position, fingerprints, ...); no array is read."""
@@ -479,7 +674,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # Tensorstore raises plain Exception.
-      raise CorruptCheckpoint(f"step {step} is unreadable ({str(e).splitlines()[0][:200]})") from e
+      raise CorruptCheckpoint(f"step {step} is unreadable ({_first_line(e)})") from e
     state, meta = restored["state"], restored["meta"]
     saved = meta.get("fingerprints")
     if saved is not None:
@@ -528,11 +723,12 @@ class Checkpointer:
     return comm
 
   def set_aside(self, step: int) -> str:
-    """Moves an invalid checkpoint out of the way (kept for inspection); returns its new path."""
+    """Moves an invalid checkpoint out of the way (kept for inspection), to DIRECTORY.invalid/STEP
+    (WORKDIR/checkpoints.invalid/STEP by default, PREFIX.invalid/STEP in a bucket): the run's own
+    name, not a folder beside DIRECTORY that sibling runs' directories would share. Returns it."""
+    target = _join(self.directory + ".invalid", str(step))
     if self.remote:
       import fsspec
-      # PREFIX.invalid/<step>, not a folder beside the prefix that sibling runs would share.
-      target = _join(self.directory + ".invalid", str(step))
       if jax.process_index() == 0:
         fs, source = fsspec.filesystem(self.directory.split("://")[0]), _join(self.directory, str(step))
         # Uncommitted first (readers then skip it), then copied aside object by object: a
@@ -542,8 +738,6 @@ class Checkpointer:
           fs.rm(target, recursive=True)
         fs.copy(source, target, recursive=True)
         fs.rm(source, recursive=True)
-    else:
-      target = os.path.join(os.path.dirname(self.directory), INVALID_DIR, str(step))
     if jax.process_index() == 0 and not self.remote:
       if os.path.exists(target):
         shutil.rmtree(target)
@@ -574,6 +768,42 @@ class Checkpointer:
   def close(self) -> None:
     """Releases orbax's manager (call `wait` first to be sure the last save landed)."""
     self._manager.close()
+
+  @contextlib.contextmanager
+  def hold(self, step: int) -> Iterator[None]:
+    """While inside, the run writing these checkpoints keeps `step` (its retention skips held
+    steps: `held_steps`). On entry the step is listed again after the hold is in place.
+
+    Raises:
+      StepGone: `step` was deleted before the hold was seen (the caller may read another).
+    """
+    import socket
+    import uuid
+
+    from etils import epath
+    path = epath.Path(_holds_dir(self.directory)) / f"{step}-{uuid.uuid4().hex[:12]}.json"
+    record = {"step": step, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    for _ in range(2):  # Twice: another reader may remove the empty folder in between.
+      try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+        break
+      except OSError:
+        pass
+    else:
+      path = None  # A read-only place: no hold; the reader's retries still apply.
+    try:
+      if step not in self.refreshed_steps():
+        raise StepGone(step)
+      yield
+    finally:
+      if path is not None:
+        try:
+          path.unlink()
+          if not self.remote:
+            path.parent.rmdir()  # Only when no other reader holds a step: leaves no trace.
+        except OSError:
+          pass
 
 
 def describe(path: str) -> list[dict[str, Any]]:
