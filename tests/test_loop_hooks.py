@@ -281,13 +281,19 @@ def test_preemption_asks_every_step_but_the_last_and_announces_the_stop_at_the_e
 
 def test_preemption_installs_the_signal_handlers_for_the_run_only():
   import signal
-  before = signal.getsignal(signal.SIGTERM)
-  ctx, _ = context()
-  hook = loop_hooks.Preemption()
-  hook.on_start(ctx)
-  assert signal.getsignal(signal.SIGTERM) is not before
-  hook.close(ctx)
-  assert signal.getsignal(signal.SIGTERM) is before
+
+  def before(signum, frame):  # The caller's own handler (not one an earlier test left behind).
+    del signum, frame
+  previous = signal.signal(signal.SIGTERM, before)
+  try:
+    ctx, _ = context()
+    hook = loop_hooks.Preemption()
+    hook.on_start(ctx)
+    assert signal.getsignal(signal.SIGTERM) is not before
+    hook.close(ctx)
+    assert signal.getsignal(signal.SIGTERM) is before
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def test_watchdog_fires_on_an_overdue_step_but_not_while_paused():

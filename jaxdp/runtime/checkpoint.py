@@ -565,13 +565,22 @@ class Checkpointer:
         # as saved only once its commit_success.txt exists (orbax's protocol for GCS).
         **({"atomicity_options": ocp.options.AtomicityOptions(
             mode=ocp.options.AtomicityMode.COMMIT_FILE)} if self.remote else {}))
-    try:
-      self._manager = ocp.CheckpointManager(
-          self.directory, options=options,
-          item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-    except OSError as e:
-      raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
-                       "pick a writable directory") from e
+    for attempt in range(5):
+      try:
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        break
+      except FileNotFoundError as e:
+        # Orbax reads each step's metadata while listing: a live run's retention can delete a
+        # step between the listing and the read, which is not a missing directory.
+        if attempt == 4 or create or not exists(self.directory):
+          raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
+                           "pick a writable directory") from e
+        time.sleep(0.2)
+      except OSError as e:
+        raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
+                         "pick a writable directory") from e
 
   def all_steps(self) -> list[int]:
     """The steps of the finished checkpoints, ascending."""
