@@ -590,7 +590,16 @@ class Checkpointer:
     """The finished steps as they are now (re-listed: a live run may have saved or deleted some)."""
     if self.remote:
       _fresh_listings(self.directory)
-    self._manager.reload()
+    for attempt in range(5):
+      try:
+        self._manager.reload()
+        break
+      except FileNotFoundError:
+        # Orbax reads each listed step's metadata: a step that retention deleted in between
+        # (see __init__). A listing again sees it gone.
+        if attempt == 4:
+          raise
+        time.sleep(0.2)
     return self.all_steps()
 
   def latest_step(self) -> int | None:
