@@ -14,14 +14,14 @@ fingerprints, which `restore` checks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import json
 import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +104,7 @@ def check_location(workdir: str, directory: str) -> None:
     return
   from etils import epath
   try:
-    steps = sorted(int(p.name) for p in epath.Path(recorded).iterdir() if p.name.isdigit())
+    steps = _saved_steps(epath.Path(recorded))
   except OSError:
     return  # Unreadable: the restore reports it.
   if steps:
@@ -347,7 +347,7 @@ def _check_owner(workdir: str, directory: str) -> None:
   except ValueError:
     owner = {}  # Unreadable: nobody's claim can be checked, so only a run with steps is refused.
   root = epath.Path(directory)
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  steps = _saved_steps(root) if root.exists() else []
   if owner and owner.get("run_id") == mine:
     _claimed[here, directory] = mine
     return
@@ -541,6 +541,28 @@ def _preservation_policy(keep_last: int, keep_every: int, pinned: set[int], dire
   return policies.AnyPreservationPolicy(kept)
 
 
+T = TypeVar("T")
+
+
+def _listed(read: Callable[[], T], again: Callable[[], bool] = lambda: True) -> T:
+  """`read()`, an orbax call that lists the steps and then reads each one's metadata, tried up
+  to 5 times while it fails on a vanished file and `again()` holds: a live run's retention can
+  delete a step between the listing and the read, and a new listing no longer shows it."""
+  for attempt in range(5):
+    try:
+      return read()
+    except FileNotFoundError:
+      if attempt == 4 or not again():
+        raise
+      time.sleep(0.2)
+  raise AssertionError("unreachable")
+
+
+def _saved_steps(root: Any) -> list[int]:
+  """The step folders (names that are numbers) under `root` (an etils epath.Path), ascending."""
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
 class Checkpointer:
   """Saves and restores (state, meta) pairs under WORKDIR/checkpoints/<step>."""
 
@@ -565,22 +587,15 @@ class Checkpointer:
         # as saved only once its commit_success.txt exists (orbax's protocol for GCS).
         **({"atomicity_options": ocp.options.AtomicityOptions(
             mode=ocp.options.AtomicityMode.COMMIT_FILE)} if self.remote else {}))
-    for attempt in range(5):
-      try:
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-        break
-      except FileNotFoundError as e:
-        # Orbax reads each step's metadata while listing: a live run's retention can delete a
-        # step between the listing and the read, which is not a missing directory.
-        if attempt == 4 or create or not exists(self.directory):
-          raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
-                           "pick a writable directory") from e
-        time.sleep(0.2)
-      except OSError as e:
-        raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
-                         "pick a writable directory") from e
+    try:
+      self._manager = _listed(
+          lambda: ocp.CheckpointManager(
+              self.directory, options=options,
+              item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}),
+          again=lambda: not create and exists(self.directory))  # Not a missing directory.
+    except OSError as e:
+      raise JaxdpError(f"--workdir: cannot create {self.directory!r} ({e.strerror}); "
+                       "pick a writable directory") from e
 
   def all_steps(self) -> list[int]:
     """The steps of the finished checkpoints, ascending."""
@@ -590,16 +605,7 @@ class Checkpointer:
     """The finished steps as they are now (re-listed: a live run may have saved or deleted some)."""
     if self.remote:
       _fresh_listings(self.directory)
-    for attempt in range(5):
-      try:
-        self._manager.reload()
-        break
-      except FileNotFoundError:
-        # Orbax reads each listed step's metadata: a step that retention deleted in between
-        # (see __init__). A listing again sees it gone.
-        if attempt == 4:
-          raise
-        time.sleep(0.2)
+    _listed(self._manager.reload)
     return self.all_steps()
 
   def latest_step(self) -> int | None:

@@ -73,32 +73,25 @@ def data_devices(mesh) -> list[Any]:
   return list(np.asarray(mesh.devices)[..., 0].reshape(-1))
 
 
+def _against_others(values: list[float]):
+  """(index, value, the others' median) of each finite value that has finite others."""
+  for i, v in enumerate(values):
+    others = [x for j, x in enumerate(values) if j != i and np.isfinite(x)]
+    if others and np.isfinite(v):
+      yield i, v, statistics.median(others)
+
+
 def flagged_above(values: list[float], factor: float, floor: float = 0.0) -> list[tuple[int, float]]:
   """(index, the others' median) of each value above `factor` x the median of the others (and
   above it by more than `floor`)."""
-  out = []
-  for i, v in enumerate(values):
-    others = [x for j, x in enumerate(values) if j != i and np.isfinite(x)]
-    if not others or not np.isfinite(v):
-      continue
-    m = statistics.median(others)
-    if v > factor * m and v - m > floor:
-      out.append((i, m))
-  return out
+  return [(i, m) for i, v, m in _against_others(values) if v > factor * m and v - m > floor]
 
 
 def flagged_outside(values: list[float], factor: float) -> list[tuple[int, float]]:
   """(index, the others' median) of each value above `factor` x, or below 1 / factor of, the
   median of the others."""
-  out = []
-  for i, v in enumerate(values):
-    others = [x for j, x in enumerate(values) if j != i and np.isfinite(x)]
-    if not others or not np.isfinite(v):
-      continue
-    m = statistics.median(others)
-    if m > 0 and (v > factor * m or v < m / factor):
-      out.append((i, m))
-  return out
+  return [(i, m) for i, v, m in _against_others(values)
+          if m > 0 and (v > factor * m or v < m / factor)]
 
 
 class DeviceHealth(Hook):
