@@ -57,6 +57,27 @@ def _peer(tmp_path, index, **status):
   (tmp_path / "hang" / f"heartbeat-{index}.json").write_text(json.dumps(record))
 
 
+def test_an_orphaned_coordinator_service_waits_until_every_other_process_has_left(tmp_path):
+  """runtime/coordinator.py's judgement after process 0 died: each other process finished,
+  failed, or gone from this host; a live one, one on another host or one with no heartbeat
+  file yet keeps the service."""
+  from jaxdp.runtime import coordinator
+  (tmp_path / "hang").mkdir()
+  here = socket.gethostname()
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  assert not coordinator._others_left(str(tmp_path), 3)  # No heartbeat files yet.
+  _peer(tmp_path, 1, phase="finished")
+  _peer(tmp_path, 2, host=here, pid=os.getpid())  # Alive, here.
+  assert not coordinator._others_left(str(tmp_path), 3)
+  _peer(tmp_path, 2, host="elsewhere", pid=gone.pid)  # Its pid is no proof on another host.
+  assert not coordinator._others_left(str(tmp_path), 3)
+  _peer(tmp_path, 2, host=here, pid=gone.pid)
+  assert coordinator._others_left(str(tmp_path), 3)
+  _peer(tmp_path, 2, host="elsewhere", phase="failed")
+  assert coordinator._others_left(str(tmp_path), 3)
+
+
 def test_a_peer_whose_heartbeat_stops_is_named_with_the_timeline_and_stacks(tmp_path, capsys):
   clock, exits = Clock(), []
   monitor = heartbeat.Monitor(str(tmp_path), 10.0, index=0, count=2, exit=exits.append,
@@ -243,8 +264,11 @@ class _Pid:
 @pytest.mark.slow
 @pytest.mark.parametrize("victim, sig, flags", [
     (0, signal.SIGSTOP, [f"--config.step_timeout_s={TIMEOUT_S}"]),  # The coordinator freezes.
+    # The coordinator dies: its service lives on in its own process (runtime/coordinator.py),
+    # where JAX's in-process service would have aborted process 1 natively within a second.
+    (0, signal.SIGKILL, [f"--config.step_timeout_s={TIMEOUT_S}"]),
     (1, signal.SIGKILL, []),  # step_timeout_s unset: the default judges the peer.
-], ids=["coordinator_frozen", "peer_killed_no_timeout"])
+], ids=["coordinator_frozen", "coordinator_killed", "peer_killed_no_timeout"])
 def test_a_lost_peer_ends_the_other_with_exit_3_naming_it(tmp_path, victim, sig, flags):
   started, workdir = _two_trains(tmp_path, *flags)
   processes = [p for p, _ in started]
@@ -264,6 +288,23 @@ def test_a_lost_peer_ends_the_other_with_exit_3_naming_it(tmp_path, victim, sig,
   assert f"lost process {victim} (pid {processes[victim].pid}, host" in output, output[-3000:]
   assert "Check failure" not in output and "JaxRuntimeError" not in output.split("lost")[0]
   assert (tmp_path / "run" / "hang" / f"process-{1 - victim}.txt").exists()
+  # Process 0's coordinator service (a child of its own) ends once the others have left: nothing
+  # holds the port for a rerun.
+  _wait_for(lambda: not _services_of(workdir), 30, "the coordinator service to end", [])
+
+
+def _services_of(workdir):
+  """Pids of the coordinator service processes (runtime/coordinator.py) serving `workdir`'s run."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        words = f.read().decode(errors="replace").split("\0")
+    except OSError:
+      continue
+    if "jaxdp.runtime.coordinator" in words and workdir in words:
+      found.append(int(pid))
+  return found
 
 
 @pytest.mark.multiprocess

@@ -83,7 +83,7 @@ def run(args: types.SimpleNamespace) -> int:
   step_timeout_s = float(args.config.get("step_timeout_s", 0) or 0)
   group = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                  args.init_timeout_s, cluster=args.cluster,
-                                 step_timeout_s=step_timeout_s)
+                                 step_timeout_s=step_timeout_s, workdir=args.workdir)
   args.multiprocess = group.num_processes > 1
   monitor = None
   if args.multiprocess:

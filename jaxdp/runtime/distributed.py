@@ -202,6 +202,13 @@ def check_port_free(address: str) -> None:
           raise
 
 
+def _spare_port() -> int:
+  """A TCP port free on this host now (the kernel's choice)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    probe.bind(("127.0.0.1", 0))
+    return int(probe.getsockname()[1])
+
+
 def _reachable(address: str, timeout_s: float = 1.0) -> bool:
   host, port = split_address(address)
   try:
@@ -214,16 +221,18 @@ def _reachable(address: str, timeout_s: float = 1.0) -> bool:
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: float = 300,
                env: Mapping[str, str] | None = None, cluster: str = "auto",
-               step_timeout_s: float = 0.0) -> ProcessGroup:
+               step_timeout_s: float = 0.0, workdir: str | None = None) -> ProcessGroup:
   """Joins the run described by the flags or the cluster environment; a no-op for one process.
 
   Must run before JAX touches a device. `step_timeout_s` (config.step_timeout_s; 0: unset) sets
   JAX's coordination heartbeat (`heartbeat_timeout_seconds`, which aborts a process natively when
   a peer misses it) after jaxdp's own judgement of a lost peer (runtime/heartbeat.py:
   step_timeout_s, or 60 s when unset, plus 60 s), so that a dead or frozen peer ends in jaxdp's
-  exit 3 with a message naming it. If the group has not formed within `timeout_s` seconds,
-  the process prints which coordinator it waited for and exits with status 2 (JAX offers no way
-  to interrupt a pending connection, so the exit is immediate).
+  exit 3 with a message naming it; process 0 of a run that `jaxdp launch` does not supervise
+  serves the coordinator from a child process (runtime/coordinator.py), so that its own death is
+  judged the same way, with `workdir`'s heartbeat files. If the group has not formed within
+  `timeout_s` seconds, the process prints which coordinator it waited for and exits with status 2
+  (JAX offers no way to interrupt a pending connection, so the exit is immediate).
   """
   group = resolve(coordinator, num_processes, process_id, env, cluster)
   if group.num_processes == 1:
@@ -235,8 +244,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   coordinator = group.coordinator
   assert coordinator is not None, "resolve() gives every multi-process group a coordinator"
+  heartbeat_timeout_s = heartbeat.jax_heartbeat_timeout_s(step_timeout_s)
+  bind: str | None = None  # JAX's default: process 0 serves the coordinator itself.
   if group.process_id == 0:
     check_port_free(coordinator)
+    from jaxdp.runtime import launch
+    if not launch.launched():  # The launcher watches its processes; without it, see coordinator.
+      from jaxdp.runtime import coordinator as service
+      service.start(split_address(coordinator)[1], group.num_processes, step_timeout_s, workdir)
+      # JAX starts a service in process 0 whatever it is told: an idle one on a spare local
+      # port, which no process joins (they all join the child's).
+      bind = f"127.0.0.1:{_spare_port()}"
 
   def give_up() -> None:
     reason = ("the coordinator answers, but not every process joined"
@@ -257,7 +275,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         cluster_detection_method="deactivate",
         # JAX aborts natively at its own deadlines: give ours time to speak first.
         initialization_timeout=int(timeout_s) + 30,
-        heartbeat_timeout_seconds=heartbeat.jax_heartbeat_timeout_s(step_timeout_s))
+        heartbeat_timeout_seconds=heartbeat_timeout_s, coordinator_bind_address=bind)
   finally:
     timer.cancel()
   return group

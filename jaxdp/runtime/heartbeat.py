@@ -71,6 +71,9 @@ FAILURE_GRACE_S = 3.0  # Seconds a peer's error waits before this process report
 _status: dict[str, Any] = {"completed": None, "dispatched": None, "phase": "start-up",
                            "phase_step": None, "phase_since": time.time()}
 _current: Monitor | None = None
+# Called when process 0 has waited for the others before an exit of its own (Monitor.linger):
+# a coordinator service of its own can end with it (runtime/coordinator.py).
+AFTER_LINGER: list[Callable[[], None]] = []
 _started = 0  # Monitors started by this process (the same sequence on every process).
 
 
@@ -117,7 +120,7 @@ def current() -> Monitor | None:
   return _current
 
 
-def _pid_state(pid: int) -> str | None:
+def pid_state(pid: int) -> str | None:
   """'gone', 'frozen' (stopped by a signal) or None (running or unknown) for a local pid."""
   try:
     with open(f"/proc/{pid}/stat") as f:
@@ -340,7 +343,7 @@ class Monitor:
       record = self._peers.get(p, {})
       if record.get("phase") in DONE_PHASES:
         continue
-      state = _pid_state(record["pid"]) if record.get("host") == self.host and "pid" in record \
+      state = pid_state(record["pid"]) if record.get("host") == self.host and "pid" in record \
           else None
       if state == "gone":
         found[p] = "exited or was killed (its pid is gone)"
@@ -404,7 +407,7 @@ class Monitor:
     for p, r in self._peers.items():
       if r.get("phase") in DONE_PHASES or (r.get("dispatched") or 0) >= mine:
         continue
-      state = _pid_state(r["pid"]) if r.get("host") == self.host and "pid" in r else None
+      state = pid_state(r["pid"]) if r.get("host") == self.host and "pid" in r else None
       age = now - self._seen.get(p, (None, now))[1]
       found[p] = (f"has not reached step {mine} (its last heartbeat, {age:.0f} s ago: dispatched "
                   f"{r.get('dispatched')}, in {describe_phase(r.get('phase'), r.get('phase_step'))})"
@@ -606,12 +609,14 @@ class Monitor:
       lost = self.lost()  # Frozen or gone: nothing to wait for.
       pending = [p for p in range(self.count) if p != self.index and p not in lost
                  and self._peers.get(p, {}).get("phase") not in DONE_PHASES
-                 and _pid_state(self._peers.get(p, {}).get("pid", -1)) not in ("gone", "frozen")]
+                 and pid_state(self._peers.get(p, {}).get("pid", -1)) not in ("gone", "frozen")]
       if not pending:
         break
       time.sleep(0.1)
     # A peer that said it is ending still has to get out of its exit path.
     time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    for hook in AFTER_LINGER:
+      hook()
 
 
 def _exit_without_shutdown_barrier(monitor: Monitor) -> None:
