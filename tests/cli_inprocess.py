@@ -8,8 +8,8 @@ fails the test instead: that process's emulated devices are fixed once, for ever
 
 Run as a script, `python tests/cli_inprocess.py COMMANDS.json RESULTS.jsonl` runs a list of
 command lines (each a list of arguments after `jaxdp`) in order in this one process, in its
-working directory, and appends one line `{"index", "returncode", "stderr"}` per command to
-RESULTS.jsonl; it stops at the first that fails. JAX fixes the emulated device count when its
+working directory, and appends one line `{"index", "returncode", "stderr", "seconds"}` per command to
+RESULTS.jsonl (with its wall time, "seconds"); it stops at the first that fails. JAX fixes the emulated device count when its
 backend starts, so a command asking for another count than the one already in use runs in a
 fresh interpreter instead (the same command line, `python -m jaxdp.cli.main`).
 """
@@ -89,10 +89,13 @@ def _run_one(argv: list[str]) -> tuple[int, str]:
 
 def run_all(commands: list[list[str]], results: str) -> int:
   """Runs `commands` in order, one line per command in `results`; 0 if every one exited 0."""
+  import time
   for index, argv in enumerate(commands):
+    start = time.perf_counter()
     code, stderr = _run_one(argv)
     with open(results, "a") as f:
-      f.write(json.dumps({"index": index, "returncode": code, "stderr": stderr[-3000:]}) + "\n")
+      f.write(json.dumps({"index": index, "returncode": code, "stderr": stderr[-3000:],
+                          "seconds": round(time.perf_counter() - start, 2)}) + "\n")
     if code != 0:
       return 1
   return 0

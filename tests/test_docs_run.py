@@ -188,6 +188,8 @@ def test_documented_commands_run_in_order(doc, tmp_path):
     err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
     runner = subprocess.CompletedProcess(e.cmd, -9, "", err + "\n(killed: timed out after 900 s)")
   done = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
+  for (line, command, _), result in zip(runs, done):  # Shown with -s: where a document's time goes.
+    print(f"{result['seconds']:7.1f} s  {doc}:{line}: {command}")
   for (line, command, argv), result in zip(runs, done):
     assert result["returncode"] == 0, (f"{doc}:{line}: `{command}` (run as {argv}) exited "
                                        f"{result['returncode']}:\n{result['stderr']}")

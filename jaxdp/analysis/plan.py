@@ -1,7 +1,8 @@
 """What each strategy costs per device, measured: `jaxdp plan`.
 
 Per strategy: bytes of parameters, gradients and optimizer state held by one device (summed over
-that device's `addressable_shards` of real arrays), the compiled step's memory
+that device's `addressable_shards` of real arrays placed as the step places them: the train
+state, and the summed gradients in the strategy's gradient sharding), the compiled step's memory
 (`compiled.memory_analysis()`), and the collective bytes per step read from the compiled HLO.
 Beside each, the ZeRO paper's formula (Rajbhandari et al. 2020, fp32 training with Adam: 4 bytes
 per parameter for weights and for gradients, 8 for the two moments; stage s divides its parts by
@@ -20,9 +21,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxdp import parallel
-from jaxdp.core import step as steps
 from jaxdp.core.tree import count_params
 from jaxdp.lm import build
 from jaxdp.parallel import hlo
@@ -43,6 +44,11 @@ def paper_bytes(strategy: str, params_per_device: int, data: int) -> dict[str, f
           "collective_bytes_per_step": (3 if "params" in parts else 2) * 4 * params_per_device}
 
 
+def _zeros(like: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """An array of zeros of `like`'s shape and dtype, placed with `sharding`."""
+  return jax.device_put(np.zeros(like.shape, like.dtype), sharding)
+
+
 def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
                      devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Measured per-device memory and communication of `strategy` on `devices` (all by default).
@@ -52,13 +58,15 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
   config = ml_collections.ConfigDict(config.to_dict())
   config.strategy = strategy
   trainer = build(config, devices)
-  state = trainer.init_state()
+  abstract = trainer.abstract_state()
+  # Bytes per device depend on the arrays' shapes, dtypes and shardings, not their values: the
+  # state and the summed gradients (a gradient has its parameter's shape and dtype) are real
+  # arrays of zeros placed as the step places them, which spares compiling an initialisation and
+  # a backward pass per strategy only to fill them.
+  state = jax.tree.map(lambda a: _zeros(a, a.sharding), abstract)
+  grads = jax.tree.map(_zeros, state.params,
+                       parallel.gradient_shardings(strategy, trainer.dp.layout, state.params))
   batch = trainer.train_batch(0)
-  grad_fn = jax.jit(
-      lambda params, batch, rng: steps.accumulate_gradients(trainer.model.loss_fn, params, batch,
-                                                            rng)[0],
-      out_shardings=parallel.gradient_shardings(strategy, trainer.dp.layout, state.params))
-  grads = grad_fn(state.params, batch, state.rng)
   compiled = trainer.train_step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   collectives = hlo.collective_bytes(compiled.as_text())["buffers"]
@@ -66,7 +74,6 @@ def measure_strategy(config: ml_collections.ConfigDict, strategy: str,
   # data group is one host's devices).
   by_axes = hlo.bytes_by_axes(compiled.as_text(), dict(trainer.mesh.shape))
   data = trainer.mesh.shape[parallel.DATA]
-  abstract = trainer.abstract_state()
   return {
       "params_bytes_per_device": state_bytes_per_device(state.params),
       "grads_bytes_per_device": state_bytes_per_device(grads),
