@@ -6,13 +6,13 @@ and JAX ends them natively within about a second (SIGABRT, "Terminating process 
 distributed service detected fatal errors"), long before jaxdp's heartbeat monitor
 (runtime/heartbeat.py) can judge the loss and say which process was lost.
 
-So in a multi-process run that `jaxdp launch` does not supervise (srun, mpirun, a Kubernetes Job,
-one shell per host), process 0 starts the service in a small child process (`serve`) at the
-coordinator address and joins it as a client like every other process. When process 0 is
-killed, the service lives on: the others see process 0's heartbeat stop, and the monitor ends
-them with exit 3 naming it, before JAX's own heartbeat (set later by
-`heartbeat.jax_heartbeat_timeout_s`) gives up. Under `jaxdp launch` the launcher itself watches
-every process and stops the run when one dies, so process 0 keeps JAX's in-process service.
+So in every multi-process run (`jaxdp launch`, srun, mpirun, a Kubernetes Job, one shell per
+host), process 0 starts the service in a small child process (`serve`) at the coordinator address
+and joins it as a client like every other process. When process 0 is killed, the service lives
+on: the others see process 0's heartbeat stop, and the monitor ends them with exit 3 naming it,
+before JAX's own heartbeat (set later by `heartbeat.jax_heartbeat_timeout_s`) gives up; under
+`jaxdp launch` the launcher sees the death first, names it and stops the others. No process is
+aborted natively.
 
 The child holds no device and imports only jaxlib's service. It ignores the stop signals
 (SIGINT, SIGTERM, SIGUSR1: the processes save a checkpoint together after one, through this very

@@ -228,9 +228,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   JAX's coordination heartbeat (`heartbeat_timeout_seconds`, which aborts a process natively when
   a peer misses it) after jaxdp's own judgement of a lost peer (runtime/heartbeat.py:
   step_timeout_s, or 60 s when unset, plus 60 s), so that a dead or frozen peer ends in jaxdp's
-  exit 3 with a message naming it; process 0 of a run that `jaxdp launch` does not supervise
-  serves the coordinator from a child process (runtime/coordinator.py), so that its own death is
-  judged the same way, with `workdir`'s heartbeat files. If the group has not formed within
+  exit 3 with a message naming it; process 0 serves the coordinator from a child process
+  (runtime/coordinator.py), so that its own death is judged the same way, with `workdir`'s
+  heartbeat files. If the group has not formed within
   `timeout_s` seconds, the process prints which coordinator it waited for and exits with status 2
   (JAX offers no way to interrupt a pending connection, so the exit is immediate).
   """
@@ -248,13 +248,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   bind: str | None = None  # JAX's default: process 0 serves the coordinator itself.
   if group.process_id == 0:
     check_port_free(coordinator)
-    from jaxdp.runtime import launch
-    if not launch.launched():  # The launcher watches its processes; without it, see coordinator.
-      from jaxdp.runtime import coordinator as service
-      service.start(split_address(coordinator)[1], group.num_processes, step_timeout_s, workdir)
-      # JAX starts a service in process 0 whatever it is told: an idle one on a spare local
-      # port, which no process joins (they all join the child's).
-      bind = f"127.0.0.1:{_spare_port()}"
+    from jaxdp.runtime import coordinator as service
+    service.start(split_address(coordinator)[1], group.num_processes, step_timeout_s, workdir)
+    # JAX starts a service in process 0 whatever it is told: an idle one on a spare local port,
+    # which no process joins (they all join the child's).
+    bind = f"127.0.0.1:{_spare_port()}"
 
   def give_up() -> None:
     reason = ("the coordinator answers, but not every process joined"

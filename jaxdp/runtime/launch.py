@@ -380,14 +380,6 @@ def _supervise(processes: list[_Process], nprocs: int, received: list[int]) -> _
     time.sleep(POLL_S)
 
 
-_launched = False  # This process watches its launcher (`watch_launcher` found the pipe).
-
-
-def launched() -> bool:
-  """Whether `jaxdp launch` started this process (and `watch_launcher` watches it)."""
-  return _launched
-
-
 def watch_launcher() -> None:
   """In a process that `jaxdp launch` started: stops this process within a second once its
   launcher is gone, however it went (its end of the pipe in LAUNCHER_FD_ENV closes).
@@ -397,7 +389,6 @@ def watch_launcher() -> None:
   incomplete, and orbax discards it on the next start), the workdir lock goes with the process.
   Call it once, early; a process without the variable (not launched) does nothing.
   """
-  global _launched
   fd_text = os.environ.pop(LAUNCHER_FD_ENV, "")
   launcher = os.environ.pop(LAUNCHER_PID_ENV, "?")
   try:
@@ -405,7 +396,6 @@ def watch_launcher() -> None:
     os.fstat(fd)
   except (ValueError, OSError):
     return
-  _launched = True
 
   def wait() -> None:
     try:
