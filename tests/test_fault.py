@@ -1,7 +1,8 @@
 """Fault tolerance: kills, signals, corrupt checkpoints, config changes, NaNs, full disks.
 
 Every run here uses the tiny_cpu model on 2 devices with the same schedule (lr_decay_steps=20),
-so any run can be compared, step by step and bit by bit, with one uninterrupted reference.
+so any run can be compared, step by step and bit by bit, with one uninterrupted reference (one
+through the CLI, one in this process: each is compared with runs of its own kind).
 """
 
 import glob
@@ -68,9 +69,20 @@ def assert_bitwise_equal(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """An uninterrupted 20-step run: checkpoints at every even step (the last 3 and the best kept)."""
+  """An uninterrupted run of 8 of the 20 steps in this process: checkpoints at every even step
+  and at the evaluation of step 5 (the last 3, 5, 6 and 8, and the best kept). Its readers need
+  the latest checkpoint and the one 2 steps before it, and the losses of steps 1 to 6."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  train_and_evaluate(config(), workdir, devices=devices(), progress=False)
+  train_and_evaluate(config(num_steps=8), workdir, devices=devices(), progress=False)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A finished 2-step run (its one checkpoint at step 2), trained once for the tests that copy it
+  onto a small filesystem and then fill it or make it read-only."""
+  workdir = str(tmp_path_factory.mktemp("two_steps") / "run")
+  train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
   return workdir
 
 
@@ -120,13 +132,46 @@ def save_in_progress(workdir):
   return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
 
 
-def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
-  workdir = str(tmp_path)
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+  """A CLI run sent SIGTERM once step 3 is logged, with no periodic checkpoints (only the SIGTERM
+  checkpoint can exist): (workdir, exit status, stdout + stderr). The SIGTERM test reads it; the
+  SIGKILL test resumes a copy of it, killed again and again, up to the reference's last step."""
+  workdir = str(tmp_path_factory.mktemp("preempted"))
+  proc = cli(workdir, "--config.checkpoint_every=0")
+  try:
+    wait_for(lambda: logged_step(workdir) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  return workdir, proc.returncode, out + err
+
+
+def test_sigterm_checkpoints_current_step_exits_preempted_and_resumes(preempted):
+  # Its resume, bit for bit, is the first run of test_sigkill_at_random_points_resumes_bitwise.
+  workdir, status, output = preempted
+  assert status == 75, output[-3000:]  # config.preempt_exit_code: saved, resumable.
+  assert "SIGTERM: stopped after step" in output
+  event = [r for r in read_metrics(workdir) if r.get("event") == "preempted"]
+  assert len(event) == 1 and event[0]["signal"] == "SIGTERM"
+  stopped = event[0]["step"]
+  assert 3 <= stopped < 20
+  assert Checkpointer(workdir, create=False).all_steps() == [stopped]
+
+
+def test_sigkill_at_random_points_resumes_bitwise(preempted, cli_reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(preempted[0], workdir)  # Stopped by SIGTERM: its checkpoint is the only one.
+  stopped = next(r["step"] for r in read_metrics(workdir) if r.get("event") == "preempted")
   rng = random.Random()
   seed = rng.randrange(10**6)
   rng.seed(seed)
   kills = []
-  # 1: during a save (its temporary directory exists); 2, 3: after a random logged step.
+  # 1: resumed from the SIGTERM checkpoint, killed during a save (its temporary directory
+  # exists); 2, 3: after a random logged step.
   proc = cli(workdir)
   wait_for(lambda: save_in_progress(workdir), proc)
   proc.kill()
@@ -135,10 +180,12 @@ def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
   assert save_in_progress(workdir), "the kill did not land inside a save"
   for _ in range(2):
     start, saved = logged_step(workdir), latest_complete_checkpoint(workdir)
-    target = rng.randint(start + 1, min(start + 6, 19))
+    # At step 16 at the latest, so that a new checkpoint (every 2 steps) lands before the run
+    # ends at 20 however far the run got past the previous kill.
+    target = min(rng.randint(start + 1, start + 6), 16)
     proc = cli(workdir)
     # Killed at a random step, but only once a new checkpoint is complete, so the next run
-    # resumes (a kill before any finished save would only exercise starting afresh).
+    # resumes from a checkpoint of its own.
     wait_for(lambda target=target, saved=saved: logged_step(workdir) >= target
              and latest_complete_checkpoint(workdir) > saved, proc)
     proc.kill()
@@ -146,32 +193,14 @@ def test_sigkill_at_random_points_resumes_bitwise(cli_reference, tmp_path):
     kills.append(("after step", logged_step(workdir)))
   proc = cli(workdir)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err
+  assert proc.returncode == 0 and "done: step 20" in out, err
   assert not save_in_progress(workdir), "a crashed save's temporary directory was not cleaned"
   assert train_losses(workdir) == train_losses(cli_reference), (seed, kills)
   assert_bitwise_equal(restored_state(workdir), restored_state(cli_reference))
-  events = [r.get("event") for r in read_metrics(workdir)]
-  assert events.count("start") + events.count("resume") == 4 and events.count("resume") >= 2, kills
-
-
-def test_sigterm_checkpoints_current_step_exits_preempted_and_resumes(cli_reference, tmp_path):
-  workdir = str(tmp_path)
-  proc = cli(workdir, "--config.checkpoint_every=0")  # Only the SIGTERM checkpoint can exist.
-  wait_for(lambda: logged_step(workdir) >= 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 75, err  # config.preempt_exit_code: saved, resumable.
-  assert "SIGTERM: stopped after step" in out + err
-  event = [r for r in read_metrics(workdir) if r.get("event") == "preempted"]
-  assert len(event) == 1 and event[0]["signal"] == "SIGTERM"
-  stopped = event[0]["step"]
-  assert 3 <= stopped < 20
-  assert Checkpointer(workdir, create=False).all_steps() == [stopped]
-  proc = cli(workdir)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0 and "done: step 20" in out, err
-  assert train_losses(workdir) == train_losses(cli_reference)
-  assert_bitwise_equal(restored_state(workdir), restored_state(cli_reference))
+  events = [r for r in read_metrics(workdir) if r.get("event") in ("start", "resume")]
+  # The SIGTERM run's start, then every run after it resumed; the first from the SIGTERM step.
+  assert [r["event"] for r in events] == ["start"] + ["resume"] * 4, kills
+  assert events[1]["step"] == stopped, (stopped, events)
 
 
 def largest_array_file(workdir, step):
@@ -195,7 +224,7 @@ def test_truncated_latest_checkpoint_falls_back_with_warning(reference, tmp_path
   assert os.path.isdir(os.path.join(workdir, "checkpoints.invalid", str(latest)))
   ckpt.close()
   # Training again re-creates the moved step, bit for bit.
-  train_and_evaluate(config(), workdir, devices=devices(), progress=False)
+  train_and_evaluate(config(num_steps=8), workdir, devices=devices(), progress=False)
   assert_bitwise_equal(restored_state(workdir), restored_state(reference))
 
 
@@ -269,11 +298,11 @@ def test_config_mismatch_is_refused_naming_fields(reference):
   with pytest.raises(JaxdpError, match=r"seed \(0 -> 1\); global_batch_size \(16 -> 32\)"):
     restore_checkpoint(ckpt, build(changed, devices()))
   state, _ = restore_checkpoint(ckpt, build(changed, devices()), allow_config_change=True)
-  assert int(state.step) == 20
+  assert int(state.step) == 8
   # Length, evaluation and device count may change: 4 devices restore a 2-device checkpoint.
   allowed = config(num_steps=40, lr_decay_steps=20, eval_every=3)
   state, _ = restore_checkpoint(ckpt, build(allowed, jax.devices()[:4]))
-  assert int(state.step) == 20 and len(state.params["ln_f"]["scale"].sharding.device_set) == 4
+  assert int(state.step) == 8 and len(state.params["ln_f"]["scale"].sharding.device_set) == 4
   ckpt.close()
 
 
@@ -388,11 +417,11 @@ def test_os_reason_finds_the_os_error_that_a_library_wrapped(tmp_path):
   assert os_reason(ValueError("bad value\ndetails"), str(tmp_path)) == "bad value"
 
 
-def test_after_a_full_disk_the_same_process_resumes_once_space_is_freed(tmpfs, fill):
+def test_after_a_full_disk_the_same_process_resumes_once_space_is_freed(tmpfs, fill, two_steps):
   """A notebook's fit that failed (full disk) leaves no lock or open file behind: freeing space
   and calling it again in the same process resumes the run."""
   workdir = os.path.join(tmpfs, "run")
-  train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
+  shutil.copytree(two_steps, workdir)
   fill(tmpfs)
   with pytest.raises(JaxdpError, match="No space left on device"):
     train_and_evaluate(config(num_steps=6), workdir, devices=devices(), progress=False)
@@ -433,9 +462,10 @@ writer.close()
 
 @pytest.mark.parametrize("failure", ["full", "read_only"])
 def test_full_or_read_only_workdir_gives_clear_error_and_earlier_checkpoint_restores(tmpfs, fill,
+                                                                                    two_steps,
                                                                                     failure):
   workdir = os.path.join(tmpfs, "run")
-  train_and_evaluate(config(num_steps=2), workdir, devices=devices(), progress=False)
+  shutil.copytree(two_steps, workdir)
   assert Checkpointer(workdir, create=False).all_steps() == [2]
   if failure == "full":
     fill(tmpfs)

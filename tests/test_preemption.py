@@ -4,7 +4,9 @@ One `jaxdp launch --nprocs 2 --cpu_devices 2` run gets SIGTERM on process 1 only
 processes stop after the same step, write one checkpoint together and exit with the agreed status.
 Its checkpoint is then resumed as 2 processes (bitwise equal to an uninterrupted 2-process run),
 as 1 process x 4 devices and as 4 processes x 1 device (equal within 1e-5: another reduction
-order), each through `jaxdp launch`, each to EXTRA steps past the stop.
+order), each to EXTRA steps past the stop: the multi-process ones through `jaxdp launch`, the
+single process in this one, on 4 of its devices (`jaxdp launch` onto one process, resuming a
+2-process checkpoint, is tests/test_launch_restarts.py's restart onto fewer processes).
 """
 
 import os
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp.lm import build
+from jaxdp.lm import build, train_and_evaluate
 from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
@@ -31,8 +33,9 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONP
            JAX_PLATFORMS="cpu")
 DECAY = 40  # A fixed learning-rate horizon: num_steps differs between the runs compared.
 EXTRA = 3  # Steps each resumed run trains past the preempted step.
-TRAIN = ["train", "--config", "tiny_cpu", "--config.log_every=1", f"--config.lr_decay_steps={DECAY}",
-         "--config.eval_every=0", "--config.checkpoint_every=0", "--progress=false"]
+OVERRIDES = {"log_every": 1, "lr_decay_steps": DECAY, "eval_every": 0, "checkpoint_every": 0}
+TRAIN = ["train", "--config", "tiny_cpu", *[f"--config.{k}={v}" for k, v in OVERRIDES.items()],
+         "--progress=false"]
 PREEMPTED_STATUS = 75  # configs/default.py preempt_exit_code.
 
 
@@ -132,8 +135,16 @@ def test_checkpoint_of_two_processes_resumes_on_another_process_count(
   reference, last = uninterrupted
   workdir = str(tmp_path / "resumed")
   shutil.copytree(stopped_workdir, workdir)
-  done = run(nprocs, cpu_devices, workdir, f"--config.num_steps={last}")
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  if nprocs == 1:  # In this process (`jaxdp train` runs the same train_and_evaluate): no start-up.
+    config = load_preset("tiny_cpu")  # The launches' config.
+    for key, value in {**OVERRIDES, "num_steps": last}.items():
+      config[key] = value
+    result = train_and_evaluate(config, workdir, devices=jax.devices()[:cpu_devices],
+                                progress=False)
+    assert result["step"] == last
+  else:
+    done = run(nprocs, cpu_devices, workdir, f"--config.num_steps={last}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   records = read_metrics(workdir)
   assert any(r.get("event") == "resume" and r["step"] == steps[0] and r["num_devices"] == 4
              for r in records)

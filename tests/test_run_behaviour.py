@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
+
+from jaxdp.lm import train_and_evaluate
+from jaxdp.lm.config import load_preset
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 TINY = ["--config", "tiny_cpu", "--config.eval_steps=1", "--progress=false", "--cpu_devices", "2"]
@@ -39,6 +43,18 @@ def wait_for(predicate, timeout=120.0):
   return False
 
 
+def train_here(workdir, allow_config_change=False, **overrides):
+  """The TINY run trained or resumed in this process on 2 of its devices (`jaxdp train` calls the
+  same train_and_evaluate): for a workdir a test only needs trained, or shown usable again, this
+  spares an interpreter and JAX start-up per run."""
+  config = load_preset("tiny_cpu")
+  config.eval_steps = 1
+  for key, value in overrides.items():
+    config[key] = value
+  return train_and_evaluate(config, str(workdir), devices=jax.devices()[:2], progress=False,
+                            allow_config_change=allow_config_change)
+
+
 def metrics(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -46,20 +62,24 @@ def metrics(workdir):
   return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def test_banner_plain_progress_lines_and_summary(tmp_path):
-  workdir = str(tmp_path)
-  first = run("train", *TINY, "--config.num_steps=4", "--config.log_every=2", "--workdir", workdir)
+def test_banner_plain_progress_lines_and_summary(tiny_run, tmp_path, capfd):
+  source, first = tiny_run  # The session's `jaxdp train`: 2 steps, every step logged, an eval.
   assert first.returncode == 0, first.stderr
   out = first.stdout
-  assert "jaxdp: starting, training to step 4" in out and "parameters" in out
+  assert "jaxdp: starting, training to step 2" in out and "parameters" in out
   assert "strategy dp, precision fp32" in out and "tokens per step" in out
-  assert "step 2/4: loss" in out and "step 4/4: loss" in out  # Plain lines without a bar.
-  assert "jaxdp: done (reached num_steps): 4 steps" in out and "eval_loss: final" in out
-  assert os.path.join(workdir, "checkpoints", "4") in out  # Where the best checkpoint is.
-  again = run("train", *TINY, "--config.num_steps=4", "--workdir", workdir)
-  assert again.returncode == 0 and "already at step 4" in again.stdout
+  assert "step 1/2: loss" in out and "step 2/2: loss" in out  # Plain lines without a bar.
+  assert "jaxdp: done (reached num_steps): 2 steps" in out and "eval_loss: final" in out
+  assert os.path.join(str(source), "checkpoints", "2") in out  # Where the best checkpoint is.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  capfd.readouterr()
+  again = train_here(workdir, num_steps=2, log_every=1)  # In this process: nothing to train.
+  out = capfd.readouterr().out
+  assert again["step"] == 2 and "already at step 2" in out, out
   final = [r["eval_loss"] for r in metrics(workdir) if "eval_loss" in r][-1]
-  assert f"eval_loss {final:.4f}" in again.stdout  # The saved eval loss, not None.
+  assert again["eval_loss"] == final  # The saved eval loss, not None (`jaxdp train` prints it).
+  assert f"eval_loss {final:.4f}" in out
 
 
 def test_library_messages_go_to_the_log_file_not_the_terminal(tiny_run):
@@ -82,10 +102,9 @@ def test_a_second_run_on_the_same_workdir_is_refused_and_a_killed_run_leaves_no_
   finally:
     first.kill()  # SIGKILL: no chance to clean up.
     first.communicate()
-  # The kernel dropped the dead run's lock: the next run just resumes.
-  after = run("train", *TINY, "--config.num_steps=3", "--workdir", workdir,
-              "--allow_config_change")
-  assert after.returncode == 0, after.stderr
+  # The kernel dropped the dead run's lock: the next run just resumes (in this process; 2 steps,
+  # as the other runs here that start afresh: one compiled program).
+  assert train_here(workdir, allow_config_change=True, num_steps=2)["step"] >= 2
 
 
 # Moments: start-up (imports, device setup), compilation, around the first step, mid-run, and
@@ -116,17 +135,16 @@ def test_a_signal_at_any_moment_exits_cleanly_and_leaves_a_usable_workdir(
     assert "stopped after step" in out + err
   if delay is None:
     assert proc.returncode == 75
-  resumed = run("train", *TINY, "--config.num_steps=2", "--workdir", workdir,
-                "--allow_config_change")
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  # The workdir is usable: the next run resumes it, or starts afresh (in this process).
+  assert train_here(workdir, allow_config_change=True, num_steps=2)["step"] >= 2
 
 
-def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tmpfs, fill):
+def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tiny_run, tmpfs, fill):
   workdir = os.path.join(tmpfs, "run")
-  assert run("train", *TINY, "--config.num_steps=2", "--workdir", workdir).returncode == 0
+  shutil.copytree(tiny_run[0], workdir)  # A finished 2-step run (every step logged).
   fill(tmpfs)
   full = run("train", *TINY, "--config.num_steps=6", "--config.checkpoint_every=1",
-             "--workdir", workdir)
+             "--config.log_every=1", "--workdir", workdir)
   assert full.returncode == 2, full.stderr[-3000:]
   err = full.stderr.strip().splitlines()
   assert err[-1].startswith("jaxdp: error:") and "No space left on device" in err[-1], err[-5:]
@@ -135,8 +153,7 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_with_one_line(tmpfs, fill):
 
 def test_a_truncated_checkpoint_is_one_warning_line_and_the_run_resumes(tmp_path):
   workdir = str(tmp_path)
-  assert run("train", *TINY, "--config.num_steps=4", "--config.checkpoint_every=2",
-             "--workdir", workdir).returncode == 0
+  train_here(workdir, num_steps=4, checkpoint_every=2)  # Checkpoints 2 and 4, in this process.
   files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "4"))
            for name in names]
   biggest = max(files, key=os.path.getsize)
@@ -173,8 +190,7 @@ def test_a_run_too_big_for_memory_is_one_line_before_it_runs_and_the_workdir_sta
   last = big.stderr.strip().splitlines()[-1]
   assert last.startswith("jaxdp: error: the train step needs") and "GiB per device" in last
   assert "remat" in last and "Traceback" not in big.stderr + big.stdout
-  fixed = run("train", *TINY, "--config.num_steps=2", "--workdir", workdir)
-  assert fixed.returncode == 0, fixed.stderr[-2000:]
+  assert train_here(workdir, num_steps=2)["step"] == 2  # The fixed run, in this process.
 
 
 def test_a_run_refused_at_validation_creates_no_workdir(tmp_path):
