@@ -114,6 +114,9 @@ def test_measure_runs_every_candidate_on_emulated_devices(n, request):
   else:
     config = load_preset("tiny_cpu")
     config.model.n_layer = 1  # ONE_BLOCK
+    # Two rows per device, as at 8 (16 rows): each candidate's one-device step (its compute) is
+    # then the program [8] times too, compiled once for both (conftest's compilation cache).
+    config.global_batch_size = 8
     result = measure.measure_plan(config, jax.devices()[:n], repeats=3, **SMALL)
   print(measure.format_measure(result))
   rows = {r["candidate"]: r for r in result["candidates"]}

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import cli_inprocess
-from conftest import TINY_RUN_FLAGS
+from conftest import TINY_RUN_FLAGS, cli_env
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +61,11 @@ def trained(request, tmp_path_factory):
 
 def test_generate_and_inspect_work_for_both_families(trained, capfd):
   family, workdir, _ = trained
-  out = jaxdp("generate", "--workdir", str(workdir), "--prompt", "ROMEO:", "--max_new_tokens", "8",
-              "--temperature", "0").stdout
+  # In this process, on its own 8 emulated devices (generation runs on one of them).
+  generated = cli_inprocess.run(capfd, "generate", "--workdir", str(workdir), "--prompt", "ROMEO:",
+                                "--max_new_tokens", "8", "--temperature", "0", "--cpu_devices", "8")
+  assert generated.returncode == 0, generated.stderr[-3000:]
+  out = generated.stdout
   assert out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:")
   inspected = cli_inprocess.run(capfd, "inspect", str(workdir))  # No device work: in-process.
   assert inspected.returncode == 0, inspected.stderr[-3000:]
@@ -74,15 +77,27 @@ def test_generate_and_inspect_work_for_both_families(trained, capfd):
     assert "qkv" in shown and "lm_head" not in shown
 
 
-def test_plan_and_verify_work_for_llama():
+def test_plan_and_verify_work_for_llama(tmp_path):
   """gpt's plan and verify are covered by test_zero and test_cli; llama runs the same CLI."""
-  extra = LLAMA
-  small = [*extra, "--config.model.n_layer=1"]  # One block: the same code paths, less compiling.
-  plan = json.loads(jaxdp("plan", "--config", "tiny_cpu", *small, "--cpu_devices", "2",
-                          "--json").stdout)
+  # One block: the same code paths, less compiling. No warmup: verify compares its cases without
+  # it, so plan's steps are the very programs verify compiled.
+  small = [*LLAMA, "--config.model.n_layer=1", "--config.warmup_steps=0"]
+  # Both commands in one process on the same 4 devices (tests/cli_inprocess.py as a script):
+  # plan then finds each strategy's init and step compiled (in memory or conftest's cache).
+  commands = [["verify", "--config", "tiny_cpu", *small, "--cpu_devices", "4", "--steps", "1"],
+              ["plan", "--config", "tiny_cpu", *small, "--cpu_devices", "4", "--json"]]
+  (tmp_path / "commands.json").write_text(json.dumps(commands))
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_inprocess.py"),
+                         str(tmp_path / "commands.json"), str(tmp_path / "results.jsonl")],
+                        capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=600)
+  lines = tmp_path / "results.jsonl"  # One line per command run; each command's stderr.
+  results = [json.loads(line) for line in lines.read_text().splitlines()] if lines.exists() else []
+  assert [r["returncode"] for r in results] == [0, 0], (results, done.stderr[-3000:])
+  # stdout: verify's lines, then plan's JSON (indented: its first line is "{").
+  verify, _, plan = done.stdout.partition("\n{\n")
+  plan = json.loads("{" + plan)
   assert {"dp", "zero1", "zero2", "zero3"} <= set(plan["strategies"])
   assert plan["strategies"]["zero3"]["params_bytes_per_device"] < \
       plan["strategies"]["dp"]["params_bytes_per_device"]
-  verify = jaxdp("verify", "--config", "tiny_cpu", *small, "--cpu_devices", "4", "--steps", "1").stdout
   assert "all strategies match one device" in verify
   assert "zero3@2x2" in verify  # The 2x2 (data x model) mesh is among the cases.
