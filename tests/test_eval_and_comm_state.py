@@ -7,6 +7,7 @@ cross-entropy of `module.apply` logits, one window at a time.
 """
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -170,15 +171,32 @@ def restored(workdir, config, num_devices):
   return jax.device_get(state)
 
 
+@pytest.fixture(scope="module")
+def saved_on_2(tmp_path_factory):
+  """(fields, workdir) -> workdir: a copy of comm_config(2, **fields) trained on 2 devices. Each
+  method trains once for the module (the resume test and the refusal test of int8 and of stale
+  start from the same run); every test gets its own copy, since it resumes or refuses it."""
+  trained = {}
+
+  def copy(fields, workdir):
+    key = tuple(sorted(fields.items()))
+    if key not in trained:
+      trained[key] = str(tmp_path_factory.mktemp("comm_state") / "run")
+      train_and_evaluate(comm_config(2, **fields), trained[key], devices=jax.devices()[:2],
+                         progress=False)
+    shutil.copytree(trained[key], workdir)
+    return workdir
+  return copy
+
+
 @pytest.mark.parametrize("fields", [
     {"compression": "int8"},
     {"compression": "topk", "compression_ratio": 0.1, "momentum_correction": 0.9},
     {"sync": "stale", "staleness": 2},
     {"sync": "local_sgd", "sync_every": 4}],
     ids=["int8", "topk_ef_dgc", "stale", "local_sgd"])
-def test_comm_state_saved_on_2_devices_resumes_on_4(tmp_path, capfd, fields):
-  workdir = str(tmp_path)
-  train_and_evaluate(comm_config(2, **fields), workdir, devices=jax.devices()[:2], progress=False)
+def test_comm_state_saved_on_2_devices_resumes_on_4(saved_on_2, tmp_path, capfd, fields):
+  workdir = saved_on_2(fields, str(tmp_path / "run"))
   saved = restored(workdir, comm_config(2, **fields), 2)
   capfd.readouterr()
   moved = restored(workdir, comm_config(4, **fields), 4)
@@ -214,13 +232,12 @@ def test_comm_state_saved_on_2_devices_resumes_on_4(tmp_path, capfd, fields):
 @pytest.mark.parametrize("saved_fields, resumed_fields, cause", [
     ({"compression": "int8"}, {}, "residual"),
     ({"sync": "stale", "staleness": 2}, {"sync": "stale", "staleness": 1}, "staleness")])
-def test_comm_state_of_another_method_is_refused_naming_the_cause(tmp_path, saved_fields,
-                                                                  resumed_fields, cause):
+def test_comm_state_of_another_method_is_refused_naming_the_cause(saved_on_2, tmp_path,
+                                                                  saved_fields, resumed_fields,
+                                                                  cause):
   # Changing the method with --allow_config_change used to read as a corrupt checkpoint: it was
   # moved aside and the run silently restarted from step 0.
-  workdir = str(tmp_path)
-  train_and_evaluate(comm_config(2, **saved_fields), workdir, devices=jax.devices()[:2],
-                     progress=False)
+  workdir = saved_on_2(saved_fields, str(tmp_path / "run"))
   with pytest.raises(JaxdpError, match=f"communication.*{cause}|{cause}.*communication") as e:
     train_and_evaluate(comm_config(4, **resumed_fields), workdir, devices=jax.devices()[:4],
                        progress=False, allow_config_change=True)

@@ -4,7 +4,8 @@ followed, and early stopping keeps the best parameters.
 
 Expected values are computed here from first principles (the schedule's formula, a NumPy SGD,
 the loss-scale halvings), never read back from jaxdp. The language-model tests run the tiny_cpu
-model on 2 devices, under dp (gpt) and zero3 (llama or gpt).
+model with one block (what is checked here is the schedule, the loss scale and the halts, not
+the model; one block compiles faster) on 2 devices, under dp (gpt) and zero3 (llama or gpt).
 """
 
 import math
@@ -36,7 +37,7 @@ STRATEGY_MODEL = [("dp", "gpt"), ("zero3", "llama")]
 
 def lm(strategy="dp", family="gpt", **fields):
   c = load_preset("tiny_cpu")
-  c.strategy, c.model.family = strategy, family
+  c.strategy, c.model.family, c.model.n_layer = strategy, family, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 0
   for name, value in fields.items():
     c[name] = value
@@ -227,7 +228,7 @@ def test_cli_fp16_run_that_gives_up_exits_2_with_one_line(tmp_path):
   workdir = str(tmp_path / "run")
   args = [sys.executable, "-m", "jaxdp.cli.main", "train", "--config", "tiny_cpu",
           "--cpu_devices", "2", "--workdir", workdir, "--progress=false",
-          "--config.precision=fp16", "--config.attention=reference",
+          "--config.model.n_layer=1", "--config.precision=fp16", "--config.attention=reference",
           "--config.learning_rate=1000", "--config.nan_policy=halt", "--config.num_steps=30",
           "--config.checkpoint_every=2"]
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")

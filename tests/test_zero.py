@@ -20,13 +20,20 @@ ZERO = ("zero1", "zero2", "zero3")
 LOSS_RTOL = 1e-5
 
 
+def as_in_runs(config):
+  """tiny_cpu `config` with the model and schedule of `runs` (one block, no warmup, a horizon of
+  20 steps): a run of it on a (strategy, mesh) that `runs` trained compiles the same step, which
+  the persistent compilation cache serves once `runs` has compiled it."""
+  config.model.n_layer, config.warmup_steps, config.lr_decay_steps = 1, 0, 20
+  return config
+
+
 @pytest.fixture(scope="module")
 def runs():
   """(losses, final state, trainer) of 10 tiny_cpu steps per (case, device count), and the
   one-device reference; every test below reads these instead of compiling its own steps.
   One block: it holds every kind of array ZeRO splits, at half tiny_cpu's compiling."""
-  config = load_preset("tiny_cpu")
-  config.model.n_layer = 1
+  config = as_in_runs(load_preset("tiny_cpu"))
   out = {"reference": verify.run_reference(config, jax.devices()[0], NUM_STEPS)}
   for n in (4, 8):
     for strategy in ("dp",) + ZERO:
@@ -160,7 +167,7 @@ def forget_to_average(layout, loss_fn, tx, state_sharding):
 
 
 def test_verify_fails_on_a_strategy_that_forgets_to_average(tiny_config):
-  tiny_config.model.n_layer = 1  # Less compiling; the missing average shows in any model.
+  as_in_runs(tiny_config)  # The reference step of runs; a missing average shows in any model.
   results = verify.verify(tiny_config, jax.devices()[:4], 3,
                           cases=[verify.Case("broken", "dp", compile_step=forget_to_average)])
   assert not results["broken"]["ok"]
@@ -168,10 +175,11 @@ def test_verify_fails_on_a_strategy_that_forgets_to_average(tiny_config):
 
 
 def test_checkpoint_resumes_across_strategies_and_device_counts(tiny_config, tmp_path):
-  """zero1 on 4 devices -> dp on 2 -> zero3 on 8 gives the losses of one uninterrupted run."""
-  config = tiny_config
-  config.num_steps, config.lr_decay_steps, config.warmup_steps = 9, 9, 2
-  config.model.n_layer = 1  # Every kind of array each strategy shards; less compiling.
+  """zero1 on 4 devices -> dp on 8 -> zero3 on 4 gives the losses of one uninterrupted run."""
+  # One block: every kind of array each strategy shards. The strategies and device counts are
+  # ones `runs` trained, so their steps come compiled (each resume changes both, up and down).
+  config = as_in_runs(tiny_config)
+  config.num_steps = 9
   config.eval_every, config.checkpoint_every, config.log_every = 0, 0, 1
 
   def train(workdir, strategy, num_devices, num_steps):
@@ -179,7 +187,7 @@ def test_checkpoint_resumes_across_strategies_and_device_counts(tiny_config, tmp
     train_and_evaluate(config, str(workdir), devices=jax.devices()[:num_devices], progress=False)
 
   train(tmp_path / "whole", "zero1", 4, 9)
-  for strategy, num_devices, num_steps in (("zero1", 4, 3), ("dp", 2, 6), ("zero3", 8, 9)):
+  for strategy, num_devices, num_steps in (("zero1", 4, 3), ("dp", 8, 6), ("zero3", 4, 9)):
     train(tmp_path / "pieces", strategy, num_devices, num_steps)
 
   def losses(workdir):
@@ -193,7 +201,7 @@ def test_checkpoint_resumes_across_strategies_and_device_counts(tiny_config, tmp
                              rtol=LOSS_RTOL)
   starts = [l for l in map(json.loads, open(tmp_path / "pieces" / "metrics.jsonl"))
             if l.get("event") in ("start", "resume")]
-  assert [(l["strategy"], l["num_devices"]) for l in starts] == [("zero1", 4), ("dp", 2), ("zero3", 8)]
+  assert [(l["strategy"], l["num_devices"]) for l in starts] == [("zero1", 4), ("dp", 8), ("zero3", 4)]
   assert all(l["state_bytes_per_device"] > 0 for l in starts)
 
 
@@ -219,8 +227,8 @@ def test_bad_mesh_or_strategy_fields_are_named(tiny_config, fields, message):
 
 
 def test_run_trained_on_a_2d_mesh_loads_for_inference_on_one_device(tiny_config, tmp_path):
+  as_in_runs(tiny_config)  # The step of runs["zero3@2x2", 4], compiled once.
   tiny_config.strategy, tiny_config.num_steps, tiny_config.mesh.model = "zero3", 2, 2
-  tiny_config.warmup_steps = 1
   tiny_config.eval_every = tiny_config.checkpoint_every = 0
   train_and_evaluate(tiny_config, str(tmp_path), devices=jax.devices()[:4], progress=False)
   params, _, _ = load_for_inference(str(tmp_path))
