@@ -202,13 +202,6 @@ def check_port_free(address: str) -> None:
           raise
 
 
-def _spare_port() -> int:
-  """A TCP port free on this host now (the kernel's choice)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-    probe.bind(("127.0.0.1", 0))
-    return int(probe.getsockname()[1])
-
-
 def _reachable(address: str, timeout_s: float = 1.0) -> bool:
   host, port = split_address(address)
   try:
@@ -230,9 +223,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   step_timeout_s, or 60 s when unset, plus 60 s), so that a dead or frozen peer ends in jaxdp's
   exit 3 with a message naming it; process 0 serves the coordinator from a child process
   (runtime/coordinator.py), so that its own death is judged the same way, with `workdir`'s
-  heartbeat files. If the group has not formed within
-  `timeout_s` seconds, the process prints which coordinator it waited for and exits with status 2
-  (JAX offers no way to interrupt a pending connection, so the exit is immediate).
+  heartbeat files. If the group has not formed within `timeout_s` seconds, the process prints
+  which coordinator it waited for and exits with status 2 (JAX offers no way to interrupt a
+  pending connection, so the exit is immediate).
   """
   group = resolve(coordinator, num_processes, process_id, env, cluster)
   if group.num_processes == 1:
@@ -244,15 +237,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   coordinator = group.coordinator
   assert coordinator is not None, "resolve() gives every multi-process group a coordinator"
-  heartbeat_timeout_s = heartbeat.jax_heartbeat_timeout_s(step_timeout_s)
   bind: str | None = None  # JAX's default: process 0 serves the coordinator itself.
   if group.process_id == 0:
     check_port_free(coordinator)
     from jaxdp.runtime import coordinator as service
+    from jaxdp.runtime.launch import free_port
     service.start(split_address(coordinator)[1], group.num_processes, step_timeout_s, workdir)
     # JAX starts a service in process 0 whatever it is told: an idle one on a spare local port,
     # which no process joins (they all join the child's).
-    bind = f"127.0.0.1:{_spare_port()}"
+    bind = f"127.0.0.1:{free_port()}"
 
   def give_up() -> None:
     reason = ("the coordinator answers, but not every process joined"
@@ -273,7 +266,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         cluster_detection_method="deactivate",
         # JAX aborts natively at its own deadlines: give ours time to speak first.
         initialization_timeout=int(timeout_s) + 30,
-        heartbeat_timeout_seconds=heartbeat_timeout_s, coordinator_bind_address=bind)
+        heartbeat_timeout_seconds=heartbeat.jax_heartbeat_timeout_s(step_timeout_s),
+        coordinator_bind_address=bind)
   finally:
     timer.cancel()
   return group
