@@ -20,7 +20,10 @@ in metrics.jsonl naming the device, process and host:
 
   straggler     a process whose mean host_step_time_s over the last `window` lines is above
                 `straggler_factor` x the median of the other processes' (and by at least 5% of
-                the step's wall time, so microseconds of noise never count);
+                the step's wall time, so microseconds of noise never count). The first train
+                line of a run (or of a resume) is reported but never judged: it holds the
+                compilation and the collectives' first rendezvous, where process 0 waits on
+                the host for the others, so a straggler could make process 0 look as slow;
   grad_outlier  a device whose mean local gradient norm over the last `window` lines is above
                 `outlier_factor` x the median of the other devices' or below 1 / outlier_factor
                 of it: a candidate bad device or bad data shard.
@@ -108,12 +111,14 @@ class DeviceHealth(Hook):
     self.hosts: list[str] = []
     self.devices: list[Any] = []
     self.waited = self.logged = 0.0
+    self.warm = False  # Set after the run's first train line (compilation, first rendezvous).
 
   def on_start(self, ctx: LoopContext) -> None:
     """Learns every process's host name (one all-gather) and the data devices."""
     self.hosts = gather_hostnames()
     self.devices = data_devices(ctx.dp.mesh)
     self.waited, self.logged = ctx.device_wait_s, ctx.log_s
+    self.warm = False
 
   def on_rollback(self, ctx: LoopContext, step: int) -> None:
     """The windows before a rollback are not compared with the ones after it."""
@@ -130,8 +135,10 @@ class DeviceHealth(Hook):
     own = max(window.seconds - waited - logged, 0.0) / window.steps
     times = gather_floats(own)
     line["host_step_time_s"] = times
-    self.times.append(times)
-    self.walls.append(window.seconds / window.steps)
+    if self.warm:
+      self.times.append(times)
+      self.walls.append(window.seconds / window.steps)
+    self.warm = True
     norms = [np.asarray(m["device_grad_norms"], np.float64) for m in window.metrics
              if "device_grad_norms" in m]
     if norms:
