@@ -268,7 +268,8 @@ class _Pid:
     # where JAX's in-process service would have aborted process 1 natively within a second.
     (0, signal.SIGKILL, [f"--config.step_timeout_s={TIMEOUT_S}"]),
     (1, signal.SIGKILL, []),  # step_timeout_s unset: the default judges the peer.
-], ids=["coordinator_frozen", "coordinator_killed", "peer_killed_no_timeout"])
+    (1, signal.SIGSTOP, [f"--config.step_timeout_s={TIMEOUT_S}"]),
+], ids=["coordinator_frozen", "coordinator_killed", "peer_killed_no_timeout", "peer_frozen"])
 def test_a_lost_peer_ends_the_other_with_exit_3_naming_it(tmp_path, victim, sig, flags):
   started, workdir = _two_trains(tmp_path, *flags)
   processes = [p for p, _ in started]
@@ -290,6 +291,46 @@ def test_a_lost_peer_ends_the_other_with_exit_3_naming_it(tmp_path, victim, sig,
   assert (tmp_path / "run" / "hang" / f"process-{1 - victim}.txt").exists()
   # Process 0's coordinator service (a child of its own) ends once the others have left: nothing
   # holds the port for a rerun.
+  _wait_for(lambda: not _services_of(workdir), 30, "the coordinator service to end", [])
+
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, sig", [(0, signal.SIGSTOP), (0, signal.SIGKILL)],
+                         ids=["coordinator_frozen", "coordinator_killed"])
+def test_a_lost_worker_under_launch_ends_the_run_with_exit_3_naming_it(tmp_path, victim, sig):
+  """The launcher's side of the cases above (process 1 frozen: the launch test above; process 1
+  killed: tests/test_multihost.py). A killed worker is seen by the launcher first, a frozen one by
+  its peer's heartbeat monitor; either way the run ends with the lost process's status, 3."""
+  workdir, log = str(tmp_path / "run"), tmp_path / "launch.out"
+  with open(log, "w") as out:
+    launcher = subprocess.Popen(
+        cli("launch", "--nprocs", "2", "--cpu_devices", "1", "--", *TINY,
+            f"--config.step_timeout_s={TIMEOUT_S}", "--workdir", workdir),
+        stdout=out, stderr=subprocess.STDOUT, env=ENV)
+  pids = []
+  try:
+    _wait_for(_first_step(workdir), 300, "the first step", [launcher])
+    pids = log.read_text().split("pids ", 1)[1].split(")", 1)[0].split(", ")
+    os.kill(int(pids[victim]), sig)
+    lost = time.monotonic()
+    status = launcher.wait(timeout=TIMEOUT_S + 120)
+    took = time.monotonic() - lost
+  finally:
+    if pids:
+      _kill([_Pid(int(p)) for p in pids])
+    _kill([launcher])
+  output = log.read_text()
+  print(f"launch exited {status} {took:.1f} s after {sig.name} of process {victim}")
+  last = output.strip().splitlines()[-1]
+  assert status == heartbeat.EXIT_STATUS and took < TIMEOUT_S + 30, output[-3000:]
+  assert last.startswith("jaxdp launch: process "), last
+  if sig == signal.SIGKILL:
+    assert f"process {victim} (pid {pids[victim]}) was killed by SIGKILL" in last, last
+  else:
+    assert f"lost process {victim} (pid {pids[victim]}, host" in last and "frozen" in last, last
+  assert "SIGABRT" not in output and "Check failure" not in output, output[-3000:]
   _wait_for(lambda: not _services_of(workdir), 30, "the coordinator service to end", [])
 
 

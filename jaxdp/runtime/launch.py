@@ -5,7 +5,9 @@ It plays the part a cluster launcher (srun, mpirun) plays on many hosts: picks a
 port, starts `python -m jaxdp.cli.main train ... --coordinator --num_processes --process_id` P times,
 prefixes every output line with "[i] ", and makes failures loud and final: when one process fails,
 the others are stopped (SIGTERM, then SIGKILL), its error is repeated, and the launcher exits
-non-zero. SIGINT, SIGTERM and SIGUSR1 sent to the launcher are forwarded to every process, which
+with its status; a process ended by a signal (killed, or crashed) is a lost process, and the
+launcher exits LOST_PROCESS_STATUS (3) for it, the status its peers give without a launcher
+(runtime/heartbeat.py). SIGINT, SIGTERM and SIGUSR1 sent to the launcher are forwarded to every process, which
 then stop after the same step, save one checkpoint and exit with config.preempt_exit_code; the
 launcher waits up to PREEMPT_GRACE_S for that and exits with their common status. A process that
 stops this way on its own (a signal sent to it alone) is not a failure: the others stop after
@@ -50,6 +52,7 @@ import time
 from typing import IO
 
 from jaxdp.errors import JaxdpError, clause
+from jaxdp.runtime import heartbeat
 
 SET_BY_LAUNCH = ("--coordinator", "--num_processes", "--process_id", "--cpu_devices")
 STOP_GRACE_S = 5.0  # After SIGTERM, seconds a process gets to exit before SIGKILL.
@@ -63,6 +66,7 @@ LAUNCHER_FD_ENV = "JAXDP_LAUNCHER_FD"  # The pipe end a process watches for its 
 LAUNCHER_PID_ENV = "JAXDP_LAUNCHER_PID"
 LAUNCHER_GONE_STATUS = 129  # 128 + SIGHUP, the signal for "the controlling process went away".
 BAD_INPUT_STATUS = 2  # `jaxdp: error: ...`: a restart would meet the same refusal.
+LOST_PROCESS_STATUS = heartbeat.EXIT_STATUS  # A process ended by a signal: the run lost it.
 
 
 def free_port() -> int:
@@ -346,7 +350,7 @@ def _supervise(processes: list[_Process], nprocs: int, received: list[int]) -> _
       for p in processes:
         p.reader.join(timeout=STOP_GRACE_S)
       status = failed.popen.returncode
-      return _Outcome(status if status > 0 else 128 - status,
+      return _Outcome(status if status > 0 else LOST_PROCESS_STATUS,
                       f"{clause(message)}; stopped the other {len(others)} process(es)",
                       restartable=status != BAD_INPUT_STATUS)
     if received:
