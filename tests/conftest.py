@@ -13,6 +13,14 @@ _CACHE = tempfile.mkdtemp(prefix="jaxdp-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# XLA without its expensive optimisations (JAX's jax_disable_most_optimizations: LLVM at O0, no
+# expensive passes), here and in every subprocess: the suite's tiny programs compile in about
+# half the time (test_zero.py: 142 s of CPU -> 91 s) and compute the same functions. Tests whose
+# subject is the bits XLA's default optimisations give to programs of different shapes (the
+# fixed-order reduction across device counts, replay, restarts on another shape) keep the
+# defaults: mark them `default_xla` (pytest_runtest_setup below switches, here and for their
+# subprocesses). JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test with the defaults.
+os.environ.setdefault(OPT_ENV := "JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -34,6 +42,25 @@ LONGEST_FILES = (
     "test_precision.py", "test_generic_api.py", "test_comm.py", "test_tensor_parallel.py",
     "test_portable_runs.py", "test_sampling.py", "test_hybrid.py", "test_equivalence.py",
 )
+
+
+_FAST_COMPILES = os.environ[OPT_ENV] == "1"
+_optimised = [not _FAST_COMPILES]  # What this process compiles with now.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """XLA's default optimisations for tests marked `default_xla` (see OPT_ENV above), here and in
+  the subprocesses they start; switched before any of the test's fixtures is built (a module's
+  reference run must be compiled as the test's own). In-memory compiled programs are dropped at
+  each switch, so no test runs a program compiled the other way (the persistent cache keys on
+  the options: a switch back finds what it had)."""
+  want = item.get_closest_marker("default_xla") is not None or not _FAST_COMPILES
+  if _optimised[0] != want:
+    os.environ[OPT_ENV] = "0" if want else "1"
+    jax.config.update("jax_disable_most_optimizations", not want)
+    jax.clear_caches()
+    _optimised[0] = want
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,9 +96,11 @@ def tiny_run(tmp_path_factory):
   import subprocess
   import sys
   workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+  # Compiled with XLA's defaults whatever the test that asks first: test_replay.py (default_xla)
+  # replays its steps bitwise.
   done = subprocess.run([sys.executable, "-m", "jaxdp.cli.main", "train", *TINY_RUN_FLAGS,
                          "--workdir", str(workdir)], capture_output=True, text=True,
-                        env=cli_env(), timeout=600)
+                        env=dict(cli_env(), **{OPT_ENV: "0"}), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   return workdir, done
 

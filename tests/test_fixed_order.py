@@ -30,6 +30,9 @@ from jaxdp.lm.spec import run_spec
 from jaxdp.parallel import CommConfig
 from jaxdp.runtime.metrics import read_metrics
 
+# XLA's default optimisations: bitwise across device counts and process counts (tests/conftest.py).
+pytestmark = pytest.mark.default_xla
+
 STEPS = 20
 ROWS = 16
 DEVICE_COUNTS = (1, 2, 4, 8)

@@ -29,7 +29,8 @@ from jaxdp.lm import load_for_inference, train_and_evaluate
 from jaxdp.runtime.lock import WorkdirLock
 from jaxdp.runtime.metrics import read_metrics
 
-pytestmark = pytest.mark.multiprocess
+# XLA's default optimisations: restarts on fewer processes end bitwise (tests/conftest.py).
+pytestmark = [pytest.mark.multiprocess, pytest.mark.default_xla]
 
 NUM_STEPS = 8
 OVERRIDES = {"num_steps": NUM_STEPS, "checkpoint_every": 2, "eval_every": 0, "log_every": 1,

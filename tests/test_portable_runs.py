@@ -12,6 +12,9 @@ import sys
 import cli_inprocess
 import pytest
 
+# XLA's default optimisations: runs resumed on another shape (tests/conftest.py).
+pytestmark = pytest.mark.default_xla
+
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 TINY = ["--config", "tiny_cpu", "--config.eval_steps=1", "--progress=false", "--cpu_devices", "2"]
 

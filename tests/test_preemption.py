@@ -26,11 +26,12 @@ from jaxdp.lm.config import load_preset
 from jaxdp.runtime.checkpoint import Checkpointer
 from jaxdp.runtime.metrics import read_metrics
 
-pytestmark = pytest.mark.multiprocess
+# XLA's default optimisations: resumes on another process count (tests/conftest.py).
+pytestmark = [pytest.mark.multiprocess, pytest.mark.default_xla]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-           JAX_PLATFORMS="cpu")
+           JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")  # Built at import: see above.
 DECAY = 40  # A fixed learning-rate horizon: num_steps differs between the runs compared.
 EXTRA = 3  # Steps each resumed run trains past the preempted step.
 OVERRIDES = {"log_every": 1, "lr_decay_steps": DECAY, "eval_every": 0, "checkpoint_every": 0}

@@ -24,6 +24,9 @@ from jaxdp.lm.config import load_preset
 from jaxdp.lm.replay import ReplayResult, RowLoss, logged_steps
 from jaxdp.runtime.metrics import read_metrics
 
+# XLA's default optimisations: a step replayed on other devices, bitwise (tests/conftest.py).
+pytestmark = pytest.mark.default_xla
+
 
 def train_lines(workdir):
   return {r["step"]: r for r in read_metrics(workdir) if "train_loss" in r}
