@@ -142,6 +142,46 @@ def test_a_finished_peer_is_not_lost_and_a_failed_one_is_repeated(tmp_path, caps
   assert last.endswith("failed: ValueError: bad batch; stopping process 0 of 2 too. Exiting."), last
 
 
+
+def test_stop_sends_the_last_heartbeat_and_leaves_no_thread_inside_the_client(tmp_path):
+  """A thread still inside a call into JAX's client when the interpreter exits is ended mid-call
+  by CPython, and the client's C++ aborts the process ("FATAL: exception not rethrown"): a
+  finished run once died by SIGABRT that way. stop() returns with the store's thread ended, its
+  last call being the last heartbeat (phase "finished")."""
+
+  class SlowClient:
+    """A store whose every call takes 50 ms, with the calls recorded."""
+
+    def __init__(self):
+      self.calls, self.inside = [], 0
+
+    def _call(self, name, *args):
+      self.inside += 1
+      time.sleep(0.05)
+      self.calls.append((name, *args))
+      self.inside -= 1
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+      self._call("set", key, value)
+
+    def key_value_dir_get(self, key):
+      self._call("dir_get", key)
+      return []
+
+    def blocking_key_value_get(self, key, timeout_ms):
+      return "run"
+
+  client = SlowClient()
+  monitor = heartbeat.Monitor(str(tmp_path), 10.0, index=1, count=2, client=client, beat_s=0.01,
+                              exit=lambda status: None)
+  monitor.start()
+  time.sleep(0.3)  # The store's thread is busy: every beat queues a job.
+  monitor.stop()
+  assert not monitor._kv_thread.is_alive() and client.inside == 0
+  last = client.calls[-1]
+  assert last[0] == "set" and json.loads(last[2])["phase"] == "finished", last
+
+
 def test_a_signal_held_before_the_first_step_stops_the_run_before_training(monkeypatch):
   from test_loop_hooks import context
 

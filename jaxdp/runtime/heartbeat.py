@@ -60,12 +60,13 @@ KEY = "jaxdp/heartbeat/"
 ERROR_KEY = "jaxdp/error/"
 REQUEST_KEY = "jaxdp/hang_request"
 RUN_KEY = "jaxdp/heartbeat_run/"  # + the monitor's ordinal: this run's id, set by process 0.
-DONE_PHASES = ("finished", "failed")
+DONE_PHASES = ("finished", "failed")  # A peer that says so is never judged lost.
 # Words of an error that a lost peer causes (a collective, a barrier or the store failing): such
 # an error waits for the judgement of the peers before it is reported as this process's own.
 COLLECTIVE_FAILURES = ("Gloo", "NCCL", "barrier", "DEADLINE_EXCEEDED", "UNAVAILABLE",
                        "coordination", "Connection reset")
-FAILURE_GRACE_S = 3.0  # Seconds a peer's error waits before this process reports it.  # A peer that says so is never judged lost.
+FAILURE_GRACE_S = 3.0  # Seconds a peer's error waits before this process reports it.
+KV_FINAL_S = 5.0  # How long stop() waits for the last heartbeat to reach the key-value store.
 
 # This process's status, set by the main thread (cheap; read by the monitor's thread).
 _status: dict[str, Any] = {"completed": None, "dispatched": None, "phase": "start-up",
@@ -172,6 +173,7 @@ class Monitor:
     self._kv_thread = threading.Thread(target=self._kv_worker, name="jaxdp-heartbeat-kv",
                                        daemon=True)
     self.failed_error: str | None = None
+    self._final = ""  # The last heartbeat, set by stop() for the store's thread to send.
     # Tells this run's heartbeats, errors and requests from a previous run's left in the workdir.
     self.run_id: str | None = None
     self._failure_seen = 0.0  # When a peer's error was first seen (0: none yet).
@@ -227,15 +229,19 @@ class Monitor:
     is not judged lost when it goes quiet)."""
     global _current
     set_phase(phase, _status["completed"])
+    self._final = json.dumps(self._record())
     self._stop.set()
-    record = self._publish()
-    if self.client is not None:  # The last word reaches the store before this process goes.
-      def last():
-        with contextlib.suppress(Exception):
-          self.client.key_value_set(KEY + str(self.index), json.dumps(record), allow_overwrite=True)
-      final = threading.Thread(target=last, daemon=True)
-      final.start()
-      final.join(timeout=2.0)
+    if self.count > 1:
+      self._write(f"heartbeat-{self.index}.json", self._final)
+    if self.client is not None and self._kv_thread.is_alive():
+      # The last word reaches the store before this process goes, sent by the store's own
+      # thread, which then ends. A thread still inside a call into JAX's client when the
+      # interpreter exits is ended by CPython mid-call (pthread_exit), and the client's C++
+      # then aborts the process ("FATAL: exception not rethrown"): a finished run died by
+      # SIGABRT that way.
+      with contextlib.suppress(queue.Full):
+        self._kv_jobs.put_nowait(None)  # Wakes the thread if it waits for a job.
+      self._kv_thread.join(timeout=KV_FINAL_S)
     if self._wakeup is not None and threading.current_thread() is threading.main_thread():
       with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
@@ -284,6 +290,10 @@ class Monitor:
     judgement (which then names the coordinator)."""
     while True:
       record = self._kv_jobs.get()
+      if self._stop.is_set():  # stop(): send its last heartbeat, then end (see stop).
+        with contextlib.suppress(Exception):
+          self.client.key_value_set(KEY + str(self.index), self._final, allow_overwrite=True)
+        return
       try:
         self.client.key_value_set(KEY + str(self.index), record, allow_overwrite=True)
         results = {"heartbeats": self.client.key_value_dir_get(KEY),
