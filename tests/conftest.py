@@ -32,15 +32,16 @@ from jaxdp.lm.config import load_preset  # noqa: E402
 # The test command gives whole files to two pytest-xdist workers in collection order
 # (--dist loadfile --no-loadscope-reorder). Longest first, so that the two workers end together
 # instead of one running the long few-test files alone at the end (xdist's default order, by
-# number of tests, put them last). Order from `--durations=0` of a 2-worker run (2026-12-07,
+# number of tests, put them last). Order from the junit times of a quiet 2-worker run (2026-12-07,
 # summed per file), longest first; unlisted files follow in their usual order.
 LONGEST_FILES = (
-    "test_docs_run.py", "test_zero.py", "test_models_cli.py", "test_run_behaviour.py",
-    "test_gpu_check.py", "test_multihost.py", "test_launch_restarts.py", "test_measure.py", "test_trustworthy_numbers.py",
-    "test_fault.py", "test_preemption.py", "test_notebooks.py", "test_eval_and_comm_state.py",
-    "test_huggingface.py", "test_qwen_mistral.py", "test_bench.py", "test_packing.py",
-    "test_precision.py", "test_generic_api.py", "test_comm.py", "test_tensor_parallel.py",
-    "test_portable_runs.py", "test_sampling.py", "test_hybrid.py", "test_equivalence.py",
+    "test_docs_run.py", "test_hangs.py", "test_launch_restarts.py", "test_fixed_order.py",
+    "test_gpu_check.py", "test_multihost.py", "test_run_behaviour.py", "test_preemption.py",
+    "test_zero.py", "test_models_cli.py", "test_fault.py", "test_notebooks.py",
+    "test_huggingface.py", "test_eval_and_comm_state.py", "test_trustworthy_numbers.py",
+    "test_measure.py", "test_object_storage.py", "test_qwen_mistral.py", "test_portable_runs.py",
+    "test_resume_logs.py", "test_generic_api.py", "test_precision.py", "test_replay.py",
+    "test_comm.py", "test_run_health.py",
 )
 
 
