@@ -235,19 +235,29 @@ def _two_trains(tmp_path, *flags):
   return started, workdir
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_launch_names_the_frozen_worker_and_keeps_the_others_stacks(tmp_path):
+def _launch_to_first_step(tmp_path):
+  """`jaxdp launch` of two tiny `train` processes (step_timeout_s=TIMEOUT_S), once its first step
+  is logged: (launcher Popen, workdir, launcher log path, the workers' pids as strings)."""
   workdir, log = str(tmp_path / "run"), tmp_path / "launch.out"
   with open(log, "w") as out:
     launcher = subprocess.Popen(
         cli("launch", "--nprocs", "2", "--cpu_devices", "1", "--", *TINY,
             f"--config.step_timeout_s={TIMEOUT_S}", "--workdir", workdir),
         stdout=out, stderr=subprocess.STDOUT, env=ENV)
-  pids = []
   try:
     _wait_for(_first_step(workdir), 300, "the first step", [launcher])
-    pids = log.read_text().split("pids ", 1)[1].split(")", 1)[0].split(", ")
+  except BaseException:
+    _kill([launcher])
+    raise
+  pids = log.read_text().split("pids ", 1)[1].split(")", 1)[0].split(", ")
+  return launcher, workdir, log, pids
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_launch_names_the_frozen_worker_and_keeps_the_others_stacks(tmp_path):
+  launcher, workdir, log, pids = _launch_to_first_step(tmp_path)
+  try:
     # On demand first: every process writes its stacks and the run goes on.
     asked = subprocess.run(cli("stacks", "--workdir", workdir, "--wait_s=60"), capture_output=True,
                            text=True, env=ENV, timeout=120)
@@ -261,8 +271,7 @@ def test_launch_names_the_frozen_worker_and_keeps_the_others_stacks(tmp_path):
     status = launcher.wait(timeout=TIMEOUT_S + 120)
     took = time.monotonic() - frozen
   finally:
-    if pids:
-      _kill([_Pid(int(p)) for p in pids])
+    _kill([_Pid(int(p)) for p in pids])
     _kill([launcher])
   output = log.read_text()
   print(f"launch exited {status} {took:.1f} s after SIGSTOP of process 1")
@@ -343,23 +352,14 @@ def test_a_lost_worker_under_launch_ends_the_run_with_exit_3_naming_it(tmp_path,
   """The launcher's side of the cases above (process 1 frozen: the launch test above; process 1
   killed: tests/test_multihost.py). A killed worker is seen by the launcher first, a frozen one by
   its peer's heartbeat monitor; either way the run ends with the lost process's status, 3."""
-  workdir, log = str(tmp_path / "run"), tmp_path / "launch.out"
-  with open(log, "w") as out:
-    launcher = subprocess.Popen(
-        cli("launch", "--nprocs", "2", "--cpu_devices", "1", "--", *TINY,
-            f"--config.step_timeout_s={TIMEOUT_S}", "--workdir", workdir),
-        stdout=out, stderr=subprocess.STDOUT, env=ENV)
-  pids = []
+  launcher, workdir, log, pids = _launch_to_first_step(tmp_path)
   try:
-    _wait_for(_first_step(workdir), 300, "the first step", [launcher])
-    pids = log.read_text().split("pids ", 1)[1].split(")", 1)[0].split(", ")
     os.kill(int(pids[victim]), sig)
     lost = time.monotonic()
     status = launcher.wait(timeout=TIMEOUT_S + 120)
     took = time.monotonic() - lost
   finally:
-    if pids:
-      _kill([_Pid(int(p)) for p in pids])
+    _kill([_Pid(int(p)) for p in pids])
     _kill([launcher])
   output = log.read_text()
   print(f"launch exited {status} {took:.1f} s after {sig.name} of process {victim}")
