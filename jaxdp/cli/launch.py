@@ -16,7 +16,9 @@ COMMAND = c.Command(
         "\"[i] \", and stops them all when one fails. With --max_restarts R, a failed run "
         "starts again from its last checkpoint, up to R times; with --min_nprocs M, a restart "
         "after an attempt that saved no new checkpoint uses one process fewer, down to M (the "
-        "global batch stays the config's). Its own flags come before `--`."),
+        "global batch stays the config's). Exits with the failed process's status, or 3 when "
+        "a process was lost (killed or crashed by a signal), as its peers would without the "
+        "launcher. Its own flags come before `--`."),
     trailer="-- train [train flags]", passthrough=True,
     no_config_hint="give train's flags after `--`: `jaxdp launch --nprocs 2 -- train --config ...`",
     flags=(
