@@ -135,3 +135,54 @@ def test_compare_torch_refuses_a_model_the_reference_does_not_implement(bench):
                                       "--config.model.positions=learned"])
   with pytest.raises(JaxdpError, match="--compare torch: .*positions"):
     bench.run_compare(args, overrides)
+
+
+def test_profile_categories_name_each_kernel_of_a_compiled_program():
+  """Each instruction of a compiled program gets the category of what it computes: a fusion
+  holding a dot is a matmul, a sum a reduction, tanh elementwise, the psum a collective."""
+  import sys
+  sys.path.insert(0, os.path.dirname(BENCH))
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  import profile_step
+
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+
+  def local(x, w):
+    h = jnp.tanh(x @ w)  # [4, 8]
+    return jax.lax.psum(jnp.sum(h, axis=1), "data")  # [4]
+
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))
+  x = jax.device_put(jnp.ones((8, 8)), jax.NamedSharding(mesh, P("data")))
+  w = jax.device_put(jnp.ones((8, 8)), jax.NamedSharding(mesh, P()))
+  text = f.lower(x, w).compile().as_text()
+  kinds = profile_step.categories(text)
+  entry = text[text.index("ENTRY"):]
+  top = [line.split("=")[0].strip().removeprefix("ROOT ").lstrip("%")
+         for line in entry.splitlines()[1:] if " = " in line]
+  found = {kinds[name] for name in top}
+  assert {"matmul", "collective", "reduction"} <= found, {n: kinds[n] for n in top}
+  assert all(kinds[n] == "collective" for n in top if "all-reduce" in n)
+  assert all(kinds[n] != "matmul" for n in top if n.startswith(("param", "constant")))
+
+
+def test_profile_reports_both_sides_with_every_traced_kernel_categorised(bench, tmp_path):
+  """--profile traces jaxdp's step (jax.profiler) and the reference's (torch.profiler): every
+  kernel in jaxdp's trace is an instruction of the compiled step (nothing uncategorised), each
+  side's shares sum to 1, and the step runs at least its forward and weight-gradient matmuls
+  (two per dot of the forward: 6 per block and the tied head)."""
+  out = tmp_path / "profile.json"
+  assert bench.main(["--profile", "--steps", "2", "--devices", "2", "--config.model.n_layer=1",
+                     "--config.model.d_model=32", "--config.model.n_head=2",
+                     "--config.seq_len=16", "--out", str(out)]) == 0
+  import json
+  report = json.loads(out.read_text())
+  assert report["jaxdp"]["uncategorised_ms_per_step"] == 0.0
+  assert report["jaxdp"]["devices"] == 2
+  for side in ("jaxdp", "torch"):
+    cats = report[side]["categories"]
+    assert abs(sum(c["share"] for c in cats.values()) - 1.0) < 1e-9, cats
+    assert cats["matmul"]["ms_per_step"] > 0 and report[side]["untraced_step_ms"] > 0
+  assert report["jaxdp"]["categories"]["matmul"]["kernels_per_step"] >= 2 * (6 * 1 + 1)
+  assert report["jaxdp"]["categories"]["collective"]["kernels_per_step"] >= 1  # The gradient all-reduce.

@@ -7,6 +7,7 @@
                         [--loader_seq_len 1024] [--step_tokens_per_sec R] [--steps N]
   python tools/bench.py --generate 256 [--prompt_len 16] [--config ...] [--out FILE]
   python tools/bench.py --reduction_cost [--config PRESET] [--steps N] [--out FILE]
+  python tools/bench.py --profile [--steps 20] [--devices N] [--config.FIELD=VALUE ...] [--out FILE]
   python tools/bench.py --compare torch [--steps 2000] [--round_steps 100] [--target_loss L]
                         [--devices N] [--torch_compile auto|on|off] [--config.FIELD=VALUE ...]
 
@@ -40,6 +41,11 @@ Every figure is a measurement of this run (ratios compare numbers taken in the s
                                    interleaved rounds on the same threads: tokens/s of each,
                                    ratio_vs_torch, losses, time and tokens to a target eval loss,
                                    time_to_target_ratio_vs_torch (tools/compare_torch.py).
+  --profile                        instead: where one step of the --compare baby config goes,
+                                   jaxdp traced by jax.profiler (per device, kernels grouped by
+                                   their HLO instruction: matmul, elementwise, reduction,
+                                   collective, sync wait) beside the PyTorch reference's operators
+                                   under torch.profiler (tools/profile_step.py).
   --reduction_cost                 instead: config.reduction="fixed_order" against the default
                                    all-reduce on 2, 4 and 8 devices (capped at the devices there
                                    are): bytes each device sends per step, from the compiled step's
@@ -95,6 +101,8 @@ def parse_args(argv):
                       help="--compare: eval loss target (default: the higher final eval loss of the two)")
   parser.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                       help="--compare: torch.compile the reference (auto: on GPU only)")
+  parser.add_argument("--profile", action="store_true",
+                      help="profile the --compare baby config's step, jaxdp beside PyTorch")
   parser.add_argument("--reduction_cost", action="store_true",
                       help="bytes/step and step time: reduction=fixed_order vs the default")
   args, rest = parser.parse_known_args(argv)
@@ -547,9 +555,9 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def run_compare(args, overrides) -> dict:
-  """--compare torch: the baby config (BABY, then --config.FIELD overrides) through
-  tools/compare_torch.py on `--devices` devices (default: one per core on CPU, every GPU)."""
+def _baby(args, overrides):
+  """(config, devices) of --compare and --profile: the baby config (compare_torch.BABY, then
+  --config.FIELD overrides) on `--devices` devices (default: one per core on CPU, every GPU)."""
   import compare_torch
   import jax
 
@@ -558,19 +566,29 @@ def run_compare(args, overrides) -> dict:
   config = load_preset(args.config)
   apply_overrides(config, {k: repr(v) for k, v in compare_torch.BABY.items()})
   apply_overrides(config, overrides)
-  if args.steps:
-    config.num_steps = args.steps
   devices = jax.devices()
   n = args.devices or (min(os.cpu_count() or 1, len(devices)) if devices[0].platform == "cpu"
                        else len(devices))
   if n > len(devices) or config.global_batch_size % n:
     raise JaxdpError(f"--devices {n}: need at most {len(devices)} devices, dividing "
                      f"global_batch_size {config.global_batch_size}; pick another --devices")
+  return config, devices[:n]
+
+
+def run_compare(args, overrides) -> dict:
+  """--compare torch: the baby config (BABY, then --config.FIELD overrides) through
+  tools/compare_torch.py on `--devices` devices (default: one per core on CPU, every GPU)."""
+  import compare_torch
+
+  from jaxdp.errors import JaxdpError
+  config, devices = _baby(args, overrides)
+  if args.steps:
+    config.num_steps = args.steps
   if args.round_steps < 1 or args.compare_eval_every < 1:
     raise JaxdpError("--round_steps and --compare_eval_every must be >= 1")
   compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
   try:
-    report = compare_torch.compare(config, devices[:n], round_steps=args.round_steps,
+    report = compare_torch.compare(config, devices, round_steps=args.round_steps,
                                    eval_every=args.compare_eval_every, target_loss=args.target_loss,
                                    torch_compile=compile_flag)
   except ValueError as e:
@@ -578,6 +596,19 @@ def run_compare(args, overrides) -> dict:
   return {"compare_torch": report, "host_cores": os.cpu_count(), "platform": devices[0].platform,
           "ratio_vs_torch": report["ratio_vs_torch"],
           "time_to_target_ratio_vs_torch": report["time_to_target_ratio_vs_torch"]}
+
+
+def run_profile(args, overrides) -> dict:
+  """--profile: the baby config (as --compare) profiled on both sides (tools/profile_step.py),
+  `--steps` (default 20) steps each after as many warm-up steps."""
+  import jax
+  import profile_step
+
+  config, devices = _baby(args, overrides)
+  report = profile_step.profile(config, devices, args.steps or 20)
+  return {"profile": report, **{k: report[k] for k in ("jaxdp", "torch")},
+          "host_cores": os.cpu_count(), "platform": devices[0].platform,
+          "device_kind": devices[0].device_kind, "jax_version": jax.__version__}
 
 
 def reduction_cost(args, overrides) -> dict:
@@ -653,6 +684,14 @@ def main(argv=None) -> int:
     if args.reduction_cost:
       report = reduction_cost(args, overrides)
       print(json.dumps(report, indent=1))
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(report, f, indent=1)
+      return 0
+    if args.profile:
+      import profile_step
+      report = run_profile(args, overrides)
+      print(profile_step.table(report))
       if args.out:
         with open(args.out, "w") as f:
           json.dump(report, f, indent=1)
