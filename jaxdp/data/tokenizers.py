@@ -76,9 +76,13 @@ class HFTokenizer:
   def __init__(self, tokenizer, name: str = "hf"):
     self._tokenizer = tokenizer
     self.name = name
+    # Whether the file had no end-of-text token of its own, so that jaxdp added one (a new id).
+    self.added_end_of_text = not any(tokenizer.token_to_id(n) is not None for n in EOT_NAMES)
     self.end_of_text = _end_of_text_id(tokenizer)
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not a boundary.
-    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    # The rows a model needs: one past the largest id (an id list with a gap still needs a row
+    # for its last id, which a count of the tokens would miss).
+    self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
   @property
   def backend(self):
@@ -190,7 +194,12 @@ def train_bpe(documents: Iterable[str], vocab_size: int, length: int | None = No
 
 def from_spec(spec: str):
   """The tokenizer `--tokenizer` names: "byte", or a path to a tokenizer.json (or a folder holding
-  one) or a .tiktoken file. ("bpe", trained on the data, is handled by `prepare`.)"""
+  one) or a .tiktoken file. ("bpe", trained on the data, is handled by `prepare`.)
+
+  A tokenizer.json that is the byte alphabet alone (what `jaxdp export` wrote for a byte run
+  before it declared end-of-text) is the byte tokenizer: read as itself it would lack an
+  end-of-text id, and the one added would be a 257th id that the exported model has no row for.
+  """
   if spec == "byte":
     return ByteTokenizer()
   if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, TOKENIZER_FILE)):
@@ -200,7 +209,56 @@ def from_spec(spec: str):
                      "folder holding one) or a .tiktoken file; check the path")
   if spec.endswith(".tiktoken"):
     return TiktokenTokenizer(spec)
-  return HFTokenizer.from_file(spec)
+  tokenizer = HFTokenizer.from_file(spec)
+  if tokenizer.added_end_of_text and tokenizer.vocab_size == 257:  # The file is read only then.
+    with open(spec, encoding="utf-8") as f:
+      if is_byte_alphabet(json.load(f)):
+        return ByteTokenizer()
+  return tokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable character table (openai/gpt-2, encoder.py), which
+  byte-level BPE (`tokenizers`' ByteLevel) spells its byte tokens with."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+               + list(range(ord("®"), ord("ÿ") + 1)))
+  chars, n = printable[:], 0
+  for b in range(256):
+    if b not in printable:
+      printable.append(b)
+      chars.append(256 + n)
+      n += 1
+  return dict(zip(printable, map(chr, chars)))
+
+
+def byte_level_tokenizer():
+  """ByteTokenizer as a `tokenizers.Tokenizer` (what `jaxdp export` writes for a byte run): a
+  byte-level BPE with no merges whose id b is the byte b, except id 255, which is END_OF_TEXT
+  (special). Byte 0xFF never occurs in UTF-8, so no text loses a token; transformers and
+  `jaxdp prepare --tokenizer` then read the same 256 ids, end-of-text included, as the model's
+  256 rows."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  table = bytes_to_unicode()
+  assert set(table.values()) == set(pre_tokenizers.ByteLevel.alphabet()), "GPT-2's byte table"
+  vocab = {table[b]: b for b in range(ByteTokenizer.end_of_text)}
+  vocab[END_OF_TEXT] = ByteTokenizer.end_of_text
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  # use_regex=False: no word splitting, every byte is its own piece (no merges anyway).
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
+  return tok
+
+
+def is_byte_alphabet(spec: dict) -> bool:
+  """True when the tokenizer.json `spec` (parsed) gives ByteTokenizer's ids for every text: a
+  byte-level BPE of the 256 byte tokens alone (id b is byte b), with no normalizer and no added
+  tokens (so no merge, no rewriting of the text, no id past 255)."""
+  model = spec.get("model") or {}
+  table = bytes_to_unicode()
+  return (model.get("type") == "BPE" and not spec.get("normalizer") and not spec.get("added_tokens")
+          and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel"
+          and model.get("vocab") == {table[b]: b for b in range(256)})
 
 
 def save(tokenizer, folder: str) -> str:

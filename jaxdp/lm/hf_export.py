@@ -19,13 +19,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jaxdp.data import tokenizers as toks
 from jaxdp.data.prepare import TOKENIZER_FILE, WORKDIR_TOKENIZER
 from jaxdp.errors import JaxdpError, atomic_write, os_reason, writing
 from jaxdp.lm.hf_import import WEIGHTS, WEIGHTS_INDEX, safetensors_module
 from jaxdp.models import hf
 from jaxdp.models.common import ModelConfig
 
-END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT = toks.END_OF_TEXT
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}  # --dtype: the tensors' type.
 MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default before 5.x: one file below it.
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -108,7 +109,7 @@ def export(workdir: str, out: str, step: int | None = None, *,
   cfg: ModelConfig = module.cfg
   tensors = hf.to_hf(params, cfg)  # Refuses an architecture transformers lacks, before writing.
   tensors = {name: value.astype(DTYPES[dtype]) for name, value in tensors.items()}
-  tokenizer_json, eos = _tokenizer_json(workdir, tokenizer)
+  tokenizer_json, eos, eos_token = _tokenizer_json(workdir, tokenizer, hf.exported_vocab(cfg))
   config = {**hf.hf_config(cfg, eos_token_id=eos), "dtype": dtype, "torch_dtype": dtype}
   # Each file is written under a temporary name and renamed; config.json (what transformers
   # loads first) is removed first and written last, so an export stopped halfway (a full disk)
@@ -122,7 +123,7 @@ def export(workdir: str, out: str, step: int | None = None, *,
       for stale in set(_weights_files(out)) - set(weights):  # Of an earlier export (checked above).
         os.remove(os.path.join(out, stale))
       atomic_write(os.path.join(out, TOKENIZER_FILE), tokenizer_json, "export: writing")
-      special = {"eos_token": END_OF_TEXT, "bos_token": END_OF_TEXT} if eos is not None else {}
+      special = {"eos_token": eos_token, "bos_token": eos_token} if eos is not None else {}
       _write_json(os.path.join(out, "tokenizer_config.json"),
                   {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.seq_len,
                    "clean_up_tokenization_spaces": False, "add_prefix_space": False, **special})
@@ -214,49 +215,40 @@ def _remove_export(out: str) -> None:
         os.remove(os.path.join(out, name))
 
 
-def _tokenizer_json(workdir: str, tokenizer) -> tuple[str, int | None]:
-  """(the text of a tokenizer.json equal to the run's tokenizer, its end-of-text id or None).
+def _tokenizer_json(workdir: str, tokenizer, rows: int) -> tuple[str, int | None, str | None]:
+  """(the text of a tokenizer.json equal to the run's tokenizer, its end-of-text id, that
+  token's text), for a model of `rows` ids.
 
   A BPE (or any `tokenizers`) tokenizer is the run's own tokenizer.json, copied; the byte
-  tokenizer is written as a byte-level BPE with no merges whose id b is the byte b, so
-  transformers' tokenizers give the same ids and decode the same bytes.
+  tokenizer is written as a byte-level BPE with no merges whose id b is the byte b and whose id
+  255 (never a byte of UTF-8) is end-of-text, as in jaxdp (`tokenizers.byte_level_tokenizer`).
+
+  Raises:
+    JaxdpError: no tokenizer.json form, or one with an id the model has no row for (what
+      `jaxdp prepare --tokenizer OUT/tokenizer.json` and transformers would then produce).
   """
   saved = os.path.join(workdir, WORKDIR_TOKENIZER, TOKENIZER_FILE)
   if os.path.exists(saved):
     with open(saved) as f:
       text = f.read()
-    vocab = json.loads(text).get("added_tokens", [])
-    eos = next((t["id"] for t in vocab if t.get("content") == END_OF_TEXT), None)
-    return text, eos
-  if getattr(tokenizer, "name", None) == "byte" or tokenizer.vocab_size == 256:
-    return byte_tokenizer().to_str(), None
-  raise JaxdpError(f"the run's tokenizer ({type(tokenizer).__name__}) has no tokenizer.json "
-                   f"in {os.path.join(workdir, WORKDIR_TOKENIZER)!r} to export")
+  elif getattr(tokenizer, "name", None) == "byte" or tokenizer.vocab_size == 256:
+    text = toks.byte_level_tokenizer().to_str()
+  else:
+    raise JaxdpError(f"the run's tokenizer ({type(tokenizer).__name__}) has no tokenizer.json "
+                     f"in {os.path.join(workdir, WORKDIR_TOKENIZER)!r} to export")
+  from tokenizers import Tokenizer
+  # Read back as `jaxdp prepare --tokenizer` reads it: every id it can give must be a row.
+  backend = Tokenizer.from_str(text)
+  has_eot = any(backend.token_to_id(name) is not None for name in toks.EOT_NAMES)
+  read = toks.HFTokenizer(backend)
+  if read.vocab_size > rows:
+    raise JaxdpError(f"the run's tokenizer reads back with {read.vocab_size} ids, but its model has "
+                     f"{rows} rows; export would write a tokenizer whose ids the model lacks")
+  if not has_eot:  # The end-of-text id jaxdp added when reading is not in the file.
+    return text, None, None
+  return text, read.end_of_text, backend.id_to_token(read.end_of_text)
 
 
 def byte_tokenizer():
-  """jaxdp's byte tokenizer as a `tokenizers.Tokenizer`: ids 0..255 are the bytes 0..255."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  # ByteLevel's printable stand-in for each byte (GPT-2's bytes_to_unicode), in byte order.
-  alphabet = {ch: ord(ch) for ch in pre_tokenizers.ByteLevel.alphabet()}
-  table = _bytes_to_unicode()
-  vocab = {table[b]: b for b in range(256)}
-  assert set(vocab) == set(alphabet), "ByteLevel's alphabet is GPT-2's byte table"
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  # use_regex=False: no word splitting, every byte is its own piece (no merges anyway).
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  tok.decoder = decoders.ByteLevel()
-  return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-  """GPT-2's reversible byte -> printable character table (openai/gpt-2, encoder.py)."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
-  chars, n = printable[:], 0
-  for b in range(256):
-    if b not in printable:
-      printable.append(b)
-      chars.append(256 + n)
-      n += 1
-  return dict(zip(printable, map(chr, chars)))
+  """jaxdp's byte tokenizer as a `tokenizers.Tokenizer` (see tokenizers.byte_level_tokenizer)."""
+  return toks.byte_level_tokenizer()

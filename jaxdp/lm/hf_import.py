@@ -104,14 +104,31 @@ def load_params(init_from: str, cfg: ModelConfig) -> dict:
   directory = checkpoint_dir(init_from)
   where = f"config.init_from={init_from!r}"
   hf_cfg = read_config(directory)
-  hf.check_hf_config(hf_cfg, cfg, where)
+  # The checkpoint's tokenizer is read only when the rows differ from the run's (its ids then
+  # decide between padded embeddings and another tokenizer, and name the fix).
+  tokenizer = (checkpoint_tokenizer(directory) if hf_cfg.get("vocab_size")
+               not in (cfg.vocab_size, cfg.valid_vocab_size or cfg.vocab_size) else None)
+  hf.check_hf_config(hf_cfg, cfg, where, tokenizer)
   tensors = hf.canonical_names(read_tensors(directory), cfg.family)
   return hf.from_hf(tensors, cfg, where)
 
 
+def checkpoint_tokenizer(directory: str) -> hf.CheckpointTokenizer:
+  """The tokenizer.json of the checkpoint in `directory` as `jaxdp prepare --tokenizer` reads
+  it: its ids (the rows a model needs) and whether jaxdp adds the end-of-text id."""
+  from jaxdp.data import tokenizers
+  path = os.path.join(directory, tokenizers.TOKENIZER_FILE)
+  if not os.path.isfile(path):
+    return hf.CheckpointTokenizer(directory, None)
+  tokenizer = tokenizers.from_spec(path)
+  return hf.CheckpointTokenizer(directory, path, tokenizer.vocab_size,
+                                bool(getattr(tokenizer, "added_end_of_text", False)))
+
 
 def position_note(init_from: str, cfg: ModelConfig) -> str:
-  """The start banner's note on positions of config.init_from beyond config.seq_len ("" if
-  none; models.hf.position_note)."""
-  return hf.position_note(read_config(checkpoint_dir(init_from)), cfg,
-                          f"config.init_from={init_from!r}")
+  """The start banner's notes on what the run leaves of config.init_from ("" if nothing): its
+  positions beyond config.seq_len (models.hf.position_note) and its rows beyond the run's
+  vocabulary (models.hf.vocab_note), one line each."""
+  hf_cfg, where = read_config(checkpoint_dir(init_from)), f"config.init_from={init_from!r}"
+  return "\n".join(note for note in (hf.position_note(hf_cfg, cfg, where),
+                                     hf.vocab_note(hf_cfg, cfg, where)) if note)

@@ -29,6 +29,9 @@ modeling_llama.py, and jaxdp's gpt.py, llama.py, common.py):
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shlex
 from typing import Any
 
 import numpy as np
@@ -400,27 +403,16 @@ def _sliding_window(hf: dict, kind: str) -> int:
                    "sliding_window applies to every layer")
 
 
-def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
+def check_hf_config(hf: dict, cfg: ModelConfig, where: str,
+                    tokenizer: CheckpointTokenizer | None = None) -> None:
   """Raises a one-line JaxdpError naming the first jaxdp field that differs from the checkpoint
-  at `where` (its config.json is `hf`) and the value to set."""
+  at `where` (its config.json is `hf`) and the value to set. `tokenizer`: the checkpoint's own,
+  for the vocabulary (see `check_vocab`)."""
   family, fields = hf_fields(hf)
   if cfg.family != family:
     raise JaxdpError(f"config.model.family={cfg.family!r} but {where} is {hf.get('model_type')}; "
                      f"set --config.model.family={family}")
-  padded_from = (cfg.valid_vocab_size if cfg.valid_vocab_size
-                 and cfg.valid_vocab_size < cfg.vocab_size else None)
-  if hf.get("vocab_size") != cfg.vocab_size and hf.get("vocab_size") != padded_from:
-    tokens = cfg.valid_vocab_size or cfg.vocab_size
-    hf_vocab = hf.get("vocab_size")
-    multiple = next((m for m in (64, 128, 256, 8, 16, 32) if isinstance(hf_vocab, int)
-                     and hf_vocab > tokens and -(-tokens // m) * m == hf_vocab), None)
-    if multiple:  # What a run with model.pad_vocab_to_multiple exports.
-      raise JaxdpError(f"{where} has vocab_size={hf_vocab}, the run's {tokens}-id tokenizer padded "
-                       f"to a multiple of {multiple} (this run's model has {cfg.vocab_size}); set "
-                       f"--config.model.pad_vocab_to_multiple={multiple}")
-    raise JaxdpError(f"the run's tokenizer has {tokens} ids but {where} has vocab_size="
-                     f"{hf_vocab}; prepare the data with the checkpoint's tokenizer "
-                     "(`jaxdp prepare --tokenizer DIR/tokenizer.json`) so the ids mean the same")
+  check_vocab(hf, cfg, where, tokenizer)
   have: dict[str, Any] = {
       "model.n_layer": cfg.n_layer, "model.n_head": cfg.n_head, "model.d_model": cfg.d_model,
       "model.n_kv_head": 0 if cfg.kv_heads == cfg.n_head else cfg.kv_heads,
@@ -460,6 +452,92 @@ def check_hf_config(hf: dict, cfg: ModelConfig, where: str) -> None:
     raise JaxdpError(f"{ours} gives an MLP of {model_mlp(cfg)} but {where} has "
                      f"{'n_inner' if family == 'gpt' else 'intermediate_size'}={width}; "
                      f"set {_mlp_fix(cfg, width)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointTokenizer:
+  """A checkpoint's own tokenizer as `jaxdp prepare --tokenizer` reads it (jaxdp.lm.hf_import
+  reads it; `check_vocab` compares it with the run's and names it in its advice)."""
+
+  directory: str  # The checkpoint's directory, as config.init_from gives it.
+  path: str | None  # Its tokenizer.json; None when it has none.
+  ids: int = 0  # Ids (rows needed) of the tokenizer that `jaxdp prepare --tokenizer path` uses.
+  added_end_of_text: bool = False  # The file has no end-of-text token: jaxdp added one (an id).
+
+
+def check_vocab(hf: dict, cfg: ModelConfig, where: str,
+                tokenizer: CheckpointTokenizer | None = None) -> None:
+  """Refuses a checkpoint whose rows do not cover the run's tokenizer, with advice that works.
+
+  Accepted: the checkpoint's vocab_size is the run's rows or the run's tokenizer's ids (a jaxdp
+  export of a padded run), or exceeds the run's ids when the checkpoint's own tokenizer has as
+  many ids as the run's (padded embeddings, normal in Hugging Face checkpoints: rows no id of the
+  tokenizer reaches; `from_hf` fits them to the run's rows). `tokenizer` None: not looked at.
+
+  Raises:
+    JaxdpError: one line naming both counts and the command(s) that make them agree: prepare the
+      data with the checkpoint's tokenizer (its real path), or, when that tokenizer itself has
+      ids past the checkpoint's rows, give the model a row for each (transformers'
+      resize_token_embeddings) and start from that copy.
+  """
+  tokens = cfg.valid_vocab_size or cfg.vocab_size
+  rows = hf.get("vocab_size")
+  if rows in (cfg.vocab_size, tokens):
+    return
+  if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+    raise JaxdpError(f"{where}'s config.json has vocab_size={rows!r}, not a number of rows; it "
+                     "is not a causal language model checkpoint jaxdp can import")
+  theirs = tokenizer.ids if tokenizer is not None and tokenizer.path is not None else None
+  if tokens < rows and theirs == tokens:
+    return
+  head = f"the run's tokenizer has {tokens} ids but {where} has vocab_size={rows}"
+  multiple = next((m for m in (64, 128, 256, 8, 16, 32)
+                   if rows > tokens and -(-tokens // m) * m == rows), None)
+  if multiple and theirs is None:  # What a run with model.pad_vocab_to_multiple exports.
+    raise JaxdpError(f"{where} has vocab_size={rows}, the run's {tokens}-id tokenizer padded "
+                     f"to a multiple of {multiple} (this run's model has {cfg.vocab_size}); set "
+                     f"--config.model.pad_vocab_to_multiple={multiple}")
+  prepare = "`jaxdp prepare YOUR_FILES --out NEW_DATA --tokenizer {}`"
+  data = " --config.data.path=NEW_DATA"
+  if tokenizer is None:
+    raise JaxdpError(f"{head}; prepare the data with the checkpoint's tokenizer "
+                     f"({prepare.format('CHECKPOINT/tokenizer.json')}) and train with{data}, so "
+                     "the ids mean the same")
+  path = os.path.join(tokenizer.directory, "tokenizer.json")
+  if tokenizer.path is None:
+    raise JaxdpError(f"{head}; prepare the data with the checkpoint's tokenizer: "
+                     f"{tokenizer.directory!r} has no tokenizer.json, so copy there the one it was "
+                     f"trained with, then {prepare.format(shlex.quote(path))} and train with{data}")
+  assert theirs is not None
+  if theirs <= rows:  # Its tokenizer fits its rows: the run's data used another.
+    raise JaxdpError(f"{head}; prepare the data with the checkpoint's own tokenizer ({theirs} "
+                     f"ids): {prepare.format(shlex.quote(tokenizer.path))}, then train with{data}")
+  why = " (it has no end-of-text token, so jaxdp adds one)" if tokenizer.added_end_of_text else ""
+  grown = f"{tokenizer.directory.rstrip(os.sep)}-{theirs}rows"
+  # The copy keeps the tokenizer, whose ids its rows now cover.
+  code = (f"import shutil, transformers as t; m = t.AutoModelForCausalLM.from_pretrained("
+          f"{json.dumps(tokenizer.directory)}); m.resize_token_embeddings({theirs}); "
+          f"m.save_pretrained({json.dumps(grown)}); shutil.copy({json.dumps(tokenizer.path)}, "
+          f"{json.dumps(grown)})")
+  then = ("" if tokens == theirs else
+          f"prepare the data with its tokenizer, {prepare.format(shlex.quote(tokenizer.path))}, and ")
+  raise JaxdpError(f"{head}, and its own tokenizer {tokenizer.path!r} has {theirs} ids as jaxdp "
+                   f"reads it{why}, {theirs - rows} past its rows; give the model a row for each "
+                   f"id (`python -c {shlex.quote(code)}`), then {then}train with "
+                   f"{shlex.quote('--config.init_from=hf:' + grown)}" + (data if then else ""))
+
+
+def vocab_note(hf: dict, cfg: ModelConfig, where: str) -> str:
+  """What an import does to a checkpoint's rows past the run's ("" if none): padded embeddings
+  of more rows than the run's model keep the run's first rows (no token id reaches the others);
+  an export then declares the tokenizer's ids."""
+  rows, tokens = hf.get("vocab_size"), cfg.valid_vocab_size or cfg.vocab_size
+  if not isinstance(rows, int) or rows <= cfg.vocab_size:
+    return ""
+  return (f"jaxdp: note: {where} has vocab_size={rows}, {rows - tokens} rows past the run's "
+          f"{tokens}-id tokenizer, which no id reaches; this run keeps its first {cfg.vocab_size} "
+          f"(the other {rows - cfg.vocab_size} are dropped, and an export has vocab_size={tokens}); "
+          f"set --config.model.pad_vocab_to_multiple={rows} to keep them all")
 
 
 def model_mlp(cfg: ModelConfig) -> int:
@@ -529,17 +607,20 @@ def canonical_names(tensors: dict[str, Any], family: str) -> dict[str, Any]:
   return out
 
 
-def _padded_vocab(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-  """`tensors` with the embedding and head rows of a checkpoint of exactly the tokenizer's ids
-  padded with zero rows to cfg.vocab_size (a run with model.pad_vocab_to_multiple)."""
-  valid = cfg.valid_vocab_size
-  if not valid or valid >= cfg.vocab_size:
-    return tensors
+def _fitted_vocab(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+  """`tensors` with the embedding and head rows fitted to cfg.vocab_size: a checkpoint of
+  exactly the tokenizer's ids padded with zero rows (a run with model.pad_vocab_to_multiple),
+  padded embeddings past them cut (rows no id of the tokenizer reaches; `check_vocab` decides
+  which checkpoints may). Rows fewer than the tokenizer's ids are left for the shape check."""
+  valid = cfg.valid_vocab_size or cfg.vocab_size
   out = dict(tensors)
   for name in ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight"):
-    if name in out and np.shape(out[name])[0] == valid:
-      rows = _np(out[name])
-      out[name] = np.concatenate([rows, np.zeros((cfg.vocab_size - valid,) + rows.shape[1:],
+    if name not in out or np.ndim(out[name]) != 2:
+      continue
+    have = np.shape(out[name])[0]
+    if have != cfg.vocab_size and have >= valid:
+      rows = _np(out[name])[:cfg.vocab_size]
+      out[name] = np.concatenate([rows, np.zeros((cfg.vocab_size - len(rows),) + rows.shape[1:],
                                                  np.float32)])
   return out
 
@@ -575,7 +656,8 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
   buffer checked against what the model computes (GPT-2's causal mask, the rotary inverse
   frequencies); anything else is refused by name. A checkpoint of the tokenizer's vocabulary
   loads into a run that pads it (model.pad_vocab_to_multiple): its padding rows are zeros, whose
-  logits the model masks anyway.
+  logits the model masks anyway; a checkpoint with rows past the tokenizer's ids (padded
+  embeddings) keeps the run's first cfg.vocab_size.
 
   Raises:
     JaxdpError: a missing, unexpected or misshapen tensor, named with both shapes; a second head
@@ -583,7 +665,7 @@ def from_hf(tensors: dict[str, Any], cfg: ModelConfig, where: str) -> dict:
   """
   buffers = {name: tensors[name] for name in tensors if name.endswith(BUFFERS)}
   _check_buffers(buffers, cfg, where)
-  tensors = _padded_vocab({n: v for n, v in tensors.items() if n not in buffers}, cfg)
+  tensors = _fitted_vocab({n: v for n, v in tensors.items() if n not in buffers}, cfg)
   shapes = expected_shapes(cfg)
   for name, shape in shapes.items():
     if name not in tensors:
