@@ -1,8 +1,10 @@
 """Checkpoints in S3 (config.checkpoint_dir=s3://...), against a real S3-compatible server
 (moto_server) started here on 127.0.0.1: resume after SIGKILL bitwise; a damaged object (flipped,
-deleted, truncated) falls back to the earlier step with the warning; a missing, read-only or
-write-only bucket is one line before anything is written; a prefix belongs to one workdir;
-credentials from the environment, a profile file or an instance role, without stderr noise.
+deleted, truncated) falls back to the earlier step with the warning, while a read the bucket
+refuses or cannot serve (credentials, an unreachable endpoint) is one line that moves nothing; a
+missing, read-only or write-only bucket is one line before anything is written; a prefix belongs
+to one workdir; credentials from the environment, a profile file or an instance role, without
+stderr noise.
 """
 
 import contextlib
@@ -196,6 +198,105 @@ def test_a_damaged_object_falls_back_to_the_earlier_step_with_the_warning(s3, tm
   # Set aside in the run's own namespace PREFIX.invalid/, not in a folder sibling runs share.
   assert keys("fallback.invalid/4/") and not keys("checkpoints.invalid/")
   assert [r["step"] for r in read_metrics(workdir) if r.get("event") == "resume"] == [2]
+
+
+def iam_checks(endpoint, on):
+  """Switches moto_server's IAM checks (signatures, policies) on or off for the later requests."""
+  request = urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0" if on else b"inf",
+                                   headers={"Content-Type": "text/plain"})
+  urllib.request.urlopen(request, timeout=10)
+
+
+def tiny_state():
+  import jax.numpy as jnp
+  state = {"w": jnp.arange(8, dtype=jnp.float32)}
+  return state, {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=state["w"].sharding)}
+
+
+def test_a_read_the_credentials_may_not_make_leaves_the_step_in_place(tmp_path, monkeypatch):
+  """Credentials that may list and write the bucket but not read its objects (an IAM policy
+  without s3:GetObject) are not damage: the resume stops in one line naming the step, its
+  directory and the fix, leaves every object of both steps where it is (nothing under
+  PREFIX.invalid/) and falls back to no older step."""
+  from jaxdp.runtime.loop import RunRecord, restore
+  state, abstract = tiny_state()
+  with moto_server() as endpoint:
+    client = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "x",
+              "aws_secret_access_key": "x"}
+    admin, iam = boto3.client("s3", **client), boto3.client("iam", **client)
+    admin.create_bucket(Bucket="guarded")
+    iam.create_user(UserName="lister")
+    actions = ["s3:ListBucket", "s3:PutObject", "s3:DeleteObject"]  # No s3:GetObject.
+    policy = {"Version": "2012-10-17",
+              "Statement": [{"Effect": "Allow", "Resource": "*", "Action": actions}]}
+    iam.put_user_policy(UserName="lister", PolicyName="p", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="lister")["AccessKey"]
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", key["AccessKeyId"]),
+                        ("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])):
+      monkeypatch.setenv(name, value)
+    fresh_clients()
+    try:
+      # Saved and listed before the checks are on: moto_server refuses the signature of any
+      # request whose query holds a "/" (a listing of run/), however it is signed; the reads
+      # (a GET or HEAD of a key) are checked against the policy.
+      ckpt = Checkpointer(str(tmp_path / "run"), directory="s3://guarded/run")
+      for step in 1, 2:
+        ckpt.save(step, state, {})
+        ckpt.wait()
+      saved = [o["Key"] for o in admin.list_objects_v2(Bucket="guarded", Prefix="run")["Contents"]]
+      assert ckpt.refreshed_steps() == [1, 2]
+      iam_checks(endpoint, on=True)
+      try:
+        with pytest.raises(JaxdpError) as refused:
+          restore(ckpt, abstract, RunRecord())
+        with pytest.raises(JaxdpError, match="cannot read checkpoint step 1 in 's3://guarded/run'"):
+          ckpt.restore(1, abstract)
+      finally:
+        iam_checks(endpoint, on=False)
+      ckpt.close()
+    finally:
+      fresh_clients()
+    after = [o["Key"] for o in admin.list_objects_v2(Bucket="guarded", Prefix="run")["Contents"]]
+  message = str(refused.value)
+  assert "\n" not in message and message.startswith(
+      "cannot read checkpoint step 2 in 's3://guarded/run' (An error occurred (403) "), message
+  assert "the step was left in place" in message and "credentials" in message, message
+  assert after == saved and [k for k in saved if k.startswith(("run/1/", "run/2/"))], after
+  assert not [k for k in after if k.startswith("run.invalid/")], after
+
+
+def test_an_unreachable_endpoint_leaves_the_step_in_place(s3, tmp_path, monkeypatch):
+  """An endpoint that refuses connections while the resume reads the latest step is not damage
+  either: one line naming the step and the connection, every object left in place, no fallback."""
+  from jaxdp.runtime.loop import RunRecord, restore
+  state, abstract = tiny_state()
+  url = f"s3://{BUCKET}/unreachable"
+  ckpt = Checkpointer(str(tmp_path / "run"), directory=url)
+  for step in 1, 2:
+    ckpt.save(step, state, {})
+    ckpt.wait()
+  saved = keys("unreachable/")
+  with socket.socket() as s:  # A port that nothing listens on.
+    s.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+  monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+  monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would wait about 9 s.
+  fresh_clients()
+  try:
+    with pytest.raises(JaxdpError) as refused:
+      restore(ckpt, abstract, RunRecord())
+  finally:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
+    fresh_clients()
+  message = str(refused.value)
+  assert "\n" not in message and message.startswith(
+      f"cannot read checkpoint step 2 in '{url}' (Could not connect to the endpoint URL: "
+      f"\"{closed}/"), message
+  assert "the step was left in place" in message and "AWS_ENDPOINT_URL" in message, message
+  assert keys("unreachable/") == saved and keys("unreachable/2/")
+  assert not keys("unreachable.invalid/")
+  assert ckpt.refreshed_steps() == [1, 2]
+  ckpt.close()
 
 
 def fresh_clients():

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from typing import Any, TypeVar
@@ -269,6 +272,46 @@ def _first_line(e: BaseException) -> str:
   while e.__cause__ is not None:
     e = e.__cause__
   return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+# Failures to reach or be let into the storage, as opposed to damaged bytes: a step that cannot
+# be read for these reasons is intact, and moving it aside would restart the run from an older one.
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ECONNREFUSED, errno.ECONNRESET,
+                  errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                  errno.ENETDOWN}
+# botocore's classes (matched by name: botocore is the optional `jaxdp[cloud]` extra). Its
+# ConnectionError and HTTPClientError cover the endpoint-connection, timeout, proxy and TLS errors.
+_ACCESS_CLASSES = {f"botocore.exceptions.{name}" for name in (
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "TokenRetrievalError", "SSOError", "ConnectionError", "HTTPClientError")}
+# botocore ClientError codes (a HEAD request's error has only the HTTP status as its code).
+_ACCESS_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "InvalidToken",
+                 "ExpiredToken", "SignatureDoesNotMatch", "RequestTimeTooSkewed",
+                 "ServiceUnavailable", "SlowDown", "401", "403", "503"}
+# Tensorstore raises ValueError("STATUS: ..."); it retries a connection that failed and then says
+# "ABORTED: All N retry attempts failed: CURL error Could not connect to server ...".
+_ACCESS_STATUS = re.compile(r"(PERMISSION_DENIED|UNAUTHENTICATED|UNAVAILABLE|DEADLINE_EXCEEDED"
+                            r"|ABORTED: All \d+ retry attempts failed):")
+
+
+def _access_error(e: BaseException) -> str | None:
+  """The storage's reason when `e` (or an exception it wraps) says the storage refused this
+  job's credentials or could not be reached, not that the bytes are bad; else None."""
+  seen: BaseException | None = e
+  for _ in range(20):
+    if seen is None:
+      return None
+    names = {f"{c.__module__}.{c.__name__}" for c in type(seen).__mro__}
+    response = getattr(seen, "response", None)  # botocore's ClientError.
+    code = str(response.get("Error", {}).get("Code")) if isinstance(response, dict) else None
+    if (isinstance(seen, (PermissionError, ConnectionError, TimeoutError, socket.gaierror))
+        or (isinstance(seen, OSError) and seen.errno in _ACCESS_ERRNOS)
+        or names & _ACCESS_CLASSES or code in _ACCESS_CODES
+        or _ACCESS_STATUS.match(str(seen))):
+      # Tensorstore appends its payloads ([http_response_body='<?xml ...']) to the status.
+      return re.split(r" \[\w+='", _first_line(e), maxsplit=1)[0]
+    seen = seen.__cause__ or seen.__context__
+  return None
 
 
 def step_directory(restore_from: str) -> tuple[str, int] | None:
@@ -652,8 +695,30 @@ class Checkpointer:
         f"then resume (earlier checkpoints are intact: steps {kept or 'none'})")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
-    """The JSON record saved with `step` (config, data position, fingerprints, ...); no array is read."""
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The JSON record saved with `step` (config, data position, fingerprints, ...); no array
+    is read.
+
+    Raises:
+      JaxdpError: the storage refused this job or could not be reached (`_refuse_access`).
+    """
+    try:
+      meta = ocp.args.Composite(meta=ocp.args.JsonRestore())
+      return self._manager.restore(step, args=meta)["meta"]
+    except Exception as e:  # pylint: disable=broad-except  # Orbax and fsspec raise many types.
+      self._refuse_access(step, e)
+      raise
+
+  def _refuse_access(self, step: int, e: BaseException) -> None:
+    """Raises JaxdpError when reading `step` failed on access (credentials, permissions, an
+    unreachable endpoint), not on its bytes: the step is intact, and treating it as corrupt
+    would move it aside and silently restart the run from an older step."""
+    reason = _access_error(e)
+    if reason is None:
+      return
+    fix = ("check this job's credentials for the bucket and its network (AWS_ENDPOINT_URL for "
+           "S3-compatible servers)" if self.remote else "check that this job may read it")
+    raise JaxdpError(f"cannot read checkpoint step {step} in {self.directory!r} ({reason}); the "
+                     f"step was left in place: {fix}, and run the same command again") from e
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """Restores into the shardings carried by `abstract_state` (ShapeDtypeStructs).
@@ -663,12 +728,18 @@ class Checkpointer:
     with a warning saying what changes). Raises JaxdpError if the checkpoint holds arrays of
     other shapes (another model, or a checkpoint from a jaxdp with another parameter layout),
     or communication state of another method: that is not damage, and falling back to an
-    older checkpoint would silently restart the run. Raises CorruptCheckpoint if the files
-    cannot be read or an array's fingerprint differs from the one saved with it.
+    older checkpoint would silently restart the run.
+
+    Raises:
+      JaxdpError: the arrays do not fit this run (above), or the storage refused this job or
+        could not be reached (credentials, permissions, network: `_refuse_access`).
+      CorruptCheckpoint: the files cannot be read or an array's fingerprint differs from the
+        one saved with it.
     """
     try:
       stored = _shapes(self.item_metadata(step).tree)
-    except Exception:  # pylint: disable=broad-except  # Unreadable metadata: corruption, below.
+    except Exception as e:  # pylint: disable=broad-except  # Unreadable: corruption, below.
+      self._refuse_access(step, e)
       stored = None
     resized: dict[tuple[str, ...], tuple[int, ...]] = {}
     target = abstract_state
@@ -698,6 +769,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # Tensorstore raises plain Exception.
+      self._refuse_access(step, e)
       raise CorruptCheckpoint(f"step {step} is unreadable ({_first_line(e)})") from e
     state, meta = restored["state"], restored["meta"]
     saved = meta.get("fingerprints")
