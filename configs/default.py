@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss_scale_period = 200  # fp16: overflow-free steps after which the loss scale doubles.
   c.init_from = ""  # Initial parameters of a fresh run: "" (random, from seed) or "hf:DIR", a local Hugging Face GPT-2 (family gpt, positions learned), Llama, Qwen2/2.5, Qwen3 or Mistral checkpoint (config.json + model.safetensors or its shards) whose architecture config.model must match; a resumed run keeps its checkpoint.
   c.target_losses = ""  # Eval losses to report the time to, e.g. "2.0,1.8,1.6": the first evaluation at or below each logs a "target_reached" line (step, tokens, wall and productive seconds) to metrics.jsonl and the run's summary; needs evaluation (eval_every, or the final one); "" disables.
-  c.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of the steps after step START up to step STOP into WORKDIR/profile (TensorBoard's profile plugin, Perfetto); "" disables.
+  c.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of the steps after step START up to step STOP into WORKDIR/profile (TensorBoard's profile plugin, Perfetto); START must be below num_steps (a window past the run's end would trace nothing; one that ends past it traces up to the end); "" disables.
   c.remat = "none"  # Activation rematerialisation: "none", "block" (keep matmul outputs, recompute the rest) or "full" (keep only block inputs).
 
   c.wandb = ml_collections.ConfigDict()

@@ -53,15 +53,19 @@ def argv_for(command, path, out):
       "evaluate": ["evaluate", "--workdir", path, "--text", "t.txt"],
       "replay": ["replay", "--workdir", path, "--step", "1"],
       "train": ["train", "--workdir", path],
+      "plan": ["plan", "--advise", "--workdir", path],
+      "stacks": ["stacks", "--workdir", path],
   }[command]
 
 
-RUN_COMMANDS = ("inspect", "plot", "generate", "export", "evaluate", "replay", "train")
+RUN_COMMANDS = ("inspect", "plot", "generate", "export", "evaluate", "replay", "train", "plan",
+                "stacks")
 
 
 def test_every_subcommand_that_takes_a_run_is_covered():
-  takers = {name for name, m in cli_main.MODULES.items()
-            if m.COMMAND.positional_path or any(f.path for f in m.COMMAND.flags)}
+  takers = {name for name, m in cli_main.MODULES.items()  # Other path kinds are no run.
+            if m.COMMAND.positional_path
+            or any(f.path in ("run", "workdir") for f in m.COMMAND.flags)}
   assert takers == set(RUN_COMMANDS) & set(cli_main.MODULES)
 
 
@@ -89,7 +93,7 @@ def test_every_form_resolves_to_the_run_and_its_step(forms, monkeypatch, capfd, 
       assert (args.restore_from is not None) == (step is not None), form
       if step is not None:
         assert os.path.realpath(args.restore_from) == os.path.join(real, "checkpoints", str(step))
-    elif command != "replay":  # replay's --step is the step to replay, not a checkpoint.
+    elif command not in ("replay", "plan", "stacks"):  # No checkpoint to pick (replay: a step).
       assert args.step == step, form
 
 

@@ -304,9 +304,9 @@ def flag_cases():
           values.append((_shown(flag.min if flag.min_open else flag.min - 1), "below range"))
         if flag.max is not None:
           values.append((_shown(flag.max + 1), "above range"))
-      if flag.path:
-        values += [("", "empty path"), ("FILE", "a file"), ("DANGLING", "dangling symlink"),
-                   ("FILE/under", "under a file")]
+      if flag.path:  # A file to write (plot's --out) may exist already: it is replaced.
+        values += [("", "empty path")] + ([("FILE", "a file")] if flag.path != "file" else []) + \
+            [("DANGLING", "dangling symlink"), ("FILE/under", "under a file")]
       if flag.required and flag.kind == "string":
         values.append(("", "required, empty"))
       if flag.needs:

@@ -35,7 +35,9 @@ choices, what it needs and what it may not be set with. A value outside it, a fi
 its default where what it needs is missing (so it could have no effect), or two fields set that
 exclude each other, is refused before any work with one line
 `jaxdp: error: config.FIELD=VALUE ...` naming the fix, exit status 2. `--config.FIELD=None` sets
-None, which only the fields whose column says "or None" take.
+None, which only the fields whose column says "or None" take. A field whose column says "shapes
+the checkpoint" sets the shapes of arrays a checkpoint holds: a run resumes only with the value
+it was trained with (`--allow_config_change` cannot change it; a new `--workdir` starts afresh).
 """
 
 

@@ -49,8 +49,11 @@ class Flag:
   # Given away from its default, the flag does nothing unless this other flag has this value:
   # (flag, value), e.g. prepare's --vocab_size needs ("tokenizer", "bpe"). Refused otherwise.
   needs: tuple[str, Any] | None = None
-  # A path flag: "run" (an existing run directory, or its checkpoints/ or a step directory in
-  # it), "workdir" (a run directory that may not exist yet), "" (not checked as a path here).
+  # A path flag (PATH_KINDS): "run" (an existing run directory, or its checkpoints/ or a step
+  # directory in it), "workdir" (a run directory that may not exist yet), "step" (a checkpoint
+  # step directory to read), "dir" (a directory to write, created if missing), "file" (a file
+  # to write); "" (not a path). Each is refused in one line when empty, and resolved or checked
+  # by `Command.resolve_paths` (jaxdp.runtime.paths) before the command runs.
   path: str = ""
 
   def range_text(self) -> str:
@@ -62,7 +65,14 @@ class Flag:
     return f"{low}{self.metavar}{high}" if low or high else ""
 
   def check(self, value: Any) -> None:
-    """Raises JaxdpError naming the flag and its valid range if `value` is outside it."""
+    """Raises JaxdpError naming the flag and its valid range if `value` is outside it, or, for a
+    path flag, if it is empty (an empty path would otherwise mean "none": a silent default)."""
+    if self.path and isinstance(value, str) and not value.strip():
+      what, example = PATH_KINDS[self.path]
+      raise JaxdpError(f"--{self.name}={value!r} is empty; give {what}"
+                       + (f", e.g. --{self.name}={example}" if example else "")
+                       + ("" if self.required or (self.default is None and not self.default_text)
+                          else f", or leave --{self.name} out ({self.shown_default()})"))
     if isinstance(value, str) and not self.path:
       try:  # Bytes that are not UTF-8 reach Python's argv as lone surrogates.
         value.encode("utf-8")
@@ -107,6 +117,12 @@ class Flag:
       # Quoted when blank or padded ('\n', ''), so that the default is visible.
       return self.default if self.default.strip() == self.default != "" else repr(self.default)
     return "unset" if self.default is None else _number(self.default)
+
+
+# Flag.path kind -> (what the flag wants, in words; an example value, or "").
+PATH_KINDS = {"run": ("a run directory", "runs/mine"), "workdir": ("a run directory", "runs/mine"),
+              "step": ("a checkpoint step directory", "runs/mine/checkpoints/100"),
+              "dir": ("a directory", ""), "file": ("a file path", "")}
 
 
 def _number(x: float) -> str:
@@ -295,23 +311,34 @@ class Command:
     (jaxdp.runtime.paths), after `parse` (which reads no files) and before `run`: refused in one
     line when they cannot be what the flag needs; a run given by its checkpoints/ or a step
     directory becomes the run directory, and the step its --step, --restore_from or
-    `args.step` (`args.positional_steps` for positionals).
+    `args.step` (`args.positional_steps` for positionals); a step directory to read, a directory
+    or a file to write (Flag.path) is checked, so that nothing is written for a path that
+    cannot work.
 
     Raises:
       JaxdpError: an empty path, a dangling symlink, a file, a path under a file, a run that
-        does not exist where one is read, or a step directory that disagrees with --step.
+        does not exist where one is read, a step directory that disagrees with --step, one that
+        is not there (--restore_from), a directory to write in a folder that refuses writes.
     """
     from jaxdp.runtime import paths
     if any(f.path == "run" for f in self.flags) and self.step_dir_is_step and \
         not hasattr(args, "step"):
       args.step = None  # A step directory given as the run sets it (generate).
     for flag in self.flags:
-      value = getattr(args, flag.name)
-      if flag.path == "run" or (flag.path == "workdir" and value is not None):
-        where = paths.resolve_run(value, f"--{flag.name}", must_exist=flag.path == "run")
+      value, name = getattr(args, flag.name), f"--{flag.name}"
+      if value is None or not flag.path:
+        continue
+      if flag.path in ("run", "workdir"):
+        where = paths.resolve_run(value, name, must_exist=flag.path == "run")
         setattr(args, flag.name, where.workdir)
         if where.step is not None and self.step_dir_is_step:
-          self._take_step(args, where, f"--{flag.name}={value}")
+          self._take_step(args, where, f"{name}={value}")
+      elif flag.path == "step":
+        paths.resolve_step(value, name)
+      elif flag.path == "dir":
+        paths.check_directory_to_write(value, name, "a directory (it is created if missing)")
+      elif flag.path == "file":
+        paths.check_file_to_write(value, name)
     if self.positional_path:
       resolved = [paths.resolve_run(p, self.positional, must_exist=True)
                   for p in args.positional]
@@ -331,6 +358,8 @@ class Command:
                          f"too; give --workdir={shlex.quote(where.workdir)} --restore_from="
                          f"{shlex.quote(where.path)}")
       args.restore_from = where.path
+      # Refusals about that step name the flag the user gave it with, not --restore_from.
+      args.restore_given = tuple(given.split("=", 1))
 
   def _check_positional(self, positional: list[str]) -> None:
     if not self.nargs and positional:

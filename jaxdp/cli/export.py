@@ -25,7 +25,8 @@ COMMAND = c.Command(
         c.integer("step", None, "Checkpoint step to export.", metavar="S", min=0,
                   default_text="the latest"),
         c.string("out", None, "Directory to write the Hugging Face model into (created if "
-                 "missing; an earlier export there is replaced, other files are never).", metavar="DIR", required=True),
+                 "missing; an earlier export there is replaced, other files are never).",
+                 metavar="DIR", required=True, path="dir"),
         c.string("max_shard_size", "5GB", "Largest weights file; a larger model is written in "
                  "shards of at most this size (GB is 10^9 bytes, GiB 2^30; a tensor larger than "
                  "it gets a shard of its own).", metavar="SIZE"),

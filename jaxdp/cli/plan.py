@@ -34,7 +34,7 @@ COMMAND = c.Command(
         c.boolean("advise", False, "Recommend a global batch size and device count from the "
                   "noise scale of the run in --workdir (measures step times: minutes)."),
         c.string("workdir", None, "--advise: the finished run of this config whose metrics.jsonl "
-                 "gives the noise scale and the steps to --target.", metavar="DIR"),
+                 "gives the noise scale and the steps to --target.", metavar="DIR", path="run"),
         c.real("target", None, "--advise: the evaluation loss to reach (nats/token); default: the "
                "run's last evaluation loss.", metavar="LOSS", min=0, min_open=True),
         c.string("device_counts", None, "--advise: device counts to consider, comma-separated "

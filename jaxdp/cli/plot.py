@@ -12,7 +12,8 @@ COMMAND = c.Command(
     description="Draws the train and eval loss of each WORKDIR (its metrics.jsonl) in one figure.",
     positional="WORKDIR", nargs="+", positional_path="run",
     flags=(
-        c.string("out", None, "The PNG file to write.", metavar="FILE", required=True),
+        c.string("out", None, "The PNG file to write.", metavar="FILE", required=True,
+                 path="file"),
     ),
 )
 

@@ -21,7 +21,7 @@ COMMAND = c.Command(
     no_config_hint="train on the prepared data with `jaxdp train --config.data.path=DIR`",
     flags=(
         c.string("out", None, "Directory to write the prepared data to.", metavar="DIR",
-                 required=True),
+                 required=True, path="dir"),
         c.string("tokenizer", "byte", "'byte' (256 ids, no training), 'bpe' (byte-level BPE "
                  "trained on the inputs), or the path of a Hugging Face tokenizer.json (or a "
                  "folder holding one) or of a .tiktoken file (needs tiktoken); it is copied into "

@@ -23,7 +23,8 @@ COMMAND = c.Command(
         "every process's last heartbeat and the Python stacks of all its threads. The run goes "
         "on. Processes on other hosts are named, with the command to run there."),
     flags=(
-        c.string("workdir", None, "The run's directory.", metavar="DIR", required=True),
+        c.string("workdir", None, "The run's directory.", metavar="DIR", required=True,
+                 path="run"),
         c.real("wait_s", 10.0, "Seconds to wait for the reports to appear.", metavar="S", min=0),
     ),
 )

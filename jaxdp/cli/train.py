@@ -42,7 +42,7 @@ COMMAND = c.Command(
                   "changed since the checkpoint."),
         c.string("restore_from", None, "Resume from this checkpoint step directory "
                  "(WORKDIR/checkpoints/STEP) instead of the latest one in --workdir.",
-                 metavar="DIR", default_text="the latest checkpoint in --workdir"),
+                 metavar="DIR", default_text="the latest checkpoint in --workdir", path="step"),
     ),
 )
 
@@ -70,6 +70,11 @@ def run(args: types.SimpleNamespace) -> int:
   signals.install()
   logs.to_file(args.workdir)  # Library messages go to WORKDIR/jaxdp.log, not the terminal.
   check_inputs_exist(args.config)
+  from jaxdp.lm.preflight import check_paths
+  # The workdir, config.checkpoint_dir and --restore_from, before anything is written (and, named
+  # as the user gave them, again by train_and_evaluate for its other callers).
+  check_paths(args.config, args.workdir, args.restore_from,
+              restore_given=getattr(args, "restore_given", None))
   from jaxdp.runtime import checkpoint
   # Every process, before the group forms (after it, a peer's heartbeat files land in the workdir).
   checkpoint.check_storage(args.config.get("checkpoint_dir") or checkpoint.location(args.workdir))

@@ -23,6 +23,7 @@ from jaxdp.core.optimizer import make_optimizer
 from jaxdp.core.state import TrainState
 from jaxdp.data.pipeline import Dataset
 from jaxdp.data.schedule import DataSchedule, parse_ramp
+from jaxdp.lm import schema
 from jaxdp.lm.config import ignored_fields, load_preset, validate
 from jaxdp.lm.spec import RunSpec, data_spec, run_spec
 from jaxdp.parallel import DataParallel, make_mesh
@@ -140,6 +141,8 @@ class LMRun:
                           examples_at=self.schedule.start,
                           meta={"data_schedule": self.schedule.to_meta()},
                           defaults=run_defining_defaults(),
+                          # Changes no resume can take (the state's arrays): the schema's Shapes.
+                          layout_changes=schema.layout_changes,
                           advice=loop.HaltAdvice(learning_rate=float(self.spec.optimizer.learning_rate),
                                                  grad_clip=float(self.spec.optimizer.grad_clip)))
 

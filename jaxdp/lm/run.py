@@ -22,11 +22,12 @@ from jaxdp.data.pipeline import Dataset
 from jaxdp.data.prepare import load_tokenizer, save_tokenizer
 from jaxdp.data.schedule import DataSchedule
 from jaxdp.errors import JaxdpError, writing
+from jaxdp.lm import preflight
 from jaxdp.lm.builder import LMRun, build, build_model_and_dp, model_flops_per_device
 from jaxdp.lm.evaluate import loop_hooks as eval_task_hooks
 from jaxdp.lm.spec import data_spec, run_spec
 from jaxdp.runtime import agreement, loop
-from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, step_directory
+from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, is_url, step_directory
 from jaxdp.runtime.checkpoint import check_location as check_checkpoint_location
 from jaxdp.runtime.checkpoint import claim as claim_checkpoint_dir
 from jaxdp.runtime.checkpoint import exists as checkpoint_exists
@@ -39,7 +40,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices: Sequence[jax.Device] | None = None, progress: bool = True,
                        allow_config_change: bool = False,
                        restore_from: str | None = None) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason."""
+  """Trains (or resumes) the run in `workdir`; returns the final step, losses and stop reason.
+
+  Every input is checked before anything is written (jaxdp.lm.preflight, then the checkpoint's
+  config against this one): a refused run leaves the workdir as it was.
+
+  Raises:
+    JaxdpError: a bad input (one line naming it and the fix), or a failure of the run itself.
+  """
   if config.data.path or config.data.sources or config.data.tokenizer or config.get("eval_tasks"):
     # Stored resolved: the saved config names the data (and task files) from anywhere.
     config = config.copy_and_resolve_references()
@@ -51,18 +59,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.data.sources = resolve_sources(config.data.sources)
     if config.data.tokenizer:
       config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+  preflight.check_paths(config, workdir, restore_from)
   # A missing bucket, a prefix of another run's, or a place other than where this workdir's run
   # keeps its checkpoints is refused before anything is written.
   check_checkpoint_location(workdir, config.get("checkpoint_dir") or "")
   claim_checkpoint_dir(workdir, config.get("checkpoint_dir") or checkpoint_location(workdir))
+  saved = saved_meta(workdir, restore_from)
+  preflight.check_resume(config, workdir, restore_from, saved)
   config, note = keep_decay_horizon(config, workdir, restore_from)
   # config.init_from only seeds a fresh run: a resume does not read (or need) the checkpoint.
-  fresh = saved_config(workdir, restore_from) is None
+  fresh = saved is None
   built = build(config, devices, read_init_from=fresh)
   # Before the workdir is touched: every process runs this config on this data (fit checks again,
-  # for its own callers).
+  # for its own callers), and the checkpoint it resumes was trained with a config it may resume
+  # (fit's restore checks again, for its own callers).
   agreement.check(built.config.to_dict(), built.dataset.digest)
-  built.schedule = resumed_schedule(built, saved_meta(workdir, restore_from))
+  if saved is not None:
+    loop.check_record(saved[1], built.record(), resumed_from(workdir, config, restore_from),
+                      allow_config_change, restore_from)
+  built.schedule = resumed_schedule(built, saved)
   spec = built.spec
   hooks: list[Hook] = [TargetLosses(spec.target_losses)] if spec.target_losses else []
   # After the validation loss's hook: scores at the same evaluation points. The task files are
@@ -71,7 +86,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            spec.data.global_batch_size)
   if jax.process_index() == 0:
     with writing(workdir, "--workdir: writing"):
-      os.makedirs(workdir, exist_ok=True)
+      try:
+        os.makedirs(workdir, exist_ok=True)
+      except (FileNotFoundError, NotADirectoryError) as e:  # A folder that holds none (/proc).
+        raise JaxdpError(f"--workdir={workdir!r} cannot be created ({e.strerror}: "
+                         f"{e.filename!r}); give a run directory in a folder you can write") from None
       save_tokenizer(built.dataset.tokenizer, workdir)
   notes: tuple[str, ...] = (note,) if note else ()
   if fresh and built.spec.init_from:  # Positions of the checkpoint the run does not keep, said.
@@ -89,8 +108,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   result = loop.fit(built.dp, built.model.init_fn, built.train_batch, options, workdir=workdir,
                     eval_batches=built.val_batches, lr_schedule=learning_rate_schedule(spec.optimizer),
                     record=record, sinks=sinks, hooks=hooks)
-  report_mixture(built, workdir, result)
+  if "goodput" in result:  # It trained (a run with nothing to train writes nothing).
+    report_mixture(built, workdir, result)
   return result
+
+
+def resumed_from(workdir: str, config: ml_collections.ConfigDict, restore_from: str | None) -> str:
+  """Where the checkpoint a run resumes from is, as fit's restore names it in messages."""
+  where = restore_from or config.get("checkpoint_dir") or checkpoint_location(workdir)
+  return where.rstrip("/") if is_url(where) else os.path.abspath(where.rstrip("/") or where)
 
 
 def resumed_schedule(built: LMRun, saved: tuple[int, dict] | None) -> DataSchedule:

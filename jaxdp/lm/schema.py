@@ -75,6 +75,30 @@ class Excludes:
 
 
 @dataclasses.dataclass(frozen=True)
+class Shapes:
+  """A field whose value sets the shapes (or the presence) of arrays of the train state: a
+  checkpoint trained with another value holds arrays this run cannot take, so no resume can
+  change it, --allow_config_change included (jaxdp.lm.builder's RunRecord asks
+  `layout_changes`). Found by building the state of tiny_cpu with each field changed alone and
+  comparing the arrays' paths and shapes (the per-device communication state's device axis
+  aside: a resume maps it to another device count).
+
+  arrays: the arrays it sets, in words, for the refusal ("the optimizer state").
+  key: for a field that sets them only in part, (get) -> the part that does (`get(name)` reads
+    a field, its default where a checkpoint's config predates it): seq_len only with learned
+    positions, compression_warmup_steps only as 0 or not. None: every change of the value.
+  when: that condition in words, for the docs ("with config.model.positions='learned'").
+  """
+  arrays: str
+  key: Callable[[Callable[[str], Any]], Any] | None = None
+  when: str = ""
+
+
+MODEL_ARRAYS = Shapes("the model's parameters and their optimizer state")
+COMM_ARRAYS = "the per-device communication state"
+
+
+@dataclasses.dataclass(frozen=True)
 class Field:
   """One config field's declaration.
 
@@ -89,6 +113,7 @@ class Field:
   parse: the owning layer's parser of the field's text form (raises JaxdpError naming it).
   note: said after a range message, e.g. "0: no warmup".
   example: a valid value other than the default (the schema test sets it to break `needs`).
+  shapes: the train state's arrays the value sets (see Shapes); None for most fields.
   """
   kind: type
   min: float | None = None
@@ -105,6 +130,7 @@ class Field:
   example: Any = None
   bad: Any = None  # A value of the right type that `parse` refuses (the schema test tries it).
   lazy_choices: tuple[str, str] | None = None
+  shapes: Shapes | None = None
 
   def valid_choices(self) -> tuple[str, ...]:
     """The valid strings (a lazy list imports its module)."""
@@ -138,6 +164,8 @@ class Field:
       parts.append(f"needs {self.needs.text}")
     if self.excludes and needs:
       parts.append(f"not with config.{self.excludes.other}")
+    if self.shapes:
+      parts.append("shapes the checkpoint" + (f" {self.shapes.when}" if self.shapes.when else ""))
     return "; ".join(parts)
 
 
@@ -197,6 +225,17 @@ def _checkpoint_dir(value: Any) -> Any:
 def _profile(value: Any) -> Any:
   from jaxdp.runtime.profiling import parse_profile_steps
   return parse_profile_steps(value)
+
+
+def _profile_reached(config: Any) -> None:
+  from jaxdp.runtime.profiling import parse_profile_steps
+  window = parse_profile_steps(config.profile_steps)
+  steps = config.num_steps
+  if window is not None and window[0] >= steps:  # The trace starts after the last step.
+    raise JaxdpError(f"config.profile_steps={config.profile_steps!r} can have no effect: it traces "
+                     f"the steps after step {window[0]}, and the run ends at config.num_steps="
+                     f"{steps}; give a window that starts below it, e.g. --config.profile_steps="
+                     f"{steps // 2}:{steps}, or --config.num_steps={window[1]} to trace it all")
 
 
 def _targets(value: Any) -> Any:
@@ -261,10 +300,13 @@ SCHEMA: dict[str, Field] = {
     "num_steps": Field(int, 0, min_open=True, example=5),
     "global_batch_size": Field(int, 0, min_open=True, example=64),
     "batch_ramp": Field(str, parse=_batch_ramp, against=_batch_ramp_against, example="8:2", bad="8"),
-    "seq_len": Field(int, 0, min_open=True, example=64),
+    "seq_len": Field(int, 0, min_open=True, example=64, shapes=Shapes(
+        "the learned position embeddings", lambda get: (
+            get("seq_len") if get("model.positions") == "learned" else None),
+        "with config.model.positions='learned'")),
     "grad_accum_steps": Field(int, 0, min_open=True, example=2),
     "optimizer": Field(str, lazy_choices=("jaxdp.core.optimizer", "OPTIMIZERS"),
-                       example="sgd"),
+                       example="sgd", shapes=Shapes("the optimizer state")),
     "learning_rate": Field(float, 0, min_open=True, example=1e-3),
     "schedule": Field(str, lazy_choices=("jaxdp.core.optimizer", "SCHEDULES"),
                       example="linear"),
@@ -310,19 +352,34 @@ SCHEMA: dict[str, Field] = {
     "reduction": Field(str, choices=REDUCTIONS, example="fixed_order"),
     "virtual_shards": Field(int, 1, needs=FIXED_ORDER, note="a power of two", example=4),
     "allreduce": Field(str, choices=ALLREDUCE, example="ring"),
-    "compression": Field(str, choices=COMPRESSION, example="int8"),
+    "compression": Field(str, choices=COMPRESSION, example="int8", shapes=Shapes(
+        f"{COMM_ARRAYS} (the error-feedback residual, PowerSGD's factors)")),
     "compression_ratio": Field(float, 0, 1, min_open=True, needs=SPARSIFIES, example=0.1),
-    "error_feedback": Field(bool, needs=COMPRESSES, example=False),
-    "compression_rank": Field(int, 1, needs=POWERSGD, example=2),
-    "compression_warmup_steps": Field(int, 0, needs=WARMS_UP, note="0 disables", example=4),
+    "error_feedback": Field(bool, needs=COMPRESSES, example=False,
+                            shapes=Shapes(f"{COMM_ARRAYS} (the error-feedback residual)")),
+    "compression_rank": Field(int, 1, needs=POWERSGD, example=2,
+                              shapes=Shapes(f"{COMM_ARRAYS} (PowerSGD's factors)")),
+    "compression_warmup_steps": Field(int, 0, needs=WARMS_UP, note="0 disables", example=4,
+                                      shapes=Shapes(f"{COMM_ARRAYS} (the warm-up's step count)",
+                                                    lambda get: get("compression_warmup_steps") > 0,
+                                                    "as 0 or not")),
     "local_grad_clip": Field(float, 0, needs=COMPRESSES, note="0 disables", example=1.0),
     "compression_optimizer": Field(str, choices=COMPRESSION_OPTIMIZERS, needs=COMPRESSES,
-                                   example="frozen_variance"),
-    "momentum_correction": Field(float, 0, 1, max_open=True, note="0 disables", example=0.9),
-    "sync": Field(str, choices=SYNC, example="local_sgd"),
+                                   example="frozen_variance", shapes=Shapes(
+                                       f"the optimizer state and {COMM_ARRAYS}")),
+    "momentum_correction": Field(float, 0, 1, max_open=True, note="0 disables", example=0.9,
+                                 shapes=Shapes(f"{COMM_ARRAYS} (the corrected momentum)",
+                                               lambda get: get("momentum_correction") > 0,
+                                               "as 0 or not")),
+    "sync": Field(str, choices=SYNC, example="local_sgd", shapes=Shapes(
+        f"{COMM_ARRAYS} (local_sgd's optimizer copies, the stale gradients)")),
     "sync_every": Field(int, 1, needs=LOCAL_SGD, example=8),
-    "staleness": Field(int, 0, needs=STALE, example=2),
-    "diloco": Field(bool, needs=LOCAL_SGD, example=True),
+    "staleness": Field(int, 0, needs=STALE, example=2, shapes=Shapes(
+        f"{COMM_ARRAYS} (the stale gradients it keeps)",
+        lambda get: get("staleness") if get("sync") == "stale" else None,
+        "with config.sync='stale'")),
+    "diloco": Field(bool, needs=LOCAL_SGD, example=True,
+                    shapes=Shapes("the optimizer state (the outer momentum)")),
     "outer_lr": Field(float, 0, min_open=True, needs=DILOCO, example=0.5),
     "outer_momentum": Field(float, 0, 1, max_open=True, needs=DILOCO, example=0.5),
     "attention": Field(str, choices=ATTENTION, example="reference"),
@@ -331,7 +388,7 @@ SCHEMA: dict[str, Field] = {
     "loss_scale_period": Field(int, 0, min_open=True, needs=FP16, example=100),
     "init_from": Field(str, parse=_init_from, example="hf:some/dir", bad="some/dir"),
     "target_losses": Field(str, parse=_targets, example="2.0", bad="low"),
-    "profile_steps": Field(str, parse=_profile, example="1:2", bad="5"),
+    "profile_steps": Field(str, parse=_profile, against=_profile_reached, example="1:2", bad="5"),
     "remat": Field(str, choices=REMATS, example="block"),
     "wandb.project": Field(str, example="my-project"),
     "wandb.mode": Field(str, choices=WANDB_MODES, needs=WANDB, example="online"),
@@ -345,24 +402,30 @@ SCHEMA: dict[str, Field] = {
     "mesh.data": Field(int, -1, note="0 or -1: all devices left after mesh.model", example=2),
     "mesh.replica": Field(int, 1, note="1: no hybrid sharding", example=2),
     "mesh.model": Field(int, 1, note="1: plain data parallelism", example=2),
-    "model.family": Field(str, choices=FAMILIES, example="llama"),
-    "model.n_layer": Field(int, 0, min_open=True, example=2),
-    "model.n_head": Field(int, 0, min_open=True, example=2),
-    "model.d_model": Field(int, 0, min_open=True, example=64),
-    "model.mlp_ratio": Field(float, 0, min_open=True, example=2.0),
-    "model.mlp_dim": Field(int, 0, note="0 means from mlp_ratio", example=96),
+    "model.family": Field(str, choices=FAMILIES, example="llama", shapes=MODEL_ARRAYS),
+    "model.n_layer": Field(int, 0, min_open=True, example=2, shapes=MODEL_ARRAYS),
+    "model.n_head": Field(int, 0, min_open=True, example=2, shapes=MODEL_ARRAYS),
+    "model.d_model": Field(int, 0, min_open=True, example=64, shapes=MODEL_ARRAYS),
+    "model.mlp_ratio": Field(float, 0, min_open=True, example=2.0, shapes=Shapes(
+        MODEL_ARRAYS.arrays, lambda get: None if get("model.mlp_dim") else get("model.mlp_ratio"),
+        "with config.model.mlp_dim=0")),
+    "model.mlp_dim": Field(int, 0, note="0 means from mlp_ratio", example=96,
+                           shapes=MODEL_ARRAYS),
     "model.dropout": Field(float, 0, 1, max_open=True, example=0.1),
-    "model.positions": Field(str, choices=POSITIONS, example="learned"),
+    "model.positions": Field(str, choices=POSITIONS, example="learned", shapes=MODEL_ARRAYS),
     "model.rope_theta": Field(float, 0, min_open=True, example=500000.0),
-    "model.n_kv_head": Field(int, 0, needs=LLAMA, note="0 means n_head", example=2),
-    "model.pad_vocab_to_multiple": Field(int, 1, note="1: no padding", example=64),
-    "model.tie_embeddings": Field(bool, example=False),
+    "model.n_kv_head": Field(int, 0, needs=LLAMA, note="0 means n_head", example=2,
+                             shapes=MODEL_ARRAYS),
+    "model.pad_vocab_to_multiple": Field(int, 1, note="1: no padding", example=64,
+                                         shapes=MODEL_ARRAYS),
+    "model.tie_embeddings": Field(bool, example=False, shapes=MODEL_ARRAYS),
     "model.norm_eps": Field(float, 0, 1, max_open=True, note="0: the family default",
                             example=1e-5),
     "model.variant": Field(str, choices=VARIANTS, example="mistral"),
-    "model.head_dim": Field(int, 0, note="0 means d_model / n_head", example=16),
-    "model.qkv_bias": Field(bool, example=True),
-    "model.qk_norm": Field(bool, example=True),
+    "model.head_dim": Field(int, 0, note="0 means d_model / n_head", example=16,
+                            shapes=MODEL_ARRAYS),
+    "model.qkv_bias": Field(bool, example=True, shapes=MODEL_ARRAYS),
+    "model.qk_norm": Field(bool, example=True, shapes=MODEL_ARRAYS),
     "model.sliding_window": Field(int, 0, note="0 means all", example=16),
 }
 
@@ -463,6 +526,27 @@ def check(config: Any) -> None:
         dotted_get(config, excludes.other) != defaults().get(excludes.other):
       raise JaxdpError(f"config.{excludes.other} and config.{name}={value!r} are both set; "
                        f"{excludes.why}")
+
+
+def layout_changes(saved: Any, current: Any) -> list[tuple[str, Any, str]]:
+  """(field, saved value, the arrays it sets) of each field with `shapes` whose change between a
+  checkpoint's config `saved` and `current` (dicts or ConfigDicts) changes the train state's
+  arrays: no resume can take that checkpoint with this config. A field a config lacks (saved
+  before it existed) has its default."""
+  if not saved:  # A checkpoint without a config (a generic `fit` record): nothing to compare.
+    return []
+
+  def getter(config: Any) -> Callable[[str], Any]:
+    return lambda name: dotted_get(config, name, defaults().get(name))
+  old, new = getter(saved), getter(current)
+  out = []
+  for name, field in SCHEMA.items():
+    if field.shapes is None:
+      continue
+    key = field.shapes.key
+    if (key(old) != key(new)) if key else old(name) != new(name):
+      out.append((name, old(name), field.shapes.arrays))
+  return out
 
 
 def ignored(config: Any) -> list[str]:

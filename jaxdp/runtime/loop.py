@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -68,6 +69,13 @@ def changed_fields(saved: dict, current: dict, fields: Sequence[str],
   A field the checkpoint's config lacks (written before the field existed) had the behaviour of
   its default then: `defaults[name]` stands in for it.
   """
+  return [f"{name} ({old!r} -> {new!r})" for name, old, new in _changes(saved, current, fields,
+                                                                        defaults)]
+
+
+def _changes(saved: dict, current: dict, fields: Sequence[str],
+             defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, current value) of each of `fields` that differs (see changed_fields)."""
   absent = object()
 
   def get(tree, dotted):
@@ -76,8 +84,15 @@ def changed_fields(saved: dict, current: dict, fields: Sequence[str],
   def old(name):
     value = get(saved, name)
     return (defaults or {}).get(name) if value is absent else value
-  return [f"{name} ({old(name)!r} -> {get(current, name)!r})"
-          for name in fields if old(name) != get(current, name)]
+  return [(name, old(name), get(current, name)) for name in fields
+          if old(name) != get(current, name)]
+
+
+def _flag_value(value: Any) -> str:
+  """`value` as written after --config.FIELD= on a command line."""
+  if isinstance(value, bool):
+    return str(value).lower()
+  return shlex.quote(value) if isinstance(value, str) else repr(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,19 +121,48 @@ class RunRecord:
   meta: dict = dataclasses.field(default_factory=dict)  # Stored in every checkpoint's meta.
   defaults: dict = dataclasses.field(default_factory=dict)  # Run-defining field -> its default.
   advice: HaltAdvice | None = None  # What a halt advises to change, as command-line flags.
+  # (saved config, this config) -> [(field, saved value, the arrays it sets)] for the changed
+  # fields that change the train state's arrays: no resume can take those, whatever
+  # allow_config_change says (the built-in app: jaxdp.lm.schema.layout_changes). None: none known.
+  layout_changes: Callable[[dict, dict], list[tuple[str, Any, str]]] | None = None
 
 
-def check_record(saved: dict, record: RunRecord, where: str, allow_config_change: bool) -> None:
-  """Refuses a checkpoint whose config or data differ from this run's (unless allowed)."""
-  changed = changed_fields(saved.get("config", {}), record.config, record.run_defining,
-                           record.defaults)
+def check_record(saved: dict, record: RunRecord, where: str, allow_config_change: bool,
+                 restore_from: str | None = None) -> None:
+  """Refuses a checkpoint whose config or data differ from this run's: always when a changed
+  field sets the train state's arrays (record.layout_changes), else unless
+  `allow_config_change`. Its advice works as given: the checkpoint's own values (a shape can
+  never change on resume), a new workdir (without `restore_from`, the checkpoint it came from),
+  and --allow_config_change only where every change can be resumed.
+
+  Raises:
+    JaxdpError: one line naming each changed field (old -> new), or the data, and the fix.
+  """
+  old = saved.get("config", {})
+  fixed = record.layout_changes(old, record.config) if record.layout_changes else []
+  names = list(record.run_defining) + [n for n, _, _ in fixed if n not in record.run_defining]
+  changes = _changes(old, record.config, names, record.defaults)
+  changed = [f"{name} ({was!r} -> {now!r})" for name, was, now in changes]
   digest = saved.get("data_digest")
   if digest is not None and record.data_digest is not None and digest != record.data_digest:
     changed.append(f"{record.data_name} changed (sha256 {digest[:12]}... -> "
                    f"{record.data_digest[:12]}...); restore the data it was trained on")
-  if changed and not allow_config_change:
-    raise JaxdpError(f"the checkpoint in {where!r} was trained with a different config: "
-                     f"{'; '.join(changed)}; use another --workdir, or --allow_config_change")
+  if not changed or (allow_config_change and not fixed):
+    return
+  said = f"the checkpoint in {where!r} was trained with a different config: {'; '.join(changed)}"
+  afresh = "start afresh in a new --workdir" + (" without --restore_from" if restore_from else "")
+  if not fixed:
+    raise JaxdpError(f"{said}; {afresh}, or add --allow_config_change to resume with the change")
+  by_arrays: dict[str, list[str]] = {}
+  for name, _, arrays in fixed:
+    by_arrays.setdefault(arrays, []).append(name)
+  sets = "; ".join(f"{' and '.join(n)} set{'s' if len(n) == 1 else ''} {arrays}"
+                   for arrays, n in by_arrays.items())
+  back = " ".join(f"--config.{name}={_flag_value(was)}" for name, was, _ in changes)
+  raise JaxdpError(f"{said}; {sets}, so it holds arrays of other shapes than this config's (it "
+                   "was written with another optimizer, model or state layout), which no resume "
+                   "can change, --allow_config_change included: resume with the settings it was "
+                   f"trained with ({back}), or {afresh}")
 
 
 def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
@@ -127,7 +171,12 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
   """(state, meta) to resume from: `restore_from` (a step directory), or the latest valid
   checkpoint. A latest checkpoint that cannot be read back exactly is reported, moved aside and
   replaced by the one before it. A mismatching config is refused, never skipped. None means
-  start afresh."""
+  start afresh.
+
+  Raises:
+    JaxdpError: a mismatching config; a storage that refused this job or could not be reached
+      (the step is left in place, nothing falls back: Checkpointer.restore_meta and restore).
+  """
   if restore_from:
     found = step_directory(restore_from)
     path = restore_from.rstrip("/") if is_url(restore_from) else os.path.abspath(restore_from.rstrip("/"))
@@ -139,10 +188,11 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
     later = [s for s in checkpoints.all_steps() if s > step or not same_dir]
     if later:
       raise JaxdpError(f"--restore_from={restore_from!r}: --workdir already has checkpoints at "
-                       f"steps {later}; pick a fresh --workdir to continue from step {step}")
+                       f"steps {later}; to continue from step {step}, give a new --workdir with "
+                       f"--restore_from {shlex.quote(restore_from)}")
     source = Checkpointer("", create=False, directory=directory)
     try:
-      check_record(source.restore_meta(step), record, path, allow_config_change)
+      check_record(source.restore_meta(step), record, path, allow_config_change, restore_from)
       return source.restore(step, abstract)
     except CorruptCheckpoint as e:
       raise JaxdpError(f"--restore_from={restore_from!r}: {e}; pick another step") from None
@@ -152,6 +202,8 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
     try:
       try:
         saved = checkpoints.restore_meta(step)
+      except JaxdpError:
+        raise  # Access (credentials, network), not damage: the step stays, no fallback.
       except Exception as e:  # noqa: BLE001  # Unreadable JSON or missing item.
         raise CorruptCheckpoint(f"step {step} has an unreadable meta item ({type(e).__name__})") from e
       check_record(saved, record, checkpoints.directory, allow_config_change)
@@ -401,7 +453,8 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
   "eval_loss", "best_eval_loss", "stop_reason" ("num_steps", "early_stopping", "preempted", or
   what a hook gave `ctx.stop`), "state" (the final TrainState; absent when the run had already
   stopped early), "goodput" and "goodput_all_runs" (each category's share of the wall time, this
-  run and every run of the workdir: runtime/goodput.py)}.
+  run and every run of the workdir: runtime/goodput.py; absent when the run trained nothing:
+  already at num_steps, when it writes nothing at all, or stopped early)}.
 
   Args:
     dp: the DataParallel (loss, optimizer, strategy, mesh) to train with.
@@ -458,6 +511,11 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
       state = run.restore(abstract, restore_from=options.restore_from,
                           allow_config_change=options.allow_config_change)
     restored = state is not None
+    if state is not None and int(state.step) >= options.num_steps and \
+        not run.meta.get("stopped_early"):
+      # Nothing to train: said, and nothing written (no log, metrics, events or goodput line).
+      logs.discard()
+      return _nothing_to_train(run, state, workdir, options)
     # Past the last refusal (the resume check): the log held since start-up goes to its file.
     logs.release()
     if state is None:
@@ -482,6 +540,22 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
     raise
   finally:
     monitor.stop("failed" if monitor.failed_error else "finished")
+
+
+def _nothing_to_train(run: Run, state: TrainState, workdir: str,
+                      options: FitOptions) -> dict[str, Any]:
+  """The result and summary of a run resumed at (or past) num_steps, which writes nothing."""
+  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
+  best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
+  run.writer.close()
+  run.close()
+  step = int(state.step)
+  result = {"step": step, "stop_reason": "num_steps", "train_loss": None,
+            "eval_loss": run.meta.get("last_eval_loss"),
+            "best_eval_loss": run.meta["best_eval_loss"], "state": state}
+  if jax.process_index() == 0:
+    print(report.summary(result, step, 0.0, options.tokens_per_step, 0, best, workdir), flush=True)
+  return result
 
 
 def _already_stopped(ctx: LoopContext) -> dict[str, Any]:

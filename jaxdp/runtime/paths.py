@@ -2,7 +2,9 @@
 checkpoint step directory (WORKDIR/checkpoints/5), relative or absolute, through symlinks, with
 spaces or non-ASCII characters. Every subcommand that takes a run resolves it here, so each
 form works, and each impossible path (empty, a dangling symlink, a plain file, a path under a
-file) is refused in one line, the same way everywhere. Imports no JAX.
+file) is refused in one line, the same way everywhere. The other paths commands take are checked
+here too, before anything is written: a checkpoint step to start from (`resolve_step`), a
+directory or a file to write (`check_directory_to_write`, `check_file_to_write`). Imports no JAX.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import shlex
 from jaxdp.errors import JaxdpError
 
 CHECKPOINTS = "checkpoints"
+URL_SCHEMES = ("s3://", "gs://")  # As runtime.checkpoint (which imports JAX) reads them.
+STEP_RECORD = "meta"  # The item every checkpoint step holds its run's record in (checkpoint.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,19 +30,34 @@ class RunPath:
   path: str = ""
 
 
-def _refuse_unusable(path: str, flag: str) -> None:
+def refuse_empty(path: str | None, flag: str, what: str = "a directory",
+                 example: str = "runs/mine") -> None:
+  """Raises JaxdpError for an empty or blank path: every path flag and field refuses it the same
+  way (an empty --restore_from would otherwise mean "none" and start afresh).
+
+  Raises:
+    JaxdpError: `path` is '' or only spaces.
+  """
+  if path is not None and not path.strip():
+    shown = f" (e.g. {flag}={example})" if flag.startswith("--") and example else ""
+    raise JaxdpError(f"{flag}={path!r} is empty; give {what}{shown}")
+
+
+def _refuse_unusable(path: str, flag: str, what: str = "a run directory") -> None:
   """Raises JaxdpError for a path that can never be a directory: empty, a dangling symlink, a
-  plain file, or a path through a file."""
-  if not path or not path.strip():
-    example = f", e.g. {flag}=runs/mine" if flag.startswith("--") else ""
-    raise JaxdpError(f"{flag}={path!r} is empty; give a directory{example}")
+  plain file, or a path through a file. `what` is the directory the flag wants."""
+  refuse_empty(path, flag)
   if "\0" in path:
     raise JaxdpError(f"{flag}={path!r} contains a NUL byte; give a directory path")
   if os.path.islink(path) and not os.path.exists(path):
     raise JaxdpError(f"{flag}={path!r} is a symlink to {os.readlink(path)!r}, which does not "
                      "exist; fix or remove the link, or give the directory itself")
   if os.path.exists(path) and not os.path.isdir(path):
-    raise JaxdpError(f"{flag}={path!r} is a file, not a directory; give a run directory")
+    raise JaxdpError(f"{flag}={path!r} is a file; give {what}")
+  _refuse_under_a_file(path, flag)
+
+
+def _refuse_under_a_file(path: str, flag: str) -> None:
   parent = path
   while True:  # A path under a file (`notes.txt/run`) fails with ENOTDIR wherever it is used.
     parent = os.path.dirname(parent.rstrip(os.sep)) if parent.rstrip(os.sep) else ""
@@ -49,6 +68,81 @@ def _refuse_unusable(path: str, flag: str) -> None:
                        "parent folders are directories")
     if os.path.isdir(parent):
       break
+
+
+def check_directory_to_write(path: str, flag: str, what: str = "a directory") -> None:
+  """A directory a command creates (or writes into): refused in one line, before anything is
+  written, when it can never be one (`_refuse_unusable`) or cannot be created (its nearest
+  existing parent is not writable).
+
+  Raises:
+    JaxdpError: naming `flag`, as `_refuse_unusable`, or a parent that refuses writes.
+  """
+  _refuse_unusable(path, flag, what)
+  if os.path.isdir(path):
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    raise JaxdpError(f"{flag}={path!r} cannot be created: {parent!r} is "
+                     f"{'on a read-only file system' if read_only else 'not writable by this user'}"
+                     f"; give {what} in a folder you can write")
+
+
+def check_file_to_write(path: str, flag: str) -> None:
+  """A file a command writes (plot's --out): refused in one line when it can never be one
+  (empty, an existing directory, a dangling symlink, under a file).
+
+  Raises:
+    JaxdpError: naming `flag`.
+  """
+  refuse_empty(path, flag, "a file path", "")
+  if os.path.islink(path) and not os.path.exists(path):
+    raise JaxdpError(f"{flag}={path!r} is a symlink to {os.readlink(path)!r}, which does not "
+                     "exist; fix or remove the link, or give the file itself")
+  if os.path.isdir(path):
+    raise JaxdpError(f"{flag}={path!r} is a directory; give a file path in it, e.g. "
+                     f"{flag}={shlex.quote(os.path.join(path, 'out.png'))}")
+  _refuse_under_a_file(path, flag)
+
+
+def resolve_step(path: str, flag: str = "--restore_from") -> str:
+  """A checkpoint step directory to start from (train's --restore_from): DIR/<step>, local or
+  s3:// / gs:// (a bucket is checked where it is read). Returns `path` as given.
+
+  Raises:
+    JaxdpError: one line naming `flag`: an unusable path, no such directory, a run or its
+      checkpoints/ folder (not one step), or a step that is not there; the steps that are there
+      are named, with the latest as the example to give.
+  """
+  refuse_empty(path, flag, "a checkpoint step directory", "WORKDIR/checkpoints/STEP")
+  if path.startswith(URL_SCHEMES):
+    return path
+  _refuse_unusable(path, flag, "a checkpoint step directory (WORKDIR/checkpoints/STEP)")
+  stripped = path.rstrip(os.sep) or path
+  name = os.path.basename(stripped)
+  if name.isdigit() and os.path.isdir(stripped):
+    return path
+  # Not a step directory: the steps of the folder it names (a run, its checkpoints/, or the
+  # folder of a missing step), so that the advice is a path that works.
+  folder = os.path.dirname(stripped) if name.isdigit() else stripped
+  if os.path.isdir(os.path.join(folder, CHECKPOINTS)):
+    folder = os.path.join(folder, CHECKPOINTS)
+  steps = sorted(int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ())
+                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, STEP_RECORD)))
+  if name.isdigit() and os.path.isdir(folder):
+    why = f"{folder!r} has no checkpoint step {name}"
+  elif not os.path.exists(stripped):
+    why = "no such directory"
+  else:
+    why = "not a checkpoint step directory"
+  fix = (f"give one of its steps ({', '.join(map(str, steps))}), e.g. "
+         f"{flag}={shlex.quote(os.path.join(folder, str(steps[-1])))}" if steps else
+         "give WORKDIR/checkpoints/STEP of a trained run (`jaxdp inspect WORKDIR` lists its "
+         "steps)")
+  raise JaxdpError(f"{flag}={path!r}: {why}; {fix}")
 
 
 def resolve_run(path: str, flag: str = "--workdir", *, must_exist: bool = True) -> RunPath:
