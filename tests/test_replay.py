@@ -66,6 +66,7 @@ def test_default_mode_on_the_run_s_devices_gives_the_logged_loss_bitwise(tiny_ru
   assert bits(result.train_loss) == bits(logged["train_loss"])
   assert bits(result.grad_norm) == bits(logged["grad_norm"])
   assert result.logged_train_loss == logged["train_loss"] and result.applied
+  assert result.logged_grad_norm == logged["grad_norm"]
   # Every row of the global batch of 16, each seq_len tokens of weight 1.
   assert [r.row for r in result.rows] == list(range(16))
   assert all(r.tokens == 32 for r in result.rows) and len({r.loss for r in result.rows}) == 16
@@ -103,8 +104,11 @@ def test_the_cli_prints_json_and_rows_worst_first(tiny_run, capfd):
   lines = text.stdout.splitlines()
   assert lines[0] == (f"jaxdp replay: step 2 of {workdir}, from the initial state (replayed 1 step "
                       "before it) on 8 devices")
-  assert "train_loss" in lines[1] and "logged" in lines[1] and "grad_norm" in lines[1]
-  rows = [line.split() for line in lines[4:]]
+  # Each of the step's two numbers beside the one the run logged (8 devices: within rounding).
+  assert lines[1].startswith("  train_loss ") and "(logged " in lines[1]
+  assert lines[2].startswith("  grad_norm ") and f"(logged {logged['grad_norm']:.9g}" in lines[2]
+  assert out["logged_grad_norm"] == logged["grad_norm"]
+  rows = [line.split() for line in lines[5:]]
   assert len(rows) == 16
   losses = [float(r[1]) for r in rows]
   assert losses == sorted(losses, reverse=True)
@@ -144,11 +148,19 @@ def test_logged_steps_reads_single_step_lines_and_the_run_s_start():
              {"event": "resume", "step": 2}, {"step": 3, "train_loss": 2.25},
              {"step": 3, "eval_loss": 2.6}, {"event": "nonfinite_halt", "step": 6}]
   single, highest, fresh = logged_steps(records)
-  assert single == {1: 3.0, 2: 2.5, 3: 2.25} and highest == 6 and fresh
+  assert {s: r["train_loss"] for s, r in single.items()} == {1: 3.0, 2: 2.5, 3: 2.25}
+  assert highest == 6 and fresh
   # A spike's rollback to step 2 (after the line of step 4): the run goes on from step 2.
   rolled = records[:4] + [{"event": "rollback", "step": 4, "to_step": 2, "skipped_batches": [3]},
                           {"step": 3, "train_loss": 2.2}, {"step": 4, "train_loss": 2.1}]
-  assert logged_steps(rolled)[0] == {1: 3.0, 2: 2.5, 3: 2.2, 4: 2.1}
+  assert {s: r["train_loss"] for s, r in logged_steps(rolled)[0].items()} == {1: 3.0, 2: 2.5, 3: 2.2,
+                                                                             4: 2.1}
+  # A spike skipped under spike_policy="skip" is an event carrying the step's loss, written just
+  # before the step's own train line: that line still covers the step alone.
+  skipped = [{"event": "start", "step": 0}, {"step": 1, "train_loss": 3.0},
+             {"event": "loss_spike_skipped", "step": 2, "train_loss": 9.0},
+             {"step": 2, "train_loss": 9.0, "grad_norm": 4.0}]
+  assert logged_steps(skipped)[0][2] == {"step": 2, "train_loss": 9.0, "grad_norm": 4.0}
   assert logged_steps(records[1:])[2] is False
 
 

@@ -71,15 +71,15 @@ def describe(result, workdir: str) -> list[str]:
   devices = f"{result.num_devices} device{'s' if result.num_devices != 1 else ''}"
   lines = [f"jaxdp replay: step {result.step} of {workdir}, from {start} (replayed {replayed} "
            f"before it) on {devices}"]
-  logged = result.logged_train_loss
-  if logged is None:
-    against = "no train line logged this step alone"
-  elif logged == result.train_loss or (logged != logged and result.train_loss != result.train_loss):
-    against = f"logged {logged:.9g}: equal"
-  else:
-    against = (f"logged {logged:.9g}: differs by {result.train_loss - logged:.3g}, float32 "
-               "rounding of another reduction order; config.reduction=fixed_order makes it exact")
-  lines.append(f"  train_loss {result.train_loss:.9g} ({against}), grad_norm {result.grad_norm:.6g}")
+  def against(replayed: float, logged: float | None) -> str:
+    if logged is None:
+      return "no train line logged this step alone"
+    if logged == replayed or (logged != logged and replayed != replayed):
+      return f"logged {logged:.9g}: equal"
+    return (f"logged {logged:.9g}: differs by {replayed - logged:.3g}, float32 rounding of another "
+            "reduction order; config.reduction=fixed_order makes it exact")
+  lines.append(f"  train_loss {result.train_loss:.9g} ({against(result.train_loss, result.logged_train_loss)})")
+  lines.append(f"  grad_norm {result.grad_norm:.9g} ({against(result.grad_norm, result.logged_grad_norm)})")
   if not result.applied:
     lines.append("  its update was not applied (a non-finite loss or gradient, an fp16 overflow, or a "
                  "loss spike under config.spike_policy='skip'); config.nan_policy='halt' stops the "

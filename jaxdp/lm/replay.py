@@ -54,6 +54,7 @@ class ReplayResult:
     num_devices: devices the replay ran on.
     logged_train_loss: the train_loss metrics.jsonl logged for this step alone (a train line
       whose window is this one step), or None when the run logged none.
+    logged_grad_norm: that line's grad_norm, or None.
     applied: whether the step's update was applied (False: a non-finite loss or gradient or an
       fp16 overflow dropped it under config.nan_policy, or a loss spike under
       config.spike_policy="skip").
@@ -70,6 +71,7 @@ class ReplayResult:
   logged_train_loss: float | None = None
   applied: bool = True
   data_index: int | None = None
+  logged_grad_norm: float | None = None
 
   def worst_first(self) -> list[RowLoss]:
     """The rows by loss, highest first; non-finite losses before every finite one."""
@@ -78,23 +80,24 @@ class ReplayResult:
 
   def to_json(self) -> dict[str, Any]:
     """{"step", "train_loss", "grad_norm", "rows": [{"row", "loss", "tokens"}, ...] (row order),
-    "from_step", "replayed_steps", "num_devices", "logged_train_loss", "applied", "data_index"}."""
+    "from_step", "replayed_steps", "num_devices", "logged_train_loss", "logged_grad_norm",
+    "applied", "data_index"}."""
     return {"step": self.step, "train_loss": self.train_loss, "grad_norm": self.grad_norm,
             "rows": [{"row": r.row, "loss": r.loss, "tokens": r.tokens} for r in self.rows],
             "from_step": self.from_step, "replayed_steps": self.replayed_steps,
             "num_devices": self.num_devices, "logged_train_loss": self.logged_train_loss,
-            "applied": self.applied, "data_index": self.data_index}
+            "logged_grad_norm": self.logged_grad_norm, "applied": self.applied, "data_index": self.data_index}
 
 
-def logged_steps(records: Sequence[dict]) -> tuple[dict[int, float], int, bool]:
-  """(step -> train_loss of a train line covering that step alone, the highest step logged, whether
-  the run started from its seed in this workdir) from metrics.jsonl's records.
+def logged_steps(records: Sequence[dict]) -> tuple[dict[int, dict], int, bool]:
+  """(step -> the train line covering that step alone, the highest step logged, whether the run
+  started from its seed in this workdir) from metrics.jsonl's records.
 
   A train line's window runs from the previous train line, or start/resume event, or the step a
   spike's rollback went back to, to its step; a step logged more than once (steps repeated after
   a resume or a rollback) keeps its latest line.
   """
-  single: dict[int, float] = {}
+  single: dict[int, dict] = {}
   mark, highest, fresh = None, 0, False
   for record in records:
     step = record.get("step")
@@ -108,9 +111,9 @@ def logged_steps(records: Sequence[dict]) -> tuple[dict[int, float], int, bool]:
     elif record.get("event") in ("start", "resume"):
       fresh = fresh or (record["event"] == "start" and step == 0)
       mark = step
-    elif "train_loss" in record:
+    elif "train_loss" in record and "event" not in record:  # Events (a skipped spike) repeat it.
       if mark == step - 1:
-        single[step] = float(record["train_loss"])
+        single[step] = record
       else:
         single.pop(step, None)  # A later line of several steps replaces an earlier single one.
       mark, highest = step, max(highest, step)
@@ -237,7 +240,13 @@ def replay_step(workdir: str, step: int, devices: Sequence[Any] | None = None, *
   return ReplayResult(step=step, train_loss=float(metrics["train_loss"]),
                       grad_norm=float(metrics["grad_norm"]), rows=rows, from_step=start,
                       replayed_steps=total, num_devices=len(devices),
-                      logged_train_loss=logged.get(step), applied=applied, data_index=index)
+                      logged_train_loss=_number(logged.get(step, {}).get("train_loss")),
+                      logged_grad_norm=_number(logged.get(step, {}).get("grad_norm")),
+                      applied=applied, data_index=index)
+
+
+def _number(value: Any) -> float | None:
+  return None if value is None else float(value)
 
 
 # The last run built by replay_step, (key, LMRun): a replay of another step of the same run on the
