@@ -222,9 +222,25 @@ def test_too_many_rollbacks_in_a_window_halt_with_advice(tmp_path):
     if index >= SPIKE_AT:
       batch["y"] = batch["y"] * 100.0
     return batch
-  with pytest.raises(JaxdpError, match="after 1 rollbacks within 1000 steps.*learning_rate"):
+  with pytest.raises(JaxdpError, match="after 1 rollbacks within 1000 steps.*resume with a lower "
+                                      "learning rate.*spike_max_rollbacks \\(e.g. 3\\)"):
     jaxdp.fit(make_dp(2), init_w, always_spiking, workdir=str(tmp_path),
               **dict(SPIKE_FIT, spike_max_rollbacks=1))
+
+
+def test_the_rollback_halt_advises_clipping_only_when_it_is_off():
+  """The built-in app's halt names flags a resume of the same workdir takes (none of them
+  run-defining); turning clipping on is advised only to a run that has it off."""
+  from jaxdp.runtime.loop import HaltAdvice
+  from jaxdp.runtime.spikes import SpikeRollback
+  hook = SpikeRollback(sigmas=6.0, window=10, max_rollbacks=3, rollback_window=1000)
+  clipped = hook._advice(HaltAdvice(learning_rate=3e-3, grad_clip=1.0))  # noqa: SLF001
+  assert clipped == ("run the same command again with --config.learning_rate=0.0003 (10x lower), "
+                     "or --config.spike_max_rollbacks=5 to go on rolling back")
+  unclipped = hook._advice(HaltAdvice(learning_rate=3e-3, grad_clip=0.0))  # noqa: SLF001
+  assert "--config.grad_clip=1.0 (clipping is off)" in unclipped
+  from jaxdp.lm.builder import RUN_DEFINING_FIELDS
+  assert not {"learning_rate", "grad_clip", "spike_max_rollbacks"} & set(RUN_DEFINING_FIELDS)
 
 
 def test_spike_settings_out_of_range_are_refused():
@@ -245,6 +261,9 @@ def test_goodput_shares_sum_to_one_and_a_restart_counts_its_lost_steps(tmp_path)
   assert shares["productive"] > 0 and shares["compile"] > 0
   lines = [r for r in read_metrics(str(tmp_path)) if "train_loss" in r]
   assert all(0 < r["goodput"] <= 1 for r in lines)
+  # The workdir's only run: its seconds are every run's seconds, to the last bit.
+  only = events(tmp_path, "goodput")[-1]
+  assert only["runs"] == 1 and only["all_runs_seconds"] == only["seconds"], only
   # A "kill" after step 5: only checkpoint 4 survives, so step 5 was trained for nothing.
   Checkpointer(str(tmp_path), create=False).set_aside(5)
   second = jaxdp.fit(dp, init_w, base_batch, workdir=str(tmp_path), num_steps=6, log_every=1,

@@ -613,7 +613,9 @@ def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: l
   with ctx.clock.span("checkpoint"):
     run.checkpoints.wait()  # The last save is part of this run's time (and of its goodput).
   ledger.update(ctx.clock, ctx.step)
-  this_run, every_run = ctx.clock.seconds(), ledger.total()
+  # The clock runs on: this run's seconds are the snapshot the ledger just summed, so that a
+  # workdir's only run has all_runs_seconds == seconds exactly.
+  this_run, every_run = dict(ledger.runs[-1]["seconds"]), ledger.total()
   result["goodput"], result["goodput_all_runs"] = shares(this_run), shares(every_run)
   ctx.write({"event": "goodput", "step": ctx.step, "seconds": this_run, "shares": shares(this_run),
              "all_runs_seconds": every_run, "all_runs_shares": shares(every_run),

@@ -602,8 +602,8 @@ class Goodput(Hook):
   def on_log(self, ctx: LoopContext, line: dict[str, Any], window: LogWindow) -> None:
     """Adds `goodput` to the line and records the run's seconds."""
     from jaxdp.runtime.goodput import shares
-    line["goodput"] = shares(ctx.clock.seconds())["productive"]
     self.ledger.update(ctx.clock, step=ctx.step)
+    line["goodput"] = shares(self.ledger.runs[-1]["seconds"])["productive"]  # The same snapshot.
 
   def at_boundary(self, ctx: LoopContext, step: int) -> None:
     """After a save: remembers the productive seconds reached at this checkpoint."""
