@@ -509,7 +509,10 @@ def test_stacks_signals_no_stale_pid_of_a_finished_run(tmp_path, capfd):
         {"process": 0, "pid": other.pid, "host": socket.gethostname(), "time": time.time() - 100,
          "phase": "step"}))
     done = cli_inprocess.run(capfd, "stacks", "--workdir", str(tmp_path), "--wait_s", "0")
-    assert done.returncode == 2 and "is gone" in done.stdout and "no longer running" in done.stderr
+    # One line: the error names the process and pid it found gone (nothing on stdout).
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    line, = done.stderr.strip().splitlines()
+    assert f"no longer running (process 0 (pid {other.pid}) is gone)" in line, line
     time.sleep(0.5)
     assert other.poll() is None
     (tmp_path / "hang" / "heartbeat-0.json").unlink()

@@ -86,9 +86,13 @@ def run(args: types.SimpleNamespace) -> int:
       return None
   before = {process: stamp(process) for process, _, _ in targets}
   asked, started = [], time.time()
+  # Held until at least one process was asked: a run none of whose processes can be asked is one
+  # error line that names each process's state.
+  said: list[str] = []
+  gone: list[str] = []
   for process, pid, host in targets:
     if host != here:
-      print(f"process {process} (pid {pid}) runs on host {host}: run `kill -USR2 {pid}` there")
+      said.append(f"process {process} (pid {pid}) runs on host {host}: run `kill -USR2 {pid}` there")
       continue
     try:
       if _started_after_heartbeat(workdir, process, pid):
@@ -96,13 +100,19 @@ def run(args: types.SimpleNamespace) -> int:
       os.kill(pid, signal.SIGUSR2)
       asked.append(process)
     except ProcessLookupError:
-      print(f"process {process} (pid {pid}) is gone")
+      gone.append(f"process {process} (pid {pid})")
+      said.append(f"process {process} (pid {pid}) is gone")
     except PermissionError:
-      print(f"process {process} (pid {pid}): not allowed to signal it (another user)")
+      said.append(f"process {process} (pid {pid}): not allowed to signal it (another user)")
   if not asked and all(host == here for _, _, host in targets):
-    raise JaxdpError(f"--workdir={workdir!r}: the run there is no longer running (its processes' "
-                     "pids are gone); the reports of its last failure, if any, are in "
-                     f"{os.path.join(workdir, heartbeat.HANG_DIR)!r}")
+    if len(gone) == len(targets):
+      raise JaxdpError(f"--workdir={workdir!r}: the run there is no longer running ({', '.join(gone)} "
+                       f"{'is' if len(gone) == 1 else 'are'} gone); the reports of its last failure, "
+                       f"if any, are in {os.path.join(workdir, heartbeat.HANG_DIR)!r}")
+    raise JaxdpError(f"--workdir={workdir!r}: no process of the run could be asked ({'; '.join(said)}); "
+                     "run `jaxdp stacks` as the user that started it")
+  for line in said:
+    print(line)
   deadline = started + args.wait_s
   for process in asked:
     path = os.path.join(workdir, heartbeat.HANG_DIR, f"process-{process}.txt")
