@@ -94,7 +94,7 @@ def test_the_recommendation_is_the_fewest_predicted_seconds_and_skips_indivisibl
 @pytest.mark.parametrize("argv, words", [
     (("--workdir", "w"), "--workdir belong(s) to --advise: add --advise"),
     (("--advise",), "--advise needs --workdir"),
-    (("--advise", "--workdir", "/nonexistent/run"), "holds no metrics.jsonl"),
+    (("--advise", "--workdir", "/nonexistent/run"), "--workdir='/nonexistent/run': no such directory"),
     (("--advise", "--workdir", "w", "--batches", "8,x"), "--batches='8,x' must be positive"),
     (("--advise", "--workdir", "w", "--strategies", "dp,zero9"), "zero9 is not a strategy"),
     (("--advise", "--workdir", "w", "--target", "0"), "--target=0 is out of range"),
@@ -104,6 +104,14 @@ def test_advise_flags_are_refused_in_one_line(capfd, argv, words):
   assert done.returncode == 2, done.stderr
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("jaxdp: error: ") and words in lines[0], lines
+
+
+def test_a_directory_without_a_runs_metrics_is_refused_in_one_line(capfd, tmp_path):
+  done = cli_inprocess.run(capfd, "plan", "--config", "tiny_cpu", "--advise", "--workdir",
+                           str(tmp_path))
+  assert done.returncode == 2, done.stderr
+  line, = done.stderr.strip().splitlines()
+  assert line.startswith("jaxdp: error: ") and "holds no metrics.jsonl" in line, line
 
 
 def test_a_config_whose_batch_differs_from_the_runs_is_refused(capfd, tiny_run):

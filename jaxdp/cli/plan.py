@@ -24,6 +24,7 @@ COMMAND = c.Command(
         "steps, tokens and seconds to the target for candidate global batches and device "
         "counts, recommending the fastest."),
     config=True,
+    resolve_before_run=False,  # --workdir is --advise's: its other flags are refused first.
     flags=(
         c.CPU_DEVICES,
         c.boolean("json", False, "Print JSON instead of a table."),
@@ -59,6 +60,8 @@ def run(args: types.SimpleNamespace) -> int:
     raise JaxdpError(f"{', '.join(given)} belong(s) to --advise: add --advise")
   if args.advise:
     from jaxdp.analysis.advise import fit_noise_model
+    if args.workdir is not None:
+      COMMAND.resolve_paths(args)  # After the flags above: their mistakes are named first.
     records = _run_records(args.workdir)
     fit = fit_noise_model(records, args.config.global_batch_size, args.target)
     _check_same_run(records, args.config)
