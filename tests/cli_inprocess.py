@@ -102,5 +102,9 @@ def run_all(commands: list[list[str]], results: str) -> int:
 
 
 if __name__ == "__main__":
+  import faulthandler
+  # A native crash of one documented command (once: SIGSEGV inside a profiler trace, under load)
+  # leaves the Python stacks of every thread in the runner's stderr, which the test shows.
+  faulthandler.enable()
   with open(sys.argv[1]) as f:
     sys.exit(run_all(json.load(f), sys.argv[2]))
