@@ -67,12 +67,11 @@ class Flag:
   def check(self, value: Any) -> None:
     """Raises JaxdpError naming the flag and its valid range if `value` is outside it, or, for a
     path flag, if it is empty (an empty path would otherwise mean "none": a silent default)."""
-    if self.path and isinstance(value, str) and not value.strip():
-      what, example = PATH_KINDS[self.path]
-      raise JaxdpError(f"--{self.name}={value!r} is empty; give {what}"
-                       + (f", e.g. --{self.name}={example}" if example else "")
-                       + ("" if self.required or (self.default is None and not self.default_text)
-                          else f", or leave --{self.name} out ({self.shown_default()})"))
+    if self.path and isinstance(value, str):
+      from jaxdp.runtime.paths import refuse_empty
+      optional = not self.required and (self.default is not None or self.default_text)
+      refuse_empty(value, f"--{self.name}", *PATH_KINDS[self.path],
+                   otherwise=f"leave --{self.name} out ({self.shown_default()})" if optional else "")
     if isinstance(value, str) and not self.path:
       try:  # Bytes that are not UTF-8 reach Python's argv as lone surrogates.
         value.encode("utf-8")

@@ -65,8 +65,7 @@ def _refuse_later_checkpoints(config: Any, workdir: str, restore_from: str,
     return
   directory, step = found
   same = directory == os.path.abspath(mine)
-  have = sorted(int(n) for n in os.listdir(mine)
-                if n.isdigit() and os.path.isdir(os.path.join(mine, n)))
+  have = paths.step_folders(mine)
   later = [s for s in have if s > step or not same]
   if not later:
     return

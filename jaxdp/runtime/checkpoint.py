@@ -35,11 +35,11 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jaxdp.core.tree import path_names
 from jaxdp.errors import JaxdpError, disk_error, os_reason, writing
 from jaxdp.parallel import exchange
+from jaxdp.runtime import paths
 
 # WORKDIR/checkpoints.json records a checkpoint_dir other than WORKDIR/checkpoints (a bucket), so
 # every reader of the workdir (resume, inspect, generate, export, evaluate, replay) finds it.
 LOCATION_FILE = "checkpoints.json"
-URL_SCHEMES = ("s3://", "gs://")
 
 
 def parse_checkpoint_dir(value: str) -> str:
@@ -61,7 +61,7 @@ def parse_checkpoint_dir(value: str) -> str:
 
 def is_url(path: str) -> bool:
   """Whether `path` is an object-storage URL (s3://bucket/..., gs://bucket/...)."""
-  return str(path).startswith(URL_SCHEMES)
+  return str(path).startswith(paths.URL_SCHEMES)
 
 
 def location(workdir: str) -> str:

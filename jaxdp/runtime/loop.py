@@ -545,8 +545,7 @@ def fit(dp: DataParallel, init_fn: InitFn, train_batches: Callable[[int], dict],
 def _nothing_to_train(run: Run, state: TrainState, workdir: str,
                       options: FitOptions) -> dict[str, Any]:
   """The result and summary of a run resumed at (or past) num_steps, which writes nothing."""
-  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
-  best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
+  best = _best_checkpoint(run)
   run.writer.close()
   run.close()
   step = int(state.step)
@@ -556,6 +555,12 @@ def _nothing_to_train(run: Run, state: TrainState, workdir: str,
   if jax.process_index() == 0:
     print(report.summary(result, step, 0.0, options.tokens_per_step, 0, best, workdir), flush=True)
   return result
+
+
+def _best_checkpoint(run: Run) -> tuple[int, float] | None:
+  """(step, eval loss) of the kept checkpoint with the lowest eval loss, for the summary."""
+  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
+  return min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
 
 
 def _already_stopped(ctx: LoopContext) -> dict[str, Any]:
@@ -623,8 +628,7 @@ def _train(ctx: LoopContext, train_batches: Callable[[int], dict], user_hooks: l
   for hook in overriding(hooks, "on_end"):
     hook.on_end(ctx, result)
   run.checkpoints.wait()
-  saved = [(s, run.checkpoints.eval_loss(s)) for s in run.checkpoints.all_steps()]
-  best = min(((s, e) for s, e in saved if e is not None), key=lambda x: x[1], default=None)
+  best = _best_checkpoint(run)
   run.close()
   run.writer.close()
   ctx.say(report.summary(result, ctx.start_step, time.perf_counter() - started,

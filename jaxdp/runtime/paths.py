@@ -16,7 +16,7 @@ import shlex
 from jaxdp.errors import JaxdpError
 
 CHECKPOINTS = "checkpoints"
-URL_SCHEMES = ("s3://", "gs://")  # As runtime.checkpoint (which imports JAX) reads them.
+URL_SCHEMES = ("s3://", "gs://")  # Object storage (runtime.checkpoint.is_url), told apart without JAX.
 STEP_RECORD = "meta"  # The item every checkpoint step holds its run's record in (checkpoint.py).
 
 
@@ -31,16 +31,18 @@ class RunPath:
 
 
 def refuse_empty(path: str | None, flag: str, what: str = "a directory",
-                 example: str = "runs/mine") -> None:
+                 example: str = "runs/mine", otherwise: str = "") -> None:
   """Raises JaxdpError for an empty or blank path: every path flag and field refuses it the same
-  way (an empty --restore_from would otherwise mean "none" and start afresh).
+  way (an empty --restore_from would otherwise mean "none" and start afresh). `otherwise`: a
+  second fix, e.g. leaving an optional flag out.
 
   Raises:
     JaxdpError: `path` is '' or only spaces.
   """
   if path is not None and not path.strip():
-    shown = f" (e.g. {flag}={example})" if flag.startswith("--") and example else ""
-    raise JaxdpError(f"{flag}={path!r} is empty; give {what}{shown}")
+    shown = f", e.g. {flag}={example}" if flag.startswith("--") and example else ""
+    raise JaxdpError(f"{flag}={path!r} is empty; give {what}{shown}"
+                     + (f", or {otherwise}" if otherwise else ""))
 
 
 def _refuse_unusable(path: str, flag: str, what: str = "a run directory") -> None:
@@ -108,6 +110,15 @@ def check_file_to_write(path: str, flag: str) -> None:
   _refuse_under_a_file(path, flag)
 
 
+def step_folders(folder: str, *, with_record: bool = False) -> list[int]:
+  """The checkpoint steps in a local checkpoint folder, ascending: its numeric subfolders (with
+  `with_record`, only those holding their run's record, i.e. a step a save wrote); [] when
+  `folder` is not a directory."""
+  names = os.listdir(folder) if os.path.isdir(folder) else ()
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(
+      os.path.join(folder, n, STEP_RECORD) if with_record else os.path.join(folder, n)))
+
+
 def resolve_step(path: str, flag: str = "--restore_from") -> str:
   """A checkpoint step directory to start from (train's --restore_from): DIR/<step>, local or
   s3:// / gs:// (a bucket is checked where it is read). Returns `path` as given.
@@ -130,8 +141,7 @@ def resolve_step(path: str, flag: str = "--restore_from") -> str:
   folder = os.path.dirname(stripped) if name.isdigit() else stripped
   if os.path.isdir(os.path.join(folder, CHECKPOINTS)):
     folder = os.path.join(folder, CHECKPOINTS)
-  steps = sorted(int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ())
-                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, STEP_RECORD)))
+  steps = step_folders(folder, with_record=True)
   if name.isdigit() and os.path.isdir(folder):
     why = f"{folder!r} has no checkpoint step {name}"
   elif not os.path.exists(stripped):
