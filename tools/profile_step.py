@@ -28,9 +28,16 @@ import time
 from typing import Any
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-# Profiler events of a device thread that are not kernels: the executor's own span around all of
-# them, the "end:" markers of asynchronous kernels, thread-pool bookkeeping.
-_WRAPPERS = ("ThunkExecutor", "end:", "ThreadpoolListener", "SlinkyThreadPool")
+# Profiler events of an XLA thread that are not kernels: the executor's own span around all of
+# them, the "end:" markers of asynchronous kernels, thread-pool bookkeeping, and on the PjRt client's
+# threads the launch of an execution ("[0] CommonPjRtLoadedExecutable::Execute (jit_train_step)",
+# argument and output buffer handling).
+_WRAPPERS = ("ThunkExecutor", "end:", "ThreadpoolListener", "SlinkyThreadPool", "CommonPjRt",
+             "AllocateOutputBuffers", "Handle input", "[")
+# XLA:CPU starts a step's thunks on the PjRt client thread that launched it and continues on its
+# Eigen pool after the first hand-off, so which thread runs a kernel (the gradient all-reduce
+# included) depends on scheduling: both kinds of thread hold kernels.
+_CPU_KERNEL_THREADS = ("tf_XLAEigen", "tf_XLAPjRtCpuClient")
 _WAITS = ("Rendezvous", "InvokeRendezvous", "Wait for rendezvous callback", "Wait:")
 
 
@@ -129,9 +136,9 @@ def jaxdp_profile(dp, state, batches: list, hlo_text: str) -> tuple[Any, dict]:
   for plane in profile.planes:
     gpu = plane.name.startswith("/device:GPU")
     for line in plane.lines:
-      # XLA:CPU runs each device's kernels on a thread of its Eigen pool; a GPU's device plane
-      # has an "XLA Ops" line of HLO instructions (this GPU path has not run yet: no GPU lent).
-      if not (line.name.startswith("tf_XLAEigen") if not gpu else line.name == "XLA Ops"):
+      # A GPU's device plane has an "XLA Ops" line of HLO instructions (this GPU path has not run
+      # yet: no GPU lent).
+      if not (line.name.startswith(_CPU_KERNEL_THREADS) if not gpu else line.name == "XLA Ops"):
         continue
       for event in line.events:
         if event.name.startswith(_WRAPPERS):
