@@ -17,13 +17,45 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # expensive passes), here and in every subprocess: the suite's tiny programs compile in about
 # half the time (test_zero.py: 142 s of CPU -> 91 s) and compute the same functions. Tests whose
 # subject is the bits XLA's default optimisations give to programs of different shapes (the
-# fixed-order reduction across device counts, replay, restarts on another shape) keep the
-# defaults: mark them `default_xla` (pytest_runtest_setup below switches, here and for their
+# fixed-order reduction across device counts, replay, restarts on another shape, two exchanges
+# that must compute the same sums) keep the defaults: mark them `default_xla` (pytest_runtest_setup below switches, here and for their
 # subprocesses). JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test with the defaults.
 os.environ.setdefault(OPT_ENV := "JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# With those, XLA:CPU's older elemental emitter instead of its MLIR fusion emitters: the same
+# functions again, at about two thirds of the compile time (test_zero.py: 98 s of CPU -> 57 s).
+# XLA reads XLA_FLAGS once per process, so the flag is in the environment (for every subprocess)
+# and each compilation in this process also gets it as a compile option that follows the switch
+# below (default_xla tests compile with the fusion emitters, as users do).
+FAST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+_FAST_COMPILES = os.environ[OPT_ENV] == "1"
+
+
+def _xla_flags(fast: bool) -> None:
+  """Sets XLA_FLAGS for the subprocesses started from now on (any flags given to pytest are kept:
+  only conftest's own are added or removed)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_XLA_FLAGS]
+  os.environ["XLA_FLAGS"] = " ".join(flags + ([FAST_XLA_FLAGS] if fast else []))
+
+
+_xla_flags(_FAST_COMPILES)
+_optimised = [not _FAST_COMPILES]  # What this process compiles with now.
 
 import jax  # noqa: E402
+from jax._src import compiler as _jax_compiler  # noqa: E402
 import pytest  # noqa: E402
+
+_get_compile_options = _jax_compiler.get_compile_options
+
+
+def _compile_options(*args, **kwargs):
+  """JAX's compile options, with the fusion-emitter choice of the current switch (a compile
+  option, which wins over XLA_FLAGS, and is part of the persistent cache's key)."""
+  overrides = dict(kwargs.pop("env_options_overrides", None) or {})
+  overrides.setdefault("xla_cpu_use_fusion_emitters", _optimised[0])
+  return _get_compile_options(*args, env_options_overrides=overrides, **kwargs)
+
+
+_jax_compiler.get_compile_options = _compile_options
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -45,8 +77,6 @@ LONGEST_FILES = (
 )
 
 
-_FAST_COMPILES = os.environ[OPT_ENV] == "1"
-_optimised = [not _FAST_COMPILES]  # What this process compiles with now.
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -59,6 +89,7 @@ def pytest_runtest_setup(item):
   want = item.get_closest_marker("default_xla") is not None or not _FAST_COMPILES
   if _optimised[0] != want:
     os.environ[OPT_ENV] = "0" if want else "1"
+    _xla_flags(not want)
     jax.config.update("jax_disable_most_optimizations", not want)
     jax.clear_caches()
     _optimised[0] = want
@@ -81,11 +112,18 @@ TINY_RUN_FLAGS = ("--config", "tiny_cpu", "--config.num_steps=2", "--config.eval
                   "--config.log_every=1", "--progress=false", "--cpu_devices", "2")
 
 
-def cli_env() -> dict:
-  """The environment of a CLI subprocess: CPU devices (the command sets how many), and
-  conftest's shared compilation cache."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+def cli_env(optimised: bool | None = None, **extra: str) -> dict:
+  """The environment of a CLI subprocess: CPU devices (the command sets how many), conftest's
+  shared compilation cache, and the running test's XLA optimisations, or XLA's defaults where
+  `optimised` (a run whose bits another test compares with default_xla programs); `extra` adds
+  variables (PYTHONPATH, ...)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  if optimised is not None:
+    env[OPT_ENV] = "0" if optimised else "1"
+  fast = env[OPT_ENV] == "1"
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if f != FAST_XLA_FLAGS and "xla_force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + ([FAST_XLA_FLAGS] if fast else []))
   return env
 
 
@@ -101,7 +139,7 @@ def tiny_run(tmp_path_factory):
   # replays its steps bitwise.
   done = subprocess.run([sys.executable, "-m", "jaxdp.cli.main", "train", *TINY_RUN_FLAGS,
                          "--workdir", str(workdir)], capture_output=True, text=True,
-                        env=dict(cli_env(), **{OPT_ENV: "0"}), timeout=600)
+                        env=cli_env(optimised=True), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   return workdir, done
 

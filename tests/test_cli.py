@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import cli_inprocess
-from conftest import TINY_RUN_FLAGS
+from conftest import TINY_RUN_FLAGS, cli_env
 import pytest
 
 CLI = [sys.executable, "-m", "jaxdp.cli.main"]
@@ -22,9 +22,7 @@ SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "pla
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
+  return cli_env()
 
 
 def jaxdp(*args, cwd=None):

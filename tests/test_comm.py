@@ -217,6 +217,9 @@ def test_residual_is_checkpointed_and_restored(topk_ef, tmp_path):
   assert restored.comm["residual"].sharding.spec == P("data")
 
 
+# Bitwise between two programs (the stale exchange at staleness 0 and the dense one): XLA's
+# default code generation, as users run it (tests/conftest.py).
+@pytest.mark.default_xla
 def test_stale_zero_equals_every_step_exactly(dense):
   stale = sgd_trainer(sync="stale", staleness=0)
   a, b = run(dense, 3), run(stale, 3)

@@ -215,6 +215,9 @@ def adam_pair():
   return dense, build(config, jax.devices()[:4])
 
 
+# Bitwise between two programs (frozen-variance Adam in its warm-up and dense Adam): XLA's
+# default code generation, as users run it (tests/conftest.py).
+@pytest.mark.default_xla
 def test_frozen_variance_equals_dense_adam_bitwise_during_warmup_then_compresses(adam_pair):
   dense, frozen = adam_pair
   a, b = dense.init_state(), frozen.init_state()

@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 
+from conftest import cli_env
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,8 +174,7 @@ DOCS_WITH_JAXDP = [d for d in DOCS if any(c.startswith("jaxdp ") for _, c in she
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", DOCS_WITH_JAXDP)
 def test_documented_commands_run_in_order(doc, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")  # With conftest's shared compilation cache.
-  env.pop("XLA_FLAGS", None)
+  env = cli_env()  # With conftest's shared compilation cache.
   inputs(str(tmp_path))
   runs = [(line, command, shortened(shlex.split(command)[1:]))
           for line, command in shell_commands(doc)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from conftest import cli_env
 from flax import nnx
 import flax.linen as nn
 import jax
@@ -250,9 +251,7 @@ def test_saved_on_4_devices_resumed_on_2_equals_the_straight_1_device_run(straig
 @pytest.mark.multiprocess
 def test_two_processes_of_two_devices_equal_one_device(straight_run, tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
-             JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = cli_env(PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
   workdir = str(tmp_path / "run")
   flags = [f"--config.{k}={v}" for k, v in (*LM_FIELDS, ("num_steps", TOTAL))]
   run = subprocess.run([sys.executable, "-m", "jaxdp.cli.main", "launch", "--nprocs", "2",

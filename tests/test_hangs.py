@@ -14,15 +14,14 @@ import sys
 import textwrap
 import time
 
+from conftest import cli_env
 import pytest
 
 from jaxdp.runtime import heartbeat
 from jaxdp.runtime.launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-           JAX_PLATFORMS="cpu")
-ENV.pop("XLA_FLAGS", None)  # Each process sets its own device.
+ENV = cli_env(PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
 TINY = ["train", "--config", "tiny_cpu", "--config.log_every=1", "--progress=false",
         "--config.num_steps=100000", "--config.eval_every=0", "--config.checkpoint_every=0"]
 TIMEOUT_S = 10  # config.step_timeout_s of the runs that set it.

@@ -20,8 +20,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from conftest import cli_env  # noqa: E402
+
 from jaxdp.data.prepare import prepare  # noqa: E402
-from jaxdp.lm import build, hf_export, hf_import, load_for_inference, train_and_evaluate  # noqa: E402  # noqa: E402
+from jaxdp.lm import build, hf_export, hf_import, load_for_inference, train_and_evaluate  # noqa: E402
 from jaxdp.lm.config import load_preset  # noqa: E402
 
 # Trains three tiny runs and compiles train steps on 8 devices: tens of seconds.
@@ -33,9 +35,7 @@ LLAMA = dict(family="llama", n_kv_head=1, tie_embeddings=False, rope_theta=500.0
 
 
 def cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300)
+  return subprocess.run([*CLI, *args], capture_output=True, text=True, env=cli_env(), timeout=300)
 
 
 def assert_refused(result, *messages):

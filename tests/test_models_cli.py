@@ -26,9 +26,7 @@ def same_as_tiny_run() -> bool:
 
 
 def jaxdp(*args, cwd=ROOT):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  result = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env,
+  result = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=cli_env(),
                           timeout=300)
   assert result.returncode == 0, (args, result.stderr[-3000:])
   return result

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import cli_inprocess
+from conftest import cli_env
 import pytest
 
 # XLA's default optimisations: runs resumed on another shape (tests/conftest.py).
@@ -20,9 +21,8 @@ TINY = ["--config", "tiny_cpu", "--config.eval_steps=1", "--progress=false", "--
 
 
 def jaxdp(*args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+  return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=cli_env(),
+                        timeout=300)
 
 
 def ok(result):

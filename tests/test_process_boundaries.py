@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import cli_env
 import jax
 import numpy as np
 import optax
@@ -19,9 +20,7 @@ from jaxdp.runtime.launch import free_port
 pytestmark = pytest.mark.multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-           JAX_PLATFORMS="cpu")
-ENV.pop("XLA_FLAGS", None)  # Each process sets its own 2 devices.
+ENV = cli_env(PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
 
 # The README's "Your own model" example, stepped by hand on a global batch of {"x", "y"} (no
 # "ids") and on a nested batch, printing the losses.

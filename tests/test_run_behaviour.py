@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from conftest import cli_env
 import jax
 import pytest
 
@@ -20,9 +21,7 @@ TINY = ["--config", "tiny_cpu", "--config.eval_steps=1", "--progress=false", "--
 
 
 def env():
-  e = dict(os.environ, JAX_PLATFORMS="cpu")
-  e.pop("XLA_FLAGS", None)
-  return e
+  return cli_env()
 
 
 def run(*args):
