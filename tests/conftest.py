@@ -13,6 +13,11 @@ _CACHE = tempfile.mkdtemp(prefix="jaxdp-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# jaxdp's own cache (the measured matmul peak of runtime/peaks.py) likewise: one per session, not
+# the user's ~/.cache/jaxdp.
+_JAXDP_CACHE = tempfile.mkdtemp(prefix="jaxdp-test-cache-")
+atexit.register(shutil.rmtree, _JAXDP_CACHE, ignore_errors=True)
+os.environ.setdefault("JAXDP_CACHE_DIR", _JAXDP_CACHE)
 # XLA without its expensive optimisations (JAX's jax_disable_most_optimizations: LLVM at O0, no
 # expensive passes), here and in every subprocess: the suite's tiny programs compile in about
 # half the time (test_zero.py: 142 s of CPU -> 91 s) and compute the same functions. Tests whose

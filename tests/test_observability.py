@@ -87,7 +87,9 @@ def test_hardware_numbers_reach_tensorboard_and_the_progress_line(run):
   progress = [line for line in run["stdout"].splitlines() if line.startswith("step 8/8")]
   assert progress and all(f" {k} " in progress[0] for k in ("mfu", "step", "wait", "mem")), run["stdout"]
   # The start banner names what MFU is measured against.
-  assert "mfu: " in run["stdout"] and "measured" in run["stdout"] and "timed at start-up" in run["stdout"]
+  # On this CPU it is a matmul timed on the machine, by this run or an earlier one (test_peaks.py).
+  assert "mfu: " in run["stdout"] and "measured" in run["stdout"], run["stdout"]
+  assert "timed at start-up" in run["stdout"] or "delete it to time again" in run["stdout"]
 
 
 def test_tensorboard_events_are_written_without_importing_torch(tmp_path):

@@ -20,8 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import datetime
 import functools
+import json
+import logging
 import math
+import os
+import socket
+import tempfile
 import time
 
 import jax
@@ -84,8 +90,51 @@ class Peak:
   detail: str  # One phrase for the start banner.
 
 
-@functools.cache
-def _measured(devices: tuple[jax.Device, ...], dtype_names: tuple[str, ...]) -> Peak:
+def peak_cache_path() -> str:
+  """The file of measured peaks: $JAXDP_CACHE_DIR/peaks.json, else jaxdp/peaks.json under
+  $XDG_CACHE_HOME (default ~/.cache)."""
+  root = os.environ.get("JAXDP_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jaxdp")
+  return os.path.join(root, "peaks.json")
+
+
+def _machine_key(devices: tuple[jax.Device, ...], dtype_names: tuple[str, ...]) -> str:
+  """What a measured peak belongs to: this host, its devices, the dtypes and the JAX version."""
+  return " | ".join([socket.gethostname(), devices[0].platform, devices[0].device_kind,
+                     f"{len(devices)} devices", f"{os.cpu_count()} host cores",
+                     "+".join(dtype_names), f"jax {jax.__version__}"])
+
+
+def _read_cache(path: str) -> dict:
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+    return entries if isinstance(entries, dict) else {}
+  except (OSError, ValueError):  # None yet, unreadable or half-written by hand: measure again.
+    return {}
+
+
+def _write_cache(path: str, key: str, entry: dict) -> bool:
+  """Adds `entry` under `key` (atomically: a reader never sees half a file); False where the
+  folder cannot be written (the run goes on with the peak it measured)."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    entries = dict(_read_cache(path), **{key: entry})
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".peaks-", suffix=".json")
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    return True
+  except OSError as e:
+    logging.getLogger(__name__).info("measured peak not cached in %s: %s", path, e)
+    return False
+
+
+def _time_matmuls(devices: tuple[jax.Device, ...], dtype_names: tuple[str, ...]) -> tuple[float, str]:
   # On accelerators a small matmul is launch-bound; on a CPU the cache-resident 512^2 or 1024^2
   # is the fastest (docs/benchmarks.md), and which one varies with the load of the machine.
   sizes = (512, 1024) if devices[0].platform == "cpu" else (4096,)
@@ -97,16 +146,35 @@ def _measured(devices: tuple[jax.Device, ...], dtype_names: tuple[str, ...]) -> 
         rate = matmul_flops_per_sec(group, jnp.dtype(name), size, reps=5)
         if rate > best:
           best, how = rate, f"{size}x{size} {name} matmul on {len(group)} device(s) at once"
-  return Peak(best, "measured", f"measured {best / T:.3g} TFLOP/s ({how}, timed at start-up)")
+  return best, how
+
+
+@functools.cache
+def _measured(devices: tuple[jax.Device, ...], dtype_names: tuple[str, ...]) -> Peak:
+  """Timed once per machine (host, devices, dtypes, JAX version) and kept in peak_cache_path():
+  every later run on the machine divides by the same peak, so MFUs of runs compare, and no run
+  spends its start-up (about 0.6 s of 2 CPU cores) timing matmuls again."""
+  path, key = peak_cache_path(), _machine_key(devices, dtype_names)
+  entry = _read_cache(path).get(key)
+  if isinstance(entry, dict) and isinstance(entry.get("flops_per_sec"), (int, float)) \
+      and entry["flops_per_sec"] > 0:
+    best = float(entry["flops_per_sec"])
+    return Peak(best, "measured", f"measured {best / T:.3g} TFLOP/s ({entry.get('how')}, timed "
+                                  f"{entry.get('measured_utc')}, kept in {path}; delete it to time again)")
+  best, how = _time_matmuls(devices, dtype_names)
+  when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  kept = _write_cache(path, key, {"flops_per_sec": best, "how": how, "measured_utc": when})
+  return Peak(best, "measured", f"measured {best / T:.3g} TFLOP/s ({how}, timed at start-up"
+                                + (f", kept in {path} for later runs)" if kept else ")"))
 
 
 def step_peak(devices: Sequence[jax.Device], dtype) -> Peak:
   """The peak FLOP/s of `devices` together for a step computing in `dtype`.
 
   Known GPUs/TPUs: the datasheet's dense peak per device times the devices. Otherwise a matmul
-  timed now (a fraction of a second, once per process and device group): in `dtype` and in
-  float32, on one device alone and on all at once (emulated CPU devices share the host's cores),
-  the best of these. The hardware's fastest matmul is the honest ceiling: a bf16 matmul slower
+  timed on the devices (a fraction of a second, the first time on this machine; later runs read
+  it from peak_cache_path()): in `dtype` and in float32, on one device alone and on all at once
+  (emulated CPU devices share the host's cores), the best of these. The hardware's fastest matmul is the honest ceiling: a bf16 matmul slower
   than fp32 (CPUs without bf16 units) must not inflate MFU.
   """
   devices = tuple(devices)
