@@ -297,3 +297,24 @@ def test_the_api_refuses_like_the_command_line_on_jax_devices(here):
     train_and_evaluate(config, "fresh", restore_from="", devices=jax.devices()[:2],
                        progress=False)
   assert snapshot(here) == before
+
+
+def test_fits_own_restore_refuses_later_checkpoints_in_the_pre_flights_words(here):
+  """A `fit` caller (runtime/loop.restore) and `jaxdp train` (lm/preflight) give one refusal,
+  built in one place (runtime/paths.later_checkpoints_error), with the same working advice."""
+  from jaxdp.lm import preflight
+  from jaxdp.runtime import loop
+  from jaxdp.runtime.checkpoint import Checkpointer
+  config = load_preset("tiny_cpu")
+  with pytest.raises(JaxdpError) as by_preflight:
+    preflight.check_paths(config, "run2", "run2/checkpoints/2")
+  checkpoints = Checkpointer("run2", create=False)
+  try:
+    with pytest.raises(JaxdpError) as by_fit:  # Refused before the state or record is needed.
+      loop.restore(checkpoints, None, None, restore_from="run2/checkpoints/2", workdir="run2")
+  finally:
+    checkpoints.close()
+  assert str(by_fit.value) == str(by_preflight.value)
+  assert "--workdir='run2' already has checkpoints at steps 4" in str(by_fit.value)
+  assert "--workdir run2-from-2 --restore_from run2/checkpoints/2 (or --workdir run2 alone to " \
+         "resume its latest step, 4)" in str(by_fit.value)

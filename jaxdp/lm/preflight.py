@@ -17,7 +17,6 @@ before the workdir is touched.
 from __future__ import annotations
 
 import os
-import shlex
 from typing import Any
 
 from jaxdp.errors import JaxdpError
@@ -69,29 +68,8 @@ def _refuse_later_checkpoints(config: Any, workdir: str, restore_from: str,
   later = [s for s in have if s > step or not same]
   if not later:
     return
-  flag, value = given
-  listed = ", ".join(map(str, later))
-  if flag == "--restore_from":
-    head = (f"--restore_from={value!r}: --workdir={workdir!r} already has checkpoints at steps "
-            f"{listed}")
-  else:
-    head = (f"{flag}={value!r} is checkpoint step {step} of the run in {workdir!r}, which already "
-            f"has later checkpoints (steps {listed})")
-  fresh = _unused(f"{workdir.rstrip(os.sep)}-from-{step}")
-  fix = (f"to continue from step {step}, give a new workdir: --workdir {shlex.quote(fresh)} "
-         f"--restore_from {shlex.quote(restore_from)}")
-  if have:
-    fix += f" (or --workdir {shlex.quote(workdir)} alone to resume its latest step, {have[-1]})"
-  raise JaxdpError(f"{head}; {fix}")
-
-
-def _unused(path: str) -> str:
-  """`path`, or `path`-2, -3, ...: the first that does not exist."""
-  candidate, n = path, 1
-  while os.path.lexists(candidate):
-    n += 1
-    candidate = f"{path}-{n}"
-  return candidate
+  raise paths.later_checkpoints_error(restore_from, step, later, workdir=workdir,
+                                     latest=have[-1] if have else None, given=given)
 
 
 def check_resume(config: Any, workdir: str, restore_from: str | None,

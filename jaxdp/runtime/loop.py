@@ -30,7 +30,7 @@ from jaxdp.data.pipeline import prefetch
 from jaxdp.errors import JaxdpError
 from jaxdp.parallel.data_parallel import DataParallel
 from jaxdp.parallel.exchange import bytes_per_step
-from jaxdp.runtime import agreement, heartbeat, logs, report
+from jaxdp.runtime import agreement, heartbeat, logs, paths, report
 from jaxdp.runtime.checkpoint import Checkpointer, CorruptCheckpoint, is_url, record_location, step_directory
 from jaxdp.runtime.checkpoint import exists as checkpoint_exists
 from jaxdp.runtime.fieldpath import dotted_get
@@ -166,16 +166,18 @@ def check_record(saved: dict, record: RunRecord, where: str, allow_config_change
 
 
 def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
-            restore_from: str | None = None,
-            allow_config_change: bool = False) -> tuple[TrainState, dict] | None:
+            restore_from: str | None = None, allow_config_change: bool = False,
+            workdir: str | None = None) -> tuple[TrainState, dict] | None:
   """(state, meta) to resume from: `restore_from` (a step directory), or the latest valid
   checkpoint. A latest checkpoint that cannot be read back exactly is reported, moved aside and
   replaced by the one before it. A mismatching config is refused, never skipped. None means
-  start afresh.
+  start afresh. `workdir`: the run's folder, named in the advice of a refusal.
 
   Raises:
-    JaxdpError: a mismatching config; a storage that refused this job or could not be reached
-      (the step is left in place, nothing falls back: Checkpointer.restore_meta and restore).
+    JaxdpError: a mismatching config; a `restore_from` that is no step, or whose workdir
+      already holds later checkpoints (paths.later_checkpoints_error); a storage that refused
+      this job or could not be reached (the step is left in place, nothing falls back:
+      Checkpointer.restore_meta and restore).
   """
   if restore_from:
     found = step_directory(restore_from)
@@ -187,9 +189,8 @@ def restore(checkpoints: Checkpointer, abstract, record: RunRecord, *,
     same_dir = directory == checkpoints.directory
     later = [s for s in checkpoints.all_steps() if s > step or not same_dir]
     if later:
-      raise JaxdpError(f"--restore_from={restore_from!r}: --workdir already has checkpoints at "
-                       f"steps {later}; to continue from step {step}, give a new --workdir with "
-                       f"--restore_from {shlex.quote(restore_from)}")
+      raise paths.later_checkpoints_error(restore_from, step, later, workdir=workdir,
+                                          latest=max(later))
     source = Checkpointer("", create=False, directory=directory)
     try:
       check_record(source.restore_meta(step), record, path, allow_config_change, restore_from)
@@ -270,7 +271,7 @@ class Run:
               allow_config_change: bool = False) -> TrainState | None:
     """The state to resume from (see `restore`), or None to start afresh."""
     restored = restore(self.checkpoints, abstract, self.record, restore_from=restore_from,
-                       allow_config_change=allow_config_change)
+                       allow_config_change=allow_config_change, workdir=self.workdir)
     if restored is None:
       self.writer.truncate_after(0)  # An attempt killed before its first checkpoint.
       return None

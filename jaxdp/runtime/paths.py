@@ -9,6 +9,7 @@ directory or a file to write (`check_directory_to_write`, `check_file_to_write`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import os
 import shlex
@@ -108,6 +109,41 @@ def check_file_to_write(path: str, flag: str) -> None:
     raise JaxdpError(f"{flag}={path!r} is a directory; give a file path in it, e.g. "
                      f"{flag}={shlex.quote(os.path.join(path, 'out.png'))}")
   _refuse_under_a_file(path, flag)
+
+
+def unused_path(path: str) -> str:
+  """`path`, or `path`-2, -3, ...: the first that does not exist."""
+  candidate, n = path, 1
+  while os.path.lexists(candidate):
+    n += 1
+    candidate = f"{path}-{n}"
+  return candidate
+
+
+def later_checkpoints_error(restore_from: str, step: int, later: Sequence[int], *,
+                            workdir: str | None = None, latest: int | None = None,
+                            given: tuple[str, str] | None = None) -> JaxdpError:
+  """The refusal of a run from checkpoint `step` (the step directory `restore_from`) into a
+  workdir whose checkpoint folder holds `later` steps (later ones, or any of another run): the
+  new run's saves would collide with them. Its fix names a fresh workdir beside `workdir` (when
+  known) and, with `latest`, the plain resume of the workdir's own latest step. `given`: the
+  (flag, value) the user named the checkpoint with, when not --restore_from itself.
+  One wording for the train pre-flight (lm/preflight.py) and fit's own restore (runtime/loop.py).
+  """
+  flag, value = given or ("--restore_from", restore_from)
+  listed = ", ".join(map(str, later))
+  if flag == "--restore_from":
+    where = f"--workdir={workdir!r}" if workdir else "--workdir"
+    head = f"--restore_from={value!r}: {where} already has checkpoints at steps {listed}"
+  else:
+    head = (f"{flag}={value!r} is checkpoint step {step} of the run in {workdir!r}, which already "
+            f"has later checkpoints (steps {listed})")
+  fresh = shlex.quote(unused_path(f"{workdir.rstrip(os.sep)}-from-{step}")) if workdir else "NEW_DIR"
+  fix = (f"to continue from step {step}, give a new workdir: --workdir {fresh} --restore_from "
+         f"{shlex.quote(restore_from)}")
+  if workdir and latest is not None:
+    fix += f" (or --workdir {shlex.quote(workdir)} alone to resume its latest step, {latest})"
+  return JaxdpError(f"{head}; {fix}")
 
 
 def step_folders(folder: str, *, with_record: bool = False) -> list[int]:
