@@ -368,3 +368,17 @@ def test_a_flags_stated_need_is_accepted_when_met(capfd, no_work):
         with pytest.raises(AssertionError, match="accepted"):
           run(capfd, command, *base_argv(command, tmp), f"--{flag.name}={_shown(wanted)}",
               f"--{flag.needs[0]}={_shown(flag.needs[1])}")
+
+
+def test_run_defining_fields_are_the_schemas_array_setting_and_declared_fields():
+  """One declaration (the schema) says which fields define a run: every field that sets the
+  train state's arrays, and those declared `defines_run` (seed, batch, data split, ...). The
+  builder's checkpoint record and its defaults for older checkpoints cover each of them."""
+  from jaxdp.lm.builder import RUN_DEFINING_FIELDS, run_defining_defaults
+  arrays = {n for n, f in schema.SCHEMA.items() if f.shapes is not None}
+  declared = {n for n, f in schema.SCHEMA.items() if f.defines_run}
+  assert set(RUN_DEFINING_FIELDS) == arrays | declared
+  assert {"model.qkv_bias", "model.qk_norm", "model.head_dim", "seed", "global_batch_size",
+          "data.val_fraction"} <= set(RUN_DEFINING_FIELDS)
+  assert not {"learning_rate", "num_steps", "eval_every"} & set(RUN_DEFINING_FIELDS)
+  assert set(run_defining_defaults()) == set(RUN_DEFINING_FIELDS)

@@ -32,16 +32,11 @@ from jaxdp.runtime import loop
 from jaxdp.runtime.fieldpath import dotted_get
 from jaxdp.runtime.observe import lowered_flops
 
-# Fields that define what is being trained: resuming with any of them changed is a different run.
-# The data is identified by its content (sha256, checked separately), not by config.data.path,
-# so the same bytes under another path (relative or absolute, moved) resume as the same run.
-RUN_DEFINING_FIELDS = ("seed", "global_batch_size", "seq_len", "data.val_fraction", "optimizer",
-                       "model.family", "model.n_layer", "model.n_head", "model.n_kv_head",
-                       "model.d_model", "model.mlp_ratio", "model.mlp_dim", "model.positions", "model.rope_theta",
-                       "model.tie_embeddings", "batch_ramp", "compression", "error_feedback",
-                       "momentum_correction", "sync", "staleness", "diloco", "data.packing",
-                       "model.norm_eps", "model.pad_vocab_to_multiple", "compression_rank",
-                       "compression_optimizer")
+# Fields that define what is being trained (declared in the schema): resuming with any of them
+# changed is a different run. The data is identified by its content (sha256, checked
+# separately), not by config.data.path, so the same bytes under another path (relative or
+# absolute, moved) resume as the same run.
+RUN_DEFINING_FIELDS = schema.RUN_DEFINING_FIELDS
 
 
 def run_defining_defaults() -> dict:

@@ -114,6 +114,9 @@ class Field:
   note: said after a range message, e.g. "0: no warmup".
   example: a valid value other than the default (the schema test sets it to break `needs`).
   shapes: the train state's arrays the value sets (see Shapes); None for most fields.
+  defines_run: a field without `shapes` whose value still defines the run's numbers (the data it
+    sees, its batches, its arithmetic): a resume with another value is refused unless
+    --allow_config_change, and every process of a run must agree on it (RUN_DEFINING_FIELDS).
   """
   kind: type
   min: float | None = None
@@ -131,6 +134,7 @@ class Field:
   bad: Any = None  # A value of the right type that `parse` refuses (the schema test tries it).
   lazy_choices: tuple[str, str] | None = None
   shapes: Shapes | None = None
+  defines_run: bool = False
 
   def valid_choices(self) -> tuple[str, ...]:
     """The valid strings (a lazy list imports its module)."""
@@ -296,10 +300,11 @@ def _factor(name: str) -> Callable[[Any], None]:
 
 
 SCHEMA: dict[str, Field] = {
-    "seed": Field(int, 0, 2 ** 32, max_open=True, example=1),
+    "seed": Field(int, 0, 2 ** 32, max_open=True, example=1, defines_run=True),
     "num_steps": Field(int, 0, min_open=True, example=5),
-    "global_batch_size": Field(int, 0, min_open=True, example=64),
-    "batch_ramp": Field(str, parse=_batch_ramp, against=_batch_ramp_against, example="8:2", bad="8"),
+    "global_batch_size": Field(int, 0, min_open=True, example=64, defines_run=True),
+    "batch_ramp": Field(str, parse=_batch_ramp, against=_batch_ramp_against, example="8:2", bad="8",
+                        defines_run=True),
     "seq_len": Field(int, 0, min_open=True, example=64, shapes=Shapes(
         "the learned position embeddings", lambda get: (
             get("seq_len") if get("model.positions") == "learned" else None),
@@ -395,9 +400,10 @@ SCHEMA: dict[str, Field] = {
     "data.path": Field(str, parse=_data_path, example="corpus.txt", bad="corpus.jsonl",
                        excludes=Excludes("data.sources", "give the mixture's paths in data.sources "
                                          "only, or leave config.data.sources at its default ''")),
-    "data.val_fraction": Field(float, 0, 1, min_open=True, max_open=True, example=0.2),
+    "data.val_fraction": Field(float, 0, 1, min_open=True, max_open=True, example=0.2,
+                               defines_run=True),
     "data.tokenizer": Field(str, example="tokenizer.json"),
-    "data.packing": Field(str, choices=PACKINGS, example="document"),
+    "data.packing": Field(str, choices=PACKINGS, example="document", defines_run=True),
     "data.sources": Field(str, parse=_sources, example="a.txt:1,b.txt:1", bad="a.txt"),
     "mesh.data": Field(int, -1, note="0 or -1: all devices left after mesh.model", example=2),
     "mesh.replica": Field(int, 1, note="1: no hybrid sharding", example=2),
@@ -413,14 +419,14 @@ SCHEMA: dict[str, Field] = {
                            shapes=MODEL_ARRAYS),
     "model.dropout": Field(float, 0, 1, max_open=True, example=0.1),
     "model.positions": Field(str, choices=POSITIONS, example="learned", shapes=MODEL_ARRAYS),
-    "model.rope_theta": Field(float, 0, min_open=True, example=500000.0),
+    "model.rope_theta": Field(float, 0, min_open=True, example=500000.0, defines_run=True),
     "model.n_kv_head": Field(int, 0, needs=LLAMA, note="0 means n_head", example=2,
                              shapes=MODEL_ARRAYS),
     "model.pad_vocab_to_multiple": Field(int, 1, note="1: no padding", example=64,
                                          shapes=MODEL_ARRAYS),
     "model.tie_embeddings": Field(bool, example=False, shapes=MODEL_ARRAYS),
     "model.norm_eps": Field(float, 0, 1, max_open=True, note="0: the family default",
-                            example=1e-5),
+                            example=1e-5, defines_run=True),
     "model.variant": Field(str, choices=VARIANTS, example="mistral"),
     "model.head_dim": Field(int, 0, note="0 means d_model / n_head", example=16,
                             shapes=MODEL_ARRAYS),
@@ -428,6 +434,13 @@ SCHEMA: dict[str, Field] = {
     "model.qk_norm": Field(bool, example=True, shapes=MODEL_ARRAYS),
     "model.sliding_window": Field(int, 0, note="0 means all", example=16),
 }
+
+
+# The fields a run is defined by: each that sets the train state's arrays or is declared
+# `defines_run`. A checkpoint records them; a resume that changes one is refused (unless
+# --allow_config_change, for those without arrays), and the processes of a run must agree on them.
+RUN_DEFINING_FIELDS = tuple(name for name, field in SCHEMA.items()
+                            if field.defines_run or field.shapes is not None)
 
 
 def field_names(config: Any, prefix: str = "") -> list[str]:
