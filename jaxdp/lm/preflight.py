@@ -69,7 +69,7 @@ def _refuse_later_checkpoints(config: Any, workdir: str, restore_from: str,
   if not later:
     return
   raise paths.later_checkpoints_error(restore_from, step, later, workdir=workdir,
-                                     latest=have[-1] if have else None, given=given)
+                                     latest=have[-1], given=given)  # `later` is some of `have`.
 
 
 def check_resume(config: Any, workdir: str, restore_from: str | None,

@@ -104,6 +104,10 @@ class HaltAdvice:
   learning_rate: float  # The run's (peak) learning rate.
   grad_clip: float | None = None  # The run's clipping norm; 0 means off.
 
+  def lower_learning_rate(self) -> str:
+    """The 10x lower learning rate every halt advises, as its flag value (e.g. '0.0003')."""
+    return f"{self.learning_rate / 10:.3g}"
+
 
 @dataclasses.dataclass
 class RunRecord:
@@ -394,7 +398,7 @@ class Run:
       event["skipped_steps"] = int(good.skipped_steps)
     self.writer.write(event)
     flags = self.record.advice
-    lower = f"{flags.learning_rate / 10:.3g}" if flags is not None else None
+    lower = flags.lower_learning_rate() if flags is not None else None
     if resume is not None:
       path = os.path.join(self.checkpoints.directory, str(resume))
       after, lowest = self.health[resume]

@@ -174,8 +174,9 @@ def step_peak(devices: Sequence[jax.Device], dtype) -> Peak:
   Known GPUs/TPUs: the datasheet's dense peak per device times the devices. Otherwise a matmul
   timed on the devices (a fraction of a second, the first time on this machine; later runs read
   it from peak_cache_path()): in `dtype` and in float32, on one device alone and on all at once
-  (emulated CPU devices share the host's cores), the best of these. The hardware's fastest matmul is the honest ceiling: a bf16 matmul slower
-  than fp32 (CPUs without bf16 units) must not inflate MFU.
+  (emulated CPU devices share the host's cores), the best of these. The hardware's fastest
+  matmul is the honest ceiling: a bf16 matmul slower than fp32 (CPUs without bf16 units) must
+  not inflate MFU.
   """
   devices = tuple(devices)
   name = np.dtype(dtype).name

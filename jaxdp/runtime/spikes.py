@@ -152,7 +152,7 @@ class SpikeRollback(Hook):
           f"the train loss spiked at step {step} ({loss:.4g} > {threshold:.4g}, mean + "
           f"{self.sigmas:g} std of the last {self.window} steps) after {len(recent)} rollbacks "
           f"within {self.rollback_window} steps (at steps {recent}): the run is unstable, not "
-          f"unlucky; {self._advice(getattr(run.record, 'advice', None))}")
+          f"unlucky; {self._advice(run.record.advice)}")
     run.checkpoints.wait()
     earlier = [s for s in run.checkpoints.all_steps() if s <= step - 1]
     to_step = max(earlier, default=0)
@@ -165,16 +165,16 @@ class SpikeRollback(Hook):
     ctx.say(f"step {step}: loss spike ({loss:.4g} > {threshold:.4g}, mean + {self.sigmas:g} std "
             f"of the last {self.window} steps): back to step {to_step}, skipping batch {index}")
 
-
   def _advice(self, flags: Any) -> str:
     """What to change to go on: command-line flags that a resume of the same workdir takes when
-    the run has them (HaltAdvice), clipping only when it is off; else words for fit's caller."""
+    the run has them (`flags`, the run's loop.HaltAdvice: the same 10x lower learning rate as
+    every halt), clipping only when it is off; else words for fit's caller."""
     more = self.max_rollbacks + 2
     if flags is None:
       return ("resume with a lower learning rate, gradient clipping if it is off, or a higher "
               f"spike_max_rollbacks (e.g. {more}) to go on rolling back")
     clip = ", --config.grad_clip=1.0 (clipping is off)" if flags.grad_clip == 0 else ""
-    return (f"run the same command again with --config.learning_rate={flags.learning_rate / 10:g} "
+    return (f"run the same command again with --config.learning_rate={flags.lower_learning_rate()} "
             f"(10x lower){clip}, or --config.spike_max_rollbacks={more} to go on rolling back")
 
 
