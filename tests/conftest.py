@@ -23,8 +23,8 @@ os.environ.setdefault("JAXDP_CACHE_DIR", _JAXDP_CACHE)
 # half the time (test_zero.py: 142 s of CPU -> 91 s) and compute the same functions. Tests whose
 # subject is the bits XLA's default optimisations give to programs of different shapes (the
 # fixed-order reduction across device counts, replay, restarts on another shape, two exchanges
-# that must compute the same sums) keep the defaults: mark them `default_xla` (pytest_runtest_setup below switches, here and for their
-# subprocesses). JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test with the defaults.
+# that must compute the same sums) keep the defaults: mark them `default_xla`
+# (pytest_runtest_setup below switches, here and for their subprocesses). JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test with the defaults.
 os.environ.setdefault(OPT_ENV := "JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # With those, XLA:CPU's older elemental emitter instead of its MLIR fusion emitters: the same
 # functions again, at about two thirds of the compile time (test_zero.py: 98 s of CPU -> 57 s).
@@ -35,11 +35,16 @@ FAST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 _FAST_COMPILES = os.environ[OPT_ENV] == "1"
 
 
+def _with_fast_flags(flags: str, fast: bool) -> str:
+  """An XLA_FLAGS value `flags` with conftest's FAST_XLA_FLAGS added (`fast`) or removed; any
+  other flag is kept."""
+  kept = [f for f in flags.split() if f != FAST_XLA_FLAGS]
+  return " ".join(kept + ([FAST_XLA_FLAGS] if fast else []))
+
+
 def _xla_flags(fast: bool) -> None:
-  """Sets XLA_FLAGS for the subprocesses started from now on (any flags given to pytest are kept:
-  only conftest's own are added or removed)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_XLA_FLAGS]
-  os.environ["XLA_FLAGS"] = " ".join(flags + ([FAST_XLA_FLAGS] if fast else []))
+  """Sets XLA_FLAGS for the subprocesses started from now on."""
+  os.environ["XLA_FLAGS"] = _with_fast_flags(os.environ.get("XLA_FLAGS", ""), fast)
 
 
 _xla_flags(_FAST_COMPILES)
@@ -80,8 +85,6 @@ LONGEST_FILES = (
     "test_resume_logs.py", "test_generic_api.py", "test_precision.py", "test_replay.py",
     "test_comm.py", "test_run_health.py",
 )
-
-
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -125,10 +128,9 @@ def cli_env(optimised: bool | None = None, **extra: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
   if optimised is not None:
     env[OPT_ENV] = "0" if optimised else "1"
-  fast = env[OPT_ENV] == "1"
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if f != FAST_XLA_FLAGS and "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + ([FAST_XLA_FLAGS] if fast else []))
+  own = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                 if "xla_force_host_platform_device_count" not in f)  # Each command sets its own.
+  env["XLA_FLAGS"] = _with_fast_flags(own, fast=env[OPT_ENV] == "1")
   return env
 
 

@@ -21,12 +21,8 @@ SUBCOMMANDS = ("train", "generate", "launch", "prepare", "plot", "inspect", "pla
                "evaluate", "replay", "stacks")
 
 
-def _env():
-  return cli_env()
-
-
 def jaxdp(*args, cwd=None):
-  return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=_env(),
+  return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=cli_env(),
                         timeout=300)
 
 
@@ -44,7 +40,7 @@ def assert_refused(result, *messages):
 def with_closed_stdout(*args):
   """Runs the CLI with its stdout a pipe whose reader has already gone (like `| head` done)."""
   process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=_env())
+                             text=True, env=cli_env())
   process.stdout.close()
   stderr = process.stderr.read()
   return process.wait(timeout=300), stderr
@@ -249,7 +245,7 @@ def test_refusals_come_before_jax_is_imported():
           "  assert main(['jaxdp', *argv]) == 2, argv\n"
           "assert main(['jaxdp', 'train', '--config', 'tiny_cpu', '--help_config']) == 0\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_env(), timeout=120)
+                          env=cli_env(), timeout=120)
   assert result.returncode == 0, result.stderr
   if result.stdout.startswith("jaxdp imports jax"):
     pytest.skip("`import jaxdp` itself imports JAX (jaxdp/__init__.py), so no CLI path avoids it")
@@ -270,5 +266,5 @@ def test_generate_into_a_reader_that_closes_early_prints_no_traceback(tiny_run):
   # The real thing: `| head -c 10` (the shell reports the pipeline's last status, head's 0).
   shell = subprocess.run(f"{' '.join(CLI)} generate --workdir {workdir} --max_new_tokens 300 "
                          "--cpu_devices 1 | head -c 10", shell=True, capture_output=True,
-                         env=_env(), timeout=300)
+                         env=cli_env(), timeout=300)
   assert shell.returncode == 0 and len(shell.stdout) == 10 and shell.stderr == b""

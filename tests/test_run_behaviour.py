@@ -20,17 +20,13 @@ CLI = [sys.executable, "-m", "jaxdp.cli.main"]
 TINY = ["--config", "tiny_cpu", "--config.eval_steps=1", "--progress=false", "--cpu_devices", "2"]
 
 
-def env():
-  return cli_env()
-
-
 def run(*args):
-  return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env(), timeout=300)
+  return subprocess.run([*CLI, *args], capture_output=True, text=True, env=cli_env(), timeout=300)
 
 
 def start(*args):
   return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env())
+                          text=True, env=cli_env())
 
 
 def wait_for(predicate, timeout=120.0):
